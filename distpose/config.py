@@ -1,0 +1,290 @@
+"""Typed configuration: one schema for data, model, train, eval and monitor settings.
+
+A config is a YAML file whose sections mirror the dataclasses below, plus `key.sub=value`
+overrides from the command line. Every key and value is checked against the schema: an unknown
+key or a bad value raises ConfigError with one line naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from distpose.errors import UserError
+
+
+class ConfigError(UserError):
+    """An unknown config key or a value of the wrong type or range."""
+
+
+Backbone = Literal["cnn_small", "resnet50", "hrnet_small", "hrnet_w32", "hrnet_w48"]
+Mode = Literal["backbone", "crf", "joint"]
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass
+class AugmentConfig:
+    """HRNet's top-down training augmentation; all of it is off for evaluation."""
+
+    flip_prob: float = 0.5
+    half_body_prob: float = 0.3
+    half_body_min_joints: int = 8  # more labelled joints than this, or no half-body crop
+    scale_factor: float = 0.35  # scale ~ clip(1 + N(0,1) * f, 1 - f, 1 + f)
+    rotation_factor: float = 45.0  # degrees; rotation ~ clip(N(0,1) * f, -2f, 2f)
+    rotation_prob: float = 0.6
+
+
+@dataclass
+class DataConfig:
+    shards: str = "data/shards"  # directory written by `distpose data shard`
+    train_split: str = "train"
+    val_split: str = "val"
+    input_size: tuple[int, int] = (128, 96)  # (height, width) of the person crop
+    heatmap_size: tuple[int, int] = (32, 24)  # (height, width) of the predicted heatmaps
+    sigma: float = 2.0  # Gaussian target sigma, in heatmap pixels
+    box_padding: float = 1.25
+    aspect_ratio: float = 0.75  # width / height of the crop box
+    batch_size: int = 32  # per worker (Ray Train rank)
+    loader_workers: int = 2  # DataLoader processes per rank
+    batches_per_epoch: int = 50  # per rank; fixed so every rank steps equally often
+    sample_shuffle: int = 256  # shuffle buffer over images (compressed bytes)
+    instance_shuffle: int = 64  # shuffle buffer over augmented person crops
+    seed: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ModelConfig:
+    backbone: Backbone = "cnn_small"
+    num_joints: int = 17
+    crf_window: int = 7  # R: pairwise displacements lie in a (2R+1) x (2R+1) window
+    checkpoint: str = ""  # local weights to start from (no downloads)
+
+
+@dataclass
+class TrainConfig:
+    mode: Mode = "backbone"
+    run_name: str = "quick"
+    storage: str = "runs"
+    workers: int = 1  # Ray Train workers
+    use_gpu: bool = False
+    epochs: int = 2
+    lr: float = 1e-3
+    lr_steps: tuple[int, ...] = (170, 200)  # epochs where lr is multiplied by lr_factor
+    lr_factor: float = 0.1
+    warmup_steps: int = 0
+    precision: Precision = "fp32"
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    grad_accum: int = 1
+    grad_clip: float = 0.0  # 0 disables clipping
+    backbone_checkpoint: str = ""  # required by the crf and joint modes
+    keep_checkpoints: int = 2
+    max_failures: int = 1
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    every_epochs: int = 1
+    flip_test: bool = True
+    pck_thresholds: tuple[float, ...] = (0.05, 0.1, 0.2)
+    boxes: str = "gt"  # "gt" or a COCO-results JSON of detector boxes
+
+
+@dataclass
+class MonitorConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"  # bind address of the metrics endpoint; 0.0.0.0 on clusters
+    port: int = 0  # 0 picks a free port
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+
+
+_SCALAR_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0])}"
+        return f"a list of {len(args)} values ({', '.join(_describe(a) for a in args)})"
+    return _SCALAR_NAMES.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (ints to floats, lists to tuples)."""
+
+    def bad() -> ConfigError:
+        return ConfigError(f"config key '{key}': got {value!r}, expected {_describe(tp)}")
+
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp) and type(value) in {type(a) for a in typing.get_args(tp)}:
+            return value
+        raise bad()
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(key, v, args[0]) for v in value)
+        if len(value) != len(args):
+            raise bad()
+        return tuple(_coerce(key, v, a) for v, a in zip(value, args))
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                pass
+        raise bad()
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad()
+    raise TypeError(f"unsupported config annotation {tp!r} for '{key}'")
+
+
+def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def _set(obj: Any, dotted: str, value: Any, prefix: str = "") -> None:
+    head, _, rest = dotted.partition(".")
+    key = prefix + head
+    fields = _fields(type(obj))
+    if head not in fields:
+        raise ConfigError(f"unknown config key '{key}' (allowed: {', '.join(prefix + n for n in fields)})")
+    tp = fields[head][1]
+    if dataclasses.is_dataclass(tp):
+        if rest:
+            _set(getattr(obj, head), rest, value, key + ".")
+        elif isinstance(value, dict):
+            for sub, subvalue in value.items():
+                _set(getattr(obj, head), str(sub), subvalue, key + ".")
+        else:
+            raise ConfigError(f"config key '{key}' is a section; got {value!r}, expected a mapping")
+        return
+    if rest:
+        raise ConfigError(f"config key '{key}' is a value, not a section: cannot set '{key}.{rest}'")
+    setattr(obj, head, _coerce(key, value, tp))
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """The defaults, updated by the YAML file at `path` (if any), then by `key.sub=value` overrides."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            line = getattr(getattr(exc, "problem_mark", None), "line", None)
+            where = f" line {line + 1}" if line is not None else ""
+            raise ConfigError(f"config file {path}{where}: not valid YAML") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: expected a mapping of sections, got {type(data).__name__}")
+        for key, value in data.items():
+            _set(cfg, str(key), value)
+    for text in overrides:
+        _set(cfg, *_parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': got {value!r}, expected {allowed}")
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that types alone cannot express."""
+    d = cfg.data
+    for key, size in (("data.input_size", d.input_size), ("data.heatmap_size", d.heatmap_size)):
+        _require(min(size) >= 4, key, list(size), "two sizes >= 4")
+    _require(
+        all(i >= h for i, h in zip(d.input_size, d.heatmap_size)),
+        "data.heatmap_size", list(d.heatmap_size), f"no larger than data.input_size {list(d.input_size)}",
+    )
+    _require(d.sigma > 0, "data.sigma", d.sigma, "a number > 0")
+    _require(d.box_padding >= 1.0, "data.box_padding", d.box_padding, "a number >= 1")
+    _require(d.aspect_ratio > 0, "data.aspect_ratio", d.aspect_ratio, "a number > 0")
+    for key in ("batch_size", "batches_per_epoch"):
+        _require(getattr(d, key) >= 1, f"data.{key}", getattr(d, key), "an integer >= 1")
+    for key in ("loader_workers", "sample_shuffle", "instance_shuffle"):
+        _require(getattr(d, key) >= 0, f"data.{key}", getattr(d, key), "an integer >= 0")
+    a = d.augment
+    for key in ("flip_prob", "half_body_prob", "rotation_prob"):
+        _require(0.0 <= getattr(a, key) <= 1.0, f"data.augment.{key}", getattr(a, key), "a probability in [0, 1]")
+    _require(0.0 <= a.scale_factor < 1.0, "data.augment.scale_factor", a.scale_factor, "a number in [0, 1)")
+    _require(a.rotation_factor >= 0, "data.augment.rotation_factor", a.rotation_factor, "a number >= 0")
+    _require(cfg.model.num_joints == 17, "model.num_joints", cfg.model.num_joints, "17 (COCO keypoints)")
+    _require(cfg.model.crf_window >= 1, "model.crf_window", cfg.model.crf_window, "an integer >= 1")
+    t = cfg.train
+    for key in ("workers", "epochs", "grad_accum", "keep_checkpoints"):
+        _require(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "an integer >= 1")
+    _require(t.lr > 0, "train.lr", t.lr, "a number > 0")
+    _require(t.max_failures >= 0, "train.max_failures", t.max_failures, "an integer >= 0")
+    _require(cfg.eval.every_epochs >= 1, "eval.every_epochs", cfg.eval.every_epochs, "an integer >= 1")
+    _require(0 <= cfg.monitor.port < 65536, "monitor.port", cfg.monitor.port, "a port in [0, 65535]")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists), suitable for YAML/JSON."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,167 @@
+"""Reading COCO person-keypoint annotations, checked field by field.
+
+Structural problems (missing fields, wrong types, wrong keypoint counts) raise DataError naming
+the file, the record and the field. Data-quality problems that real COCO files can contain are
+repaired and counted instead: an instance with a zero or negative box is dropped, a labelled
+keypoint outside its image is unlabelled (v=0).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distpose.errors import DataError
+from distpose.keypoints import NUM_JOINTS
+
+PERSON_CATEGORY_ID = 1
+
+
+@dataclass
+class Person:
+    id: int
+    bbox: list[float]  # x, y, w, h in image pixels
+    keypoints: list[float]  # 17 x (x, y, v)
+    num_keypoints: int
+    area: float
+    iscrowd: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "bbox": self.bbox, "keypoints": self.keypoints,
+            "num_keypoints": self.num_keypoints, "area": self.area, "iscrowd": self.iscrowd,
+        }
+
+    @property
+    def usable(self) -> bool:
+        """Trainable and scored by COCO eval: labelled joints and not a crowd region."""
+        return self.num_keypoints > 0 and not self.iscrowd
+
+
+@dataclass
+class ImageRecord:
+    id: int
+    file_name: str
+    width: int
+    height: int
+    persons: list[Person] = field(default_factory=list)
+
+
+@dataclass
+class CocoSplit:
+    annotation_file: Path
+    image_dir: Path
+    images: list[ImageRecord]
+    repairs: Counter  # what was dropped or unlabelled while reading, by reason
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_person(raw: Any, width: int, height: int, where: str) -> tuple[Person | None, Counter]:
+    """Validate one annotation dict. Returns the person (None if dropped) and the repairs made.
+
+    Raises DataError (naming `where` and the field) for records no repair can save.
+    """
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: annotation is {type(raw).__name__}, expected an object")
+    repairs: Counter = Counter()
+    for key in ("id", "bbox", "keypoints"):
+        if key not in raw:
+            raise DataError(f"{where}: annotation lacks field '{key}'")
+    ann_id = raw["id"]
+    if not isinstance(ann_id, int) or isinstance(ann_id, bool):
+        raise DataError(f"{where}: annotation field 'id' is {ann_id!r}, expected an integer")
+    where = f"{where} annotation {ann_id}"
+    kps = raw["keypoints"]
+    if not isinstance(kps, list) or len(kps) != 3 * NUM_JOINTS or not all(_number(v) for v in kps):
+        count = len(kps) if isinstance(kps, list) else type(kps).__name__
+        raise DataError(f"{where}: field 'keypoints' has {count} values, expected {3 * NUM_JOINTS} numbers")
+    bbox = raw["bbox"]
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(_number(v) for v in bbox):
+        raise DataError(f"{where}: field 'bbox' is {bbox!r}, expected [x, y, w, h] numbers")
+    iscrowd = raw.get("iscrowd", 0)
+    if iscrowd not in (0, 1):
+        raise DataError(f"{where}: field 'iscrowd' is {iscrowd!r}, expected 0 or 1")
+    area = raw.get("area", float(bbox[2] * bbox[3]))
+    if not _number(area):
+        raise DataError(f"{where}: field 'area' is {area!r}, expected a number")
+
+    # Clip the box to the image as HRNet does; nothing left means an unusable box.
+    x0, y0 = max(0.0, float(bbox[0])), max(0.0, float(bbox[1]))
+    x1 = min(float(width - 1), float(bbox[0]) + max(0.0, float(bbox[2] - 1)))
+    y1 = min(float(height - 1), float(bbox[1]) + max(0.0, float(bbox[3] - 1)))
+    if bbox[2] <= 0 or bbox[3] <= 0 or x1 < x0 or y1 < y0:
+        repairs["instance dropped: zero or negative box"] += 1
+        return None, repairs
+
+    keypoints = [float(v) for v in kps]
+    for k in range(NUM_JOINTS):
+        x, y, v = keypoints[3 * k: 3 * k + 3]
+        if v not in (0, 1, 2):
+            raise DataError(f"{where}: keypoint {k} has visibility {v!r}, expected 0, 1 or 2")
+        if v > 0 and not (0 <= x < width and 0 <= y < height):
+            repairs["keypoint unlabelled: outside the image"] += 1
+            v = 0
+        keypoints[3 * k: 3 * k + 3] = (x, y, int(v)) if v > 0 else (0.0, 0.0, 0)
+    num = sum(1 for k in range(NUM_JOINTS) if keypoints[3 * k + 2] > 0)
+    person = Person(
+        id=ann_id, bbox=[x0, y0, x1 - x0 + 1, y1 - y0 + 1], keypoints=keypoints,
+        num_keypoints=num, area=float(area), iscrowd=int(iscrowd),
+    )
+    return person, repairs
+
+
+def annotation_path(root: Path, split: str) -> Path:
+    return Path(root) / "annotations" / f"person_keypoints_{split}.json"
+
+
+def load_split(root: str | Path, split: str) -> CocoSplit:
+    """Read `root/annotations/person_keypoints_<split>.json`, validating every person annotation."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"COCO root {root} is not a directory")
+    ann_file = annotation_path(root, split)
+    image_dir = root / split
+    if not ann_file.is_file():
+        raise DataError(f"{ann_file}: annotation file not found (expected the official COCO layout)")
+    if not image_dir.is_dir():
+        raise DataError(f"{image_dir}: image directory not found (expected the official COCO layout)")
+    try:
+        doc = json.loads(ann_file.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{ann_file}: malformed JSON ({exc})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
+        raise DataError(f"{ann_file}: expected an object with an 'images' list")
+    if not isinstance(doc.get("annotations"), list):
+        raise DataError(f"{ann_file}: expected an 'annotations' list")
+
+    images: dict[int, ImageRecord] = {}
+    for raw in doc["images"]:
+        try:
+            rec = ImageRecord(int(raw["id"]), str(raw["file_name"]), int(raw["width"]), int(raw["height"]))
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"{ann_file}: image record {raw!r:.80} lacks id, file_name, width or height") from None
+        if rec.width <= 0 or rec.height <= 0:
+            raise DataError(f"{ann_file}: image {rec.id} has size {rec.width}x{rec.height}")
+        images[rec.id] = rec
+
+    repairs: Counter = Counter()
+    for raw in doc["annotations"]:
+        if isinstance(raw, dict) and raw.get("category_id", PERSON_CATEGORY_ID) != PERSON_CATEGORY_ID:
+            continue
+        image_id = raw.get("image_id") if isinstance(raw, dict) else None
+        if image_id not in images:
+            raise DataError(f"{ann_file}: annotation {raw.get('id') if isinstance(raw, dict) else raw!r:.40} "
+                            f"refers to image_id {image_id!r}, which is not in 'images'")
+        img = images[image_id]
+        person, fixes = check_person(raw, img.width, img.height, str(ann_file))
+        repairs.update(fixes)
+        if person is not None:
+            img.persons.append(person)
+    ordered = sorted(images.values(), key=lambda r: r.id)
+    return CocoSplit(annotation_file=ann_file, image_dir=image_dir, images=ordered, repairs=repairs)

@@ -1,0 +1,368 @@
+"""WebDataset shards: one sample per image, written atomically, described by a manifest.
+
+A sample is `<key>.jpg` (the source JPEG's bytes, unchanged) and `<key>.json`:
+    {"image_id", "file_name", "width", "height", "jpg_crc32", "persons": [COCO person annotations]}
+Each split gets `<split>-NNNNNN.tar` shards of equal size (they differ by at most one sample) and a
+`<split>.manifest.json` with per-shard sample, instance and byte counts and sha256 digests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from distpose import __version__
+from distpose.data.coco import ImageRecord, Person, check_person, load_split
+from distpose.errors import DataError, UserError
+
+MANIFEST_FORMAT = "distpose.shards/v1"
+NO_KEYPOINTS = "image without usable keypoint annotations"
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used: its message is the one-line reason."""
+
+
+def manifest_path(shard_dir: Path, split: str) -> Path:
+    return Path(shard_dir) / f"{split}.manifest.json"
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def jpeg_problem(data: bytes) -> str | None:
+    """A cheap structural check: JPEG start marker, and an end marker near the end (truncation)."""
+    if not data.startswith(b"\xff\xd8\xff"):
+        return "not a JPEG (no start-of-image marker)"
+    if data.rfind(b"\xff\xd9", max(0, len(data) - 1024)) < 0:
+        return "JPEG truncated (no end-of-image marker)"
+    return None
+
+
+def _jpeg_file_problem(path: Path) -> str | None:
+    """jpeg_problem() reading only the file's first bytes and its last kilobyte."""
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+        if len(head) == 4096:
+            fh.seek(-1024, os.SEEK_END)
+            head = head[:3] + fh.read()
+    return jpeg_problem(head)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample format
+
+
+@dataclass
+class DecodedSample:
+    key: str
+    image_id: int
+    width: int
+    height: int
+    persons: list[Person]
+    jpg: bytes
+
+
+def sample_json(record: ImageRecord, jpg: bytes) -> bytes:
+    doc = {
+        "image_id": record.id, "file_name": record.file_name, "width": record.width, "height": record.height,
+        "jpg_crc32": zlib.crc32(jpg), "persons": [p.to_json() for p in record.persons],
+    }
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def parse_sample(sample: dict[str, Any]) -> DecodedSample:
+    """Check a raw webdataset sample (bytes per extension) against the format; SampleError if it fails."""
+    key = sample.get("__key__", "?")
+    for ext in ("jpg", "json"):
+        if ext not in sample:
+            raise SampleError(f"sample {key} lacks its .{ext} member")
+    try:
+        doc = json.loads(sample["json"])
+        width, height, image_id = int(doc["width"]), int(doc["height"]), int(doc["image_id"])
+        raw_persons, crc = doc["persons"], int(doc["jpg_crc32"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SampleError(f"sample {key}: malformed annotation JSON ({type(exc).__name__}: {exc})") from None
+    jpg = sample["jpg"]
+    if zlib.crc32(jpg) != crc:
+        raise SampleError(f"sample {key}: JPEG bytes do not match their crc32 (corrupt)")
+    if not isinstance(raw_persons, list):
+        raise SampleError(f"sample {key}: field 'persons' is not a list")
+    persons = []
+    try:
+        for raw in raw_persons:
+            person, _ = check_person(raw, width, height, f"sample {key}")
+            if person is not None:
+                persons.append(person)
+    except DataError as exc:
+        raise SampleError(str(exc)) from None
+    return DecodedSample(key, image_id, width, height, persons, jpg)
+
+
+def decode_image(sample: DecodedSample) -> np.ndarray:
+    """Decode to an RGB uint8 array, checking it is a whole JPEG of the annotated size."""
+    problem = jpeg_problem(sample.jpg)
+    if problem:
+        raise SampleError(f"sample {sample.key}: {problem}")
+    image = cv2.imdecode(np.frombuffer(sample.jpg, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise SampleError(f"sample {sample.key}: JPEG does not decode")
+    if image.shape[:2] != (sample.height, sample.width):
+        raise SampleError(f"sample {sample.key}: image is {image.shape[1]}x{image.shape[0]}, "
+                          f"annotation says {sample.width}x{sample.height}")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _write_one_shard(path: Path, records: list[ImageRecord], image_dir: Path,
+                     on_sample: Callable[[], None] | None = None) -> dict[str, Any]:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    digest = hashlib.sha256()
+    with open(tmp, "wb") as fh, tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for record in records:
+            jpg = (image_dir / record.file_name).read_bytes()
+            key = f"{record.id:012d}"
+            for ext, data in (("jpg", jpg), ("json", sample_json(record, jpg))):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mode, info.mtime = len(data), 0o444, 0  # mtime 0: same input, same bytes
+                tar.addfile(info, io.BytesIO(data))
+            if on_sample:
+                on_sample()
+    with open(tmp, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    os.replace(tmp, path)
+    return {
+        "name": path.name, "samples": len(records),
+        "instances": sum(p.usable for r in records for p in r.persons),
+        "bytes": path.stat().st_size, "sha256": digest.hexdigest(),
+    }
+
+
+def _write_shard_task(args: tuple[Path, list[ImageRecord], Path]) -> dict[str, Any]:
+    return _write_one_shard(*args)
+
+
+def split_evenly(items: list, parts: int) -> list[list]:
+    """`parts` contiguous chunks whose sizes differ by at most one."""
+    base, extra = divmod(len(items), parts)
+    chunks, start = [], 0
+    for i in range(parts):
+        end = start + base + (1 if i < extra else 0)
+        chunks.append(items[start:end])
+        start = end
+    return chunks
+
+
+def split_role(split: str) -> str:
+    return "train" if split.startswith("train") else "eval"
+
+
+def write_shards(coco_root: str | Path, split: str, out_dir: str | Path, samples_per_shard: int = 1000,
+                 workers: int = 1, role: str = "auto", overwrite: bool = False,
+                 progress: bool = True) -> dict[str, Any]:
+    """Shard one COCO split. Training splits skip images with no usable person (counted)."""
+    if samples_per_shard < 1:
+        raise UserError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
+    if workers < 1:
+        raise UserError(f"--workers must be >= 1, got {workers}")
+    role = split_role(split) if role == "auto" else role
+    out_dir = Path(out_dir)
+    manifest_file = manifest_path(out_dir, split)
+    old_shards = sorted(out_dir.glob(f"{split}-*.tar")) if out_dir.is_dir() else []
+    if (manifest_file.exists() or old_shards) and not overwrite:
+        raise UserError(f"{manifest_file if manifest_file.exists() else old_shards[0]} already exists; "
+                        "pass --overwrite to replace split '{split}'".replace("{split}", split))
+
+    coco = load_split(coco_root, split)
+    skipped: Counter = Counter()
+    records = []
+    for record in coco.images:
+        path = coco.image_dir / record.file_name
+        if not path.is_file():
+            raise DataError(f"{path}: image listed in {coco.annotation_file.name} not found")
+        if role == "train" and not any(p.usable for p in record.persons):
+            skipped[NO_KEYPOINTS] += 1
+            continue
+        problem = _jpeg_file_problem(path)
+        if problem:
+            skipped[f"corrupt source image: {problem}"] += 1
+            continue
+        records.append(record)
+    if not records:
+        raise DataError(f"{coco.annotation_file}: no usable images in split '{split}' (skipped: {dict(skipped)})")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    chunks = split_evenly(records, -(-len(records) // samples_per_shard))
+    tasks = [(out_dir / shard_name(split, i), chunk, coco.image_dir) for i, chunk in enumerate(chunks)]
+    bar = tqdm(total=len(records), unit="img", desc=f"shard {split}", disable=not progress)
+    if workers == 1:
+        shards = [_write_one_shard(*task, on_sample=bar.update) for task in tasks]
+    else:
+        shards = []
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for info in pool.map(_write_shard_task, tasks):
+                shards.append(info)
+                bar.update(info["samples"])
+    bar.close()
+
+    manifest = {
+        "format": MANIFEST_FORMAT, "created_by": f"distpose {__version__}", "split": split, "role": role,
+        "source": str(coco.annotation_file.resolve()),
+        "samples": sum(s["samples"] for s in shards), "instances": sum(s["instances"] for s in shards),
+        "skipped": dict(skipped), "repairs": dict(coco.repairs), "shards": shards,
+    }
+    atomic_write_bytes(manifest_file, json.dumps(manifest, indent=1).encode())
+    fresh = {s["name"] for s in shards}
+    for stale in old_shards:
+        if stale.name not in fresh:
+            stale.unlink()
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading manifests and verifying
+
+
+def read_manifest(shard_dir: str | Path, split: str) -> dict[str, Any]:
+    path = manifest_path(Path(shard_dir), split)
+    if not path.is_file():
+        have = sorted(p.name.removesuffix(".manifest.json") for p in Path(shard_dir).glob("*.manifest.json"))
+        raise DataError(f"{path}: no manifest for split '{split}' (splits here: {', '.join(have) or 'none'}); "
+                        "run `distpose data shard` first")
+    try:
+        manifest = json.loads(path.read_bytes())
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise ValueError(f"format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+        for shard in manifest["shards"]:
+            for key in ("name", "samples", "instances", "bytes", "sha256"):
+                shard[key]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DataError(f"{path}: malformed manifest ({exc})") from None
+    return manifest
+
+
+def shard_paths(shard_dir: str | Path, split: str) -> list[str]:
+    manifest = read_manifest(shard_dir, split)
+    return [str(Path(shard_dir) / s["name"]) for s in manifest["shards"]]
+
+
+@dataclass
+class ShardCheck:
+    name: str
+    samples: int = 0
+    instances: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def iter_tar_samples(path: Path) -> Iterator[dict[str, Any]]:
+    """Group a shard's members into samples by key, in order (tarfile errors propagate)."""
+    current: dict[str, Any] = {}
+    with tarfile.open(path, mode="r|") as tar:
+        for member in tar:
+            if not member.isreg():
+                continue
+            key, _, ext = member.name.partition(".")
+            if current and current["__key__"] != key:
+                yield current
+                current = {}
+            current.setdefault("__key__", key)
+            current[ext] = tar.extractfile(member).read()
+    if current:
+        yield current
+
+
+def check_shard(path: Path, expected: dict[str, Any]) -> ShardCheck:
+    """Checksum, then every sample: format, crc32, full JPEG decode at the annotated size."""
+    check = ShardCheck(path.name)
+    if not path.is_file():
+        check.problems.append(f"shard {path.name}: file missing")
+        return check
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    if size != expected["bytes"]:
+        check.problems.append(f"shard {path.name}: {size} bytes, manifest says {expected['bytes']}")
+    if digest.hexdigest() != expected["sha256"]:
+        check.problems.append(f"shard {path.name}: sha256 differs from the manifest")
+    last_key = "(start)"
+    try:
+        for raw in iter_tar_samples(path):
+            last_key = raw["__key__"]
+            check.samples += 1
+            try:
+                sample = parse_sample(raw)
+                decode_image(sample)
+                check.instances += sum(p.usable for p in sample.persons)
+            except SampleError as exc:
+                check.problems.append(f"shard {path.name}: {exc}")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        check.problems.append(f"shard {path.name}: unreadable tar after sample {last_key} ({exc})")
+    if check.samples != expected["samples"]:
+        check.problems.append(f"shard {path.name}: {check.samples} samples, manifest says {expected['samples']}")
+    return check
+
+
+def _check_shard_task(args: tuple[Path, dict[str, Any]]) -> ShardCheck:
+    return check_shard(*args)
+
+
+def verify_shards(shard_dir: str | Path, workers: int = 1, progress: bool = True) -> dict[str, Any]:
+    """Check every split in `shard_dir`. Returns per-split counts and the list of problems."""
+    shard_dir = Path(shard_dir)
+    if not shard_dir.is_dir():
+        raise DataError(f"{shard_dir}: shard directory not found")
+    splits = sorted(p.name.removesuffix(".manifest.json") for p in shard_dir.glob("*.manifest.json"))
+    if not splits:
+        raise DataError(f"{shard_dir}: no *.manifest.json found; run `distpose data shard` first")
+    report: dict[str, Any] = {"splits": {}, "problems": []}
+    for split in splits:
+        manifest = read_manifest(shard_dir, split)
+        tasks = [(shard_dir / s["name"], s) for s in manifest["shards"]]
+        bar = tqdm(total=len(tasks), unit="shard", desc=f"verify {split}", disable=not progress)
+        checks = []
+        if workers == 1:
+            for task in tasks:
+                checks.append(check_shard(*task))
+                bar.update()
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                for check in pool.map(_check_shard_task, tasks):
+                    checks.append(check)
+                    bar.update()
+        bar.close()
+        problems = [p for c in checks for p in c.problems]
+        report["splits"][split] = {
+            "shards": len(checks), "samples": sum(c.samples for c in checks),
+            "instances": sum(c.instances for c in checks),
+            "manifest_samples": manifest["samples"], "manifest_instances": manifest["instances"],
+            "bad_shards": sum(1 for c in checks if c.problems),
+        }
+        report["problems"].extend(f"{split}: {p}" for p in problems)
+    return report

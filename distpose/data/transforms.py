@@ -1,0 +1,133 @@
+"""Top-down transforms (HRNet's recipe): person box -> centre/scale -> affine crop, with augmentation.
+
+Coordinates follow OpenCV: pixel centres sit at integer coordinates. A crop is one affine matrix
+from image to input pixels; keypoints go through the same matrix as the pixels, and its inverse
+takes predictions back to the image, so no convention can drift between crop and decode.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from distpose.config import AugmentConfig
+from distpose.keypoints import FLIP_INDEX, INDEX, NUM_JOINTS
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+UPPER_BODY = np.array([k for k in range(NUM_JOINTS) if k < INDEX["left_hip"]])
+LOWER_BODY = np.array([k for k in range(NUM_JOINTS) if k >= INDEX["left_hip"]])
+
+
+def box_to_center_scale(bbox: np.ndarray | list[float], aspect_ratio: float, padding: float
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Centre and (width, height) of the crop window for an [x, y, w, h] box, padded, at the aspect."""
+    x, y, w, h = (float(v) for v in bbox)
+    center = np.array([x + (w - 1) * 0.5, y + (h - 1) * 0.5])
+    if w > aspect_ratio * h:
+        h = w / aspect_ratio
+    else:
+        w = h * aspect_ratio
+    return center, np.array([w, h]) * padding
+
+
+def crop_matrix(center: np.ndarray, scale: np.ndarray, rotation: float, output_size: tuple[int, int],
+                flip: bool = False) -> np.ndarray:
+    """2x3 affine from image pixels to crop pixels: window `scale` (w, h) at `center`, rotated by
+    `rotation` degrees (counter-clockwise, as HRNet), mirrored afterwards if `flip`."""
+    out_h, out_w = output_size
+    s = out_w / scale[0]
+    a = math.radians(rotation)
+    cos, sin = s * math.cos(a), s * math.sin(a)
+    # Rotate about the window centre, then place it at the crop centre.
+    m = np.array([[cos, sin, 0.0], [-sin, cos, 0.0]])
+    m[:, 2] = np.array([(out_w - 1) * 0.5, (out_h - 1) * 0.5]) - m[:, :2] @ center
+    if flip:
+        m = np.array([[-1.0, 0.0, out_w - 1.0], [0.0, 1.0, 0.0]]) @ np.vstack([m, [0.0, 0.0, 1.0]])
+    return m
+
+
+def invert_affine(m: np.ndarray) -> np.ndarray:
+    """Inverse of 2x3 affine matrices, [..., 2, 3]."""
+    lin = np.linalg.inv(m[..., :2])
+    return np.concatenate([lin, -(lin @ m[..., 2:])], axis=-1)
+
+
+def apply_affine(points: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Map [..., N, 2] points through [..., 2, 3] affines."""
+    return points @ np.swapaxes(m[..., :2], -1, -2) + m[..., None, :, 2]
+
+
+def half_body_box(joints: np.ndarray, visible: np.ndarray, rng: np.random.Generator) -> list[float] | None:
+    """A box around the upper or the lower body's labelled joints (HRNet's half-body augmentation)."""
+    upper = [k for k in UPPER_BODY if visible[k]]
+    lower = [k for k in LOWER_BODY if visible[k]]
+    chosen = upper if (rng.random() < 0.5 and len(upper) > 2) or len(lower) < 2 else lower
+    if len(chosen) < 2:
+        return None
+    pts = joints[chosen]
+    lo, hi = pts.min(axis=0), pts.max(axis=0)
+    w, h = hi - lo + 1
+    # HRNet enlarges a half body by 1.5; box_to_center_scale then pads by the usual factor.
+    cx, cy = (lo + hi) * 0.5
+    return [cx - 0.75 * w + 0.5, cy - 0.75 * h + 0.5, 1.5 * w, 1.5 * h]
+
+
+@dataclass
+class Crop:
+    image: np.ndarray  # [3, H, W] uint8 RGB
+    joints: np.ndarray  # [K, 2] in crop pixels, joint order already swapped if flipped
+    visible: np.ndarray  # [K] bool: labelled (v > 0)
+    image_to_crop: np.ndarray  # [2, 3]
+
+
+class TopDownTransform:
+    """Person box -> affine crop of `input_size` (h, w), with HRNet's augmentation when `augment` is given."""
+
+    def __init__(self, input_size: tuple[int, int], aspect_ratio: float = 0.75, padding: float = 1.25,
+                 augment: AugmentConfig | None = None):
+        self.input_size = input_size
+        self.aspect_ratio = aspect_ratio
+        self.padding = padding
+        self.augment = augment
+
+    def __call__(self, image: np.ndarray, bbox: list[float], keypoints: np.ndarray,
+                 rng: np.random.Generator | None = None) -> Crop:
+        """`image` HWC uint8, `keypoints` [K, 3] (x, y, v) in image pixels."""
+        joints, visible = keypoints[:, :2].astype(np.float64), keypoints[:, 2] > 0
+        rotation, flip = 0.0, False
+        aug = self.augment
+        if aug is not None:
+            assert rng is not None, "augmentation needs a random generator"
+            if visible.sum() > aug.half_body_min_joints and rng.random() < aug.half_body_prob:
+                bbox = half_body_box(joints, visible, rng) or bbox
+        center, scale = box_to_center_scale(bbox, self.aspect_ratio, self.padding)
+        if aug is not None:
+            f = aug.scale_factor
+            scale = scale * float(np.clip(rng.standard_normal() * f + 1.0, 1.0 - f, 1.0 + f))
+            if rng.random() < aug.rotation_prob:
+                r = aug.rotation_factor
+                rotation = float(np.clip(rng.standard_normal() * r, -2.0 * r, 2.0 * r))
+            flip = rng.random() < aug.flip_prob
+        m = crop_matrix(center, scale, rotation, self.input_size, flip)
+        out_h, out_w = self.input_size
+        crop = cv2.warpAffine(image, m, (out_w, out_h), flags=cv2.INTER_LINEAR)
+        joints = apply_affine(joints, m)
+        if flip:
+            joints, visible = joints[list(FLIP_INDEX)], visible[list(FLIP_INDEX)]
+        return Crop(np.ascontiguousarray(crop.transpose(2, 0, 1)), joints, visible, m)
+
+
+def normalize_images(images: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
+    """uint8 [B, 3, H, W] RGB -> float ImageNet-normalised, on the images' device.
+
+    Loader workers ship uint8 crops (4x fewer bytes through IPC); this runs on the accelerator.
+    """
+    import torch
+
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255.0
+    return (images.float() - mean) / std

@@ -1,0 +1,94 @@
+"""Heatmap codec: encode -> decode round trips, on synthetic points and on real COCO scored by pycocotools."""
+
+import contextlib
+import io
+
+import numpy as np
+import pytest
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from distpose.data.codec import HeatmapCodec
+from distpose.data.coco import annotation_path, load_split
+from distpose.data.transforms import TopDownTransform, apply_affine, crop_matrix, invert_affine
+
+
+def test_affine_inverse_roundtrip():
+    rng = np.random.default_rng(0)
+    for flip in (False, True):
+        m = crop_matrix(np.array([300.0, 200.0]), np.array([150.0, 200.0]), 33.0, (256, 192), flip)
+        pts = rng.uniform(0, 600, size=(17, 2))
+        back = apply_affine(apply_affine(pts, m), invert_affine(m))
+        np.testing.assert_allclose(back, pts, atol=1e-9)
+
+
+def test_crop_maps_box_centre_to_crop_centre():
+    m = crop_matrix(np.array([320.0, 240.0]), np.array([96.0, 128.0]), 0.0, (256, 192))
+    np.testing.assert_allclose(apply_affine(np.array([[320.0, 240.0]]), m), [[95.5, 127.5]])
+    # The window's width fills the crop's width: 2 input pixels per image pixel here.
+    np.testing.assert_allclose(m[:, :2], [[2.0, 0.0], [0.0, 2.0]])
+
+
+@pytest.mark.parametrize("sizes", [((256, 192), (64, 48)), ((128, 96), (32, 24))])
+def test_encode_peak_at_joint_and_decode_error_bounded(sizes):
+    codec = HeatmapCodec(*sizes, sigma=2.0)
+    rng = np.random.default_rng(1)
+    (ih, iw), _ = sizes
+    joints = np.stack([rng.uniform(8, iw - 8, 17), rng.uniform(8, ih - 8, 17)], axis=1)
+    heatmaps, weight = codec.encode(joints, np.ones(17, bool))
+    assert heatmaps.shape == (17, *sizes[1]) and weight.tolist() == [1.0] * 17
+    assert heatmaps.max() <= 1.0 and heatmaps.max() > 0.8
+    decoded, scores = codec.decode(heatmaps[None], np.array([[[1.0, 0, 0], [0, 1.0, 0]]]))
+    stride = (iw - 1) / (sizes[1][1] - 1)
+    # argmax is within half a heatmap pixel; the quarter step leaves at most a quarter (plus rounding).
+    err = np.abs(decoded[0] - joints)
+    assert err.max() <= 0.25 * stride + 1e-6
+    assert err.mean() < err.max()
+
+
+def test_encode_weights_zero_outside_or_unlabelled():
+    codec = HeatmapCodec((256, 192), (64, 48))
+    joints = np.array([[-10.0, 50.0], [50.0, 300.0], [100.0, 100.0], [100.0, 100.0]] + [[50.0, 50.0]] * 13)
+    visible = np.ones(17, bool)
+    visible[3] = False
+    heatmaps, weight = codec.encode(joints, visible)
+    assert weight[:4].tolist() == [0.0, 0.0, 1.0, 0.0]
+    assert heatmaps[[0, 1, 3]].max() == 0.0
+
+
+def _roundtrip_results(coco_root, input_size, heatmap_size):
+    """Encode every GT person to heatmaps and decode back to image coordinates."""
+    split = load_split(coco_root, "val2017")
+    codec = HeatmapCodec(input_size, heatmap_size, sigma=2.0)
+    transform = TopDownTransform(input_size)
+    results, errors = [], []
+    for record in split.images:
+        image = np.zeros((record.height, record.width, 3), np.uint8)
+        for person in record.persons:
+            if not person.usable:
+                continue
+            kps = np.array(person.keypoints).reshape(17, 3)
+            crop = transform(image, person.bbox, kps)
+            heatmaps, _ = codec.encode(crop.joints, crop.visible)
+            decoded, _ = codec.decode(heatmaps[None], crop.image_to_crop[None])
+            labelled = kps[:, 2] > 0
+            errors.extend(np.linalg.norm(decoded[0][labelled] - kps[labelled, :2], axis=1))
+            out = np.concatenate([decoded[0], np.ones((17, 1))], axis=1)
+            results.append({"image_id": record.id, "category_id": 1, "keypoints": out.ravel().tolist(), "score": 1.0})
+    return results, np.array(errors)
+
+
+def test_codec_roundtrip_real_coco_ap(coco_mini):
+    results, errors = _roundtrip_results(coco_mini, (256, 192), (64, 48))
+    assert len(results) == 12
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(annotation_path(coco_mini, "val2017")))
+        evaluator = COCOeval(gt, gt.loadRes(results), "keypoints")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    ap = evaluator.stats[0]
+    print(f"codec round trip 256x192/64x48 on coco_val2017_mini: AP={ap:.4f} "
+          f"mean keypoint error={errors.mean():.3f} px (max {errors.max():.3f})")
+    assert ap >= 0.99
+    assert errors.mean() < 2.0
