@@ -34,7 +34,12 @@ NO_KEYPOINTS = "image without usable keypoint annotations"
 
 
 class SampleError(ValueError):
-    """A sample that cannot be used: its message is the one-line reason."""
+    """A sample that cannot be used. The message names the sample and the problem; `reason` is a
+    short category for counting skips."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 def manifest_path(shard_dir: Path, split: str) -> Path:
@@ -97,18 +102,19 @@ def parse_sample(sample: dict[str, Any]) -> DecodedSample:
     key = sample.get("__key__", "?")
     for ext in ("jpg", "json"):
         if ext not in sample:
-            raise SampleError(f"sample {key} lacks its .{ext} member")
+            raise SampleError(f"sample {key} lacks its .{ext} member", "incomplete sample")
     try:
         doc = json.loads(sample["json"])
         width, height, image_id = int(doc["width"]), int(doc["height"]), int(doc["image_id"])
         raw_persons, crc = doc["persons"], int(doc["jpg_crc32"])
     except (ValueError, KeyError, TypeError) as exc:
-        raise SampleError(f"sample {key}: malformed annotation JSON ({type(exc).__name__}: {exc})") from None
+        raise SampleError(f"sample {key}: malformed annotation JSON ({type(exc).__name__}: {exc})",
+                          "malformed annotation") from None
     jpg = sample["jpg"]
     if zlib.crc32(jpg) != crc:
-        raise SampleError(f"sample {key}: JPEG bytes do not match their crc32 (corrupt)")
+        raise SampleError(f"sample {key}: JPEG bytes do not match their crc32 (corrupt)", "corrupt JPEG")
     if not isinstance(raw_persons, list):
-        raise SampleError(f"sample {key}: field 'persons' is not a list")
+        raise SampleError(f"sample {key}: field 'persons' is not a list", "malformed annotation")
     persons = []
     try:
         for raw in raw_persons:
@@ -116,22 +122,22 @@ def parse_sample(sample: dict[str, Any]) -> DecodedSample:
             if person is not None:
                 persons.append(person)
     except DataError as exc:
-        raise SampleError(str(exc)) from None
+        raise SampleError(str(exc), "malformed annotation") from None
     return DecodedSample(key, image_id, width, height, persons, jpg)
 
 
 def decode_image(sample: DecodedSample) -> np.ndarray:
-    """Decode to an RGB uint8 array, checking it is a whole JPEG of the annotated size."""
+    """Decode to a BGR (OpenCV order) uint8 array, checking it is a whole JPEG of the annotated size."""
     problem = jpeg_problem(sample.jpg)
     if problem:
-        raise SampleError(f"sample {sample.key}: {problem}")
+        raise SampleError(f"sample {sample.key}: {problem}", "corrupt JPEG")
     image = cv2.imdecode(np.frombuffer(sample.jpg, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
-        raise SampleError(f"sample {sample.key}: JPEG does not decode")
+        raise SampleError(f"sample {sample.key}: JPEG does not decode", "corrupt JPEG")
     if image.shape[:2] != (sample.height, sample.width):
         raise SampleError(f"sample {sample.key}: image is {image.shape[1]}x{image.shape[0]}, "
-                          f"annotation says {sample.width}x{sample.height}")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+                          f"annotation says {sample.width}x{sample.height}", "corrupt JPEG")
+    return image
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,8 +201,8 @@ def write_shards(coco_root: str | Path, split: str, out_dir: str | Path, samples
     manifest_file = manifest_path(out_dir, split)
     old_shards = sorted(out_dir.glob(f"{split}-*.tar")) if out_dir.is_dir() else []
     if (manifest_file.exists() or old_shards) and not overwrite:
-        raise UserError(f"{manifest_file if manifest_file.exists() else old_shards[0]} already exists; "
-                        "pass --overwrite to replace split '{split}'".replace("{split}", split))
+        existing = manifest_file if manifest_file.exists() else old_shards[0]
+        raise UserError(f"{existing} already exists; pass --overwrite to replace split '{split}'")
 
     coco = load_split(coco_root, split)
     skipped: Counter = Counter()

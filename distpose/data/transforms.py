@@ -96,7 +96,8 @@ class TopDownTransform:
 
     def __call__(self, image: np.ndarray, bbox: list[float], keypoints: np.ndarray,
                  rng: np.random.Generator | None = None) -> Crop:
-        """`image` HWC uint8, `keypoints` [K, 3] (x, y, v) in image pixels."""
+        """`image` HWC uint8 BGR, `keypoints` [K, 3] (x, y, v) in image pixels. The crop comes out RGB:
+        swapping channels on the small crop is cheaper than on the decoded image."""
         joints, visible = keypoints[:, :2].astype(np.float64), keypoints[:, 2] > 0
         rotation, flip = 0.0, False
         aug = self.augment
@@ -118,7 +119,7 @@ class TopDownTransform:
         joints = apply_affine(joints, m)
         if flip:
             joints, visible = joints[list(FLIP_INDEX)], visible[list(FLIP_INDEX)]
-        return Crop(np.ascontiguousarray(crop.transpose(2, 0, 1)), joints, visible, m)
+        return Crop(np.ascontiguousarray(crop[:, :, ::-1].transpose(2, 0, 1)), joints, visible, m)
 
 
 def normalize_images(images: "torch.Tensor") -> "torch.Tensor":  # noqa: F821

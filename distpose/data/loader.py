@@ -1,0 +1,218 @@
+"""Streaming top-down loader: WebDataset shards -> batches of augmented person crops with targets.
+
+Each Ray Train rank builds one loader; each of its DataLoader workers runs the whole pipeline
+(read tar -> parse -> decode the image once -> one crop per person -> heatmap targets -> batch).
+
+- Training resamples shards at random (seeded by rank and worker) and the loader yields exactly
+  `batches_per_epoch` batches, so every rank steps equally often whatever the shard sizes:
+  uneven batch counts would hang the collectives of data-parallel training.
+- Evaluation gives each shard to exactly one (rank, worker) slot and reads it once, in order,
+  so every person instance is seen exactly once across the job.
+- Bad samples are skipped and counted by reason, never slept on. Each batch carries its worker's
+  running counts to the main process; `StreamingLoader.skipped` sums them.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from distpose.config import DataConfig
+from distpose.data.codec import HeatmapCodec
+from distpose.data.shards import SampleError, decode_image, parse_sample, read_manifest, shard_paths
+from distpose.data.transforms import TopDownTransform
+
+log = logging.getLogger(__name__)
+STATS_KEY = "_loader_stats"
+
+
+class CorruptSampleCounter:
+    """A webdataset error handler that counts and logs, then carries on (no sleep)."""
+
+    def __init__(self, log_first: int = 10):
+        self.counts: Counter = Counter()
+        self.log_first = log_first
+
+    def __call__(self, exn: Exception) -> bool:
+        reason = getattr(exn, "reason", None) or f"unreadable shard ({type(exn).__name__})"
+        self.counts[reason] += 1
+        total = sum(self.counts.values())
+        # Log the first few, then every power of ten, so a rotten shard cannot flood the log.
+        if total <= self.log_first or (total & (total - 1) == 0 and total >= 1024) or total % 10000 == 0:
+            detail = " ".join(str(a) for a in exn.args if isinstance(a, str)) or repr(exn)
+            log.warning("skipped bad sample #%d (%s): %s", total, reason, detail)
+        return True
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """What one rank's pipeline needs, picklable for DataLoader workers."""
+
+    urls: tuple[str, ...]
+    train: bool
+    rank: int
+    world_size: int
+    batch_size: int
+    data: DataConfig
+
+    @property
+    def codec(self) -> HeatmapCodec:
+        d = self.data
+        return HeatmapCodec(d.input_size, d.heatmap_size, d.sigma)
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _resampled(urls: tuple[str, ...], rng: random.Random) -> Iterator[dict[str, str]]:
+    while True:
+        yield {"url": rng.choice(urls)}
+
+
+def _instances(samples: Iterator[dict[str, Any]], spec: StreamSpec, counter: CorruptSampleCounter,
+               rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
+    """Decode each image once and yield one cropped, target-encoded item per usable person."""
+    d = spec.data
+    transform = TopDownTransform(d.input_size, d.aspect_ratio, d.box_padding, d.augment if spec.train else None)
+    codec = spec.codec
+    for raw in samples:
+        try:
+            sample = parse_sample(raw)
+            persons = [p for p in sample.persons if p.usable]
+            if not persons:
+                continue
+            image = decode_image(sample)
+        except SampleError as exc:
+            exc.args = (f"{exc} in {raw.get('__url__', '?')}",)
+            counter(exc)
+            continue
+        for person in persons:
+            keypoints = np.asarray(person.keypoints, np.float32).reshape(-1, 3)
+            crop = transform(image, person.bbox, keypoints, rng)
+            heatmaps, weight = codec.encode(crop.joints, crop.visible)
+            yield {
+                "image": crop.image,
+                "heatmaps": heatmaps,
+                "target_weight": weight,
+                "image_to_crop": crop.image_to_crop,
+                "keypoints": keypoints,
+                "bbox": np.asarray(person.bbox, np.float32),
+                "area": np.float32(person.area),
+                "score": np.float32(1.0),
+                "image_id": np.int64(sample.image_id),
+                "instance_id": np.int64(person.id),
+            }
+
+
+def collate(items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    return {key: torch.from_numpy(np.stack([item[key] for item in items])) for key in items[0]}
+
+
+class TopDownStream(IterableDataset):
+    """One rank's pipeline; each DataLoader worker iterates its own copy."""
+
+    def __init__(self, spec: StreamSpec):
+        super().__init__()
+        self.spec = spec
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        spec, d = self.spec, self.spec.data
+        worker, num_workers = _worker()
+        seed = (d.seed, spec.rank, worker)
+        counter = CorruptSampleCounter()
+        if spec.train:
+            shards: Iterator[dict[str, str]] = _resampled(spec.urls, random.Random(str(seed)))
+        else:
+            slot, slots = spec.rank * num_workers + worker, spec.world_size * num_workers
+            shards = iter([{"url": u} for u in spec.urls[slot::slots]])
+        samples = wds.tarfile_samples(shards, handler=counter)
+        if spec.train and d.sample_shuffle > 1:
+            samples = wds.shuffle(d.sample_shuffle, initial=d.sample_shuffle // 4, rng=random.Random(str(seed)))(samples)
+        items = _instances(samples, spec, counter, np.random.default_rng([d.seed, spec.rank, worker]))
+        if spec.train and d.instance_shuffle > 1:
+            items = wds.shuffle(d.instance_shuffle, initial=d.instance_shuffle // 4,
+                                rng=random.Random(str(seed) + "i"))(items)
+        batch: list[dict[str, np.ndarray]] = []
+        for item in items:
+            batch.append(item)
+            if len(batch) == spec.batch_size:
+                yield {**collate(batch), STATS_KEY: (worker, dict(counter.counts))}
+                batch = []
+        if batch and not spec.train:
+            yield {**collate(batch), STATS_KEY: (worker, dict(counter.counts))}
+        # A last, empty message so skips after the final batch are still reported.
+        yield {STATS_KEY: (worker, dict(counter.counts))}
+
+
+class StreamingLoader:
+    """Batches for one rank. Training: an endless stream cut into epochs of `batches_per_epoch`.
+    Evaluation: each iteration is one full pass over this rank's shards."""
+
+    def __init__(self, spec: StreamSpec, num_workers: int, batches_per_epoch: int | None = None):
+        self.spec = spec
+        self.batches_per_epoch = batches_per_epoch
+        self.dataloader = DataLoader(
+            TopDownStream(spec), batch_size=None, num_workers=num_workers,
+            pin_memory=torch.cuda.is_available(), prefetch_factor=4 if num_workers else None,
+        )
+        self._stream: Iterator[dict[str, Any]] | None = None
+        self._skips: dict[int, dict[str, int]] = {}
+
+    @property
+    def skipped(self) -> Counter:
+        """Bad samples skipped so far on this rank, by reason."""
+        total: Counter = Counter()
+        for counts in self._skips.values():
+            total.update(counts)
+        return total
+
+    def _batches(self, stream: Iterator[dict[str, Any]]) -> Iterator[dict[str, torch.Tensor]]:
+        for message in stream:
+            worker, counts = message.pop(STATS_KEY)
+            self._skips[worker] = counts
+            if message:
+                yield message
+
+    def __len__(self) -> int:
+        if self.batches_per_epoch is None:
+            raise TypeError("an evaluation loader has no fixed length")
+        return self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if not self.spec.train:
+            self._skips = {}
+            yield from self._batches(iter(self.dataloader))
+            return
+        if self._stream is None:
+            self._stream = self._batches(iter(self.dataloader))
+        for _ in range(len(self)):
+            yield next(self._stream)
+
+
+def train_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1) -> StreamingLoader:
+    """The training stream of `cfg.train_split` for one rank."""
+    spec = StreamSpec(tuple(shard_paths(cfg.shards, cfg.train_split)), True, rank, world_size, cfg.batch_size, cfg)
+    return StreamingLoader(spec, cfg.loader_workers, cfg.batches_per_epoch)
+
+
+def eval_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, split: str | None = None) -> StreamingLoader:
+    """One exact pass over this rank's share of `split` (default `cfg.val_split`)."""
+    spec = StreamSpec(tuple(shard_paths(cfg.shards, split or cfg.val_split)), False, rank, world_size,
+                      cfg.batch_size, cfg)
+    return StreamingLoader(spec, cfg.loader_workers)
+
+
+def split_instances(cfg: DataConfig, split: str) -> int:
+    """Number of person instances the manifest of `split` promises (what an eval pass must see)."""
+    return int(read_manifest(cfg.shards, split)["instances"])
