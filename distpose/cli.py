@@ -36,7 +36,7 @@ def _write_json(doc: dict, out: str | None) -> None:
     text = json.dumps(doc, indent=2)
     print(text)
     if out:
-        from distpose.data.shards import atomic_write_bytes
+        from distpose.files import atomic_write_bytes
 
         path = Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)

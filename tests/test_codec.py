@@ -8,8 +8,8 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from distpose.data.codec import HeatmapCodec
 from distpose.data.coco import annotation_path, load_split
+from distpose.data.codec import HeatmapCodec
 from distpose.data.transforms import TopDownTransform, apply_affine, crop_matrix, invert_affine
 
 
@@ -39,6 +39,7 @@ def test_encode_peak_at_joint_and_decode_error_bounded(sizes):
     assert heatmaps.shape == (17, *sizes[1]) and weight.tolist() == [1.0] * 17
     assert heatmaps.max() <= 1.0 and heatmaps.max() > 0.8
     decoded, scores = codec.decode(heatmaps[None], np.array([[[1.0, 0, 0], [0, 1.0, 0]]]))
+    assert scores.min() > 0.8  # peaks of exact Gaussians at sub-pixel centres
     stride = (iw - 1) / (sizes[1][1] - 1)
     # argmax is within half a heatmap pixel; the quarter step leaves at most a quarter (plus rounding).
     err = np.abs(decoded[0] - joints)

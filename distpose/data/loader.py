@@ -80,6 +80,10 @@ def _resampled(urls: tuple[str, ...], rng: random.Random) -> Iterator[dict[str, 
         yield {"url": rng.choice(urls)}
 
 
+def _shuffled(stream: Iterator, buffer: int, rng: random.Random) -> Iterator:
+    return wds.shuffle(buffer, initial=buffer // 4, rng=rng)(stream) if buffer > 1 else stream
+
+
 def _instances(samples: Iterator[dict[str, Any]], spec: StreamSpec, counter: CorruptSampleCounter,
                rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
     """Decode each image once and yield one cropped, target-encoded item per usable person."""
@@ -137,12 +141,11 @@ class TopDownStream(IterableDataset):
             slot, slots = spec.rank * num_workers + worker, spec.world_size * num_workers
             shards = iter([{"url": u} for u in spec.urls[slot::slots]])
         samples = wds.tarfile_samples(shards, handler=counter)
-        if spec.train and d.sample_shuffle > 1:
-            samples = wds.shuffle(d.sample_shuffle, initial=d.sample_shuffle // 4, rng=random.Random(str(seed)))(samples)
+        if spec.train:
+            samples = _shuffled(samples, d.sample_shuffle, random.Random(f"{seed} samples"))
         items = _instances(samples, spec, counter, np.random.default_rng([d.seed, spec.rank, worker]))
-        if spec.train and d.instance_shuffle > 1:
-            items = wds.shuffle(d.instance_shuffle, initial=d.instance_shuffle // 4,
-                                rng=random.Random(str(seed) + "i"))(items)
+        if spec.train:
+            items = _shuffled(items, d.instance_shuffle, random.Random(f"{seed} instances"))
         batch: list[dict[str, np.ndarray]] = []
         for item in items:
             batch.append(item)

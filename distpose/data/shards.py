@@ -28,6 +28,7 @@ from tqdm import tqdm
 from distpose import __version__
 from distpose.data.coco import ImageRecord, Person, check_person, load_split
 from distpose.errors import DataError, UserError
+from distpose.files import atomic_write_bytes, temporary_sibling
 
 MANIFEST_FORMAT = "distpose.shards/v1"
 NO_KEYPOINTS = "image without usable keypoint annotations"
@@ -67,12 +68,6 @@ def _jpeg_file_problem(path: Path) -> str | None:
             fh.seek(-1024, os.SEEK_END)
             head = head[:3] + fh.read()
     return jpeg_problem(head)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,7 +141,7 @@ def decode_image(sample: DecodedSample) -> np.ndarray:
 
 def _write_one_shard(path: Path, records: list[ImageRecord], image_dir: Path,
                      on_sample: Callable[[], None] | None = None) -> dict[str, Any]:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_sibling(path)
     digest = hashlib.sha256()
     with open(tmp, "wb") as fh, tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for record in records:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import torch
 
 from distpose.config import AugmentConfig
 from distpose.keypoints import FLIP_INDEX, INDEX, NUM_JOINTS
@@ -122,13 +123,11 @@ class TopDownTransform:
         return Crop(np.ascontiguousarray(crop[:, :, ::-1].transpose(2, 0, 1)), joints, visible, m)
 
 
-def normalize_images(images: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
     """uint8 [B, 3, H, W] RGB -> float ImageNet-normalised, on the images' device.
 
     Loader workers ship uint8 crops (4x fewer bytes through IPC); this runs on the accelerator.
     """
-    import torch
-
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255.0
     return (images.float() - mean) / std

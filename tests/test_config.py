@@ -1,0 +1,73 @@
+"""Config schema: YAML files, overrides, and one-line errors with exit code 2."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distpose.config import Config, ConfigError, dump_yaml, load_config
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(None, ["data.input_size=[256,192]", "data.heatmap_size=[64,48]", "train.zero_stage=3",
+                             "data.augment.flip_prob=0", "train.lr=5e-4", "model.backbone=hrnet_w32"])
+    assert cfg.data.input_size == (256, 192) and cfg.train.zero_stage == 3
+    assert cfg.data.augment.flip_prob == 0.0 and isinstance(cfg.data.augment.flip_prob, float)
+    assert cfg.train.lr == 5e-4 and cfg.model.backbone == "hrnet_w32"
+    assert load_config(None) == Config()
+
+
+def test_yaml_roundtrip(tmp_path):
+    cfg = load_config(None, ["data.batch_size=7", "train.mode=joint"])
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_yaml(cfg))
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_shipped_configs_load(path):
+    load_config(path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.foo=1", "unknown config key 'data.foo' (allowed: data.shards,"),
+    ("bogus.x=1", "unknown config key 'bogus' (allowed: data, model, train, eval, monitor)"),
+    ("train.mode=crff", "config key 'train.mode': got 'crff', expected one of 'backbone', 'crf', 'joint'"),
+    ("train.zero_stage=4", "expected one of 0, 1, 2, 3"),
+    ("data.batch_size=abc", "config key 'data.batch_size': got 'abc', expected an integer"),
+    ("data.batch_size=0", "config key 'data.batch_size': got 0, expected an integer >= 1"),
+    ("data.input_size=[256]", "expected a list of 2 values (an integer, an integer)"),
+    ("data.augment.flip_prob=1.5", "expected a probability in [0, 1]"),
+    ("data.heatmap_size=[512,384]", "no larger than data.input_size"),
+    ("train.use_gpu=maybe", "expected true or false"),
+    ("data.batch_size.x=1", "is a value, not a section"),
+    ("novalue", "is not of the form key.sub=value"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_yaml_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  batch_size: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("data:\n  augment:\n    flip: 0.5\n")
+    with pytest.raises(ConfigError, match="unknown config key 'data.augment.flip'"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_cli_exit_code_2_and_one_line():
+    proc = subprocess.run([sys.executable, "-m", "distpose.cli", "config", "train.mode=nope"],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "distpose: error: config key 'train.mode': got 'nope', expected one of 'backbone', 'crf', 'joint'"]
