@@ -8,3 +8,33 @@ COCO_MINI = Path(__file__).parent / "data" / "coco_val2017_mini"
 @pytest.fixture(scope="session")
 def coco_mini() -> Path:
     return COCO_MINI
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    """A small synthetic COCO set shared by the data tests (generation is deterministic)."""
+    from distpose.data.synth import generate_synthetic_coco
+
+    root = tmp_path_factory.mktemp("synth")
+    generate_synthetic_coco(root, num_train=24, num_val=18, seed=3, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synth_shards(tmp_path_factory, synth_root) -> Path:
+    """The synthetic set as shards: train in 5 shards, val in 5 shards (uneven instance counts)."""
+    from distpose.data.shards import write_shards
+
+    out = tmp_path_factory.mktemp("synth_shards")
+    write_shards(synth_root, "train", out, samples_per_shard=5, progress=False)
+    write_shards(synth_root, "val", out, samples_per_shard=4, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for every integration test (starting Ray costs ~10 s here)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

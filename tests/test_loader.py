@@ -1,0 +1,217 @@
+"""Streaming loader: exact evaluation passes, equal training epochs, augmentation, corrupt samples."""
+
+import dataclasses
+import json
+import time
+
+import cv2
+import numpy as np
+import pytest
+from helpers import corrupt_jpeg_in_shard, truncate_jpeg_in_shard, truncate_shard
+
+from distpose.config import AugmentConfig, DataConfig
+from distpose.data.coco import annotation_path, load_split
+from distpose.data.codec import HeatmapCodec
+from distpose.data.loader import CorruptSampleCounter, eval_loader, train_loader
+from distpose.data.shards import decode_image, iter_tar_samples, parse_sample, read_manifest, write_shards
+from distpose.data.transforms import TopDownTransform
+from distpose.keypoints import FLIP_INDEX
+
+NO_AUG = AugmentConfig(flip_prob=0, half_body_prob=0, scale_factor=0, rotation_prob=0)
+
+
+def data_cfg(shards, **overrides) -> DataConfig:
+    base = DataConfig(shards=str(shards), input_size=(128, 96), heatmap_size=(32, 24), batch_size=4,
+                      loader_workers=2, batches_per_epoch=3, sample_shuffle=8, instance_shuffle=8)
+    return dataclasses.replace(base, **overrides)
+
+
+def usable_ids(root, split):
+    doc = json.loads(annotation_path(root, split).read_text())
+    return sorted(a["id"] for a in doc["annotations"] if a["num_keypoints"] > 0 and not a.get("iscrowd"))
+
+
+def eval_ids(cfg, ranks, split=None):
+    seen = []
+    for rank in range(ranks):
+        for batch in eval_loader(cfg, rank, ranks, split):
+            seen += batch["instance_id"].tolist()
+    return seen
+
+
+@pytest.mark.parametrize("ranks, workers", [(2, 2), (3, 2), (4, 1), (1, 0)])
+def test_eval_pass_sees_every_instance_exactly_once(synth_root, synth_shards, ranks, workers):
+    seen = eval_ids(data_cfg(synth_shards, loader_workers=workers), ranks)
+    assert len(seen) == len(set(seen))
+    assert sorted(seen) == usable_ids(synth_root, "val")
+
+
+def test_eval_pass_exact_on_real_coco(coco_mini, tmp_path):
+    write_shards(coco_mini, "val2017", tmp_path, samples_per_shard=1, progress=False)
+    seen = eval_ids(data_cfg(tmp_path, loader_workers=2), 2, "val2017")
+    assert sorted(seen) == usable_ids(coco_mini, "val2017") and len(seen) == 12
+
+
+def test_train_epochs_equal_per_rank_with_uneven_shards(synth_shards):
+    manifest = read_manifest(synth_shards, "train")
+    assert len({s["instances"] for s in manifest["shards"]}) > 1  # the shards really are uneven
+    cfg = data_cfg(synth_shards)
+    first_batches = []
+    for rank in range(2):
+        loader = train_loader(cfg, rank, 2)
+        counts = []
+        for _ in range(3):
+            batches = list(loader)
+            counts.append(len(batches))
+            assert all(len(b["instance_id"]) == cfg.batch_size for b in batches)
+        assert counts == [3, 3, 3]
+        first_batches.append(batches[0]["instance_id"].tolist())
+    assert first_batches[0] != first_batches[1]  # ranks are seeded apart
+
+
+def test_train_stream_is_reproducible(synth_shards):
+    cfg = data_cfg(synth_shards, loader_workers=1)
+    a, b = next(iter(train_loader(cfg))), next(iter(train_loader(cfg)))
+    assert a["instance_id"].tolist() == b["instance_id"].tolist()
+    assert (a["image"] == b["image"]).all() and (a["heatmaps"] == b["heatmaps"]).all()
+
+
+def test_eval_batch_is_the_plain_crop_with_consistent_targets(synth_shards):
+    cfg = data_cfg(synth_shards, loader_workers=0)
+    batch = next(iter(eval_loader(cfg)))
+    assert batch["image"].dtype.is_floating_point is False and tuple(batch["image"].shape) == (4, 3, 128, 96)
+    assert tuple(batch["heatmaps"].shape) == (4, 17, 32, 24)
+    weight, heatmaps = batch["target_weight"].numpy(), batch["heatmaps"].numpy()
+    assert np.all(heatmaps[weight == 0] == 0) and np.all(heatmaps[weight == 1].max(axis=(1, 2)) > 0.5)
+
+    # The eval crop is exactly the un-augmented transform of the decoded image.
+    raw = next(iter_tar_samples(synth_shards / "val-000000.tar"))
+    sample = parse_sample(raw)
+    person = next(p for p in sample.persons if p.usable)
+    keypoints = np.asarray(person.keypoints, np.float32).reshape(17, 3)
+    crop = TopDownTransform(cfg.input_size)(decode_image(sample), person.bbox, keypoints)
+    row = batch["instance_id"].tolist().index(person.id)
+    assert np.array_equal(batch["image"][row].numpy(), crop.image)
+
+    # Decoding the targets lands back on the labelled keypoints.
+    codec = HeatmapCodec(cfg.input_size, cfg.heatmap_size, cfg.sigma)
+    decoded, _ = codec.decode(heatmaps, batch["image_to_crop"].numpy())
+    gt = batch["keypoints"].numpy()
+    labelled = weight > 0
+    error = np.linalg.norm(decoded[labelled] - gt[..., :2][labelled], axis=-1)
+    scale = np.linalg.norm(batch["image_to_crop"].numpy()[:, 0, :2], axis=-1)  # crop pixels per image pixel
+    assert np.all(error <= 0.5 * (95 / 23) / scale.min() + 1e-6)
+
+
+def _person_with_many_joints(coco_mini):
+    split = load_split(coco_mini, "val2017")
+    for record in split.images:
+        for p in record.persons:
+            if p.num_keypoints >= 12:
+                image = cv2.imread(str(split.image_dir / record.file_name))
+                return image, p.bbox, np.asarray(p.keypoints, np.float32).reshape(17, 3)
+    raise AssertionError("no well-labelled person")
+
+
+def test_flip_mirrors_crop_and_swaps_joints(coco_mini):
+    image, bbox, kps = _person_with_many_joints(coco_mini)
+    plain = TopDownTransform((128, 96))(image, bbox, kps)
+    flip = TopDownTransform((128, 96), augment=dataclasses.replace(NO_AUG, flip_prob=1.0))
+    flipped = flip(image, bbox, kps, np.random.default_rng(0))
+    assert np.abs(flipped.image.astype(int) - plain.image[:, :, ::-1].astype(int)).mean() < 1.0
+    swap = list(FLIP_INDEX)
+    np.testing.assert_allclose(flipped.joints[:, 0], 95 - plain.joints[swap, 0], atol=1e-6)
+    np.testing.assert_allclose(flipped.joints[:, 1], plain.joints[swap, 1], atol=1e-6)
+    assert flipped.visible.tolist() == plain.visible[swap].tolist()
+
+
+def test_rotation_and_scale_keep_the_skeleton_shape(coco_mini):
+    image, bbox, kps = _person_with_many_joints(coco_mini)
+    labelled = kps[:, 2] > 0
+    plain = TopDownTransform((128, 96))(image, bbox, kps)
+    aug = dataclasses.replace(NO_AUG, rotation_prob=1.0, rotation_factor=30.0, scale_factor=0.3)
+    out = TopDownTransform((128, 96), augment=aug)(image, bbox, kps, np.random.default_rng(5))
+
+    def spread(joints):
+        pts = joints[labelled]
+        return np.linalg.norm(pts[:, None] - pts[None], axis=-1)
+
+    ratio = spread(out.joints)[spread(plain.joints) > 0] / spread(plain.joints)[spread(plain.joints) > 0]
+    assert np.ptp(ratio) < 1e-6  # a similarity transform: one scale for every distance
+    assert 1 / 1.3 - 1e-6 <= ratio[0] <= 1 / 0.7 + 1e-6
+    rotation = np.degrees(np.arctan2(out.image_to_crop[1, 0], out.image_to_crop[0, 0]))
+    assert 0 < abs(rotation) <= 60
+
+
+def test_half_body_zooms_on_half_the_joints(coco_mini):
+    image, bbox, kps = _person_with_many_joints(coco_mini)
+    plain = TopDownTransform((128, 96))(image, bbox, kps)
+    half = TopDownTransform((128, 96), augment=dataclasses.replace(NO_AUG, half_body_prob=1.0))
+    out = half(image, bbox, kps, np.random.default_rng(1))
+    assert abs(np.linalg.det(out.image_to_crop[:, :2])) > abs(np.linalg.det(plain.image_to_crop[:, :2]))
+
+
+# -- corrupt data in the stream --------------------------------------------------------------------
+
+
+@pytest.fixture
+def mini_shards(coco_mini, tmp_path):
+    write_shards(coco_mini, "val2017", tmp_path, samples_per_shard=1, progress=False)
+    return tmp_path
+
+
+def _instances_in(shard):
+    return sum(p.usable for raw in iter_tar_samples(shard) for p in parse_sample(raw).persons)
+
+
+@pytest.mark.parametrize("damage, reasons", [
+    (corrupt_jpeg_in_shard, {"corrupt JPEG": 1}),
+    (truncate_jpeg_in_shard, {"corrupt JPEG": 1}),
+])
+def test_eval_loader_skips_and_counts_bad_sample(mini_shards, damage, reasons):
+    shard = sorted(mini_shards.glob("*.tar"))[1]
+    lost = _instances_in(shard)
+    damage(shard)
+    loader = eval_loader(data_cfg(mini_shards, loader_workers=2), split="val2017")
+    seen = [i for b in loader for i in b["instance_id"].tolist()]
+    assert len(seen) == 12 - lost and dict(loader.skipped) == reasons
+
+
+def test_eval_loader_survives_truncated_tar(mini_shards):
+    shard = sorted(mini_shards.glob("*.tar"))[2]
+    truncate_shard(shard, keep=0.3)
+    loader = eval_loader(data_cfg(mini_shards, loader_workers=2), split="val2017")
+    seen = [i for b in loader for i in b["instance_id"].tolist()]
+    assert 0 < len(seen) < 12
+    assert sum(loader.skipped.values()) >= 1
+    assert any(reason.startswith("unreadable shard") for reason in loader.skipped)
+
+
+def test_train_loader_keeps_full_epochs_despite_corruption(mini_shards):
+    corrupt_jpeg_in_shard(sorted(mini_shards.glob("*.tar"))[0])
+    cfg = data_cfg(mini_shards, loader_workers=1, train_split="val2017", batches_per_epoch=4)
+    loader = train_loader(cfg)
+    assert len(list(loader)) == 4
+    assert loader.skipped["corrupt JPEG"] >= 1
+
+
+def test_skip_handler_logs_and_never_sleeps(mini_shards, monkeypatch, caplog):
+    def no_sleep(_):
+        raise AssertionError("the corrupt-sample handler must not sleep")
+
+    monkeypatch.setattr(time, "sleep", no_sleep)
+    key = corrupt_jpeg_in_shard(sorted(mini_shards.glob("*.tar"))[0])
+    loader = eval_loader(data_cfg(mini_shards, loader_workers=0), split="val2017")
+    with caplog.at_level("WARNING"):
+        assert sum(len(b["instance_id"]) for b in loader) > 0
+    assert loader.skipped == {"corrupt JPEG": 1}
+    assert any(key in r.getMessage() and "val2017-000000.tar" in r.getMessage() for r in caplog.records)
+    counter = CorruptSampleCounter()
+    assert all(counter(OSError("disk")) for _ in range(3)) and counter.counts == {"unreadable shard (OSError)": 3}
+
+
+def test_missing_shard_dir_is_a_clear_error(tmp_path):
+    from distpose.errors import DataError
+
+    with pytest.raises(DataError, match="no manifest for split 'train'"):
+        train_loader(data_cfg(tmp_path))

@@ -1,0 +1,218 @@
+"""Sharding and verification: format, atomicity, counts, bad input and corruption."""
+
+import hashlib
+import json
+import shutil
+import tarfile
+
+import pytest
+from helpers import corrupt_jpeg_in_shard, truncate_jpeg_in_shard, truncate_shard
+
+from distpose.cli import main
+from distpose.data.coco import annotation_path
+from distpose.data.shards import iter_tar_samples, read_manifest, write_shards
+
+
+def run_cli(capsys, *argv):
+    code = main(["-q", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def copy_coco(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_annotations(root, split, edit):
+    path = annotation_path(root, split)
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+
+
+def test_synth_shard_verify_cli(tmp_path, capsys):
+    root, shards = tmp_path / "synth", tmp_path / "shards"
+    assert run_cli(capsys, "data", "synth", "--out", str(root), "--train", "11", "--val", "5")[0] == 0
+    for split, per_shard in (("train", 4), ("val", 2)):
+        code, out, _ = run_cli(capsys, "data", "shard", "--coco-root", str(root), "--split", split,
+                               "--out", str(shards), "--samples-per-shard", str(per_shard))
+        assert code == 0 and f"{split}: " in out
+    code, out, _ = run_cli(capsys, "data", "verify", str(shards))
+    assert code == 0 and "verify ok" in out
+    manifest = read_manifest(shards, "train")
+    sizes = [s["samples"] for s in manifest["shards"]]
+    assert sum(sizes) == manifest["samples"] == 11 and len(sizes) == 3 and max(sizes) - min(sizes) <= 1
+    gt = json.loads(annotation_path(root, "train").read_text())
+    assert manifest["instances"] == sum(1 for a in gt["annotations"] if a["num_keypoints"] > 0)
+    assert not list(shards.glob(".*"))  # no temporary files left behind
+
+
+def test_real_coco_shard_keeps_bytes_and_checksums(coco_mini, tmp_path):
+    manifest = write_shards(coco_mini, "val2017", tmp_path, samples_per_shard=3, progress=False)
+    assert manifest["samples"] == 4 and manifest["instances"] == 12 and manifest["role"] == "eval"
+    seen = {}
+    for shard in manifest["shards"]:
+        path = tmp_path / shard["name"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == shard["sha256"]
+        assert path.stat().st_size == shard["bytes"]
+        for sample in iter_tar_samples(path):
+            meta = json.loads(sample["json"])
+            seen[meta["file_name"]] = sample["jpg"]
+            assert {"image_id", "width", "height", "persons", "jpg_crc32"} <= meta.keys()
+    for name, data in seen.items():
+        assert data == (coco_mini / "val2017" / name).read_bytes()
+    assert len(seen) == 4
+
+
+def test_train_role_skips_images_without_keypoints(coco_mini, tmp_path):
+    root = copy_coco(coco_mini, tmp_path / "coco")
+
+    def strip_first_image(doc):
+        first = doc["images"][0]["id"]
+        for ann in doc["annotations"]:
+            if ann["image_id"] == first:
+                ann["keypoints"], ann["num_keypoints"] = [0] * 51, 0
+
+    edit_annotations(root, "val2017", strip_first_image)
+    train = write_shards(root, "val2017", tmp_path / "a", role="train", progress=False)
+    evaluation = write_shards(root, "val2017", tmp_path / "b", progress=False)
+    assert train["samples"] == 3 and train["skipped"] == {"image without usable keypoint annotations": 1}
+    assert evaluation["samples"] == 4 and evaluation["skipped"] == {}
+
+
+def test_existing_output_needs_overwrite(coco_mini, tmp_path, capsys):
+    args = ["data", "shard", "--coco-root", str(coco_mini), "--split", "val2017", "--out", str(tmp_path)]
+    assert run_cli(capsys, *args, "--samples-per-shard", "1")[0] == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and "already exists; pass --overwrite" in err and len(err.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    # Overwriting with fewer, larger shards removes the stale ones.
+    assert run_cli(capsys, *args, "--overwrite", "--samples-per-shard", "3")[0] == 0
+    assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["val2017-000000.tar", "val2017-000001.tar"]
+    assert run_cli(capsys, "data", "verify", str(tmp_path))[0] == 0
+
+
+def _first_ann(doc):
+    return next(a for a in doc["annotations"] if a["num_keypoints"] > 0)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda doc: _first_ann(doc).update(keypoints=[1, 2, 2] * 16), "field 'keypoints' has 48 values, expected 51"),
+    (lambda doc: _first_ann(doc).pop("bbox"), "annotation lacks field 'bbox'"),
+    (lambda doc: _first_ann(doc).update(bbox=[1, 2, "x", 4]), "field 'bbox' is [1, 2, 'x', 4]"),
+    (lambda doc: _first_ann(doc).update(image_id=-5), "refers to image_id -5"),
+    (lambda doc: doc.pop("annotations"), "expected an 'annotations' list"),
+])
+def test_malformed_annotations_fail_with_one_line(coco_mini, tmp_path, capsys, edit, message):
+    root = copy_coco(coco_mini, tmp_path / "coco")
+    edit_annotations(root, "val2017", edit)
+    code, _, err = run_cli(capsys, "data", "shard", "--coco-root", str(root), "--split", "val2017",
+                           "--out", str(tmp_path / "out"))
+    assert code == 1
+    assert len(err.strip().splitlines()) == 1 and message in err and "person_keypoints_val2017.json" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_paths_and_json(coco_mini, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "data", "shard", "--coco-root", str(tmp_path / "nope"), "--split", "val2017",
+                           "--out", str(tmp_path / "o"))
+    assert code == 1 and "is not a directory" in err
+    root = copy_coco(coco_mini, tmp_path / "coco")
+    code, _, err = run_cli(capsys, "data", "shard", "--coco-root", str(root), "--split", "train2017",
+                           "--out", str(tmp_path / "o"))
+    assert code == 1 and "person_keypoints_train2017.json: annotation file not found" in err
+    (root / "val2017" / "000000000785.jpg").unlink()
+    code, _, err = run_cli(capsys, "data", "shard", "--coco-root", str(root), "--split", "val2017",
+                           "--out", str(tmp_path / "o"))
+    assert code == 1 and "000000000785.jpg: image listed in person_keypoints_val2017.json not found" in err
+    annotation_path(root, "val2017").write_text('{"images": [')
+    code, _, err = run_cli(capsys, "data", "shard", "--coco-root", str(root), "--split", "val2017",
+                           "--out", str(tmp_path / "o"))
+    assert code == 1 and "malformed JSON" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(capsys, "data", "verify", str(tmp_path / "missing"))
+    assert code == 1 and "shard directory not found" in err
+
+
+def test_bad_boxes_and_outside_keypoints_are_repaired_and_counted(coco_mini, tmp_path):
+    root = copy_coco(coco_mini, tmp_path / "coco")
+    doc = json.loads(annotation_path(root, "val2017").read_text())
+    usable = [a for a in doc["annotations"] if a["num_keypoints"] > 0]
+    bad_box_id, outside_id = usable[0]["id"], usable[1]["id"]
+
+    def damage(doc):
+        anns = {a["id"]: a for a in doc["annotations"]}
+        anns[bad_box_id]["bbox"][2] = 0.0
+        image = next(i for i in doc["images"] if i["id"] == anns[outside_id]["image_id"])
+        k = next(j for j in range(17) if anns[outside_id]["keypoints"][3 * j + 2] > 0)
+        anns[outside_id]["keypoints"][3 * k] = image["width"] + 50.0
+
+    edit_annotations(root, "val2017", damage)
+    manifest = write_shards(root, "val2017", tmp_path / "out", progress=False)
+    assert manifest["repairs"] == {"instance dropped: zero or negative box": 1,
+                                   "keypoint unlabelled: outside the image": 1}
+    assert manifest["instances"] == 11
+
+
+def test_corrupt_source_jpeg_is_skipped_and_counted(coco_mini, tmp_path):
+    root = copy_coco(coco_mini, tmp_path / "coco")
+    jpg = root / "val2017" / "000000040083.jpg"
+    jpg.write_bytes(jpg.read_bytes()[: jpg.stat().st_size // 2])
+    manifest = write_shards(root, "val2017", tmp_path / "out", progress=False)
+    assert manifest["samples"] == 3
+    assert manifest["skipped"] == {"corrupt source image: JPEG truncated (no end-of-image marker)": 1}
+
+
+# -- corruption after sharding -------------------------------------------------------------------
+
+
+def test_verify_names_truncated_shard(coco_mini, tmp_path, capsys):
+    write_shards(coco_mini, "val2017", tmp_path, samples_per_shard=2, progress=False)
+    truncate_shard(tmp_path / "val2017-000001.tar")
+    code, out, err = run_cli(capsys, "data", "verify", str(tmp_path))
+    assert code == 1
+    bad = [line for line in out.splitlines() if line.startswith("BAD")]
+    assert bad and all("val2017-000001.tar" in line for line in bad)
+    assert any("unreadable tar" in line for line in bad) and "verify failed" in err
+
+
+def test_verify_names_corrupt_jpeg_sample(coco_mini, tmp_path, capsys):
+    write_shards(coco_mini, "val2017", tmp_path, samples_per_shard=2, progress=False)
+    key = corrupt_jpeg_in_shard(tmp_path / "val2017-000000.tar")
+    code, out, _ = run_cli(capsys, "data", "verify", str(tmp_path))
+    assert code == 1
+    assert f"BAD val2017: shard val2017-000000.tar: sample {key}: JPEG bytes do not match their crc32" in out
+    assert "BAD val2017: shard val2017-000000.tar: sha256 differs from the manifest" in out
+    assert "val2017-000001.tar" not in out.split("verify")[0].replace("0 bad shards", "")
+
+
+def test_verify_names_truncated_jpeg_sample(coco_mini, tmp_path, capsys):
+    write_shards(coco_mini, "val2017", tmp_path, samples_per_shard=2, progress=False)
+    key = truncate_jpeg_in_shard(tmp_path / "val2017-000001.tar")
+    code, out, _ = run_cli(capsys, "data", "verify", str(tmp_path))
+    assert code == 1
+    assert f"shard val2017-000001.tar: sample {key}: JPEG truncated (no end-of-image marker)" in out
+
+
+def test_verify_parallel_matches_serial(synth_shards, capsys):
+    code, out, _ = run_cli(capsys, "data", "verify", str(synth_shards), "--workers", "2")
+    assert code == 0 and "train: 5 shards, 24 samples" in out and "val: 5 shards, 18 samples" in out
+
+
+def test_manifest_must_exist_for_split(tmp_path):
+    from distpose.errors import DataError
+
+    with pytest.raises(DataError, match="no manifest for split 'val'"):
+        read_manifest(tmp_path, "val")
+    (tmp_path / "val.manifest.json").write_text("{}")
+    with pytest.raises(DataError, match="malformed manifest"):
+        read_manifest(tmp_path, "val")
+
+
+def test_tar_writer_is_deterministic(coco_mini, tmp_path):
+    a = write_shards(coco_mini, "val2017", tmp_path / "a", progress=False)
+    b = write_shards(coco_mini, "val2017", tmp_path / "b", workers=2, progress=False)
+    assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
+    with tarfile.open(tmp_path / "a" / "val2017-000000.tar") as tar:
+        assert all(m.mtime == 0 for m in tar.getmembers())
