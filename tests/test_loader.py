@@ -7,6 +7,7 @@ import time
 import cv2
 import numpy as np
 import pytest
+import torch
 from helpers import corrupt_jpeg_in_shard, truncate_jpeg_in_shard, truncate_shard
 
 from distpose.config import AugmentConfig, DataConfig
@@ -79,7 +80,7 @@ def test_train_stream_is_reproducible(synth_shards):
 def test_eval_batch_is_the_plain_crop_with_consistent_targets(synth_shards):
     cfg = data_cfg(synth_shards, loader_workers=0)
     batch = next(iter(eval_loader(cfg)))
-    assert batch["image"].dtype.is_floating_point is False and tuple(batch["image"].shape) == (4, 3, 128, 96)
+    assert batch["image"].dtype == torch.uint8 and tuple(batch["image"].shape) == (4, 128, 96, 3)
     assert tuple(batch["heatmaps"].shape) == (4, 17, 32, 24)
     weight, heatmaps = batch["target_weight"].numpy(), batch["heatmaps"].numpy()
     assert np.all(heatmaps[weight == 0] == 0) and np.all(heatmaps[weight == 1].max(axis=(1, 2)) > 0.5)

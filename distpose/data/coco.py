@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from distpose.errors import DataError
 from distpose.keypoints import NUM_JOINTS
 
@@ -59,7 +61,7 @@ class CocoSplit:
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return type(value) in (int, float)  # not bool, which JSON would give as true/false
 
 
 def check_person(raw: Any, width: int, height: int, where: str) -> tuple[Person | None, Counter]:
@@ -99,19 +101,19 @@ def check_person(raw: Any, width: int, height: int, where: str) -> tuple[Person 
         repairs["instance dropped: zero or negative box"] += 1
         return None, repairs
 
-    keypoints = [float(v) for v in kps]
-    for k in range(NUM_JOINTS):
-        x, y, v = keypoints[3 * k: 3 * k + 3]
-        if v not in (0, 1, 2):
-            raise DataError(f"{where}: keypoint {k} has visibility {v!r}, expected 0, 1 or 2")
-        if v > 0 and not (0 <= x < width and 0 <= y < height):
-            repairs["keypoint unlabelled: outside the image"] += 1
-            v = 0
-        keypoints[3 * k: 3 * k + 3] = (x, y, int(v)) if v > 0 else (0.0, 0.0, 0)
-    num = sum(1 for k in range(NUM_JOINTS) if keypoints[3 * k + 2] > 0)
+    # Vectorised: this runs for every person of every image the loader reads.
+    joints = np.array(kps, dtype=np.float64).reshape(NUM_JOINTS, 3)
+    x, y, v = joints.T
+    bad = np.flatnonzero((v != 0) & (v != 1) & (v != 2))
+    if bad.size:
+        raise DataError(f"{where}: keypoint {bad[0]} has visibility {kps[3 * bad[0] + 2]!r}, expected 0, 1 or 2")
+    outside = (v > 0) & ~((x >= 0) & (x < width) & (y >= 0) & (y < height))
+    if outside.any():
+        repairs["keypoint unlabelled: outside the image"] += int(outside.sum())
+    joints[(v == 0) | outside] = 0.0
     person = Person(
-        id=ann_id, bbox=[x0, y0, x1 - x0 + 1, y1 - y0 + 1], keypoints=keypoints,
-        num_keypoints=num, area=float(area), iscrowd=int(iscrowd),
+        id=ann_id, bbox=[x0, y0, x1 - x0 + 1, y1 - y0 + 1], keypoints=joints.ravel().tolist(),
+        num_keypoints=int(np.count_nonzero(joints[:, 2])), area=float(area), iscrowd=int(iscrowd),
     )
     return person, repairs
 

@@ -27,21 +27,22 @@ class HeatmapCodec:
         (ih, iw), (hh, hw) = self.input_size, self.heatmap_size
         return np.array([(hw - 1) / (iw - 1), (hh - 1) / (ih - 1)])
 
-    def encode(self, joints: np.ndarray, visible: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, joints: np.ndarray, visible: np.ndarray, out: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
         """joints [K, 2] in input pixels, visible [K] -> heatmaps [K, h, w] float32, weights [K] float32.
 
         A joint gets weight 1 when it is labelled and its centre lies on the heatmap, else weight 0
-        and an all-zero map.
+        and an all-zero map. The heatmaps are written into `out` when given.
         """
         h, w = self.heatmap_size
-        mu = joints * self.input_to_heatmap
+        mu = (joints * self.input_to_heatmap).astype(np.float32)
         inside = (mu[:, 0] >= 0) & (mu[:, 0] <= w - 1) & (mu[:, 1] >= 0) & (mu[:, 1] <= h - 1)
         weight = (visible & inside).astype(np.float32)
         # The 2-D Gaussian is separable: an outer product of two 1-D ones per joint.
-        inv = -0.5 / (self.sigma * self.sigma)
-        gx = np.exp(inv * (np.arange(w, dtype=np.float32)[None, :] - mu[:, :1].astype(np.float32)) ** 2)
-        gy = np.exp(inv * (np.arange(h, dtype=np.float32)[None, :] - mu[:, 1:].astype(np.float32)) ** 2)
-        heatmaps = (gy * weight[:, None])[:, :, None] * gx[:, None, :]
+        inv = np.float32(-0.5 / (self.sigma * self.sigma))
+        gx = np.exp(inv * np.square(np.arange(w, dtype=np.float32) - mu[:, :1]))
+        gy = np.exp(inv * np.square(np.arange(h, dtype=np.float32) - mu[:, 1:])) * weight[:, None]
+        heatmaps = np.multiply(gy[:, :, None], gx[:, None, :], out=out)
         return heatmaps, weight
 
     def decode(self, heatmaps: np.ndarray, image_to_crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -21,15 +21,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from distpose.config import DataConfig
+from distpose.data.coco import Person
 from distpose.data.codec import HeatmapCodec
-from distpose.data.shards import SampleError, decode_image, parse_sample, read_manifest, shard_paths
+from distpose.data.shards import DecodedSample, SampleError, decode_image, parse_sample, read_manifest, shard_paths
 from distpose.data.transforms import TopDownTransform
+from distpose.keypoints import NUM_JOINTS
 
 log = logging.getLogger(__name__)
 STATS_KEY = "_loader_stats"
@@ -70,6 +73,11 @@ class StreamSpec:
         return HeatmapCodec(d.input_size, d.heatmap_size, d.sigma)
 
 
+def _single_threaded(_: int) -> None:
+    """Loader workers are the parallelism; OpenCV's own threads would only fight them for cores."""
+    cv2.setNumThreads(1)
+
+
 def _worker() -> tuple[int, int]:
     info = get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
@@ -84,12 +92,9 @@ def _shuffled(stream: Iterator, buffer: int, rng: random.Random) -> Iterator:
     return wds.shuffle(buffer, initial=buffer // 4, rng=rng)(stream) if buffer > 1 else stream
 
 
-def _instances(samples: Iterator[dict[str, Any]], spec: StreamSpec, counter: CorruptSampleCounter,
-               rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
-    """Decode each image once and yield one cropped, target-encoded item per usable person."""
-    d = spec.data
-    transform = TopDownTransform(d.input_size, d.aspect_ratio, d.box_padding, d.augment if spec.train else None)
-    codec = spec.codec
+def _persons(samples: Iterator[dict[str, Any]], counter: CorruptSampleCounter
+             ) -> Iterator[tuple[DecodedSample, np.ndarray, Person]]:
+    """Decode each image once; yield (sample, image, person) for each usable person in it."""
     for raw in samples:
         try:
             sample = parse_sample(raw)
@@ -102,25 +107,62 @@ def _instances(samples: Iterator[dict[str, Any]], spec: StreamSpec, counter: Cor
             counter(exc)
             continue
         for person in persons:
-            keypoints = np.asarray(person.keypoints, np.float32).reshape(-1, 3)
-            crop = transform(image, person.bbox, keypoints, rng)
-            heatmaps, weight = codec.encode(crop.joints, crop.visible)
-            yield {
-                "image": crop.image,
-                "heatmaps": heatmaps,
-                "target_weight": weight,
-                "image_to_crop": crop.image_to_crop,
-                "keypoints": keypoints,
-                "bbox": np.asarray(person.bbox, np.float32),
-                "area": np.float32(person.area),
-                "score": np.float32(1.0),
-                "image_id": np.int64(sample.image_id),
-                "instance_id": np.int64(person.id),
-            }
+            yield sample, image, person
 
 
-def collate(items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-    return {key: torch.from_numpy(np.stack([item[key] for item in items])) for key in items[0]}
+def _batch_buffers(spec: StreamSpec, size: int, shared: bool) -> dict[str, torch.Tensor]:
+    """Empty batch tensors that crops and targets are written into in place. In a DataLoader worker
+    they are allocated in shared memory, so handing the batch to the main process copies nothing."""
+    d, k = spec.data, NUM_JOINTS
+    layout = {
+        "image": ((*d.input_size, 3), torch.uint8),  # RGB, channels last: see normalize_images
+        "heatmaps": ((k, *d.heatmap_size), torch.float32),
+        "target_weight": ((k,), torch.float32),
+        "image_to_crop": ((2, 3), torch.float64),
+        "keypoints": ((k, 3), torch.float32),  # ground truth in original image pixels, with v
+        "bbox": ((4,), torch.float32),
+        "area": ((), torch.float32),
+        "score": ((), torch.float32),  # box score: 1 for ground-truth boxes
+        "image_id": ((), torch.int64),
+        "instance_id": ((), torch.int64),
+    }
+    buffers = {}
+    for name, (shape, dtype) in layout.items():
+        shape = (size, *shape)
+        if shared:
+            nbytes = int(np.prod(shape)) * dtype.itemsize
+            buffers[name] = torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes), 0, shape)
+        else:
+            buffers[name] = torch.empty(shape, dtype=dtype)
+    return buffers
+
+
+def _batches(persons: Iterator[tuple[DecodedSample, np.ndarray, Person]], spec: StreamSpec,
+             rng: np.random.Generator, shared: bool) -> Iterator[dict[str, torch.Tensor]]:
+    """Crop, augment and encode each person straight into its row of the batch buffers."""
+    d = spec.data
+    transform = TopDownTransform(d.input_size, d.aspect_ratio, d.box_padding, d.augment if spec.train else None)
+    codec = spec.codec
+    size = spec.batch_size
+    batch, arrays, row = None, {}, 0
+    for sample, image, person in persons:
+        if batch is None:
+            batch = _batch_buffers(spec, size, shared)
+            arrays = {name: t.numpy() for name, t in batch.items()}
+        keypoints = np.asarray(person.keypoints, np.float32).reshape(-1, 3)
+        crop = transform(image, person.bbox, keypoints, rng, out=arrays["image"][row])
+        _, arrays["target_weight"][row] = codec.encode(crop.joints, crop.visible, out=arrays["heatmaps"][row])
+        arrays["image_to_crop"][row] = crop.image_to_crop
+        arrays["keypoints"][row] = keypoints
+        arrays["bbox"][row] = person.bbox
+        arrays["area"][row], arrays["score"][row] = person.area, 1.0
+        arrays["image_id"][row], arrays["instance_id"][row] = sample.image_id, person.id
+        row += 1
+        if row == size:
+            yield batch
+            batch, row = None, 0
+    if batch is not None and not spec.train:
+        yield {name: t[:row] for name, t in batch.items()}
 
 
 class TopDownStream(IterableDataset):
@@ -143,17 +185,14 @@ class TopDownStream(IterableDataset):
         samples = wds.tarfile_samples(shards, handler=counter)
         if spec.train:
             samples = _shuffled(samples, d.sample_shuffle, random.Random(f"{seed} samples"))
-        items = _instances(samples, spec, counter, np.random.default_rng([d.seed, spec.rank, worker]))
+        persons = _persons(samples, counter)
         if spec.train:
-            items = _shuffled(items, d.instance_shuffle, random.Random(f"{seed} instances"))
-        batch: list[dict[str, np.ndarray]] = []
-        for item in items:
-            batch.append(item)
-            if len(batch) == spec.batch_size:
-                yield {**collate(batch), STATS_KEY: (worker, dict(counter.counts))}
-                batch = []
-        if batch and not spec.train:
-            yield {**collate(batch), STATS_KEY: (worker, dict(counter.counts))}
+            # Shuffling (image, person) references before cropping: cheap, and crops are then
+            # written once, straight into the batch.
+            persons = _shuffled(persons, d.instance_shuffle, random.Random(f"{seed} instances"))
+        rng = np.random.default_rng([d.seed, spec.rank, worker])
+        for batch in _batches(persons, spec, rng, shared=get_worker_info() is not None):
+            yield {**batch, STATS_KEY: (worker, dict(counter.counts))}
         # A last, empty message so skips after the final batch are still reported.
         yield {STATS_KEY: (worker, dict(counter.counts))}
 
@@ -166,7 +205,7 @@ class StreamingLoader:
         self.spec = spec
         self.batches_per_epoch = batches_per_epoch
         self.dataloader = DataLoader(
-            TopDownStream(spec), batch_size=None, num_workers=num_workers,
+            TopDownStream(spec), batch_size=None, num_workers=num_workers, worker_init_fn=_single_threaded,
             pin_memory=torch.cuda.is_available(), prefetch_factor=4 if num_workers else None,
         )
         self._stream: Iterator[dict[str, Any]] | None = None
