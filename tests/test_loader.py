@@ -119,7 +119,7 @@ def test_flip_mirrors_crop_and_swaps_joints(coco_mini):
     plain = TopDownTransform((128, 96))(image, bbox, kps)
     flip = TopDownTransform((128, 96), augment=dataclasses.replace(NO_AUG, flip_prob=1.0))
     flipped = flip(image, bbox, kps, np.random.default_rng(0))
-    assert np.abs(flipped.image.astype(int) - plain.image[:, :, ::-1].astype(int)).mean() < 1.0
+    assert np.abs(flipped.image.astype(int) - plain.image[:, ::-1].astype(int)).mean() < 1.0  # HWC: mirror W
     swap = list(FLIP_INDEX)
     np.testing.assert_allclose(flipped.joints[:, 0], 95 - plain.joints[swap, 0], atol=1e-6)
     np.testing.assert_allclose(flipped.joints[:, 1], plain.joints[swap, 1], atol=1e-6)

@@ -73,11 +73,6 @@ class StreamSpec:
         return HeatmapCodec(d.input_size, d.heatmap_size, d.sigma)
 
 
-def _single_threaded(_: int) -> None:
-    """Loader workers are the parallelism; OpenCV's own threads would only fight them for cores."""
-    cv2.setNumThreads(1)
-
-
 def _worker() -> tuple[int, int]:
     info = get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
@@ -205,9 +200,14 @@ class StreamingLoader:
         self.spec = spec
         self.batches_per_epoch = batches_per_epoch
         self.dataloader = DataLoader(
-            TopDownStream(spec), batch_size=None, num_workers=num_workers, worker_init_fn=_single_threaded,
+            TopDownStream(spec), batch_size=None, num_workers=num_workers,
             pin_memory=torch.cuda.is_available(), prefetch_factor=4 if num_workers else None,
         )
+        if num_workers:
+            # Loader workers are the parallelism: OpenCV's own threads would only fight them for
+            # cores. Set here, before the workers fork, because setting it inside a forked worker
+            # deadlocks once this process has used OpenCV's thread pool.
+            cv2.setNumThreads(1)
         self._stream: Iterator[dict[str, Any]] | None = None
         self._skips: dict[int, dict[str, int]] = {}
 
