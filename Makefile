@@ -18,20 +18,27 @@ $(BIN)/python:
 
 # DeepSpeed ships as an sdist whose build imports torch; building it in the venv
 # (no build isolation) keeps pip from pulling a second, CUDA, torch into the build env.
-install: $(BIN)/python
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install $(TORCH)
 	$(BIN)/python -m pip install --no-build-isolation -e ".[dev]"
+	touch $@
 
-demo: install
-	$(BIN)/distpose data synth --out data/synth
-	$(BIN)/distpose data shard --coco-root data/synth --split train --out data/shards --overwrite
-	$(BIN)/distpose data shard --coco-root data/synth --split val --out data/shards --overwrite
-	$(BIN)/distpose data verify data/shards
+# `make install` always reinstalls; demo and test reinstall only when pyproject.toml changed.
+install: | $(BIN)/python
+	rm -f $(VENV)/.installed
+	$(MAKE) $(VENV)/.installed
 
-test: install
+demo: $(VENV)/.installed
+	$(BIN)/distpose data synth --out data/synth --train 1000 --val 100 --workers 2 --overwrite
+	$(BIN)/distpose data shard --coco-root data/synth --split train --out data/shards --samples-per-shard 100 --overwrite
+	$(BIN)/distpose data shard --coco-root data/synth --split val --out data/shards --samples-per-shard 50 --overwrite
+	$(BIN)/distpose data verify data/shards --workers 2
+	$(BIN)/distpose bench loader configs/quick/cnn.yaml
+
+test: $(VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: install
+lint: $(VENV)/.installed
 	$(BIN)/ruff check distpose kernels tests benchmarks
 
 clean:
