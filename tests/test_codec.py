@@ -5,12 +5,13 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from distpose.data.coco import annotation_path, load_split
-from distpose.data.codec import HeatmapCodec
-from distpose.data.transforms import TopDownTransform, apply_affine, crop_matrix, invert_affine
+from distpose.data.codec import HeatmapCodec, invert_affine
+from distpose.data.transforms import TopDownTransform, apply_affine, crop_matrix
 
 
 def test_affine_inverse_roundtrip():
@@ -18,7 +19,7 @@ def test_affine_inverse_roundtrip():
     for flip in (False, True):
         m = crop_matrix(np.array([300.0, 200.0]), np.array([150.0, 200.0]), 33.0, (256, 192), flip)
         pts = rng.uniform(0, 600, size=(17, 2))
-        back = apply_affine(apply_affine(pts, m), invert_affine(m))
+        back = apply_affine(apply_affine(pts, m), invert_affine(torch.from_numpy(m)).numpy())
         np.testing.assert_allclose(back, pts, atol=1e-9)
 
 
@@ -35,10 +36,11 @@ def test_encode_peak_at_joint_and_decode_error_bounded(sizes):
     rng = np.random.default_rng(1)
     (ih, iw), _ = sizes
     joints = np.stack([rng.uniform(8, iw - 8, 17), rng.uniform(8, ih - 8, 17)], axis=1)
-    heatmaps, weight = codec.encode(joints, np.ones(17, bool))
-    assert heatmaps.shape == (17, *sizes[1]) and weight.tolist() == [1.0] * 17
+    heatmaps, weight = codec.encode(torch.from_numpy(joints), torch.ones(17, dtype=torch.bool))
+    assert tuple(heatmaps.shape) == (17, *sizes[1]) and weight.tolist() == [1.0] * 17
     assert heatmaps.max() <= 1.0 and heatmaps.max() > 0.8
-    decoded, scores = codec.decode(heatmaps[None], np.array([[[1.0, 0, 0], [0, 1.0, 0]]]))
+    decoded, scores = codec.decode(heatmaps[None], torch.tensor([[[1.0, 0, 0], [0, 1.0, 0]]]))
+    decoded = decoded.numpy()
     assert scores.min() > 0.8  # peaks of exact Gaussians at sub-pixel centres
     stride = (iw - 1) / (sizes[1][1] - 1)
     # argmax is within half a heatmap pixel; the quarter step leaves at most a quarter (plus rounding).
@@ -52,7 +54,7 @@ def test_encode_weights_zero_outside_or_unlabelled():
     joints = np.array([[-10.0, 50.0], [50.0, 300.0], [100.0, 100.0], [100.0, 100.0]] + [[50.0, 50.0]] * 13)
     visible = np.ones(17, bool)
     visible[3] = False
-    heatmaps, weight = codec.encode(joints, visible)
+    heatmaps, weight = codec.encode(torch.from_numpy(joints), torch.from_numpy(visible))
     assert weight[:4].tolist() == [0.0, 0.0, 1.0, 0.0]
     assert heatmaps[[0, 1, 3]].max() == 0.0
 
@@ -70,13 +72,30 @@ def _roundtrip_results(coco_root, input_size, heatmap_size):
                 continue
             kps = np.array(person.keypoints).reshape(17, 3)
             crop = transform(image, person.bbox, kps)
-            heatmaps, _ = codec.encode(crop.joints, crop.visible)
-            decoded, _ = codec.decode(heatmaps[None], crop.image_to_crop[None])
+            heatmaps, _ = codec.encode(torch.from_numpy(crop.joints), torch.from_numpy(crop.visible))
+            decoded, _ = codec.decode(heatmaps[None], torch.from_numpy(crop.image_to_crop)[None])
+            decoded = decoded.numpy()
             labelled = kps[:, 2] > 0
             errors.extend(np.linalg.norm(decoded[0][labelled] - kps[labelled, :2], axis=1))
             out = np.concatenate([decoded[0], np.ones((17, 1))], axis=1)
             results.append({"image_id": record.id, "category_id": 1, "keypoints": out.ravel().tolist(), "score": 1.0})
     return results, np.array(errors)
+
+
+def test_encode_is_batched_and_matches_per_instance():
+    codec = HeatmapCodec((128, 96), (32, 24), sigma=1.5)
+    joints = torch.rand(5, 17, 2, dtype=torch.float64) * torch.tensor([95.0, 127.0], dtype=torch.float64)
+    visible = torch.rand(5, 17) > 0.3
+    batched, weights = codec.encode(joints, visible)
+    for i in range(5):
+        single, weight = codec.encode(joints[i], visible[i])
+        assert torch.equal(batched[i], single) and torch.equal(weights[i], weight)
+    # Against a direct evaluation of the 2-D Gaussian in float64.
+    ys, xs = torch.meshgrid(torch.arange(32.0, dtype=torch.float64), torch.arange(24.0, dtype=torch.float64),
+                            indexing="ij")
+    mu = joints[2, 4] * codec.input_to_heatmap()
+    direct = torch.exp(-((xs - mu[0]) ** 2 + (ys - mu[1]) ** 2) / (2 * 1.5**2)) * weights[2, 4]
+    torch.testing.assert_close(batched[2, 4].double(), direct, atol=1e-6, rtol=0)
 
 
 def test_codec_roundtrip_real_coco_ap(coco_mini):

@@ -51,15 +51,9 @@ def crop_matrix(center: np.ndarray, scale: np.ndarray, rotation: float, output_s
     return m
 
 
-def invert_affine(m: np.ndarray) -> np.ndarray:
-    """Inverse of 2x3 affine matrices, [..., 2, 3]."""
-    lin = np.linalg.inv(m[..., :2])
-    return np.concatenate([lin, -(lin @ m[..., 2:])], axis=-1)
-
-
-def apply_affine(points: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """Map [..., N, 2] points through [..., 2, 3] affines."""
-    return points @ np.swapaxes(m[..., :2], -1, -2) + m[..., None, :, 2]
+def apply_affine(points, m):
+    """Map [..., N, 2] points through [..., 2, 3] affines (NumPy arrays or torch tensors alike)."""
+    return points @ m[..., :2].swapaxes(-1, -2) + m[..., None, :, 2]
 
 
 def half_body_box(joints: np.ndarray, visible: np.ndarray, rng: np.random.Generator) -> list[float] | None:
