@@ -8,10 +8,21 @@ import platform
 import torch
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict[str, object]:
     """What a figure was measured on."""
     info: dict[str, object] = {
-        "host_cpu": platform.processor() or platform.machine(),
+        "host_cpu": _cpu_model(),
         "cpu_cores": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
