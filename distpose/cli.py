@@ -114,6 +114,11 @@ def cmd_bench_loader(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="YAML config file (default: built-in defaults)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distpose",
@@ -175,8 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the config that a command would run with: defaults, then CONFIG, then "
         "key.sub=value overrides, checked against the schema.",
     )
-    config.add_argument("config", nargs="?", help="YAML config file (default: built-in defaults)")
-    config.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    _add_config_arguments(config)
     config.set_defaults(func=cmd_config)
 
     bench = commands.add_parser("bench", help="throughput benchmarks (JSON output)",
@@ -184,13 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cmds = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
     loader = bench_cmds.add_parser(
         "loader", help="training-loader instances/s against a raw decode + warp loop",
-        description="Instances/s of the full training pipeline (tar, decode, crop, augment, heatmap "
-        "targets, batching) with 1 and 2 DataLoader workers, next to a raw cv2.imdecode + "
-        "cv2.warpAffine loop over the same images in the same run, and their ratio. Reads the "
-        "training shards named by data.shards and data.train_split.",
+        description="Instances/s of the full training pipeline (tar, decode, crop, augment, batching, "
+        "heatmap targets rendered by the consumer as in training) in process and with 1 and 2 "
+        "DataLoader workers, next to a raw cv2.imdecode + cv2.warpAffine loop over the same images in "
+        "the same run (one core), and their ratios. Reads the training shards named by data.shards "
+        "and data.train_split.",
     )
-    loader.add_argument("config", nargs="?", help="YAML config file (default: built-in defaults)")
-    loader.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    _add_config_arguments(loader)
     loader.add_argument("--images", type=_positive, default=300, help="images in the raw loop (default 300)")
     loader.add_argument("--batches", type=_positive, default=40, help="timed batches per pipeline run (default 40)")
     loader.add_argument("--warmup", type=_positive, default=8, help="untimed batches first (default 8)")
