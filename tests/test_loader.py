@@ -16,6 +16,7 @@ from distpose.data.codec import HeatmapCodec
 from distpose.data.loader import CorruptSampleCounter, eval_loader, train_loader
 from distpose.data.shards import decode_image, iter_tar_samples, parse_sample, read_manifest, write_shards
 from distpose.data.transforms import TopDownTransform
+from distpose.errors import DataError
 from distpose.keypoints import FLIP_INDEX
 
 NO_AUG = AugmentConfig(flip_prob=0, half_body_prob=0, scale_factor=0, rotation_prob=0)
@@ -205,6 +206,14 @@ def test_train_loader_keeps_full_epochs_despite_corruption(mini_shards):
     assert loader.skipped["corrupt JPEG"] >= 1
 
 
+def test_train_loader_stops_when_every_shard_is_bad(mini_shards):
+    for shard in mini_shards.glob("*.tar"):
+        truncate_shard(shard, keep=0.001)
+    loader = train_loader(data_cfg(mini_shards, loader_workers=0, train_split="val2017"))
+    with pytest.raises(DataError, match="no usable sample in 12 shard reads in a row"):
+        next(iter(loader))
+
+
 def test_skip_handler_logs_and_never_sleeps(mini_shards, monkeypatch, caplog):
     def no_sleep(_):
         raise AssertionError("the corrupt-sample handler must not sleep")
@@ -221,7 +230,5 @@ def test_skip_handler_logs_and_never_sleeps(mini_shards, monkeypatch, caplog):
 
 
 def test_missing_shard_dir_is_a_clear_error(tmp_path):
-    from distpose.errors import DataError
-
     with pytest.raises(DataError, match="no manifest for split 'train'"):
         train_loader(data_cfg(tmp_path))

@@ -1,4 +1,4 @@
-"""Streaming top-down loader: WebDataset shards -> batches of augmented person crops with targets.
+"""Streaming top-down loader: WebDataset shards -> batches of augmented person crops and their joints.
 
 Each Ray Train rank builds one loader; each of its DataLoader workers runs the whole pipeline
 (read tar -> parse -> decode the image once -> one augmented crop per person -> batch). Batches
@@ -11,7 +11,8 @@ consumed (on the accelerator in training).
 - Evaluation gives each shard to exactly one (rank, worker) slot and reads it once, in order,
   so every person instance is seen exactly once across the job.
 - Bad samples are skipped and counted by reason, never slept on. Each batch carries its worker's
-  running counts to the main process; `StreamingLoader.skipped` sums them.
+  running counts to the main process; `StreamingLoader.skipped` sums them. A training stream that
+  finds nothing usable in many shard reads in a row stops with a DataError instead of spinning.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from distpose.config import DataConfig
 from distpose.data.coco import Person
-from distpose.data.shards import DecodedSample, SampleError, decode_image, parse_sample, read_manifest, shard_paths
+from distpose.data.shards import DecodedSample, SampleError, decode_image, parse_sample, shard_paths
 from distpose.data.transforms import TopDownTransform
+from distpose.errors import DataError
 from distpose.keypoints import NUM_JOINTS
 
 log = logging.getLogger(__name__)
@@ -78,8 +80,20 @@ def _worker() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def _resampled(urls: tuple[str, ...], rng: random.Random) -> Iterator[dict[str, str]]:
+class _Progress:
+    """Shard reads since the last usable person, shared by the resampler and the decoder."""
+
+    def __init__(self) -> None:
+        self.reads_since_person = 0
+
+
+def _resampled(urls: tuple[str, ...], rng: random.Random, progress: _Progress) -> Iterator[dict[str, str]]:
+    limit = max(10, 3 * len(urls))
     while True:
+        if progress.reads_since_person >= limit:
+            raise DataError(f"no usable sample in {limit} shard reads in a row (e.g. {urls[0]}): "
+                            "are the shards corrupt? run `distpose data verify`")
+        progress.reads_since_person += 1
         yield {"url": rng.choice(urls)}
 
 
@@ -87,7 +101,7 @@ def _shuffled(stream: Iterator, buffer: int, rng: random.Random) -> Iterator:
     return wds.shuffle(buffer, initial=buffer // 4, rng=rng)(stream) if buffer > 1 else stream
 
 
-def _persons(samples: Iterator[dict[str, Any]], counter: CorruptSampleCounter
+def _persons(samples: Iterator[dict[str, Any]], counter: CorruptSampleCounter, progress: _Progress
              ) -> Iterator[tuple[DecodedSample, np.ndarray, Person]]:
     """Decode each image once; yield (sample, image, person) for each usable person in it."""
     for raw in samples:
@@ -101,11 +115,13 @@ def _persons(samples: Iterator[dict[str, Any]], counter: CorruptSampleCounter
             exc.args = (f"{exc} in {raw.get('__url__', '?')}",)
             counter(exc)
             continue
+        progress.reads_since_person = 0
         for person in persons:
             yield sample, image, person
 
 
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
 
 def _populate(storage: torch.UntypedStorage) -> None:
@@ -116,9 +132,6 @@ def _populate(storage: torch.UntypedStorage) -> None:
     start = storage.data_ptr() & ~(mmap.PAGESIZE - 1)
     _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(storage.data_ptr() + storage.nbytes() - start),
                   _MADV_POPULATE_WRITE)  # best effort: older kernels refuse it and pages fault as usual
-
-
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
 
 def _batch_buffers(spec: StreamSpec, size: int, shared: bool) -> dict[str, torch.Tensor]:
@@ -190,16 +203,16 @@ class TopDownStream(IterableDataset):
         spec, d = self.spec, self.spec.data
         worker, num_workers = _worker()
         seed = (d.seed, spec.rank, worker)
-        counter = CorruptSampleCounter()
+        counter, progress = CorruptSampleCounter(), _Progress()
         if spec.train:
-            shards: Iterator[dict[str, str]] = _resampled(spec.urls, random.Random(str(seed)))
+            shards: Iterator[dict[str, str]] = _resampled(spec.urls, random.Random(str(seed)), progress)
         else:
             slot, slots = spec.rank * num_workers + worker, spec.world_size * num_workers
             shards = iter([{"url": u} for u in spec.urls[slot::slots]])
         samples = wds.tarfile_samples(shards, handler=counter)
         if spec.train:
             samples = _shuffled(samples, d.sample_shuffle, random.Random(f"{seed} samples"))
-        persons = _persons(samples, counter)
+        persons = _persons(samples, counter, progress)
         if spec.train:
             # Shuffling (image, person) references before cropping: cheap, and crops are then
             # written once, straight into the batch.
@@ -273,7 +286,3 @@ def eval_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, split: str 
                       cfg.batch_size, cfg)
     return StreamingLoader(spec, cfg.loader_workers)
 
-
-def split_instances(cfg: DataConfig, split: str) -> int:
-    """Number of person instances the manifest of `split` promises (what an eval pass must see)."""
-    return int(read_manifest(cfg.shards, split)["instances"])

@@ -139,10 +139,25 @@ def decode_image(sample: DecodedSample) -> np.ndarray:
 # Writing
 
 
-def _write_one_shard(path: Path, records: list[ImageRecord], image_dir: Path,
-                     on_sample: Callable[[], None] | None = None) -> dict[str, Any]:
-    tmp = temporary_sibling(path)
+def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _ordered_map(fn: Callable[..., Any], tasks: list[tuple], workers: int) -> Iterator[Any]:
+    """fn(*task) for each task, in order, in this process or in a pool of `workers` processes."""
+    if workers == 1:
+        yield from (fn(*task) for task in tasks)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        yield from pool.map(fn, *zip(*tasks))
+
+
+def _write_one_shard(path: Path, records: list[ImageRecord], image_dir: Path) -> dict[str, Any]:
+    tmp = temporary_sibling(path)
     with open(tmp, "wb") as fh, tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for record in records:
             jpg = (image_dir / record.file_name).read_bytes()
@@ -151,21 +166,13 @@ def _write_one_shard(path: Path, records: list[ImageRecord], image_dir: Path,
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size, info.mode, info.mtime = len(data), 0o444, 0  # mtime 0: same input, same bytes
                 tar.addfile(info, io.BytesIO(data))
-            if on_sample:
-                on_sample()
-    with open(tmp, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
+    digest = _sha256(tmp)
     os.replace(tmp, path)
     return {
         "name": path.name, "samples": len(records),
         "instances": sum(p.usable for r in records for p in r.persons),
-        "bytes": path.stat().st_size, "sha256": digest.hexdigest(),
+        "bytes": path.stat().st_size, "sha256": digest,
     }
-
-
-def _write_shard_task(args: tuple[Path, list[ImageRecord], Path]) -> dict[str, Any]:
-    return _write_one_shard(*args)
 
 
 def split_evenly(items: list, parts: int) -> list[list]:
@@ -220,16 +227,11 @@ def write_shards(coco_root: str | Path, split: str, out_dir: str | Path, samples
     out_dir.mkdir(parents=True, exist_ok=True)
     chunks = split_evenly(records, -(-len(records) // samples_per_shard))
     tasks = [(out_dir / shard_name(split, i), chunk, coco.image_dir) for i, chunk in enumerate(chunks)]
-    bar = tqdm(total=len(records), unit="img", desc=f"shard {split}", disable=not progress)
-    if workers == 1:
-        shards = [_write_one_shard(*task, on_sample=bar.update) for task in tasks]
-    else:
-        shards = []
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for info in pool.map(_write_shard_task, tasks):
-                shards.append(info)
-                bar.update(info["samples"])
-    bar.close()
+    shards = []
+    with tqdm(total=len(records), unit="img", desc=f"shard {split}", disable=not progress) as bar:
+        for info in _ordered_map(_write_one_shard, tasks, workers):
+            shards.append(info)
+            bar.update(info["samples"])
 
     manifest = {
         "format": MANIFEST_FORMAT, "created_by": f"distpose {__version__}", "split": split, "role": role,
@@ -304,13 +306,9 @@ def check_shard(path: Path, expected: dict[str, Any]) -> ShardCheck:
         check.problems.append(f"shard {path.name}: file missing")
         return check
     size = path.stat().st_size
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
     if size != expected["bytes"]:
         check.problems.append(f"shard {path.name}: {size} bytes, manifest says {expected['bytes']}")
-    if digest.hexdigest() != expected["sha256"]:
+    if _sha256(path) != expected["sha256"]:
         check.problems.append(f"shard {path.name}: sha256 differs from the manifest")
     last_key = "(start)"
     try:
@@ -330,10 +328,6 @@ def check_shard(path: Path, expected: dict[str, Any]) -> ShardCheck:
     return check
 
 
-def _check_shard_task(args: tuple[Path, dict[str, Any]]) -> ShardCheck:
-    return check_shard(*args)
-
-
 def verify_shards(shard_dir: str | Path, workers: int = 1, progress: bool = True) -> dict[str, Any]:
     """Check every split in `shard_dir`. Returns per-split counts and the list of problems."""
     shard_dir = Path(shard_dir)
@@ -346,18 +340,11 @@ def verify_shards(shard_dir: str | Path, workers: int = 1, progress: bool = True
     for split in splits:
         manifest = read_manifest(shard_dir, split)
         tasks = [(shard_dir / s["name"], s) for s in manifest["shards"]]
-        bar = tqdm(total=len(tasks), unit="shard", desc=f"verify {split}", disable=not progress)
-        checks = []
-        if workers == 1:
-            for task in tasks:
-                checks.append(check_shard(*task))
+        with tqdm(total=len(tasks), unit="shard", desc=f"verify {split}", disable=not progress) as bar:
+            checks = []
+            for check in _ordered_map(check_shard, tasks, workers):
+                checks.append(check)
                 bar.update()
-        else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                for check in pool.map(_check_shard_task, tasks):
-                    checks.append(check)
-                    bar.update()
-        bar.close()
         problems = [p for c in checks for p in c.problems]
         report["splits"][split] = {
             "shards": len(checks), "samples": sum(c.samples for c in checks),
