@@ -143,3 +143,10 @@ def test_refuses_to_overwrite(tmp_path):
         generate_synthetic_coco(tmp_path, num_train=1, num_val=1, progress=False)
     summary = generate_synthetic_coco(tmp_path, num_train=1, num_val=1, progress=False, overwrite=True)
     assert summary["train"]["images"] == 1
+
+
+def test_overwrite_with_fewer_images_removes_the_extra_ones(tmp_path):
+    generate_synthetic_coco(tmp_path, num_train=4, num_val=2, progress=False)
+    generate_synthetic_coco(tmp_path, num_train=2, num_val=1, progress=False, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["000000000001.jpg", "000000000002.jpg"]
+    assert len(list((tmp_path / "val").iterdir())) == 1

@@ -548,6 +548,11 @@ def generate_synthetic_coco(
                 annotations.extend(result["annotations"])
             dataset = {**_coco_header(seed), "images": images, "annotations": annotations}
             atomic_write_bytes(ann_paths[split], json.dumps(dataset, separators=(",", ":")).encode())
+            # A regenerated, smaller set must not leave the old set's extra images behind.
+            current = {image["file_name"] for image in images}
+            for stale in (out / split).glob("*.jpg"):
+                if stale.name not in current:
+                    stale.unlink()
             summary[split] = _split_summary(images, annotations)
     finally:
         if pool is not None:
