@@ -32,14 +32,23 @@ def _positive(text: str) -> int:
     return value
 
 
-def _write_json(doc: dict, out: str | None) -> None:
+def _output_path(out: str | None) -> Path | None:
+    """Check an --out path before a long run, not after it."""
+    if not out:
+        return None
+    path = Path(out)
+    if path.is_dir():
+        raise UserError(f"--out {path} is a directory; give a file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _write_json(doc: dict, path: Path | None) -> None:
     text = json.dumps(doc, indent=2)
     print(text)
-    if out:
+    if path:
         from distpose.files import atomic_write_bytes
 
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, (text + "\n").encode())
         log.info("wrote %s", path)
 
@@ -107,7 +116,8 @@ def cmd_bench_loader(args: argparse.Namespace) -> int:
     from distpose.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    _write_json(run(cfg.data, images=args.images, batches=args.batches, warmup=args.warmup), args.out)
+    out = _output_path(args.out)
+    _write_json(run(cfg.data, images=args.images, batches=args.batches, warmup=args.warmup), out)
     return 0
 
 
@@ -196,8 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_arguments(loader)
     loader.add_argument("--images", type=_positive, default=300, help="images in the raw loop (default 300)")
-    loader.add_argument("--batches", type=_positive, default=40, help="timed batches per pipeline run (default 40)")
-    loader.add_argument("--warmup", type=_positive, default=8, help="untimed batches first (default 8)")
+    loader.add_argument("--batches", type=_positive, default=60,
+                        help="timed batches per pipeline run (default 60)")
+    loader.add_argument("--warmup", type=_positive, default=16,
+                        help="untimed batches first, more than the DataLoader prefetches (default 16)")
     loader.add_argument("--out", help="also write the JSON here (e.g. benchmarks/results/loader-cpu.json)")
     loader.set_defaults(func=cmd_bench_loader)
     return parser
@@ -221,6 +233,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"distpose: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a path that is a file, unreadable, unwritable, or a full disk
+        print(f"distpose: error: {exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("distpose: interrupted", file=sys.stderr)
         return 130

@@ -49,7 +49,6 @@ class DataConfig:
     heatmap_size: tuple[int, int] = (32, 24)  # (height, width) of the predicted heatmaps
     sigma: float = 2.0  # Gaussian target sigma, in heatmap pixels
     box_padding: float = 1.25
-    aspect_ratio: float = 0.75  # width / height of the crop box
     batch_size: int = 32  # per worker (Ray Train rank)
     loader_workers: int = 2  # DataLoader processes per rank
     batches_per_epoch: int = 50  # per rank; fixed so every rank steps equally often
@@ -57,6 +56,11 @@ class DataConfig:
     instance_shuffle: int = 64  # shuffle buffer over augmented person crops
     seed: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    @property
+    def aspect_ratio(self) -> float:
+        """Width / height of the person box, that of the crop (0.75 at 256x192), as HRNet derives it."""
+        return self.input_size[1] / self.input_size[0]
 
 
 @dataclass
@@ -224,7 +228,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+            raise ConfigError(f"config file {path} {'is a directory' if path.is_dir() else 'does not exist'}")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
@@ -257,7 +261,6 @@ def validate(cfg: Config) -> None:
     )
     _require(d.sigma > 0, "data.sigma", d.sigma, "a number > 0")
     _require(d.box_padding >= 1.0, "data.box_padding", d.box_padding, "a number >= 1")
-    _require(d.aspect_ratio > 0, "data.aspect_ratio", d.aspect_ratio, "a number > 0")
     for key in ("batch_size", "batches_per_epoch"):
         _require(getattr(d, key) >= 1, f"data.{key}", getattr(d, key), "an integer >= 1")
     for key in ("loader_workers", "sample_shuffle", "instance_shuffle"):

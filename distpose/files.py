@@ -8,14 +8,10 @@ from pathlib import Path
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary name beside `path`, then rename over it (atomic on POSIX)."""
-    tmp = temporary_sibling(Path(path))
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def temporary_sibling(path: Path) -> Path:
-    """The temporary name atomic writers use for `path` (hidden, per process)."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -46,7 +46,9 @@ def test_encode_peak_at_joint_and_decode_error_bounded(sizes):
     # argmax is within half a heatmap pixel; the quarter step leaves at most a quarter (plus rounding).
     err = np.abs(decoded[0] - joints)
     assert err.max() <= 0.25 * stride + 1e-6
-    assert err.mean() < err.max()
+    # Sub-pixel offsets uniform in [0, 0.5) leave |0.25 - u| after the step: 0.125 on average,
+    # where argmax alone would leave 0.25.
+    assert err.mean() < 0.19 * stride
 
 
 def test_encode_weights_zero_outside_or_unlabelled():

@@ -71,6 +71,15 @@ def test_train_epochs_equal_per_rank_with_uneven_shards(synth_shards):
     assert first_batches[0] != first_batches[1]  # ranks are seeded apart
 
 
+def test_small_dataset_with_default_shuffle_buffers_trains(mini_shards):
+    """4 one-image shards and a 256-image shuffle buffer: filling it takes 64 shard reads before the
+    first person comes out, which must not be mistaken for corrupt data."""
+    cfg = dataclasses.replace(DataConfig(), shards=str(mini_shards), train_split="val2017", loader_workers=0,
+                              batch_size=4)
+    assert cfg.sample_shuffle == 256
+    assert len(next(iter(train_loader(cfg)))["instance_id"]) == 4
+
+
 def test_train_stream_is_reproducible(synth_shards):
     cfg = data_cfg(synth_shards, loader_workers=1)
     a, b = next(iter(train_loader(cfg))), next(iter(train_loader(cfg)))
@@ -108,6 +117,7 @@ def test_eval_batch_is_the_plain_crop_with_consistent_targets(synth_shards):
     assert error.mean() < 0.3 * (95 / 23) * image_px_per_crop_px[labelled].mean()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="pinned batches are copied into page-locked memory")
 def test_batches_live_in_one_shared_segment_from_workers(synth_shards):
     batch = next(iter(train_loader(data_cfg(synth_shards, loader_workers=1))))
     storages = {t.untyped_storage().data_ptr() for t in batch.values()}
@@ -210,7 +220,7 @@ def test_train_loader_stops_when_every_shard_is_bad(mini_shards):
     for shard in mini_shards.glob("*.tar"):
         truncate_shard(shard, keep=0.001)
     loader = train_loader(data_cfg(mini_shards, loader_workers=0, train_split="val2017"))
-    with pytest.raises(DataError, match="no usable sample in 12 shard reads in a row"):
+    with pytest.raises(DataError, match="no usable sample in 20 shard reads in a row"):
         next(iter(loader))
 
 

@@ -100,6 +100,11 @@ def _first_ann(doc):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda doc: _first_ann(doc).update(keypoints=[1, 2, 2] * 16), "field 'keypoints' has 48 values, expected 51"),
+    (lambda doc: _first_ann(doc)["keypoints"].__setitem__(0, float("nan")), "holds nan, expected finite numbers"),
+    (lambda doc: _first_ann(doc).update(bbox=[float("nan")] * 4), "expected [x, y, w, h] finite numbers"),
+    (lambda doc: doc["images"].append({**doc["images"][0], "file_name": doc["images"][1]["file_name"]}),
+     "image id 785 appears twice"),
+    (lambda doc: _first_ann(doc).update(image_id=[785]), "refers to image_id [785]"),
     (lambda doc: _first_ann(doc).pop("bbox"), "annotation lacks field 'bbox'"),
     (lambda doc: _first_ann(doc).update(bbox=[1, 2, "x", 4]), "field 'bbox' is [1, 2, 'x', 4]"),
     (lambda doc: _first_ann(doc).update(image_id=-5), "refers to image_id -5"),
@@ -213,3 +218,68 @@ def test_tar_writer_is_deterministic(coco_mini, tmp_path):
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
     with tarfile.open(tmp_path / "a" / "val2017-000000.tar") as tar:
         assert all(m.mtime == 0 for m in tar.getmembers())
+
+
+def test_overwrite_leaves_other_splits_alone(coco_mini, tmp_path, capsys):
+    """A split named `val2017` must not claim the shards of a split named `val2017-small`."""
+    root = copy_coco(coco_mini, tmp_path / "coco")
+    shutil.copy(annotation_path(root, "val2017"), annotation_path(root, "val2017-small"))
+    shutil.copytree(root / "val2017", root / "val2017-small")
+    out = tmp_path / "out"
+    write_shards(root, "val2017-small", out, samples_per_shard=1, progress=False)
+    small = {p.name: p.read_bytes() for p in out.glob("val2017-small*")}
+    write_shards(root, "val2017", out, samples_per_shard=2, progress=False)  # not refused: a new split
+    write_shards(root, "val2017", out, samples_per_shard=4, overwrite=True, progress=False)
+    assert {p.name: p.read_bytes() for p in out.glob("val2017-small*")} == small
+    assert run_cli(capsys, "data", "verify", str(out))[0] == 0
+
+
+def test_failed_rewrite_keeps_the_old_split_and_leaves_no_partial_files(coco_mini, tmp_path, monkeypatch):
+    import distpose.data.shards as shards
+
+    write_shards(coco_mini, "val2017", tmp_path, samples_per_shard=1, progress=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    calls = []
+
+    def failing_sample_json(record, jpg):
+        calls.append(record.id)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return original(record, jpg)
+
+    original = shards.sample_json
+    monkeypatch.setattr(shards, "sample_json", failing_sample_json)
+    with pytest.raises(OSError, match="No space left"):
+        write_shards(coco_mini, "val2017", tmp_path, samples_per_shard=2, overwrite=True, progress=False)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_partial_shards_of_a_killed_run_are_removed(coco_mini, tmp_path):
+    (tmp_path / ".val2017-000000.tar.partial").write_bytes(b"half a shard")
+    (tmp_path / ".other-000000.tar.partial").write_bytes(b"not ours")
+    write_shards(coco_mini, "val2017", tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.glob(".*")) == [".other-000000.tar.partial"]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["shards"][0].update(name=5), "field 'name' is 5, expected str"),
+    (lambda m: m.update(shards=[]), "'shards' is not a non-empty list"),
+    (lambda m: m.pop("samples"), "field 'samples' is None, expected int"),
+])
+def test_malformed_manifest_is_one_clear_error(coco_mini, tmp_path, capsys, edit, message):
+    write_shards(coco_mini, "val2017", tmp_path, progress=False)
+    path = tmp_path / "val2017.manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    code, _, err = run_cli(capsys, "data", "verify", str(tmp_path))
+    assert code == 1 and "malformed manifest" in err and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_os_errors_are_one_line(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    code, _, err = run_cli(capsys, "data", "synth", "--out", str(a_file), "--train", "1", "--val", "1")
+    assert code == 1 and err.startswith("distpose: error: ") and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(capsys, "bench", "loader", "--out", str(tmp_path))
+    assert code == 2 and "is a directory; give a file name" in err

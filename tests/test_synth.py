@@ -92,7 +92,7 @@ def test_deterministic_across_workers_and_seed_sensitive(tmp_path):
     generate_synthetic_coco(other, num_train=4, num_val=2, seed=8, workers=1, progress=False)
     files_one, files_two, files_other = _all_files(one), _all_files(two), _all_files(other)
     assert len(files_one) == 4 + 2 + 2
-    assert not any(name.endswith(".tmp") for name in files_one)
+    assert not any(Path(name).name.startswith(".") for name in files_one)  # no temporary files left
     assert files_one == files_two
     assert files_one.keys() == files_other.keys()
     for name, data in files_one.items():

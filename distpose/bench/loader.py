@@ -20,7 +20,7 @@ from distpose.bench import machine
 from distpose.config import DataConfig
 from distpose.data.codec import HeatmapCodec
 from distpose.data.loader import train_loader
-from distpose.data.shards import iter_tar_samples, parse_sample, shard_paths
+from distpose.data.shards import SampleError, iter_tar_samples, parse_sample, shard_paths
 from distpose.data.transforms import box_to_center_scale, crop_matrix
 
 
@@ -29,7 +29,10 @@ def raw_loop_rate(cfg: DataConfig, max_images: int, repeats: int) -> tuple[float
     work = []
     for path in shard_paths(cfg.shards, cfg.train_split):
         for raw in iter_tar_samples(path):
-            sample = parse_sample(raw)
+            try:
+                sample = parse_sample(raw)
+            except SampleError:  # the pipeline skips these too
+                continue
             matrices = []
             for p in sample.persons:
                 if p.usable:
@@ -79,7 +82,7 @@ def pipeline_rate(cfg: DataConfig, workers: int, warmup: int, batches: int) -> f
         cv2.setNumThreads(threads)
 
 
-def run(cfg: DataConfig, images: int = 300, batches: int = 40, warmup: int = 8,
+def run(cfg: DataConfig, images: int = 300, batches: int = 60, warmup: int = 16,
         repeats: int = 3) -> dict[str, Any]:
     raw, raw_instances = raw_loop_rate(cfg, images, repeats)
     rates = {workers: pipeline_rate(cfg, workers, warmup, batches) for workers in (0, 1, 2)}

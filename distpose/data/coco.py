@@ -9,6 +9,7 @@ keypoint outside its image is unlabelled (v=0).
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +62,8 @@ class CocoSplit:
 
 
 def _number(value: Any) -> bool:
-    return type(value) in (int, float)  # not bool, which JSON would give as true/false
+    # Not bool (JSON true/false), and not NaN or Infinity, which Python's json module accepts.
+    return type(value) in (int, float) and math.isfinite(value)
 
 
 def check_person(raw: Any, width: int, height: int, where: str) -> tuple[Person | None, Counter]:
@@ -80,12 +82,15 @@ def check_person(raw: Any, width: int, height: int, where: str) -> tuple[Person 
         raise DataError(f"{where}: annotation field 'id' is {ann_id!r}, expected an integer")
     where = f"{where} annotation {ann_id}"
     kps = raw["keypoints"]
-    if not isinstance(kps, list) or len(kps) != 3 * NUM_JOINTS or not all(_number(v) for v in kps):
+    if not isinstance(kps, list) or len(kps) != 3 * NUM_JOINTS:
         count = len(kps) if isinstance(kps, list) else type(kps).__name__
         raise DataError(f"{where}: field 'keypoints' has {count} values, expected {3 * NUM_JOINTS} numbers")
+    if not all(_number(v) for v in kps):
+        bad = next(v for v in kps if not _number(v))
+        raise DataError(f"{where}: field 'keypoints' holds {bad!r}, expected finite numbers")
     bbox = raw["bbox"]
     if not isinstance(bbox, list) or len(bbox) != 4 or not all(_number(v) for v in bbox):
-        raise DataError(f"{where}: field 'bbox' is {bbox!r}, expected [x, y, w, h] numbers")
+        raise DataError(f"{where}: field 'bbox' is {bbox!r}, expected [x, y, w, h] finite numbers")
     iscrowd = raw.get("iscrowd", 0)
     if iscrowd not in (0, 1):
         raise DataError(f"{where}: field 'iscrowd' is {iscrowd!r}, expected 0 or 1")
@@ -150,6 +155,9 @@ def load_split(root: str | Path, split: str) -> CocoSplit:
             raise DataError(f"{ann_file}: image record {raw!r:.80} lacks id, file_name, width or height") from None
         if rec.width <= 0 or rec.height <= 0:
             raise DataError(f"{ann_file}: image {rec.id} has size {rec.width}x{rec.height}")
+        if rec.id in images:
+            raise DataError(f"{ann_file}: image id {rec.id} appears twice ({images[rec.id].file_name}, "
+                            f"{rec.file_name})")
         images[rec.id] = rec
 
     repairs: Counter = Counter()
@@ -157,7 +165,7 @@ def load_split(root: str | Path, split: str) -> CocoSplit:
         if isinstance(raw, dict) and raw.get("category_id", PERSON_CATEGORY_ID) != PERSON_CATEGORY_ID:
             continue
         image_id = raw.get("image_id") if isinstance(raw, dict) else None
-        if image_id not in images:
+        if not isinstance(image_id, int) or image_id not in images:
             raise DataError(f"{ann_file}: annotation {raw.get('id') if isinstance(raw, dict) else raw!r:.40} "
                             f"refers to image_id {image_id!r}, which is not in 'images'")
         img = images[image_id]

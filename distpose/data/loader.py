@@ -56,7 +56,8 @@ class CorruptSampleCounter:
         reason = getattr(exn, "reason", None) or f"unreadable shard ({type(exn).__name__})"
         self.counts[reason] += 1
         total = sum(self.counts.values())
-        # Log the first few, then every power of ten, so a rotten shard cannot flood the log.
+        # Log the first few, then at powers of two from 1024 and every 10000th, so a rotten shard
+        # cannot flood the log.
         if total <= self.log_first or (total & (total - 1) == 0 and total >= 1024) or total % 10000 == 0:
             detail = " ".join(str(a) for a in exn.args if isinstance(a, str)) or repr(exn)
             log.warning("skipped bad sample #%d (%s): %s", total, reason, detail)
@@ -87,8 +88,11 @@ class _Progress:
         self.reads_since_person = 0
 
 
-def _resampled(urls: tuple[str, ...], rng: random.Random, progress: _Progress) -> Iterator[dict[str, str]]:
-    limit = max(10, 3 * len(urls))
+def _resampled(urls: tuple[str, ...], rng: random.Random, progress: _Progress, shuffle_buffer: int
+               ) -> Iterator[dict[str, str]]:
+    # Every readable shard adds at least one sample to the shuffle buffer, so a healthy stream
+    # yields a person within `shuffle_buffer` reads; past that, allow a few passes over the shards.
+    limit = shuffle_buffer + max(10, 3 * len(urls))
     while True:
         if progress.reads_since_person >= limit:
             raise DataError(f"no usable sample in {limit} shard reads in a row (e.g. {urls[0]}): "
@@ -169,7 +173,7 @@ def _batches(persons: Iterator[tuple[DecodedSample, np.ndarray, Person]], spec: 
              rng: np.random.Generator, shared: bool) -> Iterator[dict[str, torch.Tensor]]:
     """Crop and augment each person straight into its row of the batch buffers."""
     d = spec.data
-    transform = TopDownTransform(d.input_size, d.aspect_ratio, d.box_padding, d.augment if spec.train else None)
+    transform = TopDownTransform(d.input_size, d.box_padding, d.augment if spec.train else None)
     size = spec.batch_size
     batch, arrays, row = None, {}, 0
     for sample, image, person in persons:
@@ -205,7 +209,8 @@ class TopDownStream(IterableDataset):
         seed = (d.seed, spec.rank, worker)
         counter, progress = CorruptSampleCounter(), _Progress()
         if spec.train:
-            shards: Iterator[dict[str, str]] = _resampled(spec.urls, random.Random(str(seed)), progress)
+            shards: Iterator[dict[str, str]] = _resampled(spec.urls, random.Random(str(seed)), progress,
+                                                          d.sample_shuffle)
         else:
             slot, slots = spec.rank * num_workers + worker, spec.world_size * num_workers
             shards = iter([{"url": u} for u in spec.urls[slot::slots]])

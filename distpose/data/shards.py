@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 import zlib
 from collections import Counter
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from distpose import __version__
 from distpose.data.coco import ImageRecord, Person, check_person, load_split
 from distpose.errors import DataError, UserError
-from distpose.files import atomic_write_bytes, temporary_sibling
+from distpose.files import atomic_write_bytes
 
 MANIFEST_FORMAT = "distpose.shards/v1"
 NO_KEYPOINTS = "image without usable keypoint annotations"
@@ -102,7 +103,7 @@ def parse_sample(sample: dict[str, Any]) -> DecodedSample:
         doc = json.loads(sample["json"])
         width, height, image_id = int(doc["width"]), int(doc["height"]), int(doc["image_id"])
         raw_persons, crc = doc["persons"], int(doc["jpg_crc32"])
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError) as exc:
         raise SampleError(f"sample {key}: malformed annotation JSON ({type(exc).__name__}: {exc})",
                           "malformed annotation") from None
     jpg = sample["jpg"]
@@ -156,23 +157,38 @@ def _ordered_map(fn: Callable[..., Any], tasks: list[tuple], workers: int) -> It
         yield from pool.map(fn, *zip(*tasks))
 
 
+def _partial(path: Path) -> Path:
+    """Where a shard is written before it is complete (hidden, and never read as a shard)."""
+    return path.with_name(f".{path.name}.partial")
+
+
 def _write_one_shard(path: Path, records: list[ImageRecord], image_dir: Path) -> dict[str, Any]:
-    tmp = temporary_sibling(path)
-    with open(tmp, "wb") as fh, tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for record in records:
-            jpg = (image_dir / record.file_name).read_bytes()
-            key = f"{record.id:012d}"
-            for ext, data in (("jpg", jpg), ("json", sample_json(record, jpg))):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mode, info.mtime = len(data), 0o444, 0  # mtime 0: same input, same bytes
-                tar.addfile(info, io.BytesIO(data))
-    digest = _sha256(tmp)
-    os.replace(tmp, path)
+    """Write the shard under its partial name; the caller renames it once every shard is written."""
+    tmp = _partial(path)
+    try:
+        with open(tmp, "wb") as fh, tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for record in records:
+                jpg = (image_dir / record.file_name).read_bytes()
+                key = f"{record.id:012d}"
+                for ext, data in (("jpg", jpg), ("json", sample_json(record, jpg))):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size, info.mode, info.mtime = len(data), 0o444, 0  # mtime 0: same input, same bytes
+                    tar.addfile(info, io.BytesIO(data))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return {
         "name": path.name, "samples": len(records),
         "instances": sum(p.usable for r in records for p in r.persons),
-        "bytes": path.stat().st_size, "sha256": digest,
+        "bytes": tmp.stat().st_size, "sha256": _sha256(tmp),
     }
+
+
+def _existing_shards(out_dir: Path, split: str, prefix: str = "") -> list[Path]:
+    """This split's shard files (or, with prefix ".", its partial ones), and no other split's:
+    `train-*.tar` would also match a split named `train-small`."""
+    pattern = re.compile(rf"{re.escape(prefix + split)}-\d{{6}}\.tar{'.partial' if prefix else ''}")
+    return sorted(p for p in out_dir.iterdir() if pattern.fullmatch(p.name)) if out_dir.is_dir() else []
 
 
 def split_evenly(items: list, parts: int) -> list[list]:
@@ -201,7 +217,9 @@ def write_shards(coco_root: str | Path, split: str, out_dir: str | Path, samples
     role = split_role(split) if role == "auto" else role
     out_dir = Path(out_dir)
     manifest_file = manifest_path(out_dir, split)
-    old_shards = sorted(out_dir.glob(f"{split}-*.tar")) if out_dir.is_dir() else []
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file, not a directory")
+    old_shards = _existing_shards(out_dir, split)
     if (manifest_file.exists() or old_shards) and not overwrite:
         existing = manifest_file if manifest_file.exists() else old_shards[0]
         raise UserError(f"{existing} already exists; pass --overwrite to replace split '{split}'")
@@ -225,13 +243,23 @@ def write_shards(coco_root: str | Path, split: str, out_dir: str | Path, samples
         raise DataError(f"{coco.annotation_file}: no usable images in split '{split}' (skipped: {dict(skipped)})")
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in _existing_shards(out_dir, split, prefix="."):  # from a run that was killed
+        leftover.unlink()
     chunks = split_evenly(records, -(-len(records) // samples_per_shard))
     tasks = [(out_dir / shard_name(split, i), chunk, coco.image_dir) for i, chunk in enumerate(chunks)]
     shards = []
-    with tqdm(total=len(records), unit="img", desc=f"shard {split}", disable=not progress) as bar:
-        for info in _ordered_map(_write_one_shard, tasks, workers):
-            shards.append(info)
-            bar.update(info["samples"])
+    try:
+        with tqdm(total=len(records), unit="img", desc=f"shard {split}", disable=not progress) as bar:
+            for info in _ordered_map(_write_one_shard, tasks, workers):
+                shards.append(info)
+                bar.update(info["samples"])
+    except BaseException:
+        for path, _, _ in tasks:
+            _partial(path).unlink(missing_ok=True)
+        raise
+    # Every shard is complete: only now replace the old split, shards first and the manifest last.
+    for path, _, _ in tasks:
+        os.replace(_partial(path), path)
 
     manifest = {
         "format": MANIFEST_FORMAT, "created_by": f"distpose {__version__}", "split": split, "role": role,
@@ -261,12 +289,24 @@ def read_manifest(shard_dir: str | Path, split: str) -> dict[str, Any]:
         manifest = json.loads(path.read_bytes())
         if manifest.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+        for key in ("samples", "instances"):
+            _expect(manifest, key, int)
+        if not isinstance(manifest.get("shards"), list) or not manifest["shards"]:
+            raise ValueError("'shards' is not a non-empty list")
         for shard in manifest["shards"]:
-            for key in ("name", "samples", "instances", "bytes", "sha256"):
-                shard[key]
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            for key, kind in _SHARD_FIELDS.items():
+                _expect(shard, key, kind)
+    except (ValueError, TypeError, AttributeError) as exc:
         raise DataError(f"{path}: malformed manifest ({exc})") from None
     return manifest
+
+
+_SHARD_FIELDS = {"name": str, "samples": int, "instances": int, "bytes": int, "sha256": str}
+
+
+def _expect(record: dict[str, Any], key: str, kind: type) -> None:
+    if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
+        raise ValueError(f"field '{key}' is {record.get(key)!r}, expected {kind.__name__}")
 
 
 def shard_paths(shard_dir: str | Path, split: str) -> list[str]:

@@ -60,7 +60,7 @@ def half_body_box(joints: np.ndarray, visible: np.ndarray, rng: np.random.Genera
     """A box around the upper or the lower body's labelled joints (HRNet's half-body augmentation)."""
     upper = [k for k in UPPER_BODY if visible[k]]
     lower = [k for k in LOWER_BODY if visible[k]]
-    chosen = upper if (rng.random() < 0.5 and len(upper) > 2) or len(lower) < 2 else lower
+    chosen = upper if (rng.random() < 0.5 and len(upper) > 2) or len(lower) <= 2 else lower
     if len(chosen) < 2:
         return None
     pts = joints[chosen]
@@ -82,10 +82,9 @@ class Crop:
 class TopDownTransform:
     """Person box -> affine crop of `input_size` (h, w), with HRNet's augmentation when `augment` is given."""
 
-    def __init__(self, input_size: tuple[int, int], aspect_ratio: float = 0.75, padding: float = 1.25,
-                 augment: AugmentConfig | None = None):
+    def __init__(self, input_size: tuple[int, int], padding: float = 1.25, augment: AugmentConfig | None = None):
         self.input_size = input_size
-        self.aspect_ratio = aspect_ratio
+        self.aspect_ratio = input_size[1] / input_size[0]  # the box takes the crop's shape, as in HRNet
         self.padding = padding
         self.augment = augment
 
