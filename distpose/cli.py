@@ -2,6 +2,7 @@
 
     distpose data synth|shard|verify   build and check the WebDataset shards
     distpose config                    print a resolved config (YAML + key=value overrides)
+    distpose model-info NAME           parameters and GMACs of a pose network
     distpose bench loader              loader throughput against a raw decode + warp loop
 
 User mistakes (bad arguments, config keys, missing or corrupt files) print one line and exit non-zero.
@@ -13,10 +14,12 @@ import argparse
 import json
 import logging
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 
 from distpose import __version__
+from distpose.config import Backbone
 from distpose.errors import UserError
 
 log = logging.getLogger("distpose")
@@ -111,6 +114,28 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(text: str) -> tuple[int, int]:
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 256x192, got {text!r}") from None
+    if height < 32 or width < 32 or height % 32 or width % 32:
+        # HRNet's lowest branch is at stride 32; its fusions need whole pixels there.
+        raise argparse.ArgumentTypeError(f"expected HxW in multiples of 32, e.g. 256x192, got {text!r}")
+    return height, width
+
+
+def cmd_model_info(args: argparse.Namespace) -> int:
+    from distpose.models.factory import ModelInfo, model_info
+
+    info = model_info(args.name, args.input)
+    print(f"{info.name}: {info.params / 1e6:.2f}M parameters ({info.params:,}), "
+          f"{info.macs / 1e9:.2f} GMACs at {info.input_size[0]}x{info.input_size[1]}, "
+          f"heatmaps {info.output_shape[1]}x{info.output_shape[2]}x{info.output_shape[3]}")
+    print(f"counter: {ModelInfo.COUNTER}")
+    return 0
+
+
 def cmd_bench_loader(args: argparse.Namespace) -> int:
     from distpose.bench.loader import run
     from distpose.config import load_config
@@ -192,6 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_arguments(config)
     config.set_defaults(func=cmd_config)
+
+    info = commands.add_parser(
+        "model-info", help="parameters and multiply-accumulates of a pose network",
+        description="Build a pose network (no weights are loaded) and print its parameter count and the "
+        "multiply-accumulates of one forward pass at the given input size.",
+    )
+    info.add_argument("name", choices=typing.get_args(Backbone), help="backbone name")
+    info.add_argument("--input", type=_size, default=(256, 192), help="input HxW (default 256x192)")
+    info.set_defaults(func=cmd_model_info)
 
     bench = commands.add_parser("bench", help="throughput benchmarks (JSON output)",
                                 description="Throughput benchmarks; each prints JSON naming the machine.")
