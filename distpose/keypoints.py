@@ -61,26 +61,3 @@ LEFT_JOINTS = frozenset(i for i, n in enumerate(NAMES) if n.startswith("left_"))
 # nose -> eyes -> ears, nose -> shoulders -> elbows -> wrists, shoulders -> hips -> knees -> ankles.
 # Every edge is a COCO limb except nose -> shoulder, which stands in for the neck COCO lacks.
 CRF_PARENTS: tuple[int, ...] = (-1, 0, 0, 1, 2, 0, 0, 5, 6, 7, 8, 5, 6, 11, 12, 13, 14)
-
-
-def tree_depths(parents: tuple[int, ...] | list[int]) -> list[int]:
-    """Depth of every node of a parent-list tree; raises ValueError unless it is one rooted tree."""
-    n = len(parents)
-    roots = [k for k, p in enumerate(parents) if p == -1]
-    if len(roots) != 1:
-        raise ValueError(f"a tree needs exactly one root (-1), got {len(roots)} in {list(parents)}")
-    depths: list[int | None] = [None] * n
-    for k in range(n):
-        path = []
-        node = k
-        while depths[node] is None and node != -1:
-            if node in path:
-                raise ValueError(f"parent list {list(parents)} has a cycle through node {node}")
-            if not -1 <= parents[node] < n:
-                raise ValueError(f"parent of node {node} is {parents[node]}, outside [-1, {n})")
-            path.append(node)
-            node = parents[node]
-        base = -1 if node == -1 else depths[node]
-        for i, p in enumerate(reversed(path)):
-            depths[p] = base + 1 + i
-    return depths  # type: ignore[return-value]

@@ -1,0 +1,185 @@
+"""Exact inference in a tree-structured CRF over joint positions on a heatmap grid (PyTorch reference).
+
+p(x) is proportional to exp(sum_k u_k(x_k) + sum_{k != root} w_k(x_k - x_parent(k))), where each x_k
+is a pixel (y, x) of an H x W grid, u are unary log-potentials [B, K, H, W], and w_k is the
+log-potential of the edge parent(k) -> k over displacements d = x_k - x_parent(k) in a
+(2R+1) x (2R+1) window, indexed [dy + R, dx + R]; displacements outside the window are impossible.
+
+Sum-product runs in log space over the tree's levels: leaves to root (messages, log Z), then root
+to leaves (outside messages), which gives every joint's exact log-marginal. A message is
+m(x_p) = logsumexp_d [b_c(x_p + d) + w_c(d)] for all edges of a level at once. Never computed as
+exp -> conv2d -> log: that underflows to -inf on peaked real heatmaps (DESIGN.md).
+Max-product with back-pointers gives the MAP configuration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+NEG_INF = float("-inf")
+
+
+def tree_depths(parents: Sequence[int]) -> list[int]:
+    """Depth of every node of a parent-list tree; ValueError unless it is one rooted tree."""
+    n = len(parents)
+    roots = [k for k, p in enumerate(parents) if p == -1]
+    if len(roots) != 1:
+        raise ValueError(f"a tree needs exactly one root (-1), got {len(roots)} in {list(parents)}")
+    depths: list[int | None] = [None] * n
+    for k in range(n):
+        path = []
+        node = k
+        while node != -1 and depths[node] is None:
+            if node in path:
+                raise ValueError(f"parent list {list(parents)} has a cycle through node {node}")
+            if not -1 <= parents[node] < n:
+                raise ValueError(f"parent of node {node} is {parents[node]}, outside [-1, {n})")
+            path.append(node)
+            node = parents[node]
+        base = -1 if node == -1 else depths[node]
+        for i, p in enumerate(reversed(path)):
+            depths[p] = base + 1 + i
+    return depths  # type: ignore[return-value]
+
+
+def logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """logsumexp that gives -inf, with zero gradient, for a slice of all -inf (torch's gives NaN grads)."""
+    m = x.detach().amax(dim=dim, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    total = torch.exp(x - m).sum(dim=dim, keepdim=True)
+    positive = total > 0
+    out = torch.where(positive, torch.log(torch.where(positive, total, torch.ones_like(total))) + m,
+                      torch.full_like(total, NEG_INF))
+    return out.squeeze(dim)
+
+
+def _windows(belief: torch.Tensor, radius: int) -> torch.Tensor:
+    """[N, H, W] -> [N, (2R+1)^2, H*W]: entry (d, x) is belief(x + d), -inf off the grid."""
+    n, h, w = belief.shape
+    padded = F.pad(belief[:, None], (radius, radius, radius, radius), value=NEG_INF)
+    return F.unfold(padded, kernel_size=2 * radius + 1).view(n, (2 * radius + 1) ** 2, h * w)
+
+
+def message(belief: torch.Tensor, pairwise: torch.Tensor, max_product: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """m(x) = logsumexp_d [belief(x + d) + pairwise(d)] (or max, with the argmax d as a window index).
+
+    belief [N, H, W], pairwise [N, 2R+1, 2R+1] -> m [N, H, W] (and argmax [N, H, W] for max-product).
+    """
+    n, h, w = belief.shape
+    radius = pairwise.shape[-1] // 2
+    scores = _windows(belief, radius) + pairwise.reshape(n, -1, 1)
+    if max_product:
+        best, index = scores.max(dim=1)
+        return best.view(n, h, w), index.view(n, h, w)
+    return logsumexp(scores, dim=1).view(n, h, w), None
+
+
+class _Schedule:
+    """Levels of a parent-list tree, deepest first, as index tensors for batched message passing."""
+
+    def __init__(self, parents: Sequence[int]):
+        depths = tree_depths(parents)
+        self.parents = list(parents)
+        self.root = self.parents.index(-1)
+        self.levels = [[k for k, d in enumerate(depths) if d == level] for level in range(max(depths), 0, -1)]
+
+
+def _check(unary: torch.Tensor, pairwise: torch.Tensor, parents: Sequence[int], impl: str) -> torch.Tensor:
+    if impl not in ("auto", "reference"):
+        raise ValueError(f"impl must be 'auto' or 'reference', got {impl!r}")
+    if unary.dim() != 4:
+        raise ValueError(f"unary must be [B, K, H, W], got shape {tuple(unary.shape)}")
+    b, k = unary.shape[:2]
+    if len(parents) != k:
+        raise ValueError(f"parents has {len(parents)} entries for K={k} joints")
+    if pairwise.dim() == 3:
+        pairwise = pairwise.unsqueeze(0).expand(b, *pairwise.shape)
+    if pairwise.dim() != 4 or pairwise.shape[:2] != (b, k) or pairwise.shape[2] != pairwise.shape[3] \
+            or pairwise.shape[2] % 2 == 0:
+        raise ValueError(f"pairwise must be [K, 2R+1, 2R+1] or [B, K, 2R+1, 2R+1] for B={b}, K={k}; "
+                         f"got {tuple(pairwise.shape)}")
+    return pairwise.to(unary.dtype)
+
+
+def _upward(unary: torch.Tensor, pairwise: torch.Tensor, schedule: _Schedule, max_product: bool):
+    """Leaves to root. Returns the summed incoming messages per node [B, H, W], each node's message
+    to its parent, and (max-product) the back-pointers."""
+    b, k, h, w = unary.shape
+    incoming: list[torch.Tensor] = [torch.zeros_like(unary[:, 0]) for _ in range(k)]
+    sent: dict[int, torch.Tensor] = {}
+    pointers: dict[int, torch.Tensor] = {}
+    for level in schedule.levels:
+        beliefs = torch.stack([unary[:, c] + incoming[c] for c in level], dim=1)  # [B, L, H, W]
+        msgs, argmax = message(beliefs.reshape(-1, h, w), pairwise[:, level].reshape(-1, *pairwise.shape[2:]),
+                               max_product)
+        msgs = msgs.view(b, len(level), h, w)
+        for i, c in enumerate(level):
+            sent[c] = msgs[:, i]
+            incoming[schedule.parents[c]] = incoming[schedule.parents[c]] + msgs[:, i]
+            if argmax is not None:
+                pointers[c] = argmax.view(b, len(level), h, w)[:, i]
+    return incoming, sent, pointers
+
+
+def tree_crf_marginals(unary: torch.Tensor, pairwise: torch.Tensor, parents: Sequence[int], impl: str = "auto"
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact log-partition [B] and log-marginals [B, K, H, W] (each joint's map sums to 1 in
+    probability). A batch element with no possible configuration gets log_z = -inf and all -inf
+    marginals. Differentiable with respect to unary and pairwise."""
+    pairwise = _check(unary, pairwise, parents, impl)
+    schedule = _Schedule(parents)
+    b, k, h, w = unary.shape
+    incoming, sent, _ = _upward(unary, pairwise, schedule, max_product=False)
+    root = schedule.root
+    log_z = logsumexp((unary[:, root] + incoming[root]).reshape(b, -1), dim=1)
+
+    outside: list[torch.Tensor | None] = [None] * k
+    outside[root] = torch.zeros_like(unary[:, root])
+    for level in reversed(schedule.levels):
+        rest = []
+        for c in level:
+            p = schedule.parents[c]
+            total = unary[:, p] + outside[p] + incoming[p]
+            # Everything at the parent but this child's own message. Where that message is -inf the
+            # parent position is impossible for the child anyway, so -inf is exact there (not NaN).
+            rest.append(torch.where(sent[c] == NEG_INF, torch.full_like(total, NEG_INF), total - sent[c]))
+        flipped = pairwise[:, level].flip(-1, -2)  # x_c = x_p + d  <=>  x_p = x_c + (-d)
+        msgs, _ = message(torch.stack(rest, 1).reshape(-1, h, w), flipped.reshape(-1, *pairwise.shape[2:]))
+        for i, c in enumerate(level):
+            outside[c] = msgs.view(b, len(level), h, w)[:, i]
+
+    log_marginals = torch.stack([unary[:, c] + incoming[c] + outside[c] for c in range(k)], dim=1)
+    finite = torch.isfinite(log_z)
+    safe_z = torch.where(finite, log_z, torch.zeros_like(log_z))[:, None, None, None]
+    log_marginals = torch.where(finite[:, None, None, None], log_marginals - safe_z,
+                                torch.full_like(log_marginals, NEG_INF))
+    return log_z, log_marginals
+
+
+def tree_crf_map(unary: torch.Tensor, pairwise: torch.Tensor, parents: Sequence[int], impl: str = "auto"
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """MAP score [B] and positions [B, K, 2] (int64 y, x) of the most probable configuration."""
+    pairwise = _check(unary, pairwise, parents, impl)
+    schedule = _Schedule(parents)
+    b, k, _, w = unary.shape
+    radius = pairwise.shape[-1] // 2
+    with torch.no_grad():
+        incoming, _, pointers = _upward(unary, pairwise, schedule, max_product=True)
+        root = schedule.root
+        score, best = (unary[:, root] + incoming[root]).reshape(b, -1).max(dim=1)
+        flat = torch.zeros(b, k, dtype=torch.long, device=unary.device)
+        flat[:, root] = best
+        for level in reversed(schedule.levels):
+            for c in level:
+                # Back-pointer at the parent's position: the window index of the best displacement.
+                d = pointers[c].reshape(b, -1).gather(1, flat[:, schedule.parents[c], None])[:, 0]
+                py, px = flat[:, schedule.parents[c]] // w, flat[:, schedule.parents[c]] % w
+                cy = py + d // (2 * radius + 1) - radius
+                cx = px + d % (2 * radius + 1) - radius
+                flat[:, c] = cy * w + cx
+    positions = torch.stack([flat // w, flat % w], dim=-1)
+    return score, positions
