@@ -3,7 +3,7 @@
     distpose data synth|shard|verify   build and check the WebDataset shards
     distpose config                    print a resolved config (YAML + key=value overrides)
     distpose model-info NAME           parameters and GMACs of a pose network
-    distpose bench loader              loader throughput against a raw decode + warp loop
+    distpose bench loader|crf          loader throughput; the reference CRF's two formulations
 
 User mistakes (bad arguments, config keys, missing or corrupt files) print one line and exit non-zero.
 """
@@ -136,6 +136,14 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_crf(args: argparse.Namespace) -> int:
+    from distpose.bench.crf import run
+
+    out = _output_path(args.out)
+    _write_json(run(batch=args.batch, radii=tuple(args.radius), repeats=args.repeats), out)
+    return 0
+
+
 def cmd_bench_loader(args: argparse.Namespace) -> int:
     from distpose.bench.loader import run
     from distpose.config import load_config
@@ -246,6 +254,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="untimed batches first, more than the DataLoader prefetches (default 16)")
     loader.add_argument("--out", help="also write the JSON here (e.g. benchmarks/results/loader-cpu.json)")
     loader.set_defaults(func=cmd_bench_loader)
+
+    crf = bench_cmds.add_parser(
+        "crf", help="the reference tree CRF on the CPU: shift-and-accumulate against unfold + logsumexp",
+        description="Forward (marginals) and forward + backward of the exact tree CRF at B x 17 joints x "
+        "64x48 on the COCO tree, for each window radius, with both message formulations in the same run "
+        "(best of --repeats), their speed ratio and their largest disagreement.",
+    )
+    crf.add_argument("--batch", type=_positive, default=8, help="batch size (default 8)")
+    crf.add_argument("--radius", type=_positive, nargs="+", default=[7, 15], help="window radii (default 7 15)")
+    crf.add_argument("--repeats", type=_positive, default=2, help="timed runs, best kept (default 2)")
+    crf.add_argument("--out", help="also write the JSON here (e.g. benchmarks/results/crf-reference-cpu2.json)")
+    crf.set_defaults(func=cmd_bench_crf)
     return parser
 
 

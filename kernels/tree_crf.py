@@ -63,19 +63,94 @@ def _windows(belief: torch.Tensor, radius: int) -> torch.Tensor:
     return F.unfold(padded, kernel_size=2 * radius + 1).view(n, (2 * radius + 1) ** 2, h * w)
 
 
-def message(belief: torch.Tensor, pairwise: torch.Tensor, max_product: bool = False
+def _unfold_message(belief: torch.Tensor, pairwise: torch.Tensor, max_product: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """All (2R+1)^2 window terms at once: simple, but autograd keeps [N, (2R+1)^2, H*W] alive."""
+    n, h, w = belief.shape
+    scores = _windows(belief, pairwise.shape[-1] // 2) + pairwise.reshape(n, -1, 1)
+    if max_product:
+        best, index = scores.max(dim=1)
+        return best.view(n, h, w), index.view(n, h, w)
+    return logsumexp(scores, dim=1).view(n, h, w), None
+
+
+def _shifted(belief: torch.Tensor, radius: int) -> torch.Tensor:
+    return F.pad(belief, (radius, radius, radius, radius), value=NEG_INF)
+
+
+class _ShiftMessage(torch.autograd.Function):
+    """One displacement at a time: a max pass, then a sum of exp(term - max); the backward pass
+    recomputes each term's softmax weight from the saved output. Memory O(N H W) for any window."""
+
+    @staticmethod
+    def forward(ctx, belief: torch.Tensor, pairwise: torch.Tensor) -> torch.Tensor:
+        h, w = belief.shape[1:]
+        size = pairwise.shape[-1]
+        padded = _shifted(belief, size // 2)
+        best = torch.full_like(belief, NEG_INF)
+        for i in range(size):
+            for j in range(size):
+                torch.maximum(best, padded[:, i:i + h, j:j + w] + pairwise[:, i, j, None, None], out=best)
+        stable = torch.where(torch.isfinite(best), best, torch.zeros_like(best))
+        total = torch.zeros_like(belief)
+        for i in range(size):
+            for j in range(size):
+                total += torch.exp(padded[:, i:i + h, j:j + w] + pairwise[:, i, j, None, None] - stable)
+        out = torch.where(total > 0, torch.log(total) + stable, torch.full_like(total, NEG_INF))
+        ctx.save_for_backward(belief, pairwise, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        belief, pairwise, out = ctx.saved_tensors
+        h, w = belief.shape[1:]
+        size, radius = pairwise.shape[-1], pairwise.shape[-1] // 2
+        padded = _shifted(belief, radius)
+        # Where out is -inf every term is -inf too, so its weights are exp(-inf) = 0 with out := 0.
+        finite = torch.isfinite(out)
+        out = torch.where(finite, out, torch.zeros_like(out))
+        grad = torch.where(finite, grad, torch.zeros_like(grad))
+        grad_padded = torch.zeros_like(padded)
+        grad_pairwise = torch.zeros_like(pairwise)
+        for i in range(size):
+            for j in range(size):
+                weight = torch.exp(padded[:, i:i + h, j:j + w] + pairwise[:, i, j, None, None] - out) * grad
+                grad_padded[:, i:i + h, j:j + w] += weight
+                grad_pairwise[:, i, j] = weight.sum(dim=(1, 2))
+        return grad_padded[:, radius:radius + h, radius:radius + w], grad_pairwise
+
+
+def _shift_message(belief: torch.Tensor, pairwise: torch.Tensor, max_product: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if not max_product:
+        return _ShiftMessage.apply(belief, pairwise), None
+    h, w = belief.shape[1:]
+    size = pairwise.shape[-1]
+    padded = _shifted(belief, size // 2)
+    best = torch.full_like(belief, NEG_INF)
+    index = torch.zeros(belief.shape, dtype=torch.long, device=belief.device)
+    for i in range(size):
+        for j in range(size):
+            term = padded[:, i:i + h, j:j + w] + pairwise[:, i, j, None, None]
+            better = term > best
+            best = torch.where(better, term, best)
+            index = torch.where(better, torch.full_like(index, i * size + j), index)
+    return best, index
+
+
+# The formulations of one message; "reference" is the faster of the two on CPU (see
+# `distpose bench crf`), "unfold" stays as the benchmark's baseline and a cross-check.
+MESSAGES = {"shift": _shift_message, "unfold": _unfold_message}
+REFERENCE = "shift"
+
+
+def message(belief: torch.Tensor, pairwise: torch.Tensor, max_product: bool = False, formulation: str = REFERENCE
             ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """m(x) = logsumexp_d [belief(x + d) + pairwise(d)] (or max, with the argmax d as a window index).
 
     belief [N, H, W], pairwise [N, 2R+1, 2R+1] -> m [N, H, W] (and argmax [N, H, W] for max-product).
     """
-    n, h, w = belief.shape
-    radius = pairwise.shape[-1] // 2
-    scores = _windows(belief, radius) + pairwise.reshape(n, -1, 1)
-    if max_product:
-        best, index = scores.max(dim=1)
-        return best.view(n, h, w), index.view(n, h, w)
-    return logsumexp(scores, dim=1).view(n, h, w), None
+    return MESSAGES[formulation](belief, pairwise, max_product)
 
 
 class _Schedule:
@@ -88,9 +163,17 @@ class _Schedule:
         self.levels = [[k for k, d in enumerate(depths) if d == level] for level in range(max(depths), 0, -1)]
 
 
+IMPLS = ("auto", "reference", *MESSAGES)
+
+
+def _formulation(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(IMPLS)}; got {impl!r}")
+    return REFERENCE if impl in ("auto", "reference") else impl
+
+
 def _check(unary: torch.Tensor, pairwise: torch.Tensor, parents: Sequence[int], impl: str) -> torch.Tensor:
-    if impl not in ("auto", "reference"):
-        raise ValueError(f"impl must be 'auto' or 'reference', got {impl!r}")
+    _formulation(impl)
     if unary.dim() != 4:
         raise ValueError(f"unary must be [B, K, H, W], got shape {tuple(unary.shape)}")
     b, k = unary.shape[:2]
@@ -105,7 +188,8 @@ def _check(unary: torch.Tensor, pairwise: torch.Tensor, parents: Sequence[int], 
     return pairwise.to(unary.dtype)
 
 
-def _upward(unary: torch.Tensor, pairwise: torch.Tensor, schedule: _Schedule, max_product: bool):
+def _upward(unary: torch.Tensor, pairwise: torch.Tensor, schedule: _Schedule, max_product: bool,
+            formulation: str):
     """Leaves to root. Returns the summed incoming messages per node [B, H, W], each node's message
     to its parent, and (max-product) the back-pointers."""
     b, k, h, w = unary.shape
@@ -115,7 +199,7 @@ def _upward(unary: torch.Tensor, pairwise: torch.Tensor, schedule: _Schedule, ma
     for level in schedule.levels:
         beliefs = torch.stack([unary[:, c] + incoming[c] for c in level], dim=1)  # [B, L, H, W]
         msgs, argmax = message(beliefs.reshape(-1, h, w), pairwise[:, level].reshape(-1, *pairwise.shape[2:]),
-                               max_product)
+                               max_product, formulation)
         msgs = msgs.view(b, len(level), h, w)
         for i, c in enumerate(level):
             sent[c] = msgs[:, i]
@@ -133,7 +217,8 @@ def tree_crf_marginals(unary: torch.Tensor, pairwise: torch.Tensor, parents: Seq
     pairwise = _check(unary, pairwise, parents, impl)
     schedule = _Schedule(parents)
     b, k, h, w = unary.shape
-    incoming, sent, _ = _upward(unary, pairwise, schedule, max_product=False)
+    formulation = _formulation(impl)
+    incoming, sent, _ = _upward(unary, pairwise, schedule, False, formulation)
     root = schedule.root
     log_z = logsumexp((unary[:, root] + incoming[root]).reshape(b, -1), dim=1)
 
@@ -148,7 +233,8 @@ def tree_crf_marginals(unary: torch.Tensor, pairwise: torch.Tensor, parents: Seq
             # parent position is impossible for the child anyway, so -inf is exact there (not NaN).
             rest.append(torch.where(sent[c] == NEG_INF, torch.full_like(total, NEG_INF), total - sent[c]))
         flipped = pairwise[:, level].flip(-1, -2)  # x_c = x_p + d  <=>  x_p = x_c + (-d)
-        msgs, _ = message(torch.stack(rest, 1).reshape(-1, h, w), flipped.reshape(-1, *pairwise.shape[2:]))
+        msgs, _ = message(torch.stack(rest, 1).reshape(-1, h, w), flipped.reshape(-1, *pairwise.shape[2:]),
+                          formulation=formulation)
         for i, c in enumerate(level):
             outside[c] = msgs.view(b, len(level), h, w)[:, i]
 
@@ -168,7 +254,7 @@ def tree_crf_map(unary: torch.Tensor, pairwise: torch.Tensor, parents: Sequence[
     b, k, _, w = unary.shape
     radius = pairwise.shape[-1] // 2
     with torch.no_grad():
-        incoming, _, pointers = _upward(unary, pairwise, schedule, max_product=True)
+        incoming, _, pointers = _upward(unary, pairwise, schedule, True, _formulation(impl))
         root = schedule.root
         score, best = (unary[:, root] + incoming[root]).reshape(b, -1).max(dim=1)
         flat = torch.zeros(b, k, dtype=torch.long, device=unary.device)

@@ -66,17 +66,18 @@ CASES = [
 
 @pytest.mark.parametrize("parents, size, radius", CASES)
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-pairwise", "per-sample-pairwise"])
-def test_marginals_and_map_equal_brute_force(parents, size, radius, shared):
+@pytest.mark.parametrize("impl", ["reference", "unfold", "shift"])
+def test_marginals_and_map_equal_brute_force(parents, size, radius, shared, impl):
     gen = torch.Generator().manual_seed(len(parents) * 100 + radius * 10 + shared)
     b, k = 2, len(parents)
     unary = torch.randn(b, k, *size, generator=gen, dtype=torch.float64) * 2
     window = (k, 2 * radius + 1, 2 * radius + 1) if shared else (b, k, 2 * radius + 1, 2 * radius + 1)
     pairwise = torch.randn(*window, generator=gen, dtype=torch.float64) * 2
-    log_z, log_marginals = tree_crf_marginals(unary, pairwise, parents)
+    log_z, log_marginals = tree_crf_marginals(unary, pairwise, parents, impl)
     bf_log_z, bf_marginals, bf_score, bf_positions = brute_force(unary, pairwise, parents)
     torch.testing.assert_close(log_z, bf_log_z, **TOL)
     torch.testing.assert_close(log_marginals, bf_marginals, **TOL)
-    score, positions = tree_crf_map(unary, pairwise, parents)
+    score, positions = tree_crf_map(unary, pairwise, parents, impl)
     torch.testing.assert_close(score, bf_score, **TOL)
     assert torch.equal(positions, bf_positions)
 
@@ -103,34 +104,37 @@ def test_single_joint():
     assert positions[:, 0].tolist() == [[int(i) // 3, int(i) % 3] for i in best]
 
 
-def test_gradcheck():
+@pytest.mark.parametrize("impl", ["unfold", "shift"])
+def test_gradcheck(impl):
     gen = torch.Generator().manual_seed(0)
-    unary = torch.randn(2, 3, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
-    pairwise = torch.randn(3, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    unary = torch.randn(2, 3, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    pairwise = torch.randn(2, 3, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
 
     def f(u, w):
-        log_z, log_marginals = tree_crf_marginals(u, w, [-1, 0, 0])
+        log_z, log_marginals = tree_crf_marginals(u, w, [-1, 0, 0], impl)
         return log_z, log_marginals
 
     assert torch.autograd.gradcheck(f, (unary, pairwise), eps=1e-6, atol=1e-7)
 
 
-def test_marginals_are_the_gradient_of_log_z():
+@pytest.mark.parametrize("impl", ["unfold", "shift"])
+def test_marginals_are_the_gradient_of_log_z(impl):
     gen = torch.Generator().manual_seed(1)
     unary = torch.randn(2, 4, 5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     pairwise = torch.randn(2, 4, 5, 5, generator=gen, dtype=torch.float64)
-    log_z, log_marginals = tree_crf_marginals(unary, pairwise, [-1, 0, 0, 2])
+    log_z, log_marginals = tree_crf_marginals(unary, pairwise, [-1, 0, 0, 2], impl)
     (grad,) = torch.autograd.grad(log_z.sum(), unary)
     torch.testing.assert_close(grad, log_marginals.exp(), **TOL)
 
 
-def test_impossible_joint_gives_minus_inf_without_nan():
+@pytest.mark.parametrize("impl", ["unfold", "shift"])
+def test_impossible_joint_gives_minus_inf_without_nan(impl):
     unary = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     mask = torch.zeros(2, 3, 4, 4, dtype=torch.bool)
     mask[1, 2] = True  # joint 2 of sample 1 can be nowhere
     masked = unary.masked_fill(mask, -math.inf)
     pairwise = torch.randn(3, 3, 3, dtype=torch.float64)
-    log_z, log_marginals = tree_crf_marginals(masked, pairwise, [-1, 0, 1])
+    log_z, log_marginals = tree_crf_marginals(masked, pairwise, [-1, 0, 1], impl)
     assert torch.isfinite(log_z[0]) and log_z[1] == -math.inf
     assert not torch.isnan(log_marginals).any() and (log_marginals[1] == -math.inf).all()
     torch.testing.assert_close(log_marginals[0].exp().sum((1, 2)), torch.ones(3, dtype=torch.float64), **TOL)
