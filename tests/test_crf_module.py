@@ -1,0 +1,60 @@
+"""TreeCRF module and the training losses."""
+
+import math
+
+import pytest
+import torch
+
+from distpose.data.codec import HeatmapCodec
+from distpose.keypoints import CRF_PARENTS
+from distpose.models.crf import TreeCRF, gaussian_window
+from distpose.models.losses import crf_marginal_loss, heatmap_mse
+
+
+def test_tree_crf_module_gives_normalised_marginals_and_trains_both_parts():
+    torch.manual_seed(0)
+    crf = TreeCRF(feature_channels=8, radius=3)
+    features = torch.randn(2, 8, 16, 12)
+    log_z, log_marginals = crf(features)
+    assert tuple(log_marginals.shape) == (2, 17, 16, 12) and tuple(log_z.shape) == (2,)
+    torch.testing.assert_close(log_marginals.exp().sum((2, 3)), torch.ones(2, 17), atol=1e-5, rtol=0)
+    log_marginals[:, :, 8, 6].sum().backward()
+    assert crf.pairwise.grad.abs().sum() > 0 and crf.unary_head.weight.grad.abs().sum() > 0
+    score, positions = crf.map(features)
+    assert tuple(positions.shape) == (2, 17, 2) and torch.isfinite(score).all()
+
+
+def test_pairwise_starts_as_a_broad_gaussian_and_unary_from_a_head():
+    crf = TreeCRF(4, radius=4)
+    window = gaussian_window(4, 2.0)
+    assert window[4, 4] == 0 and window.argmax() == 40 and window[0, 0] == pytest.approx(-(16 + 16) / 8)
+    assert torch.equal(crf.pairwise[5], window) and crf.radius == 4 and crf.parents == list(CRF_PARENTS)
+    head = torch.nn.Conv2d(4, 17, 1)
+    crf.init_unary_from(head)
+    assert torch.equal(crf.unary_head.weight, head.weight) and torch.equal(crf.unary_head.bias, head.bias)
+
+
+def test_heatmap_mse_matches_hand_computation():
+    pred = torch.zeros(1, 2, 2, 2)
+    target = torch.ones(1, 2, 2, 2)
+    weight = torch.tensor([[1.0, 0.0]])
+    # joint 0: mean squared error 1, joint 1: weighted out; mean over joints of 0.5 * mse = 0.25
+    assert heatmap_mse(pred, target, weight).item() == pytest.approx(0.25)
+    assert heatmap_mse(target, target, torch.ones(1, 2)).item() == 0
+
+
+def test_crf_loss_is_cross_entropy_minimised_by_the_target():
+    codec = HeatmapCodec((64, 48), (16, 12), sigma=1.5)
+    target, weight = codec.encode(torch.tensor([[[20.0, 30.0], [5.0, 60.0]]]), torch.tensor([[True, False]]))
+    probs = target / target.sum((2, 3), keepdim=True).clamp_min(1e-30)
+    entropy = -(probs[0, 0] * probs[0, 0].clamp_min(1e-30).log()).sum()
+    at_target = crf_marginal_loss(probs.clamp_min(1e-30).log(), target, weight)
+    uniform = crf_marginal_loss(torch.full((1, 2, 16, 12), -math.log(16 * 12)), target, weight)
+    torch.testing.assert_close(at_target, entropy)
+    assert uniform.item() == pytest.approx(math.log(16 * 12)) and uniform > at_target
+    # -inf marginals where the target is zero cost nothing and give no NaN.
+    log_marginals = probs.clamp_min(1e-30).log().masked_fill(probs == 0, -math.inf).requires_grad_()
+    loss = crf_marginal_loss(log_marginals, target, weight)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(log_marginals.grad).all()
+    assert crf_marginal_loss(log_marginals, target, torch.zeros(1, 2)).item() == 0
