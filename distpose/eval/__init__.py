@@ -1,0 +1,1 @@
+"""Evaluation: PCK, HRNet accuracy, COCO OKS AP via pycocotools, skeleton drawings."""

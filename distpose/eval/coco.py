@@ -1,0 +1,62 @@
+"""COCO keypoint evaluation through pycocotools, with HRNet's rescoring and OKS-NMS for detector boxes."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from distpose.errors import DataError
+from distpose.eval.metrics import oks
+from distpose.keypoints import OKS_SIGMAS
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
+
+
+def rescore(keypoint_scores: np.ndarray, box_score: float, threshold: float = 0.2) -> float:
+    """HRNet's instance score: the box score times the mean of the keypoint scores above `threshold`."""
+    confident = keypoint_scores[keypoint_scores > threshold]
+    return float(box_score * (confident.mean() if confident.size else 0.0))
+
+
+def oks_nms(instances: list[dict[str, Any]], threshold: float = 0.9, sigmas: Sequence[float] = OKS_SIGMAS
+            ) -> list[dict[str, Any]]:
+    """Per image, keep instances in descending score order, dropping any whose OKS with a kept one
+    (using the kept one's box area as scale) exceeds `threshold`. Instances are COCO results with an
+    extra "area" (the detection box area)."""
+    by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for inst in instances:
+        by_image[inst["image_id"]].append(inst)
+    kept = []
+    for group in by_image.values():
+        remaining = sorted(group, key=lambda inst: -inst["score"])
+        while remaining:
+            best = remaining.pop(0)
+            kept.append(best)
+            best_kps = np.asarray(best["keypoints"], dtype=np.float64).reshape(-1, 3)
+            as_gt = np.concatenate([best_kps[:, :2], np.ones((len(best_kps), 1))], axis=1)
+            remaining = [inst for inst in remaining
+                         if oks(np.asarray(inst["keypoints"]).reshape(-1, 3)[:, :2], as_gt, best["area"], sigmas)
+                         <= threshold]
+    return kept
+
+
+def evaluate(annotation_file: str | Path, results: list[dict[str, Any]]) -> dict[str, float]:
+    """COCOeval(keypoints) of COCO-format results against the ground truth; returns the 10 stats by name."""
+    if not results:
+        raise DataError("no predictions to evaluate")
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        gt = COCO(str(annotation_file))
+        evaluator = COCOeval(gt, gt.loadRes([{k: v for k, v in r.items() if k != "area"} for r in results]),
+                             "keypoints")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return dict(zip(STAT_NAMES, (float(v) for v in evaluator.stats)))
