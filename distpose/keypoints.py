@@ -56,6 +56,7 @@ OKS_SIGMAS: tuple[float, ...] = (
 )
 
 LEFT_JOINTS = frozenset(i for i, n in enumerate(NAMES) if n.startswith("left_"))
+RIGHT_JOINTS = frozenset(i for i, n in enumerate(NAMES) if n.startswith("right_"))
 
 # Spanning tree for the CRF, as parent indices (-1 at the root). Rooted at the nose:
 # nose -> eyes -> ears, nose -> shoulders -> elbows -> wrists, shoulders -> hips -> knees -> ankles.

@@ -78,6 +78,25 @@ def _shifted(belief: torch.Tensor, radius: int) -> torch.Tensor:
     return F.pad(belief, (radius, radius, radius, radius), value=NEG_INF)
 
 
+def _max_pass(padded: torch.Tensor, pairwise: torch.Tensor, h: int, w: int, with_index: bool
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """max_d [belief(x + d) + pairwise(d)] over the window, one displacement at a time, and (if asked)
+    the window index of the first maximum."""
+    size = pairwise.shape[-1]
+    best = torch.full((padded.shape[0], h, w), NEG_INF, dtype=padded.dtype, device=padded.device)
+    index = torch.zeros(best.shape, dtype=torch.long, device=best.device) if with_index else None
+    for i in range(size):
+        for j in range(size):
+            term = padded[:, i:i + h, j:j + w] + pairwise[:, i, j, None, None]
+            if index is None:
+                torch.maximum(best, term, out=best)
+            else:
+                better = term > best
+                best = torch.where(better, term, best)
+                index = torch.where(better, torch.full_like(index, i * size + j), index)
+    return best, index
+
+
 class _ShiftMessage(torch.autograd.Function):
     """One displacement at a time: a max pass, then a sum of exp(term - max); the backward pass
     recomputes each term's softmax weight from the saved output. Memory O(N H W) for any window."""
@@ -87,10 +106,7 @@ class _ShiftMessage(torch.autograd.Function):
         h, w = belief.shape[1:]
         size = pairwise.shape[-1]
         padded = _shifted(belief, size // 2)
-        best = torch.full_like(belief, NEG_INF)
-        for i in range(size):
-            for j in range(size):
-                torch.maximum(best, padded[:, i:i + h, j:j + w] + pairwise[:, i, j, None, None], out=best)
+        best, _ = _max_pass(padded, pairwise, h, w, with_index=False)
         stable = torch.where(torch.isfinite(best), best, torch.zeros_like(best))
         total = torch.zeros_like(belief)
         for i in range(size):
@@ -125,17 +141,7 @@ def _shift_message(belief: torch.Tensor, pairwise: torch.Tensor, max_product: bo
     if not max_product:
         return _ShiftMessage.apply(belief, pairwise), None
     h, w = belief.shape[1:]
-    size = pairwise.shape[-1]
-    padded = _shifted(belief, size // 2)
-    best = torch.full_like(belief, NEG_INF)
-    index = torch.zeros(belief.shape, dtype=torch.long, device=belief.device)
-    for i in range(size):
-        for j in range(size):
-            term = padded[:, i:i + h, j:j + w] + pairwise[:, i, j, None, None]
-            better = term > best
-            best = torch.where(better, term, best)
-            index = torch.where(better, torch.full_like(index, i * size + j), index)
-    return best, index
+    return _max_pass(_shifted(belief, pairwise.shape[-1] // 2), pairwise, h, w, with_index=True)
 
 
 # The formulations of one message; "reference" is the faster of the two on CPU (see
@@ -154,7 +160,8 @@ def message(belief: torch.Tensor, pairwise: torch.Tensor, max_product: bool = Fa
 
 
 class _Schedule:
-    """Levels of a parent-list tree, deepest first, as index tensors for batched message passing."""
+    """A parent-list tree's non-root nodes grouped by depth, deepest level first (one batched
+    message computation per level)."""
 
     def __init__(self, parents: Sequence[int]):
         depths = tree_depths(parents)
@@ -172,8 +179,10 @@ def _formulation(impl: str) -> str:
     return REFERENCE if impl in ("auto", "reference") else impl
 
 
-def _check(unary: torch.Tensor, pairwise: torch.Tensor, parents: Sequence[int], impl: str) -> torch.Tensor:
-    _formulation(impl)
+def _check(unary: torch.Tensor, pairwise: torch.Tensor, parents: Sequence[int], impl: str
+           ) -> tuple[torch.Tensor, str]:
+    """Validated arguments: pairwise as [B, K, 2R+1, 2R+1] in unary's dtype, and the formulation."""
+    formulation = _formulation(impl)
     if unary.dim() != 4:
         raise ValueError(f"unary must be [B, K, H, W], got shape {tuple(unary.shape)}")
     b, k = unary.shape[:2]
@@ -185,7 +194,7 @@ def _check(unary: torch.Tensor, pairwise: torch.Tensor, parents: Sequence[int], 
             or pairwise.shape[2] % 2 == 0:
         raise ValueError(f"pairwise must be [K, 2R+1, 2R+1] or [B, K, 2R+1, 2R+1] for B={b}, K={k}; "
                          f"got {tuple(pairwise.shape)}")
-    return pairwise.to(unary.dtype)
+    return pairwise.to(unary.dtype), formulation
 
 
 def _upward(unary: torch.Tensor, pairwise: torch.Tensor, schedule: _Schedule, max_product: bool,
@@ -214,10 +223,9 @@ def tree_crf_marginals(unary: torch.Tensor, pairwise: torch.Tensor, parents: Seq
     """Exact log-partition [B] and log-marginals [B, K, H, W] (each joint's map sums to 1 in
     probability). A batch element with no possible configuration gets log_z = -inf and all -inf
     marginals. Differentiable with respect to unary and pairwise."""
-    pairwise = _check(unary, pairwise, parents, impl)
+    pairwise, formulation = _check(unary, pairwise, parents, impl)
     schedule = _Schedule(parents)
     b, k, h, w = unary.shape
-    formulation = _formulation(impl)
     incoming, sent, _ = _upward(unary, pairwise, schedule, False, formulation)
     root = schedule.root
     log_z = logsumexp((unary[:, root] + incoming[root]).reshape(b, -1), dim=1)
@@ -225,10 +233,10 @@ def tree_crf_marginals(unary: torch.Tensor, pairwise: torch.Tensor, parents: Seq
     outside: list[torch.Tensor | None] = [None] * k
     outside[root] = torch.zeros_like(unary[:, root])
     for level in reversed(schedule.levels):
+        totals = {p: unary[:, p] + outside[p] + incoming[p] for p in {schedule.parents[c] for c in level}}
         rest = []
         for c in level:
-            p = schedule.parents[c]
-            total = unary[:, p] + outside[p] + incoming[p]
+            total = totals[schedule.parents[c]]
             # Everything at the parent but this child's own message. Where that message is -inf the
             # parent position is impossible for the child anyway, so -inf is exact there (not NaN).
             rest.append(torch.where(sent[c] == NEG_INF, torch.full_like(total, NEG_INF), total - sent[c]))
@@ -249,12 +257,12 @@ def tree_crf_marginals(unary: torch.Tensor, pairwise: torch.Tensor, parents: Seq
 def tree_crf_map(unary: torch.Tensor, pairwise: torch.Tensor, parents: Sequence[int], impl: str = "auto"
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """MAP score [B] and positions [B, K, 2] (int64 y, x) of the most probable configuration."""
-    pairwise = _check(unary, pairwise, parents, impl)
+    pairwise, formulation = _check(unary, pairwise, parents, impl)
     schedule = _Schedule(parents)
     b, k, _, w = unary.shape
     radius = pairwise.shape[-1] // 2
     with torch.no_grad():
-        incoming, _, pointers = _upward(unary, pairwise, schedule, True, _formulation(impl))
+        incoming, _, pointers = _upward(unary, pairwise, schedule, True, formulation)
         root = schedule.root
         score, best = (unary[:, root] + incoming[root]).reshape(b, -1).max(dim=1)
         flat = torch.zeros(b, k, dtype=torch.long, device=unary.device)

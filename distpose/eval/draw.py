@@ -10,18 +10,16 @@ import numpy as np
 
 from distpose.errors import UserError
 from distpose.files import atomic_write_bytes
-from distpose.keypoints import INDEX, SKELETON
+from distpose.keypoints import LEFT_JOINTS, RIGHT_JOINTS, SKELETON
 
 # BGR. The person's left side warm, right side cool, the centre line (face, shoulders, hips) green.
 LEFT_COLOUR, RIGHT_COLOUR, CENTRE_COLOUR = (0, 128, 255), (255, 128, 0), (0, 200, 0)
-_LEFT = {k for name, k in INDEX.items() if name.startswith("left_")}
-_RIGHT = {k for name, k in INDEX.items() if name.startswith("right_")}
 
 
 def limb_colour(a: int, b: int) -> tuple[int, int, int]:
-    if {a, b} <= _LEFT:
+    if {a, b} <= LEFT_JOINTS:
         return LEFT_COLOUR
-    if {a, b} <= _RIGHT:
+    if {a, b} <= RIGHT_JOINTS:
         return RIGHT_COLOUR
     return CENTRE_COLOUR
 
@@ -38,7 +36,7 @@ def draw_skeletons(image: np.ndarray, people: np.ndarray, min_score: float = 0.0
             if shown[a] and shown[b]:
                 cv2.line(canvas, tuple(points[a]), tuple(points[b]), limb_colour(a, b), thickness, cv2.LINE_AA)
         for k in np.flatnonzero(shown):
-            colour = LEFT_COLOUR if k in _LEFT else RIGHT_COLOUR if k in _RIGHT else CENTRE_COLOUR
+            colour = LEFT_COLOUR if k in LEFT_JOINTS else RIGHT_COLOUR if k in RIGHT_JOINTS else CENTRE_COLOUR
             cv2.circle(canvas, tuple(points[k]), thickness + 1, colour, -1, cv2.LINE_AA)
     return canvas
 
