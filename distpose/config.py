@@ -68,7 +68,9 @@ class ModelConfig:
     backbone: Backbone = "cnn_small"
     num_joints: int = 17
     crf_window: int = 7  # R: pairwise displacements lie in a (2R+1) x (2R+1) window
-    checkpoint: str = ""  # local weights to start from (no downloads)
+    # Local weights file for the backbone (ours, torchvision ResNet-50, or an official HRNet/SimpleBaseline
+    # release), loaded where names and shapes match. Nothing is ever downloaded.
+    pretrained: str = ""
 
 
 @dataclass
@@ -87,7 +89,7 @@ class TrainConfig:
     zero_stage: Literal[0, 1, 2, 3] = 0
     grad_accum: int = 1
     grad_clip: float = 0.0  # 0 disables clipping
-    backbone_checkpoint: str = ""  # required by the crf and joint modes
+    backbone_checkpoint: str = ""  # pose checkpoint of the trained backbone: required by the crf and joint modes
     keep_checkpoints: int = 2
     max_failures: int = 1
     seed: int = 0
@@ -222,9 +224,24 @@ def _parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def config_from_dict(data: Any, source: str = "config") -> Config:
+    """The defaults updated by a nested mapping of sections (as YAML or a checkpoint holds), validated."""
+    cfg = _apply(Config(), data, source)
+    validate(cfg)
+    return cfg
+
+
+def _apply(cfg: Config, data: Any, source: str) -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    for key, value in data.items():
+        _set(cfg, str(key), value)
+    return cfg
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """The defaults, updated by the YAML file at `path` (if any), then by `key.sub=value` overrides."""
-    cfg = Config()
+    data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -235,10 +252,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             line = getattr(getattr(exc, "problem_mark", None), "line", None)
             where = f" line {line + 1}" if line is not None else ""
             raise ConfigError(f"config file {path}{where}: not valid YAML") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path}: expected a mapping of sections, got {type(data).__name__}")
-        for key, value in data.items():
-            _set(cfg, str(key), value)
+    cfg = _apply(Config(), data, f"config file {path}")
     for text in overrides:
         _set(cfg, *_parse_override(text))
     validate(cfg)

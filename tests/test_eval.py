@@ -11,8 +11,15 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from distpose.config import DataConfig
+from distpose.data.coco import annotation_path, load_detections, load_split
 from distpose.data.codec import HeatmapCodec
-from distpose.eval.coco import evaluate, oks_nms, rescore
+from distpose.data.loader import eval_loader
+from distpose.data.shards import write_shards
+from distpose.data.transforms import apply_affine
+from distpose.errors import DataError
+from distpose.eval.coco import coco_results, evaluate, oks_nms, rescore
+from distpose.eval.inference import predict
 from distpose.eval.metrics import hrnet_accuracy, oks, pck
 from distpose.keypoints import OKS_SIGMAS
 
@@ -100,3 +107,90 @@ def test_rescoring_and_oks_nms():
     ]
     kept = oks_nms(instances, threshold=0.9)
     assert sorted((k["image_id"], k["score"]) for k in kept) == [(1, 0.5), (1, 0.9), (2, 0.1)]
+
+
+@pytest.fixture(scope="module")
+def mini_eval(coco_mini, tmp_path_factory):
+    """The real mini set as shards, read at 256x192 -> 64x48, and its labelled persons by image."""
+    out = tmp_path_factory.mktemp("mini_eval_shards")
+    write_shards(coco_mini, "val2017", out, samples_per_shard=2, progress=False)
+    cfg = DataConfig(shards=str(out), val_split="val2017", input_size=(256, 192), heatmap_size=(64, 48),
+                     batch_size=16, loader_workers=0)
+    persons = {r.id: [p for p in r.persons if p.usable] for r in load_split(coco_mini, "val2017").images}
+    return cfg, HeatmapCodec(cfg.input_size, cfg.heatmap_size, cfg.sigma), persons
+
+
+def box_iou(a, b) -> float:
+    iw = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    return iw * ih / (a[2] * a[3] + b[2] * b[3] - iw * ih)
+
+
+def oracle_maps(codec, persons):
+    """A perfect 'model': heatmaps of the labelled person that best overlaps each crop's box."""
+    def maps(batch):
+        out = torch.zeros(len(batch["image_id"]), 17, *codec.heatmap_size)
+        for row in range(len(out)):
+            box = batch["bbox"][row].tolist()
+            matches = [(box_iou(box, p.bbox), p) for p in persons[int(batch["image_id"][row])]]
+            overlap, person = max(matches, key=lambda m: m[0], default=(0.0, None))
+            if overlap >= 0.5:
+                kps = torch.tensor(person.keypoints, dtype=torch.float64).reshape(17, 3)
+                out[row], _ = codec.encode(apply_affine(kps[:, :2], batch["image_to_crop"][row]), kps[:, 2] > 0)
+        return out
+    return maps
+
+
+def test_end_to_end_with_ground_truth_boxes(coco_mini, mini_eval):
+    cfg, codec, persons = mini_eval
+    preds = predict(eval_loader(cfg), oracle_maps(codec, persons), codec)
+    assert sorted(preds.instance_ids.tolist()) == sorted(p.id for ps in persons.values() for p in ps)
+    stats = evaluate(annotation_path(coco_mini, "val2017"), coco_results(preds))
+    assert stats["AP"] >= 0.99 and stats["AR"] >= 0.99
+    report = pck(preds.keypoints, preds.gt_keypoints, preds.bboxes)
+    assert report["visible"]["pck@0.05"]["mean"] == 1.0 and report["occluded"]["pck@0.05"]["mean"] == 1.0
+
+
+def test_end_to_end_with_detector_boxes(coco_mini, mini_eval):
+    """The mini set's detector boxes -> crops -> decode -> rescoring -> OKS-NMS -> COCOeval."""
+    cfg, codec, persons = mini_eval
+    detections = load_detections(coco_mini / "annotations" / "person_detections_val2017.json")
+    preds = predict(eval_loader(cfg, boxes=detections), oracle_maps(codec, persons), codec)
+    assert sorted(preds.instance_ids.tolist()) == list(range(118))  # every detector box once
+    detector_scores = {d.index: d.score for ds in detections.values() for d in ds}
+    np.testing.assert_allclose(preds.box_scores, [detector_scores[i] for i in preds.instance_ids], rtol=1e-6)
+    kept = coco_results(preds)
+    assert len(kept) < len(coco_results(preds, nms_threshold=None))  # duplicate boxes removed
+    for a in kept:
+        for b in kept:
+            if a is not b and a["image_id"] == b["image_id"] and a["score"] >= b["score"]:
+                gt = np.concatenate([np.reshape(a["keypoints"], (17, 3))[:, :2], np.ones((17, 1))], axis=1)
+                assert oks(np.reshape(b["keypoints"], (17, 3))[:, :2], gt, a["area"]) <= 0.9
+    stats = evaluate(annotation_path(coco_mini, "val2017"), kept)
+    print(f"detector boxes, perfect heatmaps: {len(preds)} boxes, {len(kept)} after OKS-NMS, AP={stats['AP']:.4f}")
+    assert stats["AP"] >= 0.99 and stats["AR"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("doc, message", [
+    ({"image_id": 1}, "expected a list of detections"),
+    ([{"image_id": "7", "bbox": [0, 0, 5, 5], "score": 0.5}], "detection 0 field 'image_id' is '7'"),
+    ([{"image_id": 7, "bbox": [0, 0, 5], "score": 0.5}], "detection 0 field 'bbox'"),
+    ([{"image_id": 7, "bbox": [0, 0, 5, 5], "score": None}], "detection 0 field 'score' is None"),
+])
+def test_bad_detections_file_names_the_record(tmp_path, doc, message):
+    path = tmp_path / "dets.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=message):
+        load_detections(path)
+
+
+def test_detections_keep_people_above_the_score_threshold(tmp_path):
+    path = tmp_path / "dets.json"
+    path.write_text(json.dumps([
+        {"image_id": 7, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.5},
+        {"image_id": 7, "category_id": 3, "bbox": [0, 0, 5, 5], "score": 0.9},  # a car
+        {"image_id": 7, "category_id": 1, "bbox": [0, 0, 0, 5], "score": 0.9},  # empty box
+        {"image_id": 8, "category_id": 1, "bbox": [1, 2, 3, 4], "score": 0.05},
+    ]))
+    assert {k: [d.index for d in v] for k, v in load_detections(path).items()} == {7: [0], 8: [3]}
+    assert list(load_detections(path, min_score=0.1)) == [7]

@@ -175,3 +175,44 @@ def load_split(root: str | Path, split: str) -> CocoSplit:
             img.persons.append(person)
     ordered = sorted(images.values(), key=lambda r: r.id)
     return CocoSplit(annotation_file=ann_file, image_dir=image_dir, images=ordered, repairs=repairs)
+
+
+@dataclass(frozen=True)
+class Detection:
+    """A person-detector box (COCO results format) to run the pose model on."""
+
+    bbox: tuple[float, float, float, float]  # x, y, w, h in image pixels
+    score: float
+    index: int  # position in the detections file: the instance id of what is predicted from it
+
+
+def load_detections(path: str | Path, min_score: float = 0.0) -> dict[int, list[Detection]]:
+    """Person boxes by image id from a COCO-results JSON (a list of {image_id, category_id, bbox, score}).
+
+    Non-person categories, boxes scoring below `min_score`, and empty boxes are left out.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"detections file {path} does not exist")
+    try:
+        doc = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: malformed JSON ({exc})") from None
+    if not isinstance(doc, list):
+        raise DataError(f"{path}: expected a list of detections (COCO results format), got {type(doc).__name__}")
+    boxes: dict[int, list[Detection]] = {}
+    for index, raw in enumerate(doc):
+        if not isinstance(raw, dict):
+            raise DataError(f"{path}: detection {index} is {type(raw).__name__}, expected an object")
+        image_id, bbox, score = raw.get("image_id"), raw.get("bbox"), raw.get("score")
+        if not isinstance(image_id, int) or isinstance(image_id, bool):
+            raise DataError(f"{path}: detection {index} field 'image_id' is {image_id!r}, expected an integer")
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(_number(v) for v in bbox):
+            raise DataError(f"{path}: detection {index} field 'bbox' is {bbox!r}, expected [x, y, w, h] numbers")
+        if not _number(score):
+            raise DataError(f"{path}: detection {index} field 'score' is {score!r}, expected a number")
+        if raw.get("category_id", PERSON_CATEGORY_ID) != PERSON_CATEGORY_ID or score < min_score:
+            continue
+        if bbox[2] > 0 and bbox[3] > 0:
+            boxes.setdefault(image_id, []).append(Detection(tuple(float(v) for v in bbox), float(score), index))
+    return boxes

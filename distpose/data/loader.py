@@ -24,7 +24,7 @@ import mmap
 import random
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +35,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from distpose.config import DataConfig
-from distpose.data.coco import Person
+from distpose.data.coco import Detection, Person
 from distpose.data.shards import DecodedSample, SampleError, decode_image, parse_sample, shard_paths
 from distpose.data.transforms import TopDownTransform
 from distpose.errors import DataError
@@ -74,6 +74,7 @@ class StreamSpec:
     world_size: int
     batch_size: int
     data: DataConfig
+    boxes: Mapping[int, list[Detection]] | None = None  # evaluation on detector boxes instead of the labels
 
 
 def _worker() -> tuple[int, int]:
@@ -105,13 +106,24 @@ def _shuffled(stream: Iterator, buffer: int, rng: random.Random) -> Iterator:
     return wds.shuffle(buffer, initial=buffer // 4, rng=rng)(stream) if buffer > 1 else stream
 
 
-def _persons(samples: Iterator[dict[str, Any]], counter: CorruptSampleCounter, progress: _Progress
-             ) -> Iterator[tuple[DecodedSample, np.ndarray, Person]]:
-    """Decode each image once; yield (sample, image, person) for each usable person in it."""
+def _detected(detection: Detection) -> Person:
+    """A detector box as an unlabelled person: its instance id is the detection's index."""
+    w, h = detection.bbox[2:]
+    return Person(detection.index, list(detection.bbox), [0.0] * 3 * NUM_JOINTS, 0, w * h, 0)
+
+
+def _persons(samples: Iterator[dict[str, Any]], counter: CorruptSampleCounter, progress: _Progress,
+             boxes: Mapping[int, list[Detection]] | None = None
+             ) -> Iterator[tuple[DecodedSample, np.ndarray, Person, float]]:
+    """Decode each image once; yield (sample, image, person, box score) for each usable labelled
+    person in it, or for each detector box given for it."""
     for raw in samples:
         try:
             sample = parse_sample(raw)
-            persons = [p for p in sample.persons if p.usable]
+            if boxes is None:
+                persons = [(p, 1.0) for p in sample.persons if p.usable]
+            else:
+                persons = [(_detected(d), d.score) for d in boxes.get(sample.image_id, ())]
             if not persons:
                 continue
             image = decode_image(sample)
@@ -120,8 +132,8 @@ def _persons(samples: Iterator[dict[str, Any]], counter: CorruptSampleCounter, p
             counter(exc)
             continue
         progress.reads_since_person = 0
-        for person in persons:
-            yield sample, image, person
+        for person, score in persons:
+            yield sample, image, person, score
 
 
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14
@@ -169,14 +181,14 @@ def _batch_buffers(spec: StreamSpec, size: int, shared: bool) -> dict[str, torch
     }
 
 
-def _batches(persons: Iterator[tuple[DecodedSample, np.ndarray, Person]], spec: StreamSpec,
+def _batches(persons: Iterator[tuple[DecodedSample, np.ndarray, Person, float]], spec: StreamSpec,
              rng: np.random.Generator, shared: bool) -> Iterator[dict[str, torch.Tensor]]:
     """Crop and augment each person straight into its row of the batch buffers."""
     d = spec.data
     transform = TopDownTransform(d.input_size, d.box_padding, d.augment if spec.train else None)
     size = spec.batch_size
     batch, arrays, row = None, {}, 0
-    for sample, image, person in persons:
+    for sample, image, person, score in persons:
         if batch is None:
             batch = _batch_buffers(spec, size, shared)
             arrays = {name: t.numpy() for name, t in batch.items()}
@@ -186,7 +198,7 @@ def _batches(persons: Iterator[tuple[DecodedSample, np.ndarray, Person]], spec: 
         arrays["image_to_crop"][row] = crop.image_to_crop
         arrays["keypoints"][row] = keypoints
         arrays["bbox"][row] = person.bbox
-        arrays["area"][row], arrays["score"][row] = person.area, 1.0
+        arrays["area"][row], arrays["score"][row] = person.area, score
         arrays["image_id"][row], arrays["instance_id"][row] = sample.image_id, person.id
         row += 1
         if row == size:
@@ -217,7 +229,7 @@ class TopDownStream(IterableDataset):
         samples = wds.tarfile_samples(shards, handler=counter)
         if spec.train:
             samples = _shuffled(samples, d.sample_shuffle, random.Random(f"{seed} samples"))
-        persons = _persons(samples, counter, progress)
+        persons = _persons(samples, counter, progress, spec.boxes)
         if spec.train:
             # Shuffling (image, person) references before cropping: cheap, and crops are then
             # written once, straight into the batch.
@@ -285,9 +297,11 @@ def train_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1) -> Streami
     return StreamingLoader(spec, cfg.loader_workers, cfg.batches_per_epoch)
 
 
-def eval_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, split: str | None = None) -> StreamingLoader:
-    """One exact pass over this rank's share of `split` (default `cfg.val_split`)."""
+def eval_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, split: str | None = None,
+                boxes: Mapping[int, list[Detection]] | None = None) -> StreamingLoader:
+    """One exact pass over this rank's share of `split` (default `cfg.val_split`): every labelled
+    person once, or with `boxes` (see coco.load_detections) every detector box of its images once."""
     spec = StreamSpec(tuple(shard_paths(cfg.shards, split or cfg.val_split)), False, rank, world_size,
-                      cfg.batch_size, cfg)
+                      cfg.batch_size, cfg, boxes)
     return StreamingLoader(spec, cfg.loader_workers)
 

@@ -14,6 +14,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from distpose.errors import DataError
+from distpose.eval.inference import Predictions
 from distpose.eval.metrics import oks
 from distpose.keypoints import OKS_SIGMAS
 
@@ -60,3 +61,19 @@ def evaluate(annotation_file: str | Path, results: list[dict[str, Any]]) -> dict
         evaluator.accumulate()
         evaluator.summarize()
     return dict(zip(STAT_NAMES, (float(v) for v in evaluator.stats)))
+
+
+def coco_results(predictions: Predictions, rescore_threshold: float = 0.2, nms_threshold: float | None = 0.9
+                 ) -> list[dict[str, Any]]:
+    """Predictions -> COCO keypoint results, scored as HRNet does (box score x mean confident joint
+    score) and, unless `nms_threshold` is None, thinned by OKS-NMS."""
+    results = []
+    for i in range(len(predictions)):
+        kps = np.concatenate([predictions.keypoints[i], predictions.scores[i][:, None]], axis=1)
+        results.append({
+            "image_id": int(predictions.image_ids[i]), "category_id": 1,
+            "keypoints": [round(float(v), 3) for v in kps.ravel()],
+            "score": rescore(predictions.scores[i], float(predictions.box_scores[i]), rescore_threshold),
+            "area": float(predictions.areas[i]),
+        })
+    return results if nms_threshold is None else oks_nms(results, nms_threshold)

@@ -1,0 +1,124 @@
+"""The pose model: a heatmap backbone, optionally refined by a tree CRF, with flip-test inference.
+
+Modes (train.mode): `backbone` trains the heatmap network alone; `crf` and `joint` add a TreeCRF
+on the backbone's stride-4 features (the backbone frozen, or trained with it). Freezing is the
+training loop's business; the model is the same nn.Module in all three.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distpose.config import Config, ConfigError, config_from_dict, to_dict
+from distpose.keypoints import FLIP_INDEX
+from distpose.models.crf import TreeCRF
+from distpose.models.factory import build_backbone
+from distpose.models.weights import load_backbone_weights, read_pose_checkpoint, save_pose_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PoseOutput:
+    heatmaps: torch.Tensor  # [B, K, h, w] from the backbone's heatmap head
+    log_z: torch.Tensor | None = None  # [B], CRF models only
+    log_marginals: torch.Tensor | None = None  # [B, K, h, w], CRF models only
+
+
+def flip_back(maps: torch.Tensor) -> torch.Tensor:
+    """Maps predicted on a mirrored crop -> maps for the original crop: mirror x, swap left/right.
+
+    Exact, with no pixel shift: the codec aligns the first and last pixel centres of crop and
+    heatmap, so mirroring the crop (x -> W_in - 1 - x) mirrors the heatmap (x -> W_hm - 1 - x).
+    HRNet's one-pixel shift corrects the offset of its x / stride alignment, which we do not have.
+    """
+    return maps.flip(-1)[:, list(FLIP_INDEX)]
+
+
+class PoseModel(nn.Module):
+    def __init__(self, backbone: nn.Module, crf: TreeCRF | None = None, score_radius: int = 2):
+        super().__init__()
+        self.backbone = backbone
+        self.crf = crf
+        self.score_radius = score_radius
+
+    def forward(self, images: torch.Tensor) -> PoseOutput:
+        features = self.backbone.features(images)
+        heatmaps = self.backbone.final_layer(features)
+        if self.crf is None:
+            return PoseOutput(heatmaps)
+        log_z, log_marginals = self.crf(features)
+        return PoseOutput(heatmaps, log_z, log_marginals)
+
+    def keypoint_maps(self, images: torch.Tensor, flip_test: bool = False) -> torch.Tensor:
+        """Maps whose argmax is the predicted joint and whose maximum its confidence, [B, K, h, w]
+        float32: the heatmaps, or for a CRF model each joint's marginal probability of lying within
+        `score_radius` heatmap pixels (in [0, 1], on the scale HRNet's rescoring threshold expects).
+        With `flip_test`, averaged with the flip-backed maps of the mirrored images."""
+        maps = self._maps(images)
+        if flip_test:
+            maps = 0.5 * (maps + flip_back(self._maps(images.flip(-1))))
+        return maps
+
+    def _maps(self, images: torch.Tensor) -> torch.Tensor:
+        out = self(images)
+        if out.log_marginals is None:
+            return out.heatmaps.float()
+        window = 2 * self.score_radius + 1
+        probs = out.log_marginals.float().exp()
+        return F.avg_pool2d(probs, window, stride=1, padding=self.score_radius, count_include_pad=True) * window**2
+
+
+def build_pose_model(cfg: Config) -> PoseModel:
+    """The model for `cfg.train.mode`, initialised from the local files the config names.
+
+    `model.pretrained` (optional) is loaded into the backbone where names and shapes match.
+    The crf and joint modes start from `train.backbone_checkpoint`, a pose checkpoint of the same
+    backbone (or a bare weights file), and their CRF unary head from its heatmap head.
+    """
+    m = cfg.model
+    backbone = build_backbone(m.backbone, m.num_joints)
+    if m.pretrained:
+        load_backbone_weights(backbone, m.backbone, m.pretrained)
+    crf = None
+    if cfg.train.mode in ("crf", "joint"):
+        if not cfg.train.backbone_checkpoint:
+            raise ConfigError(f"config key 'train.backbone_checkpoint': required by train.mode={cfg.train.mode!r}")
+        _load_backbone_checkpoint(backbone, m.backbone, cfg.train.backbone_checkpoint)
+        crf = TreeCRF(backbone.feature_channels, radius=m.crf_window)
+        crf.init_unary_from(backbone.final_layer)
+    return PoseModel(backbone, crf)
+
+
+def _load_backbone_checkpoint(backbone: nn.Module, name: str, path: str) -> None:
+    """All of the backbone from a pose checkpoint or weights file: a crf/joint run must never start
+    from a half-loaded network."""
+    report = load_backbone_weights(backbone, name, path)
+    if report.missing or report.mismatched:
+        example = (report.mismatched or report.missing)[0]
+        raise ConfigError(f"config key 'train.backbone_checkpoint': {path} does not hold a complete {name!r} "
+                          f"backbone ({len(report.missing)} tensors missing, {len(report.mismatched)} of another "
+                          f"shape, e.g. {example})")
+
+
+def save_checkpoint(path: str | Path, model: PoseModel, cfg: Config, meta: dict[str, Any] | None = None) -> None:
+    save_pose_checkpoint(path, model, to_dict(cfg), meta)
+
+
+def load_checkpoint(path: str | Path) -> tuple[PoseModel, Config, dict[str, Any]]:
+    """A pose checkpoint -> (model in eval mode, the config that built it, its metadata)."""
+    ckpt = read_pose_checkpoint(path)
+    cfg = config_from_dict(ckpt["config"], source=f"checkpoint {path}")
+    m = cfg.model
+    backbone = build_backbone(m.backbone, m.num_joints)
+    crf = TreeCRF(backbone.feature_channels, radius=m.crf_window) if cfg.train.mode != "backbone" else None
+    model = PoseModel(backbone, crf)
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), cfg, ckpt["meta"]

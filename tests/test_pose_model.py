@@ -1,0 +1,181 @@
+"""The pose model factory, weights files (ours and official names), checkpoints, and flip test."""
+
+import numpy as np
+import pytest
+import torch
+
+from distpose.config import Config, ConfigError, load_config
+from distpose.data.codec import HeatmapCodec
+from distpose.data.transforms import apply_affine, box_to_center_scale, crop_matrix
+from distpose.errors import UserError
+from distpose.keypoints import FLIP_INDEX
+from distpose.models.crf import TreeCRF
+from distpose.models.factory import build_backbone
+from distpose.models.pose import PoseModel, build_pose_model, flip_back, load_checkpoint, save_checkpoint
+from distpose.models.weights import load_backbone_weights, official_to_ours
+
+
+def quick_config(**overrides) -> Config:
+    return load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def test_modes_build_the_right_heads_and_outputs():
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 128, 96)
+    model = build_pose_model(quick_config()).eval()
+    assert model.crf is None
+    out = model(images)
+    assert tuple(out.heatmaps.shape) == (2, 17, 32, 24) and out.log_marginals is None
+
+
+def test_crf_modes_need_and_load_a_backbone_checkpoint(tmp_path):
+    with pytest.raises(ConfigError, match="train.backbone_checkpoint"):
+        build_pose_model(quick_config(**{"train.mode": "crf"}))
+    trained = build_pose_model(quick_config())
+    save_checkpoint(tmp_path / "backbone.pt", trained, quick_config())
+    for mode in ("crf", "joint"):
+        model = build_pose_model(quick_config(**{"train.mode": mode, "train.backbone_checkpoint":
+                                                 str(tmp_path / "backbone.pt"), "model.crf_window": 3}))
+        for name, value in trained.backbone.state_dict().items():
+            assert torch.equal(model.backbone.state_dict()[name], value), name
+        assert torch.equal(model.crf.unary_head.weight, trained.backbone.final_layer.weight)
+        assert model.crf.radius == 3
+    out = model(torch.randn(1, 3, 128, 96))
+    torch.testing.assert_close(out.log_marginals.exp().sum((2, 3)), torch.ones(1, 17), atol=1e-5, rtol=0)
+
+
+def test_crf_mode_rejects_a_checkpoint_of_another_backbone(tmp_path):
+    other = build_pose_model(quick_config(**{"model.backbone": "hrnet_small"}))
+    save_checkpoint(tmp_path / "hrnet.pt", other, quick_config(**{"model.backbone": "hrnet_small"}))
+    with pytest.raises(ConfigError, match="does not hold a complete 'cnn_small' backbone"):
+        build_pose_model(quick_config(**{"train.mode": "crf", "train.backbone_checkpoint": str(tmp_path / "hrnet.pt")}))
+
+
+def test_checkpoint_round_trip_gives_identical_predictions(tmp_path):
+    cfg = quick_config(**{"train.mode": "joint", "train.backbone_checkpoint": "unused", "model.crf_window": 2})
+    torch.manual_seed(1)
+    backbone = build_backbone("cnn_small")
+    model = PoseModel(backbone, TreeCRF(backbone.feature_channels, radius=2)).eval()
+    with torch.no_grad():
+        model.crf.pairwise.normal_()
+    save_checkpoint(tmp_path / "model.pt", model, cfg, {"epoch": 3})
+    loaded, loaded_cfg, meta = load_checkpoint(tmp_path / "model.pt")
+    assert meta == {"epoch": 3} and loaded_cfg.train.mode == "joint" and loaded_cfg.model.crf_window == 2
+    images = torch.randn(2, 3, 128, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.keypoint_maps(images, True), model.keypoint_maps(images, True),
+                                   atol=0, rtol=0)
+    assert not list(tmp_path.glob(".*tmp*"))  # written under a temporary name, then renamed
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"not a torch file", "not a readable torch file"),
+    (None, "does not exist"),
+])
+def test_unreadable_weights_are_one_line_errors(tmp_path, content, message):
+    path = tmp_path / "w.pt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        load_checkpoint(path)
+    with pytest.raises(UserError, match=message):
+        load_backbone_weights(build_backbone("cnn_small"), "cnn_small", path)
+
+
+def test_weights_file_that_is_not_a_checkpoint(tmp_path):
+    torch.save({"tensors": [1, 2]}, tmp_path / "list.pt")
+    with pytest.raises(UserError, match="holds no state dict"):
+        load_backbone_weights(build_backbone("cnn_small"), "cnn_small", tmp_path / "list.pt")
+    torch.save(build_backbone("cnn_small").state_dict(), tmp_path / "bare.pt")
+    with pytest.raises(UserError, match="not a distpose pose checkpoint"):
+        load_checkpoint(tmp_path / "bare.pt")
+    torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="none of its 1 tensors fit backbone 'cnn_small'"):
+        load_backbone_weights(build_backbone("cnn_small"), "cnn_small", tmp_path / "other.pt")
+
+
+def test_imagenet_style_file_loads_the_backbone_and_reports_the_rest(tmp_path):
+    source = build_backbone("cnn_small")
+    state = {f"module.{k}": v for k, v in source.state_dict().items() if not k.startswith("final_layer")}
+    state["module.fc.weight"] = torch.zeros(1000, 96)  # a classifier the pose model does not have
+    state["module.stem.0.0.weight"] = torch.zeros(24, 3, 5, 5)  # same name, another shape
+    torch.save({"state_dict": state}, tmp_path / "imagenet.pth")
+    target = build_backbone("cnn_small")
+    report = load_backbone_weights(target, "cnn_small", tmp_path / "imagenet.pth")
+    assert report.unexpected == ["fc.weight"]
+    assert len(report.mismatched) == 1 and report.mismatched[0].startswith("stem.0.0.weight [24, 3, 5, 5]")
+    assert sorted(report.missing) == ["final_layer.bias", "final_layer.weight", "stem.0.0.weight"]
+    assert torch.equal(target.state_dict()["body.1.0.conv2.weight"], source.state_dict()["body.1.0.conv2.weight"])
+    assert report.loaded == len(source.state_dict()) - 3
+
+
+# Official parameter names (torchvision ResNet-50, SimpleBaseline's pose_resnet, HRNet's pose_hrnet)
+# and their shapes, which follow from the published architectures.
+OFFICIAL_RESNET50 = {
+    "conv1.weight": (64, 3, 7, 7),
+    "bn1.running_var": (64,),
+    "layer1.0.downsample.0.weight": (256, 64, 1, 1),
+    "layer3.5.bn2.weight": (256,),
+    "layer4.2.conv3.weight": (2048, 512, 1, 1),
+    "deconv_layers.0.weight": (2048, 256, 4, 4),
+    "deconv_layers.4.running_mean": (256,),
+    "deconv_layers.6.weight": (256, 256, 4, 4),
+    "final_layer.weight": (17, 256, 1, 1),
+}
+OFFICIAL_HRNET_W32 = {
+    "conv2.weight": (64, 64, 3, 3),
+    "bn2.bias": (64,),
+    "layer1.3.conv3.weight": (256, 64, 1, 1),
+    "transition1.0.0.weight": (32, 256, 3, 3),  # existing branch, width changes
+    "transition1.1.0.0.weight": (64, 256, 3, 3),  # new branch
+    "transition1.1.0.1.running_mean": (64,),
+    "transition3.3.0.0.weight": (256, 128, 3, 3),
+    "stage2.0.branches.1.3.conv2.weight": (64, 64, 3, 3),
+    "stage2.0.fuse_layers.0.1.0.weight": (32, 64, 1, 1),  # upsampling path
+    "stage2.0.fuse_layers.0.1.1.running_var": (32,),
+    "stage3.3.fuse_layers.2.0.0.0.weight": (32, 32, 3, 3),  # two-step downsampling path
+    "stage3.3.fuse_layers.2.0.1.1.weight": (128,),
+    "stage4.2.fuse_layers.0.3.0.weight": (32, 256, 1, 1),
+    "final_layer.weight": (17, 32, 1, 1),
+}
+
+
+@pytest.mark.parametrize("name, official", [("resnet50", OFFICIAL_RESNET50), ("hrnet_w32", OFFICIAL_HRNET_W32)])
+def test_official_names_translate_to_tensors_of_the_published_shape(name, official):
+    own = build_backbone(name).state_dict()
+    for key, shape in official.items():
+        ours = official_to_ours(key, name)
+        assert ours in own, f"{key} -> {ours}"
+        assert tuple(own[ours].shape) == shape, key
+        assert official_to_ours(ours, name) == ours  # our own names pass through unchanged
+
+
+def test_flip_back_is_exact_under_the_codec_alignment():
+    """Heatmaps of a mirrored crop, flipped back, equal the heatmaps of the crop: no pixel shift."""
+    codec = HeatmapCodec((256, 192), (64, 48), sigma=2.0)
+    rng = np.random.default_rng(0)
+    joints = rng.uniform([100, 80], [300, 400], size=(17, 2))
+    center, scale = box_to_center_scale([90, 70, 220, 340], 0.75, 1.25)
+    plain = apply_affine(joints, crop_matrix(center, scale, 10.0, (256, 192)))
+    mirrored = apply_affine(joints, crop_matrix(center, scale, 10.0, (256, 192), flip=True))[list(FLIP_INDEX)]
+    visible = torch.ones(17, dtype=torch.bool)
+    expected, _ = codec.encode(torch.from_numpy(plain), visible)
+    from_mirror, _ = codec.encode(torch.from_numpy(mirrored), visible)
+    torch.testing.assert_close(flip_back(from_mirror[None])[0], expected, atol=1e-5, rtol=0)
+    # HRNet's one-pixel shift would move every peak by a pixel here.
+    shifted = flip_back(from_mirror[None])[0].roll(1, dims=-1)
+    assert (shifted - expected).abs().max() > 0.1
+
+
+def test_crf_keypoint_maps_are_local_marginal_mass(tmp_path):
+    cfg = quick_config()
+    save_checkpoint(tmp_path / "b.pt", build_pose_model(cfg), cfg)
+    model = build_pose_model(quick_config(**{"train.mode": "crf", "train.backbone_checkpoint": str(tmp_path / "b.pt")}))
+    images = torch.randn(1, 3, 128, 96)
+    with torch.no_grad():
+        maps = model.keypoint_maps(images)
+        probs = model(images).log_marginals.exp()
+    assert maps.min() >= 0 and maps.max() <= 1 + 1e-5
+    y, x = 10, 7
+    torch.testing.assert_close(maps[0, :, y, x], probs[0, :, y - 2:y + 3, x - 2:x + 3].sum((1, 2)))
+    torch.testing.assert_close(maps[0, :, 0, 0], probs[0, :, :3, :3].sum((1, 2)))  # a corner sees less
