@@ -14,6 +14,8 @@ Max-product with back-pointers gives the MAP configuration.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Sequence
 
 import torch
@@ -144,9 +146,17 @@ def _shift_message(belief: torch.Tensor, pairwise: torch.Tensor, max_product: bo
     return _max_pass(_shifted(belief, pairwise.shape[-1] // 2), pairwise, h, w, with_index=True)
 
 
-# The formulations of one message; "reference" is the faster of the two on CPU (see
-# `distpose bench crf`), "unfold" stays as the benchmark's baseline and a cross-check.
-MESSAGES = {"shift": _shift_message, "unfold": _unfold_message}
+def _triton_message(belief: torch.Tensor, pairwise: torch.Tensor, max_product: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    from .tree_crf_triton import triton_message  # imports triton: only when asked for
+
+    return triton_message(belief, pairwise, max_product)
+
+
+# The formulations of one message; "reference" is the faster PyTorch one on CPU (see
+# `distpose bench crf`), "unfold" stays as the benchmark's baseline and a cross-check, "triton"
+# is the fused kernel (CUDA, or any device under TRITON_INTERPRET=1).
+MESSAGES = {"shift": _shift_message, "unfold": _unfold_message, "triton": _triton_message}
 REFERENCE = "shift"
 
 
@@ -173,16 +183,29 @@ class _Schedule:
 IMPLS = ("auto", "reference", *MESSAGES)
 
 
-def _formulation(impl: str) -> str:
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on `device`: compiled on CUDA, or anywhere interpreted."""
+    if device.type == "cuda":
+        return importlib.util.find_spec("triton") is not None
+    return os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
+
+
+def _formulation(impl: str, device: torch.device) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(IMPLS)}; got {impl!r}")
-    return REFERENCE if impl in ("auto", "reference") else impl
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and triton_runs_on(device) else REFERENCE
+    if impl == "triton" and not triton_runs_on(device):
+        raise ValueError(f"impl='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 set before triton is "
+                         f"imported); got a {device.type} tensor")
+    return REFERENCE if impl == "reference" else impl
 
 
 def _check(unary: torch.Tensor, pairwise: torch.Tensor, parents: Sequence[int], impl: str
-           ) -> tuple[torch.Tensor, str]:
-    """Validated arguments: pairwise as [B, K, 2R+1, 2R+1] in unary's dtype, and the formulation."""
-    formulation = _formulation(impl)
+           ) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Validated arguments: unary in the working dtype (float64 stays, anything else is computed in
+    float32), pairwise as [B, K, 2R+1, 2R+1] in that dtype, and the formulation."""
+    formulation = _formulation(impl, unary.device)
     if unary.dim() != 4:
         raise ValueError(f"unary must be [B, K, H, W], got shape {tuple(unary.shape)}")
     b, k = unary.shape[:2]
@@ -194,7 +217,8 @@ def _check(unary: torch.Tensor, pairwise: torch.Tensor, parents: Sequence[int], 
             or pairwise.shape[2] % 2 == 0:
         raise ValueError(f"pairwise must be [K, 2R+1, 2R+1] or [B, K, 2R+1, 2R+1] for B={b}, K={k}; "
                          f"got {tuple(pairwise.shape)}")
-    return pairwise.to(unary.dtype), formulation
+    dtype = torch.float64 if unary.dtype == torch.float64 else torch.float32
+    return unary.to(dtype), pairwise.to(dtype), formulation
 
 
 def _upward(unary: torch.Tensor, pairwise: torch.Tensor, schedule: _Schedule, max_product: bool,
@@ -223,7 +247,7 @@ def tree_crf_marginals(unary: torch.Tensor, pairwise: torch.Tensor, parents: Seq
     """Exact log-partition [B] and log-marginals [B, K, H, W] (each joint's map sums to 1 in
     probability). A batch element with no possible configuration gets log_z = -inf and all -inf
     marginals. Differentiable with respect to unary and pairwise."""
-    pairwise, formulation = _check(unary, pairwise, parents, impl)
+    unary, pairwise, formulation = _check(unary, pairwise, parents, impl)
     schedule = _Schedule(parents)
     b, k, h, w = unary.shape
     incoming, sent, _ = _upward(unary, pairwise, schedule, False, formulation)
@@ -257,7 +281,7 @@ def tree_crf_marginals(unary: torch.Tensor, pairwise: torch.Tensor, parents: Seq
 def tree_crf_map(unary: torch.Tensor, pairwise: torch.Tensor, parents: Sequence[int], impl: str = "auto"
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """MAP score [B] and positions [B, K, 2] (int64 y, x) of the most probable configuration."""
-    pairwise, formulation = _check(unary, pairwise, parents, impl)
+    unary, pairwise, formulation = _check(unary, pairwise, parents, impl)
     schedule = _Schedule(parents)
     b, k, _, w = unary.shape
     radius = pairwise.shape[-1] // 2

@@ -1,6 +1,18 @@
+import os
 from pathlib import Path
 
 import pytest
+
+try:
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    _HAS_CUDA = False
+# Without a GPU the Triton kernels run in Triton's interpreter, which must be chosen before triton
+# is first imported.
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 COCO_MINI = Path(__file__).parent / "data" / "coco_val2017_mini"
 
