@@ -3,7 +3,7 @@
     distpose data synth|shard|verify   build and check the WebDataset shards
     distpose config                    print a resolved config (YAML + key=value overrides)
     distpose model-info NAME           parameters and GMACs of a pose network
-    distpose bench loader|crf          loader throughput; the reference CRF's two formulations
+    distpose bench loader|crf|kernel   loader throughput; the reference CRF's formulations; the Triton kernel
 
 User mistakes (bad arguments, config keys, missing or corrupt files) print one line and exit non-zero.
 """
@@ -144,6 +144,15 @@ def cmd_bench_crf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_kernel(args: argparse.Namespace) -> int:
+    from distpose.bench.kernel import run
+
+    out = _output_path(args.out)
+    _write_json(run(batch=args.batch, radii=tuple(args.radius), full_window=not args.no_full_window,
+                    repeats=args.repeats, impls=tuple(args.impl)), out)
+    return 0
+
+
 def cmd_bench_loader(args: argparse.Namespace) -> int:
     from distpose.bench.loader import run
     from distpose.config import load_config
@@ -266,6 +275,23 @@ def build_parser() -> argparse.ArgumentParser:
     crf.add_argument("--repeats", type=_positive, default=2, help="timed runs, best kept (default 2)")
     crf.add_argument("--out", help="also write the JSON here (e.g. benchmarks/results/crf-reference-cpu2.json)")
     crf.set_defaults(func=cmd_bench_crf)
+
+    kernel = bench_cmds.add_parser(
+        "kernel", help="the fused Triton CRF kernel against the PyTorch formulations and a conv2d baseline",
+        description="Forward, forward + backward and max-product times of the tree CRF at B x 17 joints x "
+        "64x48 for each window radius and the full-map window: the Triton kernel, the PyTorch shift and "
+        "unfold formulations, and the probability-space conv2d speed baseline, in one run, with each one's "
+        "error against a float64 reference and the kernel's exp rate against the exp unit's peak. "
+        "Meant for a GPU; on a CPU the Triton kernel is skipped unless TRITON_INTERPRET=1.",
+    )
+    kernel.add_argument("--batch", type=_positive, default=64, help="batch size (default 64)")
+    kernel.add_argument("--radius", type=_positive, nargs="+", default=[7, 15], help="window radii (default 7 15)")
+    kernel.add_argument("--no-full-window", action="store_true", help="leave out the full-map window")
+    kernel.add_argument("--impl", nargs="+", default=["triton", "shift", "unfold", "conv"],
+                        choices=["triton", "shift", "unfold", "conv"], help="what to time (default all)")
+    kernel.add_argument("--repeats", type=_positive, default=5, help="timed runs, best kept (default 5)")
+    kernel.add_argument("--out", help="also write the JSON here (e.g. benchmarks/results/crf-kernel-h100.json)")
+    kernel.set_defaults(func=cmd_bench_kernel)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""Exact inference in a tree-structured CRF over joint positions on a heatmap grid (PyTorch reference).
+"""Exact inference in a tree-structured CRF over joint positions on a heatmap grid.
 
 p(x) is proportional to exp(sum_k u_k(x_k) + sum_{k != root} w_k(x_k - x_parent(k))), where each x_k
 is a pixel (y, x) of an H x W grid, u are unary log-potentials [B, K, H, W], and w_k is the
@@ -10,13 +10,17 @@ to leaves (outside messages), which gives every joint's exact log-marginal. A me
 m(x_p) = logsumexp_d [b_c(x_p + d) + w_c(d)] for all edges of a level at once. Never computed as
 exp -> conv2d -> log: that underflows to -inf on peaked real heatmaps (DESIGN.md).
 Max-product with back-pointers gives the MAP configuration.
+
+Each message is one of the formulations in MESSAGES: the PyTorch reference (any device), unfold
+(a simpler PyTorch baseline), or the fused Triton kernel (tree_crf_triton.py), which impl="auto"
+picks on CUDA.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -156,7 +160,8 @@ def _triton_message(belief: torch.Tensor, pairwise: torch.Tensor, max_product: b
 # The formulations of one message; "reference" is the faster PyTorch one on CPU (see
 # `distpose bench crf`), "unfold" stays as the benchmark's baseline and a cross-check, "triton"
 # is the fused kernel (CUDA, or any device under TRITON_INTERPRET=1).
-MESSAGES = {"shift": _shift_message, "unfold": _unfold_message, "triton": _triton_message}
+MessageFn = Callable[[torch.Tensor, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor | None]]
+MESSAGES: dict[str, MessageFn] = {"shift": _shift_message, "unfold": _unfold_message, "triton": _triton_message}
 REFERENCE = "shift"
 
 
@@ -178,6 +183,7 @@ class _Schedule:
         self.parents = list(parents)
         self.root = self.parents.index(-1)
         self.levels = [[k for k, d in enumerate(depths) if d == level] for level in range(max(depths), 0, -1)]
+        self.children = [[c for c, p in enumerate(self.parents) if p == k] for k in range(len(self.parents))]
 
 
 IMPLS = ("auto", "reference", *MESSAGES)
@@ -201,11 +207,10 @@ def _formulation(impl: str, device: torch.device) -> str:
     return REFERENCE if impl == "reference" else impl
 
 
-def _check(unary: torch.Tensor, pairwise: torch.Tensor, parents: Sequence[int], impl: str
-           ) -> tuple[torch.Tensor, torch.Tensor, str]:
+def _check(unary: torch.Tensor, pairwise: torch.Tensor, parents: Sequence[int]
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validated arguments: unary in the working dtype (float64 stays, anything else is computed in
-    float32), pairwise as [B, K, 2R+1, 2R+1] in that dtype, and the formulation."""
-    formulation = _formulation(impl, unary.device)
+    float32), and pairwise as [B, K, 2R+1, 2R+1] in that dtype."""
     if unary.dim() != 4:
         raise ValueError(f"unary must be [B, K, H, W], got shape {tuple(unary.shape)}")
     b, k = unary.shape[:2]
@@ -218,28 +223,45 @@ def _check(unary: torch.Tensor, pairwise: torch.Tensor, parents: Sequence[int], 
         raise ValueError(f"pairwise must be [K, 2R+1, 2R+1] or [B, K, 2R+1, 2R+1] for B={b}, K={k}; "
                          f"got {tuple(pairwise.shape)}")
     dtype = torch.float64 if unary.dtype == torch.float64 else torch.float32
-    return unary.to(dtype), pairwise.to(dtype), formulation
+    return unary.to(dtype), pairwise.to(dtype)
+
+
+def _peak_removed(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, L, H, W] maps minus each map's maximum, and those maxima [B, L] (0 for an all -inf map).
+
+    Messages are kept this way so that every per-pixel value stays within the range of the unaries:
+    summed unnormalised, they reach thousands on peaked heatmaps, where float32 rounds at 1e-4.
+    The maxima are detached: log Z and the marginals do not depend on where a message is cut, so
+    their gradients are exact without differentiating the cut.
+    """
+    peak = maps.detach().flatten(2).amax(dim=2)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    return maps - peak[..., None, None], peak
 
 
 def _upward(unary: torch.Tensor, pairwise: torch.Tensor, schedule: _Schedule, max_product: bool,
-            formulation: str):
-    """Leaves to root. Returns the summed incoming messages per node [B, H, W], each node's message
-    to its parent, and (max-product) the back-pointers."""
+            send: MessageFn):
+    """Leaves to root. Returns, per node, the summed incoming messages [B, H, W] and the constant
+    [B] (float64) taken out of them, each node's message to its parent, and (max-product) the
+    back-pointers."""
     b, k, h, w = unary.shape
     incoming: list[torch.Tensor] = [torch.zeros_like(unary[:, 0]) for _ in range(k)]
+    removed = [torch.zeros(b, dtype=torch.float64, device=unary.device) for _ in range(k)]
     sent: dict[int, torch.Tensor] = {}
     pointers: dict[int, torch.Tensor] = {}
     for level in schedule.levels:
         beliefs = torch.stack([unary[:, c] + incoming[c] for c in level], dim=1)  # [B, L, H, W]
-        msgs, argmax = message(beliefs.reshape(-1, h, w), pairwise[:, level].reshape(-1, *pairwise.shape[2:]),
-                               max_product, formulation)
-        msgs = msgs.view(b, len(level), h, w)
+        msgs, argmax = send(beliefs.reshape(-1, h, w), pairwise[:, level].reshape(-1, *pairwise.shape[2:]),
+                            max_product)
+        msgs, peaks = _peak_removed(msgs.view(b, len(level), h, w))
         for i, c in enumerate(level):
+            p = schedule.parents[c]
             sent[c] = msgs[:, i]
-            incoming[schedule.parents[c]] = incoming[schedule.parents[c]] + msgs[:, i]
+            incoming[p] = incoming[p] + msgs[:, i]
+            removed[p] = removed[p] + removed[c] + peaks[:, i].double()
             if argmax is not None:
                 pointers[c] = argmax.view(b, len(level), h, w)[:, i]
-    return incoming, sent, pointers
+    return incoming, removed, sent, pointers
 
 
 def tree_crf_marginals(unary: torch.Tensor, pairwise: torch.Tensor, parents: Sequence[int], impl: str = "auto"
@@ -247,48 +269,60 @@ def tree_crf_marginals(unary: torch.Tensor, pairwise: torch.Tensor, parents: Seq
     """Exact log-partition [B] and log-marginals [B, K, H, W] (each joint's map sums to 1 in
     probability). A batch element with no possible configuration gets log_z = -inf and all -inf
     marginals. Differentiable with respect to unary and pairwise."""
-    unary, pairwise, formulation = _check(unary, pairwise, parents, impl)
+    send = MESSAGES[_formulation(impl, unary.device)]
+    return marginals_with(unary, pairwise, parents, send)
+
+
+def marginals_with(unary: torch.Tensor, pairwise: torch.Tensor, parents: Sequence[int], send: MessageFn
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """tree_crf_marginals with any message function `send`: benchmarks use it to time baselines
+    that must never be the implementation."""
+    unary, pairwise = _check(unary, pairwise, parents)
     schedule = _Schedule(parents)
     b, k, h, w = unary.shape
-    incoming, sent, _ = _upward(unary, pairwise, schedule, False, formulation)
+    incoming, removed, sent, _ = _upward(unary, pairwise, schedule, False, send)
     root = schedule.root
-    log_z = logsumexp((unary[:, root] + incoming[root]).reshape(b, -1), dim=1)
+    log_z = logsumexp((unary[:, root] + incoming[root]).reshape(b, -1), dim=1) + removed[root].to(unary.dtype)
 
     outside: list[torch.Tensor | None] = [None] * k
     outside[root] = torch.zeros_like(unary[:, root])
     for level in reversed(schedule.levels):
-        totals = {p: unary[:, p] + outside[p] + incoming[p] for p in {schedule.parents[c] for c in level}}
         rest = []
         for c in level:
-            total = totals[schedule.parents[c]]
-            # Everything at the parent but this child's own message. Where that message is -inf the
-            # parent position is impossible for the child anyway, so -inf is exact there (not NaN).
-            rest.append(torch.where(sent[c] == NEG_INF, torch.full_like(total, NEG_INF), total - sent[c]))
+            # Everything at the parent but this child's own message, summed afresh: subtracting the
+            # message from the parent's total would cancel catastrophically where it is very negative.
+            p = schedule.parents[c]
+            others = [sent[s] for s in schedule.children[p] if s != c]
+            rest.append(sum(others, unary[:, p] + outside[p]))
         flipped = pairwise[:, level].flip(-1, -2)  # x_c = x_p + d  <=>  x_p = x_c + (-d)
-        msgs, _ = message(torch.stack(rest, 1).reshape(-1, h, w), flipped.reshape(-1, *pairwise.shape[2:]),
-                          formulation=formulation)
+        msgs, _ = send(torch.stack(rest, 1).reshape(-1, h, w), flipped.reshape(-1, *pairwise.shape[2:]), False)
+        msgs, _ = _peak_removed(msgs.view(b, len(level), h, w))
         for i, c in enumerate(level):
-            outside[c] = msgs.view(b, len(level), h, w)[:, i]
+            outside[c] = msgs[:, i]
 
-    log_marginals = torch.stack([unary[:, c] + incoming[c] + outside[c] for c in range(k)], dim=1)
-    finite = torch.isfinite(log_z)
-    safe_z = torch.where(finite, log_z, torch.zeros_like(log_z))[:, None, None, None]
-    log_marginals = torch.where(finite[:, None, None, None], log_marginals - safe_z,
-                                torch.full_like(log_marginals, NEG_INF))
+    # Each joint's full belief is its marginal up to a constant: normalising it locally cancels the
+    # constants taken out of the messages, with no large log Z subtracted per pixel.
+    beliefs = torch.stack([unary[:, c] + incoming[c] + outside[c] for c in range(k)], dim=1)
+    norm = logsumexp(beliefs.flatten(2), dim=2)[..., None, None]
+    finite = torch.isfinite(log_z)[:, None, None, None] & torch.isfinite(norm)
+    log_marginals = torch.where(finite, beliefs - torch.where(finite, norm, torch.zeros_like(norm)),
+                                torch.full_like(beliefs, NEG_INF))
     return log_z, log_marginals
 
 
 def tree_crf_map(unary: torch.Tensor, pairwise: torch.Tensor, parents: Sequence[int], impl: str = "auto"
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """MAP score [B] and positions [B, K, 2] (int64 y, x) of the most probable configuration."""
-    unary, pairwise, formulation = _check(unary, pairwise, parents, impl)
+    formulation = _formulation(impl, unary.device)
+    unary, pairwise = _check(unary, pairwise, parents)
     schedule = _Schedule(parents)
     b, k, _, w = unary.shape
     radius = pairwise.shape[-1] // 2
     with torch.no_grad():
-        incoming, _, pointers = _upward(unary, pairwise, schedule, True, formulation)
+        incoming, removed, _, pointers = _upward(unary, pairwise, schedule, True, MESSAGES[formulation])
         root = schedule.root
         score, best = (unary[:, root] + incoming[root]).reshape(b, -1).max(dim=1)
+        score = score + removed[root].to(score.dtype)
         flat = torch.zeros(b, k, dtype=torch.long, device=unary.device)
         flat[:, root] = best
         for level in reversed(schedule.levels):
