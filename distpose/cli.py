@@ -166,6 +166,13 @@ def cmd_bench_loader(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def _add_crf_bench_arguments(parser: argparse.ArgumentParser, batch: int, repeats: int, example: str) -> None:
+    parser.add_argument("--batch", type=_positive, default=batch, help=f"batch size (default {batch})")
+    parser.add_argument("--radius", type=_positive, nargs="+", default=[7, 15], help="window radii (default 7 15)")
+    parser.add_argument("--repeats", type=_positive, default=repeats, help=f"timed runs, best kept (default {repeats})")
+    parser.add_argument("--out", help=f"also write the JSON here (e.g. benchmarks/results/{example})")
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="YAML config file (default: built-in defaults)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
@@ -270,10 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         "64x48 on the COCO tree, for each window radius, with both message formulations in the same run "
         "(best of --repeats), their speed ratio and their largest disagreement.",
     )
-    crf.add_argument("--batch", type=_positive, default=8, help="batch size (default 8)")
-    crf.add_argument("--radius", type=_positive, nargs="+", default=[7, 15], help="window radii (default 7 15)")
-    crf.add_argument("--repeats", type=_positive, default=2, help="timed runs, best kept (default 2)")
-    crf.add_argument("--out", help="also write the JSON here (e.g. benchmarks/results/crf-reference-cpu2.json)")
+    _add_crf_bench_arguments(crf, batch=8, repeats=2, example="crf-reference-cpu2.json")
     crf.set_defaults(func=cmd_bench_crf)
 
     kernel = bench_cmds.add_parser(
@@ -284,13 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
         "error against a float64 reference and the kernel's exp rate against the exp unit's peak. "
         "Meant for a GPU; on a CPU the Triton kernel is skipped unless TRITON_INTERPRET=1.",
     )
-    kernel.add_argument("--batch", type=_positive, default=64, help="batch size (default 64)")
-    kernel.add_argument("--radius", type=_positive, nargs="+", default=[7, 15], help="window radii (default 7 15)")
+    _add_crf_bench_arguments(kernel, batch=64, repeats=5, example="crf-kernel-h100.json")
     kernel.add_argument("--no-full-window", action="store_true", help="leave out the full-map window")
     kernel.add_argument("--impl", nargs="+", default=["triton", "shift", "unfold", "conv"],
                         choices=["triton", "shift", "unfold", "conv"], help="what to time (default all)")
-    kernel.add_argument("--repeats", type=_positive, default=5, help="timed runs, best kept (default 5)")
-    kernel.add_argument("--out", help="also write the JSON here (e.g. benchmarks/results/crf-kernel-h100.json)")
     kernel.set_defaults(func=cmd_bench_kernel)
     return parser
 

@@ -46,6 +46,14 @@ def _most_tiles(h: int, w: int) -> int:
     return max(math.ceil(h / c.kwargs["BLOCK_H"]) * math.ceil(w / c.kwargs["BLOCK_W"]) for c in _BACKWARD_CONFIGS)
 
 
+@triton.jit
+def _window_term(belief, pairwise, y, row_ok, x, W, d):
+    """belief(x + d) + w(d) in fp32 over a tile (y, x already displaced); -inf off the grid."""
+    ok = row_ok & (x >= 0) & (x < W)
+    term = tl.load(belief + y * W + x, mask=ok, other=float("-inf")).to(tl.float32)
+    return term + tl.load(pairwise + d).to(tl.float32)
+
+
 @triton.autotune(configs=_FORWARD_CONFIGS, key=["H", "W", "S", "MAX_PRODUCT"])
 @triton.jit
 def _message_forward(belief_ptr, pairwise_ptr, out_ptr, argmax_ptr, H, W,
@@ -67,10 +75,7 @@ def _message_forward(belief_ptr, pairwise_ptr, out_ptr, argmax_ptr, H, W,
         y = ys + (i - R)
         row_ok = (y >= 0) & (y < H)
         for j in range(S):
-            x = xs + (j - R)
-            ok = row_ok & (x >= 0) & (x < W)
-            s = tl.load(belief + y * W + x, mask=ok, other=float("-inf")).to(tl.float32)
-            s += tl.load(pairwise + i * S + j).to(tl.float32)
+            s = _window_term(belief, pairwise, y, row_ok, xs + (j - R), W, i * S + j)
             if MAX_PRODUCT:
                 better = s > best
                 index = tl.where(better, i * S + j, index)
@@ -90,10 +95,7 @@ def _message_forward(belief_ptr, pairwise_ptr, out_ptr, argmax_ptr, H, W,
             y = ys + (i - R)
             row_ok = (y >= 0) & (y < H)
             for j in range(S):
-                x = xs + (j - R)
-                ok = row_ok & (x >= 0) & (x < W)
-                s = tl.load(belief + y * W + x, mask=ok, other=float("-inf")).to(tl.float32)
-                s += tl.load(pairwise + i * S + j).to(tl.float32)
+                s = _window_term(belief, pairwise, y, row_ok, xs + (j - R), W, i * S + j)
                 total += tl.exp(s - stable)
         out = tl.where(total > 0, tl.log(tl.where(total > 0, total, 1.0)) + stable, float("-inf"))
         tl.store(out_ptr + offsets, out, mask=inside)

@@ -123,6 +123,13 @@ def check_person(raw: Any, width: int, height: int, where: str) -> tuple[Person 
     return person, repairs
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: malformed JSON ({exc})") from None
+
+
 def annotation_path(root: Path, split: str) -> Path:
     return Path(root) / "annotations" / f"person_keypoints_{split}.json"
 
@@ -138,10 +145,7 @@ def load_split(root: str | Path, split: str) -> CocoSplit:
         raise DataError(f"{ann_file}: annotation file not found (expected the official COCO layout)")
     if not image_dir.is_dir():
         raise DataError(f"{image_dir}: image directory not found (expected the official COCO layout)")
-    try:
-        doc = json.loads(ann_file.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{ann_file}: malformed JSON ({exc})") from None
+    doc = _read_json(ann_file)
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
         raise DataError(f"{ann_file}: expected an object with an 'images' list")
     if not isinstance(doc.get("annotations"), list):
@@ -194,10 +198,7 @@ def load_detections(path: str | Path, min_score: float = 0.0) -> dict[int, list[
     path = Path(path)
     if not path.is_file():
         raise DataError(f"detections file {path} does not exist")
-    try:
-        doc = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: malformed JSON ({exc})") from None
+    doc = _read_json(path)
     if not isinstance(doc, list):
         raise DataError(f"{path}: expected a list of detections (COCO results format), got {type(doc).__name__}")
     boxes: dict[int, list[Detection]] = {}
