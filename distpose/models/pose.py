@@ -7,7 +7,6 @@ training loop's business; the model is the same nn.Module in all three.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,6 @@ from distpose.keypoints import FLIP_INDEX
 from distpose.models.crf import TreeCRF
 from distpose.models.factory import build_backbone
 from distpose.models.weights import load_backbone_weights, read_pose_checkpoint, save_pose_checkpoint
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

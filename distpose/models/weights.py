@@ -5,7 +5,8 @@ under "state_dict" / "model"), named as in this project or as in the official re
 torchvision's ResNet-50 and SimpleBaseline's pose_resnet for `resnet50`, the HRNet pose and
 ImageNet releases for the `hrnet_*` backbones. Tensors are loaded where the (translated) name and
 the shape both match; the rest is reported, so ImageNet files (no heatmap head, a classifier
-instead) load their backbone and leave the head at its initialisation.
+instead) load their backbone and leave the head at its initialisation. A pose checkpoint is a
+weights file too: its "backbone." tensors load, its CRF's are reported unused.
 
 A pose checkpoint is this project's inference format: the full model's fp32 weights and the
 config that built it, loadable without Ray or DeepSpeed.
