@@ -191,16 +191,16 @@ IMPLS = ("auto", "reference", *MESSAGES)
 
 def triton_runs_on(device: torch.device) -> bool:
     """Whether the Triton kernels can run on `device`: compiled on CUDA, or anywhere interpreted."""
-    if device.type == "cuda":
-        return importlib.util.find_spec("triton") is not None
-    return os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _formulation(impl: str, device: torch.device) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(IMPLS)}; got {impl!r}")
     if impl == "auto":
-        return "triton" if device.type == "cuda" and triton_runs_on(device) else REFERENCE
+        return "triton" if device.type == "cuda" and triton_runs_on(device) else REFERENCE  # never the interpreter
     if impl == "triton" and not triton_runs_on(device):
         raise ValueError(f"impl='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 set before triton is "
                          f"imported); got a {device.type} tensor")
