@@ -47,6 +47,15 @@ def _most_tiles(h: int, w: int) -> int:
 
 
 @triton.jit
+def _tile_coordinates(tile, W, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Row [BLOCK_H, 1] and column [1, BLOCK_W] pixel indices of tile number `tile`, row-major."""
+    tiles_w = tl.cdiv(W, BLOCK_W)
+    ys = (tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+    xs = (tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
+    return ys, xs
+
+
+@triton.jit
 def _window_term(belief, pairwise, y, row_ok, x, W, d):
     """belief(x + d) + w(d) in fp32 over a tile (y, x already displaced); -inf off the grid."""
     ok = row_ok & (x >= 0) & (x < W)
@@ -60,9 +69,7 @@ def _message_forward(belief_ptr, pairwise_ptr, out_ptr, argmax_ptr, H, W,
                      S: tl.constexpr, MAX_PRODUCT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     n = tl.program_id(0)
     tile = tl.program_id(1)
-    tiles_w = tl.cdiv(W, BLOCK_W)
-    ys = (tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
-    xs = (tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
+    ys, xs = _tile_coordinates(tile, W, BLOCK_H, BLOCK_W)
     inside = (ys < H) & (xs < W)
     R: tl.constexpr = S // 2
     belief = belief_ptr + n * H * W
@@ -110,9 +117,7 @@ def _message_backward(belief_ptr, pairwise_ptr, out_ptr, grad_ptr, grad_belief_p
     share of d w(d) = sum_z g(z - d) a(z, d), with a(z, d) = exp(belief(z) + w(d) - m(z - d))."""
     n = tl.program_id(0)
     tile = tl.program_id(1)
-    tiles_w = tl.cdiv(W, BLOCK_W)
-    ys = (tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
-    xs = (tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
+    ys, xs = _tile_coordinates(tile, W, BLOCK_H, BLOCK_W)
     inside = (ys < H) & (xs < W)
     R: tl.constexpr = S // 2
     plane = n * H * W
