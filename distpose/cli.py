@@ -1,6 +1,7 @@
 """The `distpose` command.
 
     distpose data synth|shard|verify   build and check the WebDataset shards
+    distpose train CONFIG [k=v ...]    train with Ray Train + DeepSpeed (local Ray, or --address)
     distpose config                    print a resolved config (YAML + key=value overrides)
     distpose model-info NAME           parameters and GMACs of a pose network
     distpose bench loader|crf|kernel   loader throughput; the reference CRF's formulations; the Triton kernel
@@ -100,6 +101,19 @@ def cmd_data_verify(args: argparse.Namespace) -> int:
         print(f"verify failed: {len(report['problems'])} problems", file=sys.stderr)
         return 1
     print("verify ok")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from distpose.config import load_config
+    from distpose.train.driver import train
+
+    cfg = load_config(args.config, args.overrides)
+    train(cfg, address=args.address, resume=args.resume)
     return 0
 
 
@@ -233,6 +247,20 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("dir", help="directory written by `distpose data shard`")
     verify.add_argument("--workers", type=_positive, default=1, help="processes (default 1)")
     verify.set_defaults(func=cmd_data_verify)
+
+    train = commands.add_parser(
+        "train", help="train a pose model with Ray Train + DeepSpeed",
+        description="Train on a Ray cluster: a local one by default, an existing one with --address or "
+        "RAY_ADDRESS. Writes train.storage/train.run_name/: checkpoints (the latest train.keep_checkpoints), "
+        "metrics.jsonl (every step and evaluation), best.pt and final.pt (inference checkpoints: fp32 "
+        "weights + config). Rerunning a run name resumes it from its latest checkpoint; a finished run "
+        "is not retrained.",
+    )
+    _add_config_arguments(train)
+    train.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    train.add_argument("--resume", metavar="CHECKPOINT_DIR",
+                       help="start from this training checkpoint (a checkpoint_* directory of any run)")
+    train.set_defaults(func=cmd_train)
 
     config = commands.add_parser(
         "config", help="print a resolved config",

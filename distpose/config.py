@@ -42,6 +42,9 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
+    # "shards": stream the WebDataset shards. "random": seeded random crops and joints, the same
+    # global batch for any number of workers (data-parallel checks, model-only throughput).
+    source: Literal["shards", "random"] = "shards"
     shards: str = "data/shards"  # directory written by `distpose data shard`
     train_split: str = "train"
     val_split: str = "val"
@@ -49,9 +52,11 @@ class DataConfig:
     heatmap_size: tuple[int, int] = (32, 24)  # (height, width) of the predicted heatmaps
     sigma: float = 2.0  # Gaussian target sigma, in heatmap pixels
     box_padding: float = 1.25
-    batch_size: int = 32  # per worker (Ray Train rank)
+    # Global batch of one optimizer step: train.workers x train.grad_accum micro-batches. A loader
+    # given this config directly (one rank, no accumulation) reads batches of this size.
+    batch_size: int = 32
     loader_workers: int = 2  # DataLoader processes per rank
-    batches_per_epoch: int = 50  # per rank; fixed so every rank steps equally often
+    batches_per_epoch: int = 50  # optimizer steps per epoch; fixed so every rank steps equally often
     sample_shuffle: int = 256  # shuffle buffer over images (compressed bytes)
     instance_shuffle: int = 64  # shuffle buffer over augmented person crops
     seed: int = 0
@@ -79,6 +84,7 @@ class TrainConfig:
     run_name: str = "quick"
     storage: str = "runs"
     workers: int = 1  # Ray Train workers
+    cpus_per_worker: int = 1  # Ray CPUs reserved per worker; also its torch thread count
     use_gpu: bool = False
     epochs: int = 2
     lr: float = 1e-3
@@ -90,14 +96,18 @@ class TrainConfig:
     grad_accum: int = 1
     grad_clip: float = 0.0  # 0 disables clipping
     backbone_checkpoint: str = ""  # pose checkpoint of the trained backbone: required by the crf and joint modes
-    keep_checkpoints: int = 2
-    max_failures: int = 1
+    keep_checkpoints: int = 2  # the latest N DeepSpeed checkpoints; the best model is kept apart as best.pt
+    max_failures: int = 1  # worker-group restarts from the latest checkpoint before the run fails
     seed: int = 0
+    log_every: int = 10  # steps between console lines (every step goes to metrics.jsonl)
+    # Escape hatch: a DeepSpeed JSON whose keys override those derived from this config
+    # (batch sizes excepted: they follow data.batch_size, workers and grad_accum).
+    deepspeed_config: str = ""
 
 
 @dataclass
 class EvalConfig:
-    every_epochs: int = 1
+    every_epochs: int = 1  # evaluate on data.val_split every N epochs and after the last; 0: never
     flip_test: bool = True
     pck_thresholds: tuple[float, ...] = (0.05, 0.1, 0.2)
     boxes: str = "gt"  # "gt" or a COCO-results JSON of detector boxes
@@ -287,12 +297,28 @@ def validate(cfg: Config) -> None:
     _require(cfg.model.num_joints == 17, "model.num_joints", cfg.model.num_joints, "17 (COCO keypoints)")
     _require(cfg.model.crf_window >= 1, "model.crf_window", cfg.model.crf_window, "an integer >= 1")
     t = cfg.train
-    for key in ("workers", "epochs", "grad_accum", "keep_checkpoints"):
+    for key in ("workers", "cpus_per_worker", "epochs", "grad_accum", "keep_checkpoints", "log_every"):
         _require(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "an integer >= 1")
     _require(t.lr > 0, "train.lr", t.lr, "a number > 0")
     _require(t.max_failures >= 0, "train.max_failures", t.max_failures, "an integer >= 0")
-    _require(cfg.eval.every_epochs >= 1, "eval.every_epochs", cfg.eval.every_epochs, "an integer >= 1")
+    _require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "an integer >= 0")
+    _require(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "a number >= 0 (0 disables clipping)")
+    _require(0 < t.lr_factor <= 1, "train.lr_factor", t.lr_factor, "a number in (0, 1]")
+    _require(d.batch_size % (t.workers * t.grad_accum) == 0, "data.batch_size", d.batch_size,
+             f"a multiple of train.workers x train.grad_accum = {t.workers * t.grad_accum}")
+    _require(t.precision != "fp16" or t.use_gpu, "train.precision", t.precision,
+             "bf16 or fp32 on CPU (DeepSpeed has no fp16 on CPU; fp16 needs train.use_gpu=true)")
+    _require(t.precision != "bf16" or t.zero_stage >= 1, "train.zero_stage", t.zero_stage,
+             "1, 2 or 3 with train.precision=bf16 (at stage 0 DeepSpeed keeps no fp32 master weights)")
+    _require(t.mode == "backbone" or bool(t.backbone_checkpoint), "train.backbone_checkpoint", t.backbone_checkpoint,
+             f"the trained backbone's checkpoint: train.mode={t.mode!r} starts from one")
+    _require(cfg.eval.every_epochs >= 0, "eval.every_epochs", cfg.eval.every_epochs, "an integer >= 0")
     _require(0 <= cfg.monitor.port < 65536, "monitor.port", cfg.monitor.port, "a port in [0, 65535]")
+
+
+def micro_batch_size(cfg: Config) -> int:
+    """Samples per rank per forward/backward: the global batch split over workers and accumulation steps."""
+    return cfg.data.batch_size // (cfg.train.workers * cfg.train.grad_accum)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -62,3 +62,9 @@ RIGHT_JOINTS = frozenset(i for i, n in enumerate(NAMES) if n.startswith("right_"
 # nose -> eyes -> ears, nose -> shoulders -> elbows -> wrists, shoulders -> hips -> knees -> ankles.
 # Every edge is a COCO limb except nose -> shoulder, which stands in for the neck COCO lacks.
 CRF_PARENTS: tuple[int, ...] = (-1, 0, 0, 1, 2, 0, 0, 5, 6, 7, 8, 5, 6, 11, 12, 13, 14)
+
+
+def person_category() -> dict:
+    """COCO's person category entry, as annotation files carry it (skeleton 1-based)."""
+    return {"id": 1, "name": "person", "supercategory": "person", "keypoints": list(NAMES),
+            "skeleton": [[a + 1, b + 1] for a, b in SKELETON]}

@@ -30,7 +30,7 @@ def test_modes_build_the_right_heads_and_outputs():
 
 def test_crf_modes_need_and_load_a_backbone_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="train.backbone_checkpoint"):
-        build_pose_model(quick_config(**{"train.mode": "crf"}))
+        quick_config(**{"train.mode": "crf"})
     trained = build_pose_model(quick_config())
     save_checkpoint(tmp_path / "backbone.pt", trained, quick_config())
     for mode in ("crf", "joint"):

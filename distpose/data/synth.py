@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from distpose.errors import UserError
 from distpose.files import atomic_write_bytes
-from distpose.keypoints import INDEX, LEFT_JOINTS, NAMES, NUM_JOINTS, SKELETON
+from distpose.keypoints import INDEX, LEFT_JOINTS, NUM_JOINTS, person_category
 
 SPLITS = ("train", "val")
 # Val image ids start above this, so image ids are unique across both splits.
@@ -477,15 +477,7 @@ def _coco_header(seed: int) -> dict:
             "url": "",
         },
         "licenses": [{"id": 1, "name": "CC0 1.0", "url": CC0_URL}],
-        "categories": [
-            {
-                "id": 1,
-                "name": "person",
-                "supercategory": "person",
-                "keypoints": list(NAMES),
-                "skeleton": [[a + 1, b + 1] for a, b in SKELETON],
-            }
-        ],
+        "categories": [person_category()],
     }
 
 

@@ -49,12 +49,18 @@ def oks_nms(instances: list[dict[str, Any]], threshold: float = 0.9, sigmas: Seq
     return kept
 
 
-def evaluate(annotation_file: str | Path, results: list[dict[str, Any]]) -> dict[str, float]:
-    """COCOeval(keypoints) of COCO-format results against the ground truth; returns the 10 stats by name."""
+def evaluate(ground_truth: str | Path | dict[str, Any], results: list[dict[str, Any]]) -> dict[str, float]:
+    """COCOeval(keypoints) of COCO-format results against the ground truth (an annotation file, or
+    its parsed content); returns the 10 stats by name."""
     if not results:
         raise DataError("no predictions to evaluate")
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        gt = COCO(str(annotation_file))
+        if isinstance(ground_truth, dict):
+            gt = COCO()
+            gt.dataset = ground_truth
+            gt.createIndex()
+        else:
+            gt = COCO(str(ground_truth))
         evaluator = COCOeval(gt, gt.loadRes([{k: v for k, v in r.items() if k != "area"} for r in results]),
                              "keypoints")
         evaluator.evaluate()

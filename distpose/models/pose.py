@@ -86,8 +86,6 @@ def build_pose_model(cfg: Config) -> PoseModel:
         load_backbone_weights(backbone, m.backbone, m.pretrained)
     crf = None
     if cfg.train.mode in ("crf", "joint"):
-        if not cfg.train.backbone_checkpoint:
-            raise ConfigError(f"config key 'train.backbone_checkpoint': required by train.mode={cfg.train.mode!r}")
         _load_backbone_checkpoint(backbone, m.backbone, cfg.train.backbone_checkpoint)
         crf = TreeCRF(backbone.feature_channels, radius=m.crf_window)
         crf.init_unary_from(backbone.final_layer)
@@ -106,16 +104,21 @@ def _load_backbone_checkpoint(backbone: nn.Module, name: str, path: str) -> None
 
 
 def save_checkpoint(path: str | Path, model: PoseModel, cfg: Config, meta: dict[str, Any] | None = None) -> None:
-    save_pose_checkpoint(path, model, to_dict(cfg), meta)
+    save_pose_checkpoint(path, model.state_dict(), to_dict(cfg), meta)
 
 
 def load_checkpoint(path: str | Path) -> tuple[PoseModel, Config, dict[str, Any]]:
     """A pose checkpoint -> (model in eval mode, the config that built it, its metadata)."""
     ckpt = read_pose_checkpoint(path)
     cfg = config_from_dict(ckpt["config"], source=f"checkpoint {path}")
+    model = pose_architecture(cfg)
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), cfg, ckpt["meta"]
+
+
+def pose_architecture(cfg: Config) -> PoseModel:
+    """The network `cfg` describes, freshly initialised, with nothing loaded."""
     m = cfg.model
     backbone = build_backbone(m.backbone, m.num_joints)
     crf = TreeCRF(backbone.feature_channels, radius=m.crf_window) if cfg.train.mode != "backbone" else None
-    model = PoseModel(backbone, crf)
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval(), cfg, ckpt["meta"]
+    return PoseModel(backbone, crf)

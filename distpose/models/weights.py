@@ -129,11 +129,10 @@ def load_backbone_weights(backbone: nn.Module, name: str, path: str | Path) -> L
     return report
 
 
-def save_pose_checkpoint(path: str | Path, model: nn.Module, config: dict[str, Any],
+def save_pose_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], config: dict[str, Any],
                          meta: dict[str, Any] | None = None) -> None:
-    """Write the model's weights (as fp32, on the CPU) with its config, atomically."""
-    state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu()
-             for k, v in model.state_dict().items()}
+    """Write a model's weights (as fp32, on the CPU) with its config, atomically."""
+    state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu() for k, v in state_dict.items()}
     buffer = io.BytesIO()
     torch.save({"format": POSE_CHECKPOINT_FORMAT, "config": config, "state_dict": state, "meta": meta or {}},
                buffer)

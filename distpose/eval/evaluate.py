@@ -1,0 +1,128 @@
+"""Scoring a model on a split of shards: PCK (visible and occluded joints), HRNet's heatmap accuracy
+and COCO AP/AR, from predictions that may have been made on several ranks and gathered.
+
+The ground truth for COCO eval is rebuilt from the shards' own annotation JSON, so evaluation needs
+nothing but the shards (the annotation file they came from may live on another machine).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from distpose.config import Config
+from distpose.data.coco import Detection
+from distpose.data.codec import HeatmapCodec
+from distpose.data.loader import eval_loader
+from distpose.data.shards import iter_tar_samples, read_manifest
+from distpose.eval.coco import coco_results, evaluate
+from distpose.eval.inference import MapsFn, Predictions, model_maps, predict
+from distpose.eval.metrics import hrnet_accuracy, pck
+from distpose.keypoints import person_category
+from distpose.models.pose import PoseModel
+
+log = logging.getLogger(__name__)
+
+
+def shard_ground_truth(shard_dir: str | Path, split: str) -> dict[str, Any]:
+    """The COCO annotation content of a split, read back from its shards' JSON members."""
+    images, annotations = [], []
+    for shard in read_manifest(shard_dir, split)["shards"]:
+        for sample in iter_tar_samples(Path(shard_dir) / shard["name"]):
+            if "json" not in sample:
+                continue
+            doc = json.loads(sample["json"])
+            images.append({k: doc[k] for k in ("file_name", "width", "height")} | {"id": doc["image_id"]})
+            annotations += [p | {"image_id": doc["image_id"], "category_id": 1} for p in doc["persons"]]
+    return {"images": images, "annotations": annotations, "categories": [person_category()]}
+
+
+@dataclass
+class HeatmapAccuracy:
+    """HRNet's training accuracy accumulated over batches, weighted by batch size."""
+
+    total: float = 0.0
+    count: int = 0
+
+    def add(self, maps: torch.Tensor, batch: dict[str, torch.Tensor], codec: HeatmapCodec) -> None:
+        target, _ = codec.encode(batch["joints"], batch["visible"])
+        self.total += hrnet_accuracy(maps, target) * len(maps)
+        self.count += len(maps)
+
+    @property
+    def value(self) -> float | None:
+        return self.total / self.count if self.count else None
+
+
+def predict_with_accuracy(batches: Iterable[dict[str, torch.Tensor]], keypoint_maps: MapsFn, codec: HeatmapCodec
+                          ) -> tuple[Predictions, HeatmapAccuracy]:
+    accuracy = HeatmapAccuracy()
+
+    def maps_and_accuracy(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        maps = keypoint_maps(batch)
+        accuracy.add(maps, batch, codec)
+        return maps
+
+    return predict(batches, maps_and_accuracy, codec), accuracy
+
+
+def score(predictions: Predictions, ground_truth: dict[str, Any], thresholds: Iterable[float],
+          accuracy: HeatmapAccuracy | None = None, gt_boxes: bool = True) -> dict[str, Any]:
+    """Flat metrics (`visible/pck@0.1`, `occluded/pck@0.1`, `accuracy`, `AP`, `AR`, ...) and, under
+    `pck_per_joint`, the per-joint table. PCK needs ground-truth boxes (each prediction knows its person)."""
+    metrics: dict[str, Any] = {"instances": len(predictions)}
+    if gt_boxes and len(predictions):
+        table = pck(predictions.keypoints, predictions.gt_keypoints, predictions.bboxes, tuple(thresholds))
+        for kind, entry in table.items():
+            metrics[f"{kind}/joints"] = entry["count"]
+            metrics |= {f"{kind}/{name}": value["mean"] for name, value in entry.items() if name != "count"}
+        metrics["pck_per_joint"] = {kind: {name: value["per_joint"] for name, value in entry.items() if name != "count"}
+                                    for kind, entry in table.items()}
+    if accuracy is not None and gt_boxes:
+        metrics["accuracy"] = accuracy.value
+    if len(predictions):
+        # Ground-truth boxes are scored as they are; detector boxes get HRNet's rescoring and OKS-NMS.
+        results = coco_results(predictions, nms_threshold=None if gt_boxes else 0.9)
+        metrics |= evaluate(ground_truth, results)
+    return metrics
+
+
+def gather_predictions(local: Predictions, accuracy: HeatmapAccuracy) -> tuple[Predictions, HeatmapAccuracy]:
+    """Every rank's predictions and accuracy sums, on every rank (a no-op without a process group)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return local, accuracy
+    parts: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, (local, accuracy.total, accuracy.count))
+    nonempty = [p for p, _, _ in parts if len(p)]  # a rank without shards of the split predicts nothing
+    merged = Predictions.concat(nonempty) if nonempty else local
+    return merged, HeatmapAccuracy(sum(t for _, t, _ in parts), sum(c for _, _, c in parts))
+
+
+def evaluate_model(model: PoseModel, cfg: Config, rank: int = 0, world_size: int = 1,
+                   device: torch.device | str = "cpu", boxes: Mapping[int, list[Detection]] | None = None,
+                   ground_truth: dict[str, Any] | None = None) -> tuple[dict[str, Any], Predictions]:
+    """Predict this rank's share of `cfg.data.val_split`, gather, and score; (metrics, all predictions).
+    Every rank of a process group must call it; rank 0 scores, the others get empty metrics."""
+    codec = HeatmapCodec(cfg.data.input_size, cfg.data.heatmap_size, cfg.data.sigma)
+    loader = eval_loader(cfg.data, rank, world_size, boxes=boxes)
+    local, accuracy = predict_with_accuracy(loader, model_maps(model, cfg.eval.flip_test, device), codec)
+    predictions, accuracy = gather_predictions(local, accuracy)
+    if loader.skipped:
+        log.warning("evaluation skipped bad samples: %s", dict(loader.skipped))
+    if rank != 0:
+        return {}, predictions
+    if ground_truth is None:
+        ground_truth = shard_ground_truth(cfg.data.shards, cfg.data.val_split)
+    return score(predictions, ground_truth, cfg.eval.pck_thresholds, accuracy, gt_boxes=boxes is None), predictions
+
+
+def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The scalar metrics only (what goes to logs, reports and Ray)."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.floating)) and v is not None}

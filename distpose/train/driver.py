@@ -1,0 +1,165 @@
+"""The driver: check the config and files, connect to Ray, and fit one TorchTrainer run.
+
+Everything that can be wrong with what the user asked for is checked here, before Ray starts.
+The run directory is `train.storage/train.run_name`: Ray's checkpoints and state, and ours
+(config.yaml, metrics.jsonl, best.pt, final.pt). It must be on a filesystem every node sees.
+Running the same run name again resumes it from its latest checkpoint; a finished run is not retrained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distpose.config import Config, ConfigError, dump_yaml, to_dict
+from distpose.data.shards import read_manifest
+from distpose.errors import UserError
+from distpose.files import atomic_write_bytes
+from distpose.models.weights import read_pose_checkpoint
+from distpose.train.checkpoints import FINAL_MODEL, META_FILE
+from distpose.train.engine import deepspeed_config
+
+log = logging.getLogger(__name__)
+
+
+class TrainingFailed(UserError):
+    """The run failed after its retries (exit code 1)."""
+
+    exit_code = 1
+
+
+@dataclass
+class TrainOutcome:
+    run_dir: Path
+    final_model: Path
+    metrics: dict[str, Any]  # of the last checkpoint
+    wall_time: float  # seconds in fit() (0 when the run had already finished)
+    trained: bool  # False when a finished run was found and left alone
+
+
+def run_dir(cfg: Config) -> Path:
+    return Path(cfg.train.storage).resolve() / cfg.train.run_name
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """The config with its file paths made absolute: Ray workers run in another directory."""
+    def absolute(path: str) -> str:
+        return str(Path(path).resolve()) if path else path
+
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, shards=absolute(cfg.data.shards)),
+        model=dataclasses.replace(cfg.model, pretrained=absolute(cfg.model.pretrained)),
+        train=dataclasses.replace(cfg.train, storage=absolute(cfg.train.storage),
+                                  backbone_checkpoint=absolute(cfg.train.backbone_checkpoint),
+                                  deepspeed_config=absolute(cfg.train.deepspeed_config)),
+        eval=dataclasses.replace(cfg.eval, boxes="gt" if cfg.eval.boxes == "gt" else absolute(cfg.eval.boxes)),
+    )
+
+
+def preflight(cfg: Config, resume: str | None = None) -> None:
+    """Fail with one line before Ray starts: missing shards, backbone checkpoint or resume directory,
+    a DeepSpeed override that does not parse, a backbone checkpoint of another network."""
+    if cfg.data.source == "shards":
+        read_manifest(cfg.data.shards, cfg.data.train_split)
+    if cfg.eval.every_epochs:
+        read_manifest(cfg.data.shards, cfg.data.val_split)
+    if cfg.train.mode != "backbone":
+        path = cfg.train.backbone_checkpoint
+        if not Path(path).is_file():
+            raise ConfigError(f"config key 'train.backbone_checkpoint': {path} does not exist "
+                              f"(train.mode={cfg.train.mode!r} starts from a trained backbone)")
+        trained = read_pose_checkpoint(path)["config"].get("model", {}).get("backbone")
+        if trained not in (None, cfg.model.backbone):
+            raise ConfigError(f"config key 'train.backbone_checkpoint': {path} holds a {trained!r} backbone, "
+                              f"but model.backbone is {cfg.model.backbone!r}")
+    if resume is not None and not (Path(resume) / META_FILE).is_file():
+        raise UserError(f"--resume {resume}: not a distpose training checkpoint (no {META_FILE} inside)")
+    deepspeed_config(cfg)
+
+
+@contextlib.contextmanager
+def ray_cluster(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
+    """Connect to `address` (or RAY_ADDRESS), else start a local Ray; reuse one already connected.
+    Only a connection made here is closed here."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    try:
+        # Ray Train would re-route every print in the workers (pycocotools' included) through its
+        # logger, doubling our console lines and undoing pycocotools' silencing.
+        ray.init(address=address, num_cpus=None if address else num_cpus, configure_logging=False,
+                 runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
+    except (ConnectionError, ValueError) as exc:
+        raise UserError(f"cannot connect to the Ray cluster at {address}: {exc}") from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def finished_run(cfg: Config) -> dict[str, Any] | None:
+    """final.pt's metadata if this run name already trained to train.epochs."""
+    final = run_dir(cfg) / FINAL_MODEL
+    if not final.is_file():
+        return None
+    meta = read_pose_checkpoint(final)["meta"]
+    return meta if meta.get("epoch", 0) >= cfg.train.epochs else None
+
+
+def train(cfg: Config, address: str | None = None, resume: str | None = None) -> TrainOutcome:
+    """Fit `cfg` on the Ray cluster (connecting to it, or starting a local one, unless connected)."""
+    preflight(cfg, resume)
+    cfg = with_absolute_paths(cfg)
+    resume = str(Path(resume).resolve()) if resume else None
+    directory = run_dir(cfg)
+    done = finished_run(cfg) if resume is None else None
+    if done is not None:
+        print(f"[distpose] run {cfg.train.run_name} already finished ({done['epoch']} epochs): "
+              f"{directory / FINAL_MODEL}; not retraining (use another train.run_name to train again)")
+        return TrainOutcome(directory, directory / FINAL_MODEL, done, 0.0, False)
+
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(directory / "config.yaml", dump_yaml(cfg).encode())
+    with ray_cluster(address):
+        start = time.perf_counter()
+        result = _fit(cfg, directory, resume)
+        wall = time.perf_counter() - start
+    print(f"[distpose] run {cfg.train.run_name} finished in {wall:.1f} s: {directory / FINAL_MODEL}")
+    return TrainOutcome(directory, directory / FINAL_MODEL, dict(result.metrics or {}), wall, True)
+
+
+def _fit(cfg: Config, directory: Path, resume: str | None) -> Any:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from distpose.train.worker import train_worker
+
+    t = cfg.train
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": to_dict(cfg), "run_dir": str(directory), "resume": resume},
+        scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
+                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+        run_config=RunConfig(
+            name=t.run_name, storage_path=str(directory.parent),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+        ),
+    )
+    try:
+        return trainer.fit()
+    except Exception as exc:  # Ray wraps the worker's error; keep its last line
+        if type(exc).__name__ not in ("TrainingFailedError", "WorkerGroupError", "ControllerError"):
+            raise
+        cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise TrainingFailed(f"run {t.run_name} failed after {t.max_failures} restart(s): {cause} "
+                             f"(full log above; the latest checkpoint in {directory} is kept)") from None

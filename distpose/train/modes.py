@@ -1,0 +1,42 @@
+"""What each training mode trains, freezes and minimises.
+
+    backbone  all of the backbone, heatmap MSE with target weights (HRNet's recipe)
+    crf       the CRF (unary head and pairwise) on a frozen backbone whose BatchNorm statistics
+              are frozen too, so the features the CRF learns on are those it will see in eval
+    joint     backbone features and CRF end to end, on the CRF's marginal cross-entropy
+
+In the CRF modes the backbone's own heatmap head is frozen: inference reads the CRF marginals.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from distpose.config import Mode
+from distpose.models.losses import crf_marginal_loss, heatmap_mse
+from distpose.models.pose import PoseModel, PoseOutput
+
+
+def select_trainable(model: PoseModel, mode: Mode) -> list[nn.Parameter]:
+    """Set requires_grad for `mode` and return the parameters the optimizer updates."""
+    model.requires_grad_(mode == "backbone")
+    if mode == "joint":
+        model.requires_grad_(True)
+        model.backbone.final_layer.requires_grad_(False)
+    elif mode == "crf":
+        model.crf.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def set_train_mode(model: nn.Module, mode: Mode) -> None:
+    """model.train(), except that the crf mode keeps the frozen backbone (BatchNorm included) in eval."""
+    model.train()
+    if mode == "crf":
+        model.backbone.eval()
+
+
+def mode_loss(output: PoseOutput, target: torch.Tensor, weight: torch.Tensor, mode: Mode) -> torch.Tensor:
+    if mode == "backbone":
+        return heatmap_mse(output.heatmaps.float(), target, weight)
+    return crf_marginal_loss(output.log_marginals, target, weight)

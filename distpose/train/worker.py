@@ -1,0 +1,194 @@
+"""The training function every Ray Train rank runs, top to bottom.
+
+Build the model for the mode, wrap it in DeepSpeed, resume from the latest checkpoint if there is
+one, then per epoch: steps (each of train.grad_accum micro-batches), evaluation when due, and a
+checkpoint that every rank saves and reports. Ray made the process group (gloo on CPU, NCCL on GPU)
+before this runs; nothing here depends on which.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distpose.config import Config, config_from_dict, micro_batch_size
+from distpose.data.codec import HeatmapCodec
+from distpose.data.transforms import normalize_images
+from distpose.eval.evaluate import evaluate_model, flat_metrics
+from distpose.models.pose import build_pose_model, pose_architecture
+from distpose.models.weights import save_pose_checkpoint
+from distpose.train.batches import training_batches
+from distpose.train.checkpoints import (
+    BEST_MODEL,
+    DEEPSPEED_TAG,
+    FINAL_MODEL,
+    METRICS_LOG,
+    TrainState,
+    consolidated_state_dict,
+    read_meta,
+    write_meta,
+)
+from distpose.train.engine import build_engine
+from distpose.train.modes import mode_loss, select_trainable, set_train_mode
+
+SELECTION_METRIC = "AP"  # what best.pt maximises
+
+
+class MetricsLog:
+    """Rank 0's record of the run: every step and event as a JSON line, every log_every-th step on
+    the console. Appended across attempts, so a resumed run shows the steps it redid."""
+
+    def __init__(self, path: Path, enabled: bool, every: int):
+        self.path, self.enabled, self.every = path, enabled, every
+
+    def write(self, kind: str, **fields: Any) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"kind": kind, "time": time.time(), **fields}) + "\n")
+
+    def say(self, text: str) -> None:
+        if self.enabled:
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+
+
+def _mean_across_ranks(value: torch.Tensor) -> float:
+    if torch.distributed.is_initialized():
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        value /= torch.distributed.get_world_size()
+    return float(value)
+
+
+def _resume(engine, job: dict[str, Any]) -> tuple[TrainState, str]:
+    """Load the latest checkpoint of this run (Ray's), else `--resume`'s, else start afresh."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    origin = "latest checkpoint of this run"
+    if checkpoint is None and job.get("resume"):
+        checkpoint, origin = ray.train.Checkpoint(job["resume"]), f"--resume {job['resume']}"
+    if checkpoint is None:
+        return TrainState(), "fresh start"
+    with checkpoint.as_directory() as directory:
+        engine.load_checkpoint(directory, tag=DEEPSPEED_TAG)
+        state, _ = read_meta(Path(directory))
+    return state, f"{origin} ({checkpoint.path}, epoch {state.epoch}, step {state.step})"
+
+
+def _evaluate(engine, cfg: Config, rank: int, world: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Score the consolidated fp32 weights: every rank evaluates a plain copy of the model, so ZeRO-3's
+    partitioned forward (which needs all ranks in step) never meets ranks with unequal eval shares."""
+    state = consolidated_state_dict(engine)
+    model = pose_architecture(cfg)
+    model.load_state_dict(state)
+    metrics, _ = evaluate_model(model.to(engine.device), cfg, rank, world, engine.device)
+    return {f"val/{k}": v for k, v in flat_metrics(metrics).items()}, state
+
+
+def train_worker(job: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = config_from_dict(job["config"], source="job config")
+    config_dict, run_dir = job["config"], Path(job["run_dir"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    chief = rank == 0
+    torch.set_num_threads(cfg.train.cpus_per_worker)
+    torch.manual_seed(cfg.train.seed)
+    device = ray.train.torch.get_device()
+
+    model = build_pose_model(cfg)
+    engine = build_engine(model.to(device), select_trainable(model, cfg.train.mode), cfg)
+    state, origin = _resume(engine, job)
+    # Decided before anyone writes: every rank must agree on joining the (collective) export.
+    export_final = state.epoch < cfg.train.epochs or not (run_dir / FINAL_MODEL).exists()
+    log = MetricsLog(run_dir / METRICS_LOG, chief, cfg.train.log_every)
+    log.write("start", epoch=state.epoch, step=state.step, world_size=world, resumed_from=origin,
+              host=socket.gethostname(), pid=os.getpid())
+    log.say(f"[distpose] {cfg.train.run_name}: mode {cfg.train.mode}, {cfg.model.backbone}, {world} worker(s), "
+            f"global batch {cfg.data.batch_size} ({micro_batch_size(cfg)} x {world} x {cfg.train.grad_accum}), "
+            f"{cfg.train.precision}, ZeRO {cfg.train.zero_stage}; {origin}")
+
+    codec = HeatmapCodec(cfg.data.input_size, cfg.data.heatmap_size, cfg.data.sigma)
+    batches, loader = training_batches(cfg, rank, world, state.step)
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16 if cfg.train.precision == "fp16" \
+        else torch.float32
+    steps, accum, mode = cfg.data.batches_per_epoch, cfg.train.grad_accum, cfg.train.mode
+
+    for epoch in range(state.epoch, cfg.train.epochs):
+        set_train_mode(engine.module, mode)
+        epoch_loss, epoch_start = 0.0, time.perf_counter()
+        for index in range(steps):
+            start = time.perf_counter()
+            waited, loss_sum = 0.0, torch.zeros((), device=device)
+            for _ in range(accum):
+                before = time.perf_counter()
+                batch = next(batches)
+                waited += time.perf_counter() - before
+                images = normalize_images(batch["image"].to(device, non_blocking=True)).to(dtype)
+                target, weight = codec.encode(batch["joints"].to(device), batch["visible"].to(device))
+                loss = mode_loss(engine(images), target, weight, mode)
+                engine.backward(loss)
+                engine.step()
+                loss_sum += loss.detach().float()
+            loss_value = _mean_across_ranks(loss_sum / accum)
+            elapsed = time.perf_counter() - start
+            state.step += 1
+            epoch_loss += loss_value
+            lr = engine.get_lr()[0]
+            log.write("step", epoch=epoch + 1, step=state.step, loss=loss_value, lr=lr, step_time=elapsed,
+                      data_wait=waited, samples_per_s=cfg.data.batch_size / elapsed)
+            if (index + 1) % cfg.train.log_every == 0 or index + 1 == steps:
+                log.say(f"epoch {epoch + 1}/{cfg.train.epochs} step {index + 1}/{steps} (global {state.step}) "
+                        f"loss {loss_value:.5g} lr {lr:.2e} {cfg.data.batch_size / elapsed:.1f} samples/s "
+                        f"step {elapsed:.3f} s (data wait {waited:.3f} s)")
+
+        state.epoch = epoch + 1
+        metrics = {"epoch": state.epoch, "step": state.step, "loss": epoch_loss / steps,
+                   "epoch_time": time.perf_counter() - epoch_start}
+        if loader is not None and loader.skipped:
+            metrics["skipped_samples"] = sum(loader.skipped.values())
+        every = cfg.eval.every_epochs
+        if every and (state.epoch % every == 0 or state.epoch == cfg.train.epochs):
+            scores, weights = _evaluate(engine, cfg, rank, world)
+            metrics |= scores
+            score = scores.get(f"val/{SELECTION_METRIC}")  # rank 0 scores; only its state is checkpointed
+            if chief and score is not None and (state.best_score is None or score > state.best_score):
+                state.best_score, state.best_epoch = score, state.epoch
+                save_pose_checkpoint(run_dir / BEST_MODEL, weights, config_dict, {**metrics, "kind": "best"})
+            log.write("eval", **metrics)
+            log.say(f"eval after epoch {state.epoch}: " + ", ".join(
+                f"{k[4:]} {v:.4f}" for k, v in scores.items() if k.split("/")[-1] in
+                ("AP", "AR", "accuracy", "pck@0.1")))
+        state.metrics = metrics
+        _save_and_report(engine, state, config_dict, metrics)
+
+    if export_final:
+        weights = consolidated_state_dict(engine)
+        if chief:
+            save_pose_checkpoint(run_dir / FINAL_MODEL, weights, config_dict,
+                                 {**state.metrics, "kind": "final", "best_epoch": state.best_epoch})
+            log.write("final", epoch=state.epoch, step=state.step, path=str(run_dir / FINAL_MODEL))
+
+
+def _save_and_report(engine, state: TrainState, config: dict[str, Any], metrics: dict[str, float]) -> None:
+    """Every rank saves its part of the DeepSpeed state and reports its directory; Ray merges them
+    into one checkpoint (reporting from rank 0 alone would lose the other ranks' ZeRO partitions)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="distpose-ckpt-") as tmp:
+        engine.save_checkpoint(tmp, tag=DEEPSPEED_TAG)
+        if engine.global_rank == 0:
+            write_meta(Path(tmp), state, config)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
