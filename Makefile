@@ -28,12 +28,9 @@ install: | $(BIN)/python
 	rm -f $(VENV)/.installed
 	$(MAKE) $(VENV)/.installed
 
+# Synthetic data, shards, the five training modes on local Ray, evaluation, reports/pipeline/report.md.
 demo: $(VENV)/.installed
-	$(BIN)/distpose data synth --out data/synth --train 1000 --val 100 --workers 2 --overwrite
-	$(BIN)/distpose data shard --coco-root data/synth --split train --out data/shards --samples-per-shard 100 --overwrite
-	$(BIN)/distpose data shard --coco-root data/synth --split val --out data/shards --samples-per-shard 50 --overwrite
-	$(BIN)/distpose data verify data/shards --workers 2
-	$(BIN)/distpose bench loader configs/quick/cnn.yaml
+	$(BIN)/distpose pipeline configs/quick
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

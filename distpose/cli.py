@@ -2,6 +2,9 @@
 
     distpose data synth|shard|verify   build and check the WebDataset shards
     distpose train CONFIG [k=v ...]    train with Ray Train + DeepSpeed (local Ray, or --address)
+    distpose eval --checkpoint CKPT    PCK, COCO AP/AR and skeleton drawings of a trained model
+    distpose predict --checkpoint CKPT IMAGE... --out DIR   keypoints for image files
+    distpose pipeline [CONFIG_DIR]     data, all five modes, evaluation and a report (`make demo`)
     distpose config                    print a resolved config (YAML + key=value overrides)
     distpose model-info NAME           parameters and GMACs of a pose network
     distpose bench loader|crf|kernel   loader throughput; the reference CRF's formulations; the Triton kernel
@@ -114,6 +117,35 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     train(cfg, address=args.address, resume=args.resume)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from distpose.eval.run import evaluate_checkpoint, summary_line
+
+    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"eval-{Path(args.checkpoint).stem}"
+    metrics = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.boxes, out, args.workers, args.address)
+    print(f"{metrics['instances']} instances: {summary_line(metrics)}")
+    print(f"wrote {out}/metrics.json, results.json, skeletons.jpg")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from distpose.eval.predict import predict_images
+
+    out = Path(args.out)
+    counts = predict_images(args.checkpoint, args.images, out, args.boxes, args.min_box_score)
+    skipped = f", {len(counts['skipped'])} unreadable image(s) skipped" if counts["skipped"] else ""
+    print(f"{counts['people']} people in {counts['images']} image(s){skipped}: drawings and results.json in {out}")
+    return 1 if counts["skipped"] and not counts["images"] else 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from distpose.pipeline import run_pipeline
+
+    run_pipeline(args.config or "configs/quick", tuple(args.overrides), data_root=args.data,
+                 report_dir=args.report, train_images=args.train_images, val_images=args.val_images,
+                 address=args.address)
     return 0
 
 
@@ -261,6 +293,53 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="CHECKPOINT_DIR",
                        help="start from this training checkpoint (a checkpoint_* directory of any run)")
     train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser(
+        "eval", help="score an inference checkpoint: PCK, HRNet accuracy, COCO AP/AR, drawings",
+        description="Score an inference checkpoint (best.pt/final.pt of a run) on a split: PCK@thresholds for "
+        "visible and occluded joints, HRNet's heatmap accuracy, COCO AP/AR via pycocotools. Writes "
+        "metrics.json, results.json (COCO results) and skeletons.jpg (+ images/) to --out.",
+    )
+    evaluate.add_argument("--checkpoint", required=True, help="inference checkpoint (.pt)")
+    evaluate.add_argument("--data", help="shard directory or COCO root (default: the checkpoint's data.shards)")
+    evaluate.add_argument("--split", help="split name (default: the checkpoint's val split, or the only one)")
+    evaluate.add_argument("--boxes", default="gt",
+                          help="'gt' for ground-truth boxes (default) or a COCO-results JSON of person detections")
+    evaluate.add_argument("--out", help="output directory (default: eval-<checkpoint name> beside the checkpoint)")
+    evaluate.add_argument("--workers", type=_positive, default=1, help="Ray Train ranks (default 1: in process)")
+    evaluate.add_argument("--address", help="Ray cluster address for --workers > 1 (default: local Ray)")
+    evaluate.set_defaults(func=cmd_eval)
+
+    predict = commands.add_parser(
+        "predict", help="keypoints for image files: drawings and COCO-results JSON",
+        description="Run an inference checkpoint on image files: person boxes from --boxes (COCO-results "
+        "detections; image ids are the files' numeric names) or the whole image as one person. Writes one "
+        "drawing per image and results.json (COCO keypoint results) to --out.",
+    )
+    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument("--checkpoint", required=True, help="inference checkpoint (.pt)")
+    predict.add_argument("--boxes", help="COCO-results JSON of person detections (default: whole image)")
+    predict.add_argument("--min-box-score", type=float, default=0.0, help="drop detections below this score")
+    predict.add_argument("--out", required=True, help="output directory")
+    predict.set_defaults(func=cmd_predict)
+
+    pipeline = commands.add_parser(
+        "pipeline", help="synthetic data, the five modes trained and evaluated, one report",
+        description="Generate synthetic COCO data and its shards (if missing), train cnn and hrnet backbones, "
+        "then cnn_crf, cnn_joint, hrnet_crf and hrnet_joint from them, evaluate each, and write a report "
+        "(report.md, comparison table with the mean-pose floor, loss and PCK plots, skeleton grids). "
+        "CONFIG is a directory holding cnn.yaml, hrnet.yaml, cnn_crf.yaml, cnn_joint.yaml, hrnet_crf.yaml "
+        "and hrnet_joint.yaml (default configs/quick); overrides apply to every run. One Ray cluster "
+        "serves all runs; rerunning resumes unfinished runs and skips finished ones.",
+    )
+    pipeline.add_argument("config", nargs="?", help="config directory (default configs/quick)")
+    pipeline.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides for every run")
+    pipeline.add_argument("--data", default="data/synth", help="synthetic COCO root (default data/synth)")
+    pipeline.add_argument("--train-images", type=_positive, default=1000, help="if generated (default 1000)")
+    pipeline.add_argument("--val-images", type=_positive, default=100, help="if generated (default 100)")
+    pipeline.add_argument("--report", default="reports/pipeline", help="report directory (default reports/pipeline)")
+    pipeline.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    pipeline.set_defaults(func=cmd_pipeline)
 
     config = commands.add_parser(
         "config", help="print a resolved config",

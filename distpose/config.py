@@ -279,10 +279,12 @@ def validate(cfg: Config) -> None:
     d = cfg.data
     for key, size in (("data.input_size", d.input_size), ("data.heatmap_size", d.heatmap_size)):
         _require(min(size) >= 4, key, list(size), "two sizes >= 4")
-    _require(
-        all(i >= h for i, h in zip(d.input_size, d.heatmap_size)),
-        "data.heatmap_size", list(d.heatmap_size), f"no larger than data.input_size {list(d.input_size)}",
-    )
+    # Every backbone predicts at stride 4; the strided ones need sizes their deepest stage divides.
+    multiple = 8 if cfg.model.backbone == "cnn_small" else 32
+    _require(all(i % multiple == 0 for i in d.input_size), "data.input_size", list(d.input_size),
+             f"multiples of {multiple} for model.backbone={cfg.model.backbone!r}")
+    _require(tuple(d.heatmap_size) == (d.input_size[0] // 4, d.input_size[1] // 4), "data.heatmap_size",
+             list(d.heatmap_size), f"data.input_size / 4 = {[d.input_size[0] // 4, d.input_size[1] // 4]}")
     _require(d.sigma > 0, "data.sigma", d.sigma, "a number > 0")
     _require(d.box_padding >= 1.0, "data.box_padding", d.box_padding, "a number >= 1")
     for key in ("batch_size", "batches_per_epoch"):

@@ -21,7 +21,7 @@ def test_defaults_and_overrides():
 
 
 def test_yaml_roundtrip(tmp_path):
-    cfg = load_config(None, ["data.batch_size=7", "train.mode=joint"])
+    cfg = load_config(None, ["data.batch_size=7", "train.mode=joint", "train.backbone_checkpoint=b.pt"])
     path = tmp_path / "c.yaml"
     path.write_text(dump_yaml(cfg))
     assert load_config(path) == cfg
@@ -33,7 +33,7 @@ def test_shipped_configs_load(path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("data.foo=1", "unknown config key 'data.foo' (allowed: data.shards,"),
+    ("data.foo=1", "unknown config key 'data.foo' (allowed: data.source, data.shards,"),
     ("bogus.x=1", "unknown config key 'bogus' (allowed: data, model, train, eval, monitor)"),
     ("train.mode=crff", "config key 'train.mode': got 'crff', expected one of 'backbone', 'crf', 'joint'"),
     ("train.zero_stage=4", "expected one of 0, 1, 2, 3"),
@@ -41,10 +41,15 @@ def test_shipped_configs_load(path):
     ("data.batch_size=0", "config key 'data.batch_size': got 0, expected an integer >= 1"),
     ("data.input_size=[256]", "expected a list of 2 values (an integer, an integer)"),
     ("data.augment.flip_prob=1.5", "expected a probability in [0, 1]"),
-    ("data.heatmap_size=[512,384]", "no larger than data.input_size"),
+    ("data.heatmap_size=[64,48]", "config key 'data.heatmap_size': got [64, 48], expected data.input_size / 4 = [32, 24]"),
+    ("data.input_size=[100,72]", "expected multiples of 8 for model.backbone='cnn_small'"),
     ("train.use_gpu=maybe", "expected true or false"),
     ("data.batch_size.x=1", "is a value, not a section"),
     ("novalue", "is not of the form key.sub=value"),
+    ("train.mode=crf", "config key 'train.backbone_checkpoint': got '', expected the trained backbone's checkpoint"),
+    ("train.precision=fp16", "DeepSpeed has no fp16 on CPU"),
+    ("train.precision=bf16", "config key 'train.zero_stage': got 0, expected 1, 2 or 3 with train.precision=bf16"),
+    ("train.workers=3", "config key 'data.batch_size': got 32, expected a multiple of train.workers x train.grad_accum"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as info:

@@ -1,0 +1,166 @@
+"""`distpose eval`: an inference checkpoint scored on a split, locally or on Ray Train ranks, with
+metrics JSON, COCO results and skeleton drawings.
+
+Data is a shard directory, or a COCO root (annotations/ + images), which is sharded into a
+temporary directory first: evaluation always reads shards, so it runs the same code as training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from distpose.config import Config
+from distpose.data.coco import load_detections
+from distpose.data.shards import decode_image, iter_tar_samples, parse_sample, read_manifest, write_shards
+from distpose.errors import UserError
+from distpose.eval.coco import coco_results
+from distpose.eval.draw import draw_skeletons, grid, save_image
+from distpose.eval.evaluate import evaluate_model, flat_metrics
+from distpose.eval.inference import Predictions
+from distpose.files import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+DRAWN_MIN_SCORE = 0.1  # joints less confident than this are left out of drawings
+
+
+@contextlib.contextmanager
+def shards_for(data: str, split: str | None) -> Iterator[tuple[str, str]]:
+    """(shard directory, split) for `data`: a shard directory as it is, or a COCO root sharded into a
+    temporary directory for the duration."""
+    root = Path(data)
+    if any(root.glob("*.manifest.json")):
+        if split is None:
+            splits = sorted(p.name.removesuffix(".manifest.json") for p in root.glob("*.manifest.json"))
+            split = "val" if "val" in splits else splits[-1]
+        read_manifest(root, split)
+        yield str(root), split
+        return
+    annotations = sorted((root / "annotations").glob("person_keypoints_*.json"))
+    if not annotations:
+        raise UserError(f"--data {data}: neither shards (*.manifest.json) nor a COCO root "
+                        "(annotations/person_keypoints_<split>.json)")
+    if split is None:
+        if len(annotations) > 1:
+            names = ", ".join(p.stem.removeprefix("person_keypoints_") for p in annotations)
+            raise UserError(f"--data {data} holds several splits ({names}); choose one with --split")
+        split = annotations[0].stem.removeprefix("person_keypoints_")
+    with tempfile.TemporaryDirectory(prefix="distpose-eval-shards-") as tmp:
+        log.info("sharding %s split %s into %s", root, split, tmp)
+        write_shards(root, split, tmp, samples_per_shard=256, role="eval", progress=False)
+        yield tmp, split
+
+
+def eval_config(cfg: Config, shards: str, split: str) -> Config:
+    import dataclasses
+
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shards=shards, val_split=split,
+                                                              loader_workers=min(cfg.data.loader_workers, 2)))
+
+
+def draw_predictions(shards: str, split: str, predictions: Predictions, out_dir: Path, max_images: int = 12
+                     ) -> Path | None:
+    """Predicted skeletons on the first `max_images` images of the split that have predictions:
+    one JPEG each under out_dir/images/ and out_dir/skeletons.jpg, the grid of them."""
+    by_image: dict[int, list[int]] = {}
+    for i, image_id in enumerate(predictions.image_ids.tolist()):
+        by_image.setdefault(int(image_id), []).append(i)
+    drawn = []
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    for shard in read_manifest(shards, split)["shards"]:
+        for raw in iter_tar_samples(Path(shards) / shard["name"]):
+            sample = parse_sample(raw)
+            if sample.image_id not in by_image:
+                continue
+            rows = by_image[sample.image_id]
+            people = np.concatenate([predictions.keypoints[rows], predictions.scores[rows][..., None]], axis=-1)
+            image = cv2.cvtColor(decode_image(sample), cv2.COLOR_RGB2BGR)
+            drawing = draw_skeletons(image, people, DRAWN_MIN_SCORE)
+            save_image(out_dir / "images" / f"{sample.image_id:012d}.jpg", drawing)
+            drawn.append(drawing)
+            if len(drawn) == max_images:
+                return save_image(out_dir / "skeletons.jpg", grid(drawn))
+    return save_image(out_dir / "skeletons.jpg", grid(drawn)) if drawn else None
+
+
+def write_results(out_dir: Path, metrics: dict[str, Any], predictions: Predictions, gt_boxes: bool) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_dir / "metrics.json", (json.dumps(metrics, indent=1) + "\n").encode())
+    results = coco_results(predictions, nms_threshold=None if gt_boxes else 0.9)
+    atomic_write_bytes(out_dir / "results.json", json.dumps(results).encode())
+
+
+def summary_line(metrics: dict[str, Any]) -> str:
+    flat = flat_metrics(metrics)
+    keys = [k for k in flat if k.endswith(("pck@0.05", "pck@0.1", "pck@0.2"))] + ["accuracy", "AP", "AR"]
+    return ", ".join(f"{k} {flat[k]:.4f}" for k in keys if k in flat)
+
+
+def evaluate_checkpoint(checkpoint: str, data: str | None, split: str | None, boxes: str, out_dir: Path,
+                        workers: int = 1, address: str | None = None) -> dict[str, Any]:
+    """Score an inference checkpoint; write metrics.json, results.json and drawings under out_dir."""
+    from distpose.models.pose import load_checkpoint
+
+    model, cfg, _ = load_checkpoint(checkpoint)
+    detections = None if boxes == "gt" else load_detections(boxes)
+    with shards_for(data or cfg.data.shards, split if data else (split or cfg.data.val_split)) as (shards, split):
+        cfg = eval_config(cfg, shards, split)
+        if workers > 1:
+            metrics, predictions = _evaluate_on_ray(checkpoint, cfg, detections, workers, address)
+        else:
+            metrics, predictions = evaluate_model(model, cfg, boxes=detections)
+        write_results(out_dir, metrics, predictions, detections is None)
+        draw_predictions(shards, split, predictions, out_dir)
+    return metrics
+
+
+def _evaluate_on_ray(checkpoint: str, cfg: Config, detections: Any, workers: int, address: str | None
+                     ) -> tuple[dict[str, Any], Predictions]:
+    """The same evaluation split over `workers` Ray Train ranks; rank 0's result comes back."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from distpose.train.driver import ray_cluster
+
+    def per_rank(job: dict[str, Any]) -> None:
+        import ray.train
+
+        from distpose.models.pose import load_checkpoint
+
+        context = ray.train.get_context()
+        model, _, _ = load_checkpoint(job["checkpoint"])
+        result = evaluate_model(model, job["cfg"], context.get_world_rank(), context.get_world_size(),
+                                boxes=job["detections"])
+        if context.get_world_rank() == 0:
+            ray.get(job["inbox"].put.remote(result))
+
+    with ray_cluster(address), tempfile.TemporaryDirectory(prefix="distpose-eval-run-") as storage:
+        inbox = ray.remote(_Inbox).remote()
+        TorchTrainer(per_rank, train_loop_config={"checkpoint": str(Path(checkpoint).resolve()), "cfg": cfg,
+                                                  "detections": detections, "inbox": inbox},
+                     scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
+                     run_config=RunConfig(name="eval", storage_path=storage)).fit()
+        return ray.get(inbox.get.remote())
+
+
+class _Inbox:
+    """A Ray actor holding rank 0's evaluation result for the driver."""
+
+    def __init__(self) -> None:
+        self.value: Any = None
+
+    def put(self, value: Any) -> None:
+        self.value = value
+
+    def get(self) -> Any:
+        return self.value

@@ -1,0 +1,112 @@
+"""`distpose pipeline`: data, the six runs of the five modes in dependency order, evaluation, report.
+
+    synthetic COCO -> shards -> mean-pose floor
+    cnn -> cnn_crf, cnn_joint        (the CRF runs start from cnn's final.pt)
+    hrnet -> hrnet_crf, hrnet_joint
+    -> report.md: comparison table, loss and PCK curves, skeleton grid per mode
+
+One Ray cluster serves every run. Runs are named `pipeline_<mode>` under the storage directory, so
+rerunning the pipeline resumes an interrupted run and skips finished ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from pathlib import Path
+
+from distpose.config import Config, load_config
+from distpose.data.shards import manifest_path, write_shards
+from distpose.data.synth import generate_synthetic_coco
+from distpose.errors import UserError
+from distpose.eval.evaluate import evaluate_model, flat_metrics, score, shard_ground_truth
+from distpose.eval.mean_pose import fit_mean_pose, predict_mean_pose
+from distpose.eval.report import ModeResult, read_run_log, write_report
+from distpose.eval.run import draw_predictions
+from distpose.models.pose import load_checkpoint
+from distpose.train.checkpoints import METRICS_LOG
+from distpose.train.driver import ray_cluster, train
+
+# (run, what it is, the run whose final.pt it starts from)
+RUNS = (
+    ("cnn", "backbone mode, CNN", None),
+    ("hrnet", "backbone mode, HRNet", None),
+    ("cnn_crf", "CRF on the frozen CNN", "cnn"),
+    ("cnn_joint", "CNN + CRF jointly", "cnn"),
+    ("hrnet_crf", "CRF on the frozen HRNet", "hrnet"),
+    ("hrnet_joint", "HRNet + CRF jointly", "hrnet"),
+)
+
+
+def _say(text: str) -> None:
+    print(f"[pipeline] {text}", flush=True)
+
+
+def prepare_data(root: Path, shards: Path, train_images: int, val_images: int) -> None:
+    """Synthetic COCO and its shards, unless already there (generation is deterministic)."""
+    if not (root / "annotations" / "person_keypoints_val.json").is_file():
+        _say(f"generating {train_images} + {val_images} synthetic images in {root}")
+        generate_synthetic_coco(root, num_train=train_images, num_val=val_images, workers=2, progress=False)
+    for split, per_shard in (("train", 100), ("val", 50)):
+        if not manifest_path(shards, split).is_file():
+            _say(f"sharding {split} into {shards}")
+            write_shards(root, split, shards, samples_per_shard=per_shard, workers=2, progress=False)
+
+
+def mean_pose_floor(cfg: Config) -> ModeResult:
+    d = cfg.data
+    mean = fit_mean_pose(shard_ground_truth(d.shards, d.train_split), d.aspect_ratio, d.box_padding)
+    val = shard_ground_truth(d.shards, d.val_split)
+    metrics = score(predict_mean_pose(mean, val, d.aspect_ratio, d.box_padding), val, cfg.eval.pck_thresholds)
+    return ModeResult("mean pose", "floor: the training set's mean pose in every box", flat_metrics(metrics))
+
+
+def run_config(config_dir: Path, name: str, overrides: list[str], parent: Path | None) -> Config:
+    path = config_dir / f"{name}.yaml"
+    if not path.is_file():
+        raise UserError(f"pipeline config directory {config_dir} lacks {name}.yaml")
+    extra = [f"train.run_name=pipeline_{name}"]
+    if parent is not None:
+        extra.append(f"train.backbone_checkpoint={parent}")
+    return load_config(path, [*overrides, *extra])
+
+
+def run_pipeline(config_dir: str | Path = "configs/quick", overrides: tuple[str, ...] = (),
+                 data_root: str | Path = "data/synth", report_dir: str | Path = "reports/pipeline",
+                 train_images: int = 1000, val_images: int = 100, address: str | None = None) -> Path:
+    start = time.perf_counter()
+    config_dir, report_dir = Path(config_dir), Path(report_dir)
+    first = run_config(config_dir, RUNS[0][0], list(overrides), None)
+    prepare_data(Path(data_root), Path(first.data.shards), train_images, val_images)
+    floor = mean_pose_floor(first)
+    _say(f"mean-pose floor: visible PCK@0.1 {floor.metrics.get('visible/pck@0.1', 0):.3f}")
+    results, finals = [floor], {}
+    with ray_cluster(address):
+        for name, description, parent in RUNS:
+            cfg = run_config(config_dir, name, list(overrides), finals.get(parent))
+            _say(f"{name}: {description} ({cfg.model.backbone}, mode {cfg.train.mode})")
+            outcome = train(cfg)
+            finals[name] = outcome.final_model
+            results.append(_evaluate_run(name, description, outcome.final_model, outcome.wall_time, report_dir))
+            m = results[-1].metrics
+            _say(f"{name}: visible PCK@0.1 {m.get('visible/pck@0.1', 0):.3f}, occluded "
+                 f"{m.get('occluded/pck@0.1', 0):.3f}, AP {m.get('AP', 0):.3f} ({outcome.wall_time:.0f} s)")
+    header = [f"Configs: `{config_dir}` (overrides: {' '.join(overrides) or 'none'}); data: `{data_root}` "
+              f"({train_images} training, {val_images} validation images); total pipeline time "
+              f"{time.perf_counter() - start:.0f} s."]
+    path = write_report(report_dir, results, header, [])
+    _say(f"report: {path} ({time.perf_counter() - start:.0f} s in all)")
+    return path
+
+
+def _evaluate_run(name: str, description: str, final: Path, wall_time: float, report_dir: Path) -> ModeResult:
+    """Score the run's final.pt in this process (the table's figures) and draw its skeleton grid."""
+    model, cfg, _ = load_checkpoint(final)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, loader_workers=1))
+    metrics, predictions = evaluate_model(model, cfg)
+    grid_path = draw_predictions(cfg.data.shards, cfg.data.val_split, predictions, report_dir / name, max_images=8)
+    steps, evals = read_run_log(final.parent / METRICS_LOG)
+    throughput = statistics.median(s["samples_per_s"] for s in steps) if steps else None
+    return ModeResult(name, description, flat_metrics(metrics), wall_time or None, throughput, steps, evals,
+                      str(grid_path.relative_to(report_dir)) if grid_path else None)

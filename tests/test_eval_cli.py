@@ -1,0 +1,134 @@
+"""`distpose eval` and `distpose predict` on the real mini COCO set, the shard ground truth, the
+mean-pose floor and the pipeline report."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from distpose.cli import main
+from distpose.config import load_config
+from distpose.data.coco import annotation_path
+from distpose.data.shards import write_shards
+from distpose.eval.evaluate import shard_ground_truth
+from distpose.eval.mean_pose import fit_mean_pose, predict_mean_pose
+from distpose.eval.report import ModeResult, write_report
+from distpose.models.pose import build_pose_model, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def untrained_checkpoint(tmp_path_factory):
+    cfg = load_config(None, ["data.input_size=[64,48]", "data.heatmap_size=[16,12]", "data.loader_workers=0"])
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    save_checkpoint(path, build_pose_model(cfg), cfg)
+    return path
+
+
+def test_shard_ground_truth_is_the_annotation_file(coco_mini, tmp_path):
+    write_shards(coco_mini, "val2017", tmp_path, samples_per_shard=3, role="eval", progress=False)
+    rebuilt = shard_ground_truth(tmp_path, "val2017")
+    original = json.loads(annotation_path(coco_mini, "val2017").read_text())
+    assert sorted(i["id"] for i in rebuilt["images"]) == sorted(i["id"] for i in original["images"])
+    by_id = {a["id"]: a for a in original["annotations"]}
+    assert sorted(by_id) == sorted(a["id"] for a in rebuilt["annotations"])
+    for ann in rebuilt["annotations"]:
+        source = by_id[ann["id"]]
+        assert ann["image_id"] == source["image_id"] and ann["iscrowd"] == source["iscrowd"]
+        assert ann["num_keypoints"] == source["num_keypoints"]
+
+
+def test_eval_cli_on_a_coco_root_writes_metrics_results_and_drawings(coco_mini, untrained_checkpoint, tmp_path,
+                                                                      capsys):
+    out = tmp_path / "eval"
+    assert main(["eval", "--checkpoint", str(untrained_checkpoint), "--data", str(coco_mini), "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    gt = json.loads(annotation_path(coco_mini, "val2017").read_text())
+    usable = [a for a in gt["annotations"] if a["num_keypoints"] > 0 and not a["iscrowd"]]
+    assert metrics["instances"] == len(usable)
+    assert 0.0 <= metrics["visible/pck@0.2"] <= 1.0 and 0.0 <= metrics["AP"] <= 1.0
+    assert set(metrics["pck_per_joint"]) == {"visible", "occluded"}
+    results = json.loads((out / "results.json").read_text())
+    assert len(results) == len(usable) and all(len(r["keypoints"]) == 51 for r in results)
+    grid = cv2.imread(str(out / "skeletons.jpg"))
+    assert grid is not None and grid.shape[0] > 100
+    assert len(list((out / "images").glob("*.jpg"))) == len({a["image_id"] for a in usable})
+    assert f"{len(usable)} instances: visible/pck@0.05" in capsys.readouterr().out
+
+
+def test_eval_cli_with_detector_boxes(coco_mini, untrained_checkpoint, tmp_path):
+    out = tmp_path / "eval"
+    boxes = coco_mini / "annotations" / "person_detections_val2017.json"
+    assert main(["eval", "--checkpoint", str(untrained_checkpoint), "--data", str(coco_mini), "--boxes", str(boxes),
+                 "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["instances"] == len(json.loads(boxes.read_text()))
+    assert "visible/pck@0.1" not in metrics and "AP" in metrics  # PCK needs ground-truth boxes
+
+
+def test_eval_cli_rejects_a_directory_without_data(untrained_checkpoint, tmp_path, capsys):
+    assert main(["eval", "--checkpoint", str(untrained_checkpoint), "--data", str(tmp_path)]) == 2
+    assert "neither shards (*.manifest.json) nor a COCO root" in capsys.readouterr().err
+
+
+def test_predict_cli_draws_each_image_and_counts_unreadable_ones(coco_mini, untrained_checkpoint, tmp_path, capsys):
+    images = sorted((coco_mini / "val2017").glob("*.jpg"))
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(untrained_checkpoint), *map(str, images), str(broken),
+                 "--out", str(out)]) == 0
+    assert f"{len(images)} people in {len(images)} image(s), 1 unreadable image(s) skipped" in capsys.readouterr().out
+    for image in images:
+        drawing = cv2.imread(str(out / image.name))
+        assert drawing.shape == cv2.imread(str(image)).shape
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(r["image_id"] for r in results) == sorted(int(p.stem) for p in images)
+
+
+def test_predict_cli_with_boxes_keeps_one_result_per_person_after_nms(coco_mini, untrained_checkpoint, tmp_path):
+    images = sorted((coco_mini / "val2017").glob("*.jpg"))
+    boxes = coco_mini / "annotations" / "person_detections_val2017.json"
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(untrained_checkpoint), *map(str, images), "--boxes", str(boxes),
+                 "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert 0 < len(results) <= len(json.loads(boxes.read_text()))
+    assert {r["image_id"] for r in results} <= {int(p.stem) for p in images}
+
+
+def test_mean_pose_by_hand():
+    # Two people whose boxes already have the crop's aspect (0.75): windows are the boxes x 1.25.
+    gt = {"annotations": [
+        {"id": 1, "image_id": 1, "bbox": [0, 0, 75, 100], "area": 7500, "iscrowd": 0, "num_keypoints": 1,
+         "keypoints": [37.0, 10.0, 2] + [0] * 48},
+        {"id": 2, "image_id": 1, "bbox": [100, 0, 75, 100], "area": 7500, "iscrowd": 0, "num_keypoints": 1,
+         "keypoints": [137.0, 30.0, 1] + [0] * 48},
+    ]}
+    mean = fit_mean_pose(gt, 0.75, 1.25)
+    # Nose offsets from the box centres (37, 49.5) and (137, 49.5): (0, -39.5) and (0, -19.5), in
+    # window heights of 125 pixels: mean -29.5 / 125. Joints no one labels stay at the centre.
+    np.testing.assert_allclose(mean[0], [0.0, -29.5 / 125])
+    np.testing.assert_allclose(mean[1:], 0.0)
+    preds = predict_mean_pose(mean, gt, 0.75, 1.25)
+    np.testing.assert_allclose(preds.keypoints[:, 0], [[37.0, 20.0], [137.0, 20.0]])
+
+
+def test_report_has_the_table_curves_and_grids(tmp_path):
+    steps = [{"step": s, "loss": 1.0 / s, "samples_per_s": 100.0} for s in range(1, 11)]
+    evals = [{"epoch": e, "val/visible/pck@0.1": 0.3 * e} for e in (1, 2)]
+    metrics = {"visible/pck@0.05": 0.2, "visible/pck@0.1": 0.6, "visible/pck@0.2": 0.8, "occluded/pck@0.1": 0.4,
+               "AP": 0.1, "AR": 0.2}
+    crf_metrics = metrics | {"occluded/pck@0.1": 0.35}
+    results = [
+        ModeResult("mean pose", "floor", {"visible/pck@0.1": 0.25}),
+        ModeResult("cnn", "backbone", metrics, 12.5, 100.0, steps, evals),
+        ModeResult("cnn_crf", "crf", crf_metrics, 8.0, 50.0, steps, evals),
+    ]
+    report = write_report(tmp_path, results, ["header line"], []).read_text()
+    assert "| cnn (backbone) | 0.200 | 0.600 | 0.800 | - | 0.400 | - | 0.100 | 0.200 | 100.0 | 12.5 |" in report
+    assert "occluded: 0.350 vs 0.400 (-0.050, does not beat cnn)" in report
+    for plot in ("loss.png", "pck.png"):
+        image = cv2.imread(str(tmp_path / plot))
+        assert image is not None and image.shape[0] >= 300, plot
+    assert json.loads((tmp_path / "results.json").read_text())[1]["wall_time"] == 12.5
