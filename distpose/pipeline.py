@@ -16,6 +16,8 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
+
 from distpose.config import Config, load_config
 from distpose.data.shards import manifest_path, write_shards
 from distpose.data.synth import generate_synthetic_coco
@@ -62,6 +64,48 @@ def mean_pose_floor(cfg: Config) -> ModeResult:
     return ModeResult("mean pose", "floor: the training set's mean pose in every box", flat_metrics(metrics))
 
 
+def limbs_outside_window(ground_truth: dict, cfg: Config) -> float:
+    """Fraction of labelled CRF-tree limbs (child, parent) whose displacement on the heatmap exceeds
+    the CRF window R on either axis: the CRF cannot place both joints of such a limb right."""
+    from distpose.data.transforms import box_to_center_scale
+    from distpose.keypoints import CRF_PARENTS
+
+    d, radius = cfg.data, cfg.model.crf_window
+    to_heatmap = np.array([d.heatmap_size[1] - 1, d.heatmap_size[0] - 1])
+    outside = total = 0
+    for ann in ground_truth["annotations"]:
+        if not ann["num_keypoints"] or ann["iscrowd"]:
+            continue
+        center, size = box_to_center_scale(ann["bbox"], d.aspect_ratio, d.box_padding)
+        joints = np.asarray(ann["keypoints"], dtype=np.float64).reshape(-1, 3)
+        xy = (joints[:, :2] - center) / size * to_heatmap
+        for child, parent in enumerate(CRF_PARENTS):
+            if parent >= 0 and joints[child, 2] > 0 and joints[parent, 2] > 0:
+                total += 1
+                outside += np.abs(xy[child] - xy[parent]).max() > radius
+    return outside / max(total, 1)
+
+
+def crf_notes(results: list[ModeResult], configs: dict[str, Config]) -> list[str]:
+    """Why a CRF mode may trail its backbone, measured: limbs its window cannot hold, and its
+    training budget next to the backbone's."""
+    by_name = {r.name: r for r in results}
+    notes = []
+    for name, cfg in configs.items():
+        if cfg.train.mode == "backbone" or name not in by_name:
+            continue
+        base = name.split("_")[0]
+        ground_truth = shard_ground_truth(cfg.data.shards, cfg.data.val_split)
+        outside = limbs_outside_window(ground_truth, cfg)
+        steps, base_steps = len(by_name[name].steps), len(by_name[base].steps) if base in by_name else 0
+        notes.append(f"- {name}: window R={cfg.model.crf_window} at heatmap {cfg.data.heatmap_size[0]}x"
+                     f"{cfg.data.heatmap_size[1]} leaves {outside:.1%} of the validation limbs outside it; "
+                     f"trained {steps} steps from a backbone trained {base_steps} steps.")
+    if notes:
+        notes.insert(0, "Measured for each CRF run (see README, Pipeline, for the discussion):")
+    return notes
+
+
 def run_config(config_dir: Path, name: str, overrides: list[str], parent: Path | None) -> Config:
     path = config_dir / f"{name}.yaml"
     if not path.is_file():
@@ -81,10 +125,11 @@ def run_pipeline(config_dir: str | Path = "configs/quick", overrides: tuple[str,
     prepare_data(Path(data_root), Path(first.data.shards), train_images, val_images)
     floor = mean_pose_floor(first)
     _say(f"mean-pose floor: visible PCK@0.1 {floor.metrics.get('visible/pck@0.1', 0):.3f}")
-    results, finals = [floor], {}
+    results, finals, configs = [floor], {}, {}
     with ray_cluster(address):
         for name, description, parent in RUNS:
             cfg = run_config(config_dir, name, list(overrides), finals.get(parent))
+            configs[name] = cfg
             _say(f"{name}: {description} ({cfg.model.backbone}, mode {cfg.train.mode})")
             outcome = train(cfg)
             finals[name] = outcome.final_model
@@ -95,7 +140,7 @@ def run_pipeline(config_dir: str | Path = "configs/quick", overrides: tuple[str,
     header = [f"Configs: `{config_dir}` (overrides: {' '.join(overrides) or 'none'}); data: `{data_root}` "
               f"({train_images} training, {val_images} validation images); total pipeline time "
               f"{time.perf_counter() - start:.0f} s."]
-    path = write_report(report_dir, results, header, [])
+    path = write_report(report_dir, results, header, crf_notes(results, configs))
     _say(f"report: {path} ({time.perf_counter() - start:.0f} s in all)")
     return path
 

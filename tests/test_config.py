@@ -41,7 +41,7 @@ def test_shipped_configs_load(path):
     ("data.batch_size=0", "config key 'data.batch_size': got 0, expected an integer >= 1"),
     ("data.input_size=[256]", "expected a list of 2 values (an integer, an integer)"),
     ("data.augment.flip_prob=1.5", "expected a probability in [0, 1]"),
-    ("data.heatmap_size=[64,48]", "config key 'data.heatmap_size': got [64, 48], expected data.input_size / 4 = [32, 24]"),
+    ("data.heatmap_size=[64,48]", "'data.heatmap_size': got [64, 48], expected data.input_size / 4 = [32, 24]"),
     ("data.input_size=[100,72]", "expected multiples of 8 for model.backbone='cnn_small'"),
     ("train.use_gpu=maybe", "expected true or false"),
     ("data.batch_size.x=1", "is a value, not a section"),
@@ -49,7 +49,7 @@ def test_shipped_configs_load(path):
     ("train.mode=crf", "config key 'train.backbone_checkpoint': got '', expected the trained backbone's checkpoint"),
     ("train.precision=fp16", "DeepSpeed has no fp16 on CPU"),
     ("train.precision=bf16", "config key 'train.zero_stage': got 0, expected 1, 2 or 3 with train.precision=bf16"),
-    ("train.workers=3", "config key 'data.batch_size': got 32, expected a multiple of train.workers x train.grad_accum"),
+    ("train.workers=3", "'data.batch_size': got 32, expected a multiple of train.workers x train.grad_accum"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as info:

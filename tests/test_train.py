@@ -1,0 +1,400 @@
+"""`distpose train` end to end on the session's Ray: data-parallel equivalence under ZeRO 0/2/3,
+recovery from a killed worker, Ctrl-C and resume, bf16 on the CPU, and --resume from another run.
+
+Every TorchTrainer fit costs ~10-20 s here, so the runs are tiny (cnn_small at 64x48, a few dozen steps)
+and the 1-worker reference of the equivalence tests is shared.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from distpose.config import Config, load_config
+from distpose.models.pose import build_pose_model, pose_architecture, save_checkpoint
+from distpose.models.weights import read_pose_checkpoint
+from distpose.train.driver import run_dir, train
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_polling():
+    """Ray Train's controller polls its workers every 2 s: that is up to 2 s at the start and end of every
+    fit, and before a dead worker is noticed. The controller takes its environment from the driver's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+        yield
+
+TINY = ["model.backbone=cnn_small", "data.input_size=[64,48]", "data.heatmap_size=[16,12]", "data.loader_workers=0",
+        "eval.every_epochs=0", "train.log_every=1000", "train.cpus_per_worker=1"]
+
+
+def tiny(storage: Path, name: str, *overrides: str) -> list[str]:
+    return [*TINY, f"train.storage={storage}", f"train.run_name={name}", *overrides]
+
+
+def config(storage: Path, name: str, *overrides: str) -> Config:
+    return load_config(None, tiny(storage, name, *overrides))
+
+
+def records(directory: Path, kind: str | None = None) -> list[dict]:
+    """metrics.jsonl's complete lines (a line being appended is left out), of `kind` if given."""
+    path = directory / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if kind is None or record["kind"] == kind:
+            out.append(record)
+    return out
+
+
+def final_weights(directory: Path) -> dict[str, torch.Tensor]:
+    return read_pose_checkpoint(directory / "final.pt")["state_dict"]
+
+
+def max_diffs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], names) -> tuple[float, float]:
+    """(largest absolute difference, largest difference relative to the reference value) over `names`."""
+    absolute = max(float((a[n] - b[n]).abs().max()) for n in names)
+    relative = max(float(((a[n] - b[n]).abs() / b[n].abs().clamp_min(1e-3)).max()) for n in names)
+    return absolute, relative
+
+
+# ---------------------------------------------------------------------------------------------
+# data-parallel equivalence
+
+# 2 workers vs 1 worker x 2 micro-batches, measured here (torch 2.13 CPU, gloo, one thread per worker): the
+# losses of all 20 steps and the final weights are bitwise equal at ZeRO 0, 2 and 3 (max difference 0), so the
+# test asserts equality. That is what the arithmetic predicts for two equal micro-batches: the all-reduce
+# computes (g0 + g1) / 2, accumulation g0 / 2 + g1 / 2; two addends and an exact halving leave float32 no
+# summation order to differ in. (More ranks or micro-batches would reassociate sums: then use the tolerances
+# of the crf test below.)
+DP = ["data.source=random", "data.batch_size=8", "train.epochs=2", "data.batches_per_epoch=10", "train.lr_steps=[2]"]
+# 1 worker x one batch of 8 vs 2 workers x 4 sums the same products in another order (8 at once vs 4 + 4,
+# then the all-reduce). With the crf loss normalised over the global batch (see the crf test) this gave, here,
+# a max loss difference of 4.8e-7 (relative 1.2e-7) and weight differences up to 2.4e-7 over 6 steps.
+LOSS_RTOL, LOSS_ATOL = 1e-5, 1e-6
+WEIGHT_RTOL, WEIGHT_ATOL = 1e-4, 1e-5
+DP = ["data.source=random", "data.batch_size=8", "train.epochs=2", "data.batches_per_epoch=10", "train.lr_steps=[2]"]
+
+
+@pytest.fixture(scope="module")
+def reference(ray_session, tmp_path_factory):
+    """1 worker, 2 accumulated micro-batches of 4: the samples and batch statistics of 2 workers x 4."""
+    storage = tmp_path_factory.mktemp("reference")
+    cfg = config(storage, "ref", *DP, "train.workers=1", "train.grad_accum=2")
+    start = time.perf_counter()
+    outcome = train(cfg)
+    print(f"\n[reference] 1 worker x 2 micro-batches: {time.perf_counter() - start:.1f} s")
+    assert outcome.trained and outcome.final_model.is_file()
+    return outcome.run_dir
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_two_workers_match_accumulation(reference, tmp_path, stage):
+    """2 workers x micro-batch 4 train like 1 worker x 2 accumulated micro-batches of 4.
+
+    The global batch of step s is the same 8 samples in both (data.source=random), cut into the same two
+    halves: rank r of 2 workers takes half r, the single worker takes half 0 then half 1. In train mode
+    BatchNorm normalises with the statistics of the batch it is given, so a worker's forward depends on
+    its micro-batch as a whole: only equal micro-batches give equal activations, hence equal losses and
+    gradients. (1 worker x one micro-batch of 8 would normalise over all 8 and train differently.)
+    The averaged gradients then differ only in float32 summation order (all-reduce vs accumulation),
+    at every ZeRO stage: partitioning changes who holds which slice, not the arithmetic.
+
+    BatchNorm's running statistics are not compared: they are buffers, not trained, and each worker
+    keeps its own (DeepSpeed does not synchronise buffers); final.pt has rank 0's, updated once per
+    step from half 0, while the single worker updates its twice per step, from both halves.
+    """
+    ref_dir = reference
+    cfg = config(tmp_path, f"dp_zero{stage}", *DP, "train.workers=2", "train.grad_accum=1",
+                 f"train.zero_stage={stage}")
+    start = time.perf_counter()
+    outcome = train(cfg)
+    print(f"\n[zero {stage}] 2 workers: {time.perf_counter() - start:.1f} s")
+
+    ref_steps, steps = records(ref_dir, "step"), records(outcome.run_dir, "step")
+    assert [r["step"] for r in steps] == [r["step"] for r in ref_steps] == list(range(1, 21))
+    ref_loss = torch.tensor([r["loss"] for r in ref_steps], dtype=torch.float64)
+    loss = torch.tensor([r["loss"] for r in steps], dtype=torch.float64)
+    names = [n for n, _ in pose_architecture(cfg).named_parameters()]
+    ref_w, w = final_weights(ref_dir), final_weights(outcome.run_dir)
+    w_abs, w_rel = max_diffs(w, ref_w, names)
+    print(f"[zero {stage}] max loss diff {float((loss - ref_loss).abs().max()):.3g} "
+          f"(relative {float(((loss - ref_loss).abs() / ref_loss).max()):.3g}); "
+          f"max weight diff {w_abs:.3g} (relative {w_rel:.3g})")
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+    for name in names:
+        assert w[name].dtype == torch.float32
+        torch.testing.assert_close(w[name], ref_w[name], rtol=0, atol=0, msg=name)
+    # The weights did train (equal because both sides moved the same way, not because neither moved).
+    torch.manual_seed(cfg.train.seed)
+    init = build_pose_model(cfg).state_dict()
+    assert max(float((ref_w[n] - init[n]).abs().max()) for n in names) > 1e-3
+
+
+@pytest.fixture(scope="module")
+def backbone_checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("backbone") / "backbone.pt"
+    cfg = load_config(None, TINY)
+    torch.manual_seed(1)
+    save_checkpoint(path, build_pose_model(cfg), cfg)
+    return path
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "product bug: distpose/models/losses.py crf_marginal_loss divides by the number of used joints of its own "
+    "micro-batch, so 2 workers x 4 average two per-half means instead of taking the mean over all 8 "
+    "(step-1 loss 5.511620 vs 5.508824 here); the same holds for train.grad_accum. Remove this marker with the fix."))
+def test_crf_mode_two_workers_match_one_big_batch(ray_session, tmp_path, backbone_checkpoint):
+    """In the crf mode the backbone and its BatchNorm are frozen (eval mode), so no statistic depends on
+    how the batch is cut: 2 workers x 4 must train like 1 worker x one micro-batch of 8, up to float32
+    reassociation (8 products summed at once vs 4 + 4 and the all-reduce).
+
+    crf.unary_head.bias is left out of the weight comparison: the CRF's log-marginals are invariant to a
+    constant added to a joint's unary map, so its gradient is zero up to rounding noise, which Adam
+    normalises into lr-sized steps of random sign (it differed by up to 8.6e-4 between the two runs
+    even with the loss fixed; every other tensor agreed within 2.4e-7)."""
+    common = ["train.mode=crf", f"train.backbone_checkpoint={backbone_checkpoint}", "data.source=random",
+              "data.batch_size=8", "train.epochs=1", "data.batches_per_epoch=6", "train.grad_accum=1"]
+    start = time.perf_counter()
+    one = train(config(tmp_path, "crf_one", *common, "train.workers=1"))
+    two = train(config(tmp_path, "crf_two", *common, "train.workers=2"))
+    print(f"\n[crf] two fits: {time.perf_counter() - start:.1f} s")
+    one_loss = torch.tensor([r["loss"] for r in records(one.run_dir, "step")], dtype=torch.float64)
+    two_loss = torch.tensor([r["loss"] for r in records(two.run_dir, "step")], dtype=torch.float64)
+    a, b = final_weights(two.run_dir), final_weights(one.run_dir)
+    assert a.keys() == b.keys()
+    compared = [n for n in b if b[n].is_floating_point() and n != "crf.unary_head.bias"]
+    w_abs, w_rel = max_diffs(a, b, compared)
+    print(f"[crf] losses 1 worker {one_loss.tolist()}\n[crf] losses 2 workers {two_loss.tolist()}\n"
+          f"[crf] max loss diff {float((one_loss - two_loss).abs().max()):.3g}; max weight diff {w_abs:.3g} "
+          f"(relative {w_rel:.3g})")
+    assert len(one_loss) == len(two_loss) == 6
+    # The frozen backbone (BatchNorm statistics included) did not move in either run.
+    for name, value in read_pose_checkpoint(backbone_checkpoint)["state_dict"].items():
+        assert torch.equal(a[name], value) and torch.equal(b[name], value), name
+    torch.testing.assert_close(two_loss, one_loss, rtol=LOSS_RTOL, atol=LOSS_ATOL)
+    for name in compared:
+        torch.testing.assert_close(a[name], b[name], rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# fault tolerance
+
+
+def committed_epoch(directory: Path) -> int:
+    """The epoch of the latest checkpoint Ray Train has committed (0 if none).
+
+    A checkpoint directory appears as soon as the workers upload it, but the controller commits it only when
+    it next polls the workers (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S); a worker killed before that poll
+    takes the report with it, and the restart does not see that checkpoint. The committed ones are listed in
+    Ray's checkpoint_manager_snapshot.json.
+    """
+    try:
+        snapshot = json.loads((directory / "checkpoint_manager_snapshot.json").read_text())
+        return int(snapshot["latest_checkpoint_result"]["metrics"]["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def test_killed_worker_resumes_from_checkpoint(ray_session, synth_shards, tmp_path):
+    epochs, per_epoch = 4, 6
+    cfg = config(tmp_path, "faulty", "data.source=shards", f"data.shards={synth_shards}", "data.batch_size=8",
+                 "train.workers=2", "train.max_failures=2", f"train.epochs={epochs}",
+                 f"data.batches_per_epoch={per_epoch}", "train.keep_checkpoints=2")
+    directory = run_dir(cfg)
+    killed: list[dict] = []
+    finished = threading.Event()
+
+    def killer() -> None:
+        """SIGKILL rank 0's process in the middle of an epoch (epoch 2 or later) that follows a checkpoint
+        Ray has committed."""
+        deadline = time.monotonic() + 300
+        while not finished.is_set() and time.monotonic() < deadline:
+            starts, committed = records(directory, "start"), committed_epoch(directory)
+            mid_epoch = [r for r in records(directory, "step")
+                         if r["epoch"] >= 2 and r["epoch"] > committed >= 1 and r["step"] % per_epoch]
+            if starts and mid_epoch:
+                pid = starts[0]["pid"]
+                name = " ".join(psutil.Process(pid).cmdline())
+                os.kill(pid, signal.SIGKILL)
+                killed.append({"pid": pid, "cmdline": name, "after_step": mid_epoch[-1]["step"],
+                               "committed_epoch": committed})
+                return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    start = time.perf_counter()
+    try:
+        outcome = train(cfg)
+    finally:
+        finished.set()
+        thread.join(5)
+    wall = time.perf_counter() - start
+    assert killed, "the killer never fired"
+    assert "RayTrainWorker" in killed[0]["cmdline"], killed[0]
+
+    lines = records(directory)
+    starts = [r for r in lines if r["kind"] == "start"]
+    assert len(starts) == 2, starts
+    assert starts[0]["resumed_from"] == "fresh start"
+    second = starts[1]
+    assert second["resumed_from"].startswith("latest checkpoint of this run")
+    assert f"epoch {second['epoch']}, step {second['step']}" in second["resumed_from"]
+    assert second["epoch"] >= killed[0]["committed_epoch"] and second["step"] == second["epoch"] * per_epoch
+    assert second["pid"] != killed[0]["pid"]
+
+    steps = [r for r in lines if r["kind"] == "step"]
+    assert steps[-1]["step"] == epochs * per_epoch and steps[-1]["epoch"] == epochs
+    assert sorted({r["step"] for r in steps}) == list(range(1, epochs * per_epoch + 1))  # none missing
+    assert outcome.trained and outcome.metrics["epoch"] == epochs
+    assert read_pose_checkpoint(outcome.final_model)["meta"]["epoch"] == epochs
+    assert len([p for p in directory.glob("checkpoint_*") if p.is_dir()]) == 2  # keep_checkpoints
+
+    restart = lines.index(second)
+    before = [r for r in lines[:restart] if r["kind"] == "step"]
+    after = [r for r in lines[restart:] if r["kind"] == "step"]
+    redone = len(before) + len(after) - epochs * per_epoch
+    recovery = after[0]["time"] - before[-1]["time"]
+    print(f"\n[fault] killed rank 0 (pid {killed[0]['pid']}) after step {killed[0]['after_step']}; "
+          f"resumed at step {second['step']} (epoch {second['epoch']}); steps redone: {redone}; "
+          f"recovery (last step before the kill -> first step after the restart): {recovery:.1f} s; "
+          f"fit {wall:.1f} s")
+    assert redone == before[-1]["step"] - second["step"] >= 0
+
+    size = (directory / "metrics.jsonl").stat().st_size
+    again = train(cfg)
+    assert again.trained is False and again.wall_time == 0.0
+    assert (directory / "metrics.jsonl").stat().st_size == size  # not retrained
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C and rerun
+
+
+def _ray_train_processes(raylet: psutil.Process) -> list[psutil.Process]:
+    """The Ray Train controllers and workers of this Ray instance (the machine may run other Ray instances)."""
+    found = []
+    for proc in raylet.children():
+        try:
+            if any(name in " ".join(proc.cmdline()) for name in ("RayTrainWorker", "TrainController")):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def _wait_gone(processes: list[psutil.Process], seconds: float) -> list[psutil.Process]:
+    _, alive = psutil.wait_procs(processes, timeout=seconds)
+    return alive
+
+
+def test_sigint_stops_the_run_and_rerun_resumes(ray_session, tmp_path):
+    """Ctrl-C on `distpose train` (attached to a running cluster) stops the run and its workers promptly;
+    running the same command again resumes from the last committed epoch checkpoint."""
+    epochs, per_epoch = 5, 20
+    address = ray_session.get_runtime_context().gcs_address
+    argv = [sys.executable, "-m", "distpose.cli", "train",
+            *tiny(tmp_path, "interrupted", "data.source=random", "data.batch_size=8", f"train.epochs={epochs}",
+                  f"data.batches_per_epoch={per_epoch}"),
+            "--address", address]
+    directory = tmp_path / "interrupted"
+    with (tmp_path / "first.log").open("w") as log:
+        first = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline and first.poll() is None:
+                if any(r["epoch"] >= 2 for r in records(directory, "step")) and committed_epoch(directory) >= 1:
+                    break
+                time.sleep(0.01)
+            assert first.poll() is None, "the run ended before it could be interrupted"
+            worker = psutil.Process(records(directory, "start")[0]["pid"])
+            raylet = worker.parent()
+            processes = [worker, *worker.children(recursive=True)]
+            interrupted_at = records(directory, "step")[-1]["step"]
+            start = time.perf_counter()
+            first.send_signal(signal.SIGINT)
+            code = first.wait(timeout=60)
+            stop_time = time.perf_counter() - start
+        finally:
+            if first.poll() is None:
+                first.kill()
+                first.wait()
+    output = (tmp_path / "first.log").read_text()
+    lingering = _wait_gone(processes, 30)
+    print(f"\n[sigint] SIGINT after step {interrupted_at}: exit code {code} after {stop_time:.1f} s; "
+          f"last stderr/stdout line: {output.strip().splitlines()[-1][:200] if output.strip() else ''}")
+    assert not lingering, f"train worker processes outlived the interrupted driver: {lingering}"
+    # Ray Train's own SIGINT handler aborts the run and ends the driver with SystemExit(1) from ray.get, so
+    # today this is 1 with no message; 130 and "distpose: interrupted" once the driver maps it (see report).
+    assert code != 0, f"an interrupted run exited {code}, as if it had succeeded:\n{output[-3000:]}"
+    assert records(directory, "step")[-1]["step"] < epochs * per_epoch, "the interrupted run went on to the end"
+    assert not (directory / "final.pt").exists()
+
+    second = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    starts = records(directory, "start")
+    assert len(starts) == 2
+    resumed = starts[1]
+    print(f"[sigint] rerun: {resumed['resumed_from']}")
+    assert resumed["resumed_from"].startswith("latest checkpoint of this run"), resumed
+    assert resumed["epoch"] >= 1 and resumed["step"] == resumed["epoch"] * per_epoch
+    assert records(directory, "step")[-1]["step"] == epochs * per_epoch
+    assert read_pose_checkpoint(directory / "final.pt")["meta"]["epoch"] == epochs
+    # Nothing of either run is left on the cluster.
+    assert not _wait_gone(_ray_train_processes(raylet), 30)
+
+
+# ---------------------------------------------------------------------------------------------
+# bf16 and --resume
+
+
+def test_bf16_on_cpu_exports_fp32_master_weights(ray_session, tmp_path):
+    cfg = config(tmp_path, "bf16", "train.precision=bf16", "train.zero_stage=1", "data.source=random",
+                 "data.batch_size=4", "train.epochs=1", "data.batches_per_epoch=2")
+    outcome = train(cfg)
+    steps = records(outcome.run_dir, "step")
+    assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
+    torch.manual_seed(cfg.train.seed)  # what every worker does before building the model
+    init = build_pose_model(cfg).state_dict()
+    final = final_weights(outcome.run_dir)
+    names = [n for n, _ in pose_architecture(cfg).named_parameters()]
+    assert all(final[n].dtype == torch.float32 for n in names)
+    assert all(torch.isfinite(final[n]).all() for n in names)
+    assert any(not torch.equal(final[n], init[n]) for n in names)
+    # The fp32 master copy, not its bf16 rounding: some weights are not representable in bf16.
+    assert any(not torch.equal(final[n], final[n].bfloat16().float()) for n in names)
+
+
+def test_resume_from_another_runs_checkpoint(reference, tmp_path):
+    ref_dir = reference
+    checkpoint = sorted(p for p in ref_dir.glob("checkpoint_*") if p.is_dir())[-1]
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    assert (meta["epoch"], meta["step"]) == (2, 20)
+    cfg = config(tmp_path, "continued", *DP, "train.workers=1", "train.grad_accum=2", "train.epochs=3")
+    outcome = train(cfg, resume=str(checkpoint))
+    start = records(outcome.run_dir, "start")
+    assert len(start) == 1
+    assert start[0]["resumed_from"] == f"--resume {checkpoint} ({checkpoint}, epoch 2, step 20)"
+    assert (start[0]["epoch"], start[0]["step"]) == (2, 20)
+    steps = records(outcome.run_dir, "step")
+    assert [r["step"] for r in steps] == list(range(21, 31)) and all(r["epoch"] == 3 for r in steps)
+    # The schedule resumed too: lr_steps=[2] puts the 3rd epoch at lr x 0.1 (a fresh LambdaLR would say 1e-3).
+    assert all(r["lr"] == pytest.approx(cfg.train.lr * 0.1) for r in steps)
+    assert read_pose_checkpoint(outcome.final_model)["meta"]["epoch"] == 3

@@ -1,0 +1,174 @@
+"""`distpose train` refuses bad configs and missing files with one line before Ray starts; the
+DeepSpeed JSON and the learning-rate schedule derived from the config. No Ray here."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from distpose import cli
+from distpose.config import ConfigError, load_config
+from distpose.train import driver
+from distpose.train.engine import BATCH_KEYS, deepspeed_config, lr_multiplier
+
+QUICK = str(Path(__file__).parent.parent / "configs" / "quick" / "cnn.yaml")
+# Independent of whatever data/shards holds: random batches and no evaluation unless a case asks.
+NO_DATA = ["data.source=random", "eval.every_epochs=0"]
+
+
+def bad_cases(tmp: Path) -> list[tuple[str, list[str], int, str]]:
+    """(id, overrides, exit code, the text the one-line error must hold)."""
+    return [
+        ("unknown_mode", ["train.mode=foo"], 2, "config key 'train.mode': got 'foo'"),
+        ("crf_without_backbone", ["train.mode=crf"], 2, "config key 'train.backbone_checkpoint'"),
+        ("crf_backbone_missing", ["train.mode=crf", f"train.backbone_checkpoint={tmp / 'nope.pt'}"], 2,
+         f"config key 'train.backbone_checkpoint': {tmp / 'nope.pt'} does not exist"),
+        ("batch_not_divisible", ["data.batch_size=30", "train.workers=4"], 2,
+         "config key 'data.batch_size': got 30, expected a multiple of train.workers x train.grad_accum = 4"),
+        ("fp16_on_cpu", ["train.precision=fp16"], 2, "config key 'train.precision': got 'fp16'"),
+        ("bf16_zero0", ["train.precision=bf16", "train.zero_stage=0"], 2, "config key 'train.zero_stage': got 0"),
+        ("shards_missing", ["data.source=shards", f"data.shards={tmp / 'no_shards'}"], 1,
+         f"{tmp / 'no_shards'}"),
+    ]
+
+
+CASE_IDS = [case[0] for case in bad_cases(Path("/x"))]
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fail the test if the driver gets as far as connecting to (or starting) Ray."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray was started for a config the driver should have refused")
+
+    monkeypatch.setattr(driver, "ray_cluster", refuse)
+    monkeypatch.setattr(driver, "_fit", refuse)
+
+
+@pytest.mark.parametrize("case", CASE_IDS)
+def test_cli_refuses_before_ray(case, tmp_path, capsys, no_ray):
+    _, overrides, code, message = next(c for c in bad_cases(tmp_path) if c[0] == case)
+    argv = ["train", QUICK, *NO_DATA, f"train.storage={tmp_path / 'runs'}", *overrides]
+    assert cli.main(argv) == code
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("distpose: error: "), err
+    assert message in lines[0]
+    assert "Traceback" not in out + err
+    assert not (tmp_path / "runs").exists()  # nothing written either
+
+
+@pytest.mark.parametrize("case", ["unknown_mode", "shards_missing"])
+def test_cli_subprocess_one_line_no_ray(case, tmp_path):
+    """The real command in a fresh interpreter: one line, the exit code, and much sooner than a Ray start."""
+    _, overrides, code, message = next(c for c in bad_cases(tmp_path) if c[0] == case)
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "distpose.cli", "train", QUICK, *NO_DATA,
+                           f"train.storage={tmp_path / 'runs'}", *overrides],
+                          capture_output=True, text=True, check=False, timeout=60)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == code, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("distpose: error: ") and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and "Ray" not in proc.stdout + proc.stderr
+    assert elapsed < 8, f"took {elapsed:.1f} s: did it start Ray?"
+
+
+def test_resume_dir_without_meta_refused(tmp_path, capsys, no_ray):
+    assert cli.main(["train", QUICK, *NO_DATA, f"train.storage={tmp_path}", "--resume", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--resume {tmp_path}: not a distpose training checkpoint" in err[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed config
+
+
+def test_deepspeed_config_batch_keys_consistent():
+    cfg = load_config(None, ["data.batch_size=24", "train.workers=2", "train.grad_accum=3", "train.zero_stage=2",
+                             "train.grad_clip=1.5"])
+    ds = deepspeed_config(cfg)
+    assert ds["train_batch_size"] == 24
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 3
+    assert ds["train_micro_batch_size_per_gpu"] * cfg.train.workers * ds["gradient_accumulation_steps"] == 24
+    assert ds["zero_optimization"] == {"stage": 2} and ds["gradient_clipping"] == 1.5
+    assert "bf16" not in ds and "fp16" not in ds and "data_types" not in ds
+
+
+def test_deepspeed_config_precisions():
+    ds = deepspeed_config(load_config(None, ["train.precision=bf16", "train.zero_stage=1"]))
+    assert ds["bf16"] == {"enabled": True}
+    assert ds["data_types"] == {"buffer_dtype": "bf16"}  # BatchNorm buffers follow the bf16 input on CPU
+    ds = deepspeed_config(load_config(None, ["train.precision=fp16", "train.use_gpu=true"]))
+    assert ds["fp16"]["enabled"] is True and "bf16" not in ds
+
+
+def test_deepspeed_override_merges_nested_keys(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"overlap_comm": True, "reduce_bucket_size": 1000},
+                                "gradient_clipping": 2.0, "bf16": {"immediate_grad_update": True}}))
+    cfg = load_config(None, ["train.zero_stage=2", "train.precision=bf16", f"train.deepspeed_config={path}"])
+    ds = deepspeed_config(cfg)
+    # Nested keys merge into ours (the stage is kept), scalars replace ours.
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True, "reduce_bucket_size": 1000}
+    assert ds["bf16"] == {"enabled": True, "immediate_grad_update": True}
+    assert ds["gradient_clipping"] == 2.0
+    assert ds["train_batch_size"] == cfg.data.batch_size
+
+
+@pytest.mark.parametrize("key", BATCH_KEYS)
+def test_deepspeed_override_of_batch_keys_refused(tmp_path, key):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({key: 64}))
+    cfg = load_config(None, [f"train.deepspeed_config={path}"])
+    with pytest.raises(ConfigError) as info:
+        deepspeed_config(cfg)
+    text = str(info.value)
+    assert text.startswith("config key 'train.deepspeed_config'") and f"sets {key}" in text
+    assert "data.batch_size" in text and "\n" not in text
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read"),
+    ("{not json", "is not valid JSON"),
+    ("[1, 2]", "holds list, expected a JSON object"),
+])
+def test_deepspeed_override_unreadable(tmp_path, content, message):
+    path = tmp_path / "ds.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        deepspeed_config(load_config(None, [f"train.deepspeed_config={path}"]))
+
+
+def test_cli_refuses_batch_key_override(tmp_path, capsys, no_ray):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": 64}))
+    assert cli.main(["train", *NO_DATA, f"train.storage={tmp_path}", f"train.deepspeed_config={path}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sets train_batch_size" in err[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# learning-rate schedule
+
+
+def test_lr_multiplier_warmup_then_steps():
+    cfg = load_config(None, ["train.warmup_steps=4", "data.batches_per_epoch=10", "train.lr_steps=[2,3]",
+                             "train.lr_factor=0.1"])
+    expected = {
+        0: 0.25, 1: 0.5, 2: 0.75, 3: 1.0, 4: 1.0,  # linear warmup over 4 steps, (step + 1) / 4
+        19: 1.0,  # last step of epoch 2 (epochs 0 and 1 in 0-based step // 10)
+        20: 0.1, 29: 0.1,  # from the first step of 0-based epoch 2: x 0.1
+        30: 0.01, 100: 0.01,  # from 0-based epoch 3: x 0.1 again
+    }
+    for step, value in expected.items():
+        assert lr_multiplier(step, cfg) == pytest.approx(value, rel=1e-12), step
+
+
+def test_lr_multiplier_no_warmup_and_factor():
+    cfg = load_config(None, ["data.batches_per_epoch=5", "train.lr_steps=[1]", "train.lr_factor=0.5"])
+    assert [lr_multiplier(s, cfg) for s in range(8)] == [1.0] * 5 + [0.5] * 3
