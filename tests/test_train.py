@@ -1,8 +1,9 @@
 """`distpose train` end to end on the session's Ray: data-parallel equivalence under ZeRO 0/2/3,
 recovery from a killed worker, Ctrl-C and resume, bf16 on the CPU, and --resume from another run.
 
-Every TorchTrainer fit costs ~10-20 s here, so the runs are tiny (cnn_small at 64x48, a few dozen steps)
-and the 1-worker reference of the equivalence tests is shared.
+Every TorchTrainer fit costs ~10-20 s here (Ray starting the controller and worker processes, not training),
+so the runs are tiny (cnn_small at 64x48, a few dozen steps) and the 1-worker reference run is shared by the
+equivalence, learning-rate, SIGINT-handler and --resume tests.
 """
 
 import json
@@ -14,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -34,6 +36,7 @@ def fast_polling():
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
         yield
+
 
 TINY = ["model.backbone=cnn_small", "data.input_size=[64,48]", "data.heatmap_size=[16,12]", "data.loader_workers=0",
         "eval.every_epochs=0", "train.log_every=1000", "train.cpus_per_worker=1"]
@@ -89,19 +92,21 @@ DP = ["data.source=random", "data.batch_size=8", "train.epochs=2", "data.batches
 # a max loss difference of 4.8e-7 (relative 1.2e-7) and weight differences up to 2.4e-7 over 6 steps.
 LOSS_RTOL, LOSS_ATOL = 1e-5, 1e-6
 WEIGHT_RTOL, WEIGHT_ATOL = 1e-4, 1e-5
-DP = ["data.source=random", "data.batch_size=8", "train.epochs=2", "data.batches_per_epoch=10", "train.lr_steps=[2]"]
 
 
 @pytest.fixture(scope="module")
-def reference(ray_session, tmp_path_factory):
-    """1 worker, 2 accumulated micro-batches of 4: the samples and batch statistics of 2 workers x 4."""
+def reference(ray_session, tmp_path_factory) -> SimpleNamespace:
+    """1 worker, 2 accumulated micro-batches of 4: the samples and batch statistics of 2 workers x 4.
+    Also notes the process's SIGINT handler before and after this (main-thread) train()."""
     storage = tmp_path_factory.mktemp("reference")
     cfg = config(storage, "ref", *DP, "train.workers=1", "train.grad_accum=2")
+    sigint_before = signal.getsignal(signal.SIGINT)
     start = time.perf_counter()
     outcome = train(cfg)
     print(f"\n[reference] 1 worker x 2 micro-batches: {time.perf_counter() - start:.1f} s")
+    sigint_after = signal.getsignal(signal.SIGINT)
     assert outcome.trained and outcome.final_model.is_file()
-    return outcome.run_dir
+    return SimpleNamespace(cfg=cfg, run_dir=outcome.run_dir, sigint_before=sigint_before, sigint_after=sigint_after)
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
@@ -120,7 +125,7 @@ def test_two_workers_match_accumulation(reference, tmp_path, stage):
     keeps its own (DeepSpeed does not synchronise buffers); final.pt has rank 0's, updated once per
     step from half 0, while the single worker updates its twice per step, from both halves.
     """
-    ref_dir = reference
+    ref_dir = reference.run_dir
     cfg = config(tmp_path, f"dp_zero{stage}", *DP, "train.workers=2", "train.grad_accum=1",
                  f"train.zero_stage={stage}")
     start = time.perf_counter()
@@ -145,6 +150,29 @@ def test_two_workers_match_accumulation(reference, tmp_path, stage):
     torch.manual_seed(cfg.train.seed)
     init = build_pose_model(cfg).state_dict()
     assert max(float((ref_w[n] - init[n]).abs().max()) for n in names) > 1e-3
+
+
+def test_logged_lr_before_a_milestone(reference):
+    """lr_steps=[2]: the first 2 epochs (steps 1-20) train at train.lr, and steps 1-19 say so."""
+    steps = records(reference.run_dir, "step")
+    assert all(r["lr"] == pytest.approx(reference.cfg.train.lr) for r in steps[:19])
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "product bug: distpose/train/worker.py logs engine.get_lr() after engine.step(), which has already moved "
+    "the schedule on: a step line shows the next step's rate (step 20, trained at 1e-3, says 1e-4)."))
+def test_logged_lr_is_the_rate_the_step_trained_at(reference):
+    last = records(reference.run_dir, "step")[-1]
+    assert last["step"] == 20 and last["lr"] == pytest.approx(reference.cfg.train.lr)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "product bug: Ray Train's fit() installs its own SIGINT handler (bound to the run's controller) and "
+    "leaves it installed; distpose/train/driver.py _fit should restore the previous one. Until then Ctrl-C "
+    "after train() returns is swallowed (e.g. during `distpose pipeline`'s evaluation) and the finished "
+    "run's TrainController actor stays alive while the driver lives."))
+def test_train_restores_the_sigint_handler(reference):
+    assert reference.sigint_after is reference.sigint_before
 
 
 @pytest.fixture(scope="module")
@@ -288,12 +316,14 @@ def test_killed_worker_resumes_from_checkpoint(ray_session, synth_shards, tmp_pa
 # Ctrl-C and rerun
 
 
-def _ray_train_processes(raylet: psutil.Process) -> list[psutil.Process]:
-    """The Ray Train controllers and workers of this Ray instance (the machine may run other Ray instances)."""
+def _ray_train_processes(raylet: psutil.Process, since: float) -> list[psutil.Process]:
+    """The Ray Train controllers and workers of this Ray instance (the machine may run other Ray instances)
+    started since `since`."""
     found = []
     for proc in raylet.children():
         try:
-            if any(name in " ".join(proc.cmdline()) for name in ("RayTrainWorker", "TrainController")):
+            names = " ".join(proc.cmdline())
+            if proc.create_time() >= since and ("RayTrainWorker" in names or "TrainController" in names):
                 found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
@@ -309,6 +339,7 @@ def test_sigint_stops_the_run_and_rerun_resumes(ray_session, tmp_path):
     """Ctrl-C on `distpose train` (attached to a running cluster) stops the run and its workers promptly;
     running the same command again resumes from the last committed epoch checkpoint."""
     epochs, per_epoch = 5, 20
+    test_start = time.time()
     address = ray_session.get_runtime_context().gcs_address
     argv = [sys.executable, "-m", "distpose.cli", "train",
             *tiny(tmp_path, "interrupted", "data.source=random", "data.batch_size=8", f"train.epochs={epochs}",
@@ -339,10 +370,11 @@ def test_sigint_stops_the_run_and_rerun_resumes(ray_session, tmp_path):
     output = (tmp_path / "first.log").read_text()
     lingering = _wait_gone(processes, 30)
     print(f"\n[sigint] SIGINT after step {interrupted_at}: exit code {code} after {stop_time:.1f} s; "
-          f"last stderr/stdout line: {output.strip().splitlines()[-1][:200] if output.strip() else ''}")
+          f"'distpose: interrupted' printed: {'distpose: interrupted' in output}")
     assert not lingering, f"train worker processes outlived the interrupted driver: {lingering}"
-    # Ray Train's own SIGINT handler aborts the run and ends the driver with SystemExit(1) from ray.get, so
-    # today this is 1 with no message; 130 and "distpose: interrupted" once the driver maps it (see report).
+    # Ray Train's own SIGINT handler aborts the run, and ray.get in the driver then raises SystemExit(1), which
+    # the CLI does not catch: today the exit code is 1 (as for a failed run) with no message. It would be 130
+    # with "distpose: interrupted" if distpose/train/driver.py _fit turned that SystemExit into KeyboardInterrupt.
     assert code != 0, f"an interrupted run exited {code}, as if it had succeeded:\n{output[-3000:]}"
     assert records(directory, "step")[-1]["step"] < epochs * per_epoch, "the interrupted run went on to the end"
     assert not (directory / "final.pt").exists()
@@ -357,8 +389,9 @@ def test_sigint_stops_the_run_and_rerun_resumes(ray_session, tmp_path):
     assert resumed["epoch"] >= 1 and resumed["step"] == resumed["epoch"] * per_epoch
     assert records(directory, "step")[-1]["step"] == epochs * per_epoch
     assert read_pose_checkpoint(directory / "final.pt")["meta"]["epoch"] == epochs
-    # Nothing of either run is left on the cluster.
-    assert not _wait_gone(_ray_train_processes(raylet), 30)
+    # Nothing of either run is left on the cluster. (Only processes started by this test: the session's Ray
+    # may still hold the controller of an earlier in-process fit, see test_train_restores_the_sigint_handler.)
+    assert not _wait_gone(_ray_train_processes(raylet, since=test_start - 1), 30)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,7 +416,7 @@ def test_bf16_on_cpu_exports_fp32_master_weights(ray_session, tmp_path):
 
 
 def test_resume_from_another_runs_checkpoint(reference, tmp_path):
-    ref_dir = reference
+    ref_dir = reference.run_dir
     checkpoint = sorted(p for p in ref_dir.glob("checkpoint_*") if p.is_dir())[-1]
     meta = json.loads((checkpoint / "meta.json").read_text())
     assert (meta["epoch"], meta["step"]) == (2, 20)
