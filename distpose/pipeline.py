@@ -12,8 +12,10 @@ rerunning the pipeline resumes an interrupted run and skips finished ones.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,7 @@ from distpose.eval.report import ModeResult, read_run_log, write_report
 from distpose.eval.run import draw_predictions
 from distpose.models.pose import load_checkpoint
 from distpose.train.checkpoints import METRICS_LOG
-from distpose.train.driver import ray_cluster, train
+from distpose.train.driver import TrainOutcome, ray_cluster, train
 
 # (run, what it is, the run whose final.pt it starts from)
 RUNS = (
@@ -56,10 +58,20 @@ def prepare_data(root: Path, shards: Path, train_images: int, val_images: int) -
             write_shards(root, split, shards, samples_per_shard=per_shard, workers=2, progress=False)
 
 
-def mean_pose_floor(cfg: Config) -> ModeResult:
+GroundTruth = Callable[[str, str], dict]
+
+
+def ground_truth_reader() -> GroundTruth:
+    """shard_ground_truth read once per (shard directory, split): every run of a pipeline is scored
+    against the same validation split."""
+    read = functools.cache(shard_ground_truth)
+    return lambda shards, split: read(str(Path(shards).resolve()), split)
+
+
+def mean_pose_floor(cfg: Config, truth: GroundTruth) -> ModeResult:
     d = cfg.data
-    mean = fit_mean_pose(shard_ground_truth(d.shards, d.train_split), d.aspect_ratio, d.box_padding)
-    val = shard_ground_truth(d.shards, d.val_split)
+    mean = fit_mean_pose(truth(d.shards, d.train_split), d.aspect_ratio, d.box_padding)
+    val = truth(d.shards, d.val_split)
     metrics = score(predict_mean_pose(mean, val, d.aspect_ratio, d.box_padding), val, cfg.eval.pck_thresholds)
     return ModeResult("mean pose", "floor: the training set's mean pose in every box", flat_metrics(metrics))
 
@@ -86,7 +98,7 @@ def limbs_outside_window(ground_truth: dict, cfg: Config) -> float:
     return outside / max(total, 1)
 
 
-def crf_notes(results: list[ModeResult], configs: dict[str, Config]) -> list[str]:
+def crf_notes(results: list[ModeResult], configs: dict[str, Config], truth: GroundTruth) -> list[str]:
     """Why a CRF mode may trail its backbone, measured: limbs its window cannot hold, and its
     training budget next to the backbone's."""
     by_name = {r.name: r for r in results}
@@ -95,8 +107,7 @@ def crf_notes(results: list[ModeResult], configs: dict[str, Config]) -> list[str
         if cfg.train.mode == "backbone" or name not in by_name:
             continue
         base = name.split("_")[0]
-        ground_truth = shard_ground_truth(cfg.data.shards, cfg.data.val_split)
-        outside = limbs_outside_window(ground_truth, cfg)
+        outside = limbs_outside_window(truth(cfg.data.shards, cfg.data.val_split), cfg)
         steps, base_steps = len(by_name[name].steps), len(by_name[base].steps) if base in by_name else 0
         notes.append(f"- {name}: window R={cfg.model.crf_window} at heatmap {cfg.data.heatmap_size[0]}x"
                      f"{cfg.data.heatmap_size[1]} leaves {outside:.1%} of the validation limbs outside it; "
@@ -123,7 +134,8 @@ def run_pipeline(config_dir: str | Path = "configs/quick", overrides: tuple[str,
     config_dir, report_dir = Path(config_dir), Path(report_dir)
     first = run_config(config_dir, RUNS[0][0], list(overrides), None)
     prepare_data(Path(data_root), Path(first.data.shards), train_images, val_images)
-    floor = mean_pose_floor(first)
+    truth = ground_truth_reader()
+    floor = mean_pose_floor(first, truth)
     _say(f"mean-pose floor: visible PCK@0.1 {floor.metrics.get('visible/pck@0.1', 0):.3f}")
     results, finals, configs = [floor], {}, {}
     with ray_cluster(address):
@@ -133,25 +145,27 @@ def run_pipeline(config_dir: str | Path = "configs/quick", overrides: tuple[str,
             _say(f"{name}: {description} ({cfg.model.backbone}, mode {cfg.train.mode})")
             outcome = train(cfg)
             finals[name] = outcome.final_model
-            results.append(_evaluate_run(name, description, outcome.final_model, outcome.wall_time, report_dir))
+            results.append(_evaluate_run(name, description, outcome, report_dir, truth))
             m = results[-1].metrics
             _say(f"{name}: visible PCK@0.1 {m.get('visible/pck@0.1', 0):.3f}, occluded "
                  f"{m.get('occluded/pck@0.1', 0):.3f}, AP {m.get('AP', 0):.3f} ({outcome.wall_time:.0f} s)")
     header = [f"Configs: `{config_dir}` (overrides: {' '.join(overrides) or 'none'}); data: `{data_root}` "
               f"({train_images} training, {val_images} validation images); total pipeline time "
               f"{time.perf_counter() - start:.0f} s."]
-    path = write_report(report_dir, results, header, crf_notes(results, configs))
+    path = write_report(report_dir, results, header, crf_notes(results, configs, truth))
     _say(f"report: {path} ({time.perf_counter() - start:.0f} s in all)")
     return path
 
 
-def _evaluate_run(name: str, description: str, final: Path, wall_time: float, report_dir: Path) -> ModeResult:
+def _evaluate_run(name: str, description: str, outcome: TrainOutcome, report_dir: Path, truth: GroundTruth
+                  ) -> ModeResult:
     """Score the run's final.pt in this process (the table's figures) and draw its skeleton grid."""
+    final = outcome.final_model
     model, cfg, _ = load_checkpoint(final)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, loader_workers=1))
-    metrics, predictions = evaluate_model(model, cfg)
+    metrics, predictions = evaluate_model(model, cfg, ground_truth=truth(cfg.data.shards, cfg.data.val_split))
     grid_path = draw_predictions(cfg.data.shards, cfg.data.val_split, predictions, report_dir / name, max_images=8)
     steps, evals = read_run_log(final.parent / METRICS_LOG)
     throughput = statistics.median(s["samples_per_s"] for s in steps) if steps else None
-    return ModeResult(name, description, flat_metrics(metrics), wall_time or None, throughput, steps, evals,
+    return ModeResult(name, description, flat_metrics(metrics), outcome.wall_time or None, throughput, steps, evals,
                       str(grid_path.relative_to(report_dir)) if grid_path else None)

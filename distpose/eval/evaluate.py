@@ -125,4 +125,4 @@ def evaluate_model(model: PoseModel, cfg: Config, rank: int = 0, world_size: int
 
 def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """The scalar metrics only (what goes to logs, reports and Ray)."""
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.floating)) and v is not None}
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.floating))}

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 
 from distpose.files import atomic_write_bytes
-from distpose.models.weights import save_pose_checkpoint
 
 DEEPSPEED_TAG = "state"
 META_FILE = "meta.json"
@@ -66,9 +65,3 @@ def consolidated_state_dict(engine) -> dict[str, torch.Tensor]:
                 state[name] = master.detach().float().cpu().reshape(state[name].shape)
     return state
 
-
-def export_model(engine, path: Path, config: dict[str, Any], meta: dict[str, Any], write: bool) -> None:
-    """Consolidate on every rank (collective), write `path` where `write` (rank 0)."""
-    state = consolidated_state_dict(engine)
-    if write:
-        save_pose_checkpoint(path, state, config, meta)
