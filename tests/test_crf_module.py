@@ -50,8 +50,9 @@ def test_crf_loss_is_cross_entropy_minimised_by_the_target():
     entropy = -(probs[0, 0] * probs[0, 0].clamp_min(1e-30).log()).sum()
     at_target = crf_marginal_loss(probs.clamp_min(1e-30).log(), target, weight)
     uniform = crf_marginal_loss(torch.full((1, 2, 16, 12), -math.log(16 * 12)), target, weight)
-    torch.testing.assert_close(at_target, entropy)
-    assert uniform.item() == pytest.approx(math.log(16 * 12)) and uniform > at_target
+    # One joint used out of 2 slots: the sum over used joints is divided by B x K = 2.
+    torch.testing.assert_close(at_target, entropy / 2)
+    assert uniform.item() == pytest.approx(math.log(16 * 12) / 2) and uniform > at_target
     # -inf marginals where the target is zero cost nothing and give no NaN.
     log_marginals = probs.clamp_min(1e-30).log().masked_fill(probs == 0, -math.inf).requires_grad_()
     loss = crf_marginal_loss(log_marginals, target, weight)

@@ -152,25 +152,14 @@ def test_two_workers_match_accumulation(reference, tmp_path, stage):
     assert max(float((ref_w[n] - init[n]).abs().max()) for n in names) > 1e-3
 
 
-def test_logged_lr_before_a_milestone(reference):
-    """lr_steps=[2]: the first 2 epochs (steps 1-20) train at train.lr, and steps 1-19 say so."""
+def test_logged_lr_is_the_rate_each_step_trained_at(reference):
+    """lr_steps=[2]: steps 1-20 (epochs 1 and 2) train at train.lr, the last one included, although
+    its engine.step() has already moved the schedule on to the decayed rate."""
     steps = records(reference.run_dir, "step")
-    assert all(r["lr"] == pytest.approx(reference.cfg.train.lr) for r in steps[:19])
+    assert [r["step"] for r in steps] == list(range(1, 21))
+    assert all(r["lr"] == pytest.approx(reference.cfg.train.lr) for r in steps)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: distpose/train/worker.py logs engine.get_lr() after engine.step(), which has already moved "
-    "the schedule on: a step line shows the next step's rate (step 20, trained at 1e-3, says 1e-4)."))
-def test_logged_lr_is_the_rate_the_step_trained_at(reference):
-    last = records(reference.run_dir, "step")[-1]
-    assert last["step"] == 20 and last["lr"] == pytest.approx(reference.cfg.train.lr)
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: Ray Train's fit() installs its own SIGINT handler (bound to the run's controller) and "
-    "leaves it installed; distpose/train/driver.py _fit should restore the previous one. Until then Ctrl-C "
-    "after train() returns is swallowed (e.g. during `distpose pipeline`'s evaluation) and the finished "
-    "run's TrainController actor stays alive while the driver lives."))
 def test_train_restores_the_sigint_handler(reference):
     assert reference.sigint_after is reference.sigint_before
 
@@ -184,10 +173,6 @@ def backbone_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "product bug: distpose/models/losses.py crf_marginal_loss divides by the number of used joints of its own "
-    "micro-batch, so 2 workers x 4 average two per-half means instead of taking the mean over all 8 "
-    "(step-1 loss 5.511620 vs 5.508824 here); the same holds for train.grad_accum. Remove this marker with the fix."))
 def test_crf_mode_two_workers_match_one_big_batch(ray_session, tmp_path, backbone_checkpoint):
     """In the crf mode the backbone and its BatchNorm are frozen (eval mode), so no statistic depends on
     how the batch is cut: 2 workers x 4 must train like 1 worker x one micro-batch of 8, up to float32
@@ -372,10 +357,9 @@ def test_sigint_stops_the_run_and_rerun_resumes(ray_session, tmp_path):
     print(f"\n[sigint] SIGINT after step {interrupted_at}: exit code {code} after {stop_time:.1f} s; "
           f"'distpose: interrupted' printed: {'distpose: interrupted' in output}")
     assert not lingering, f"train worker processes outlived the interrupted driver: {lingering}"
-    # Ray Train's own SIGINT handler aborts the run, and ray.get in the driver then raises SystemExit(1), which
-    # the CLI does not catch: today the exit code is 1 (as for a failed run) with no message. It would be 130
-    # with "distpose: interrupted" if distpose/train/driver.py _fit turned that SystemExit into KeyboardInterrupt.
-    assert code != 0, f"an interrupted run exited {code}, as if it had succeeded:\n{output[-3000:]}"
+    # Ray Train's own SIGINT handler aborts the run and exits through SystemExit; the driver reports it as an
+    # interrupt, like any Ctrl-C: exit code 130 and one line.
+    assert code == 130 and "distpose: interrupted" in output, f"exit code {code}:\n{output[-3000:]}"
     assert records(directory, "step")[-1]["step"] < epochs * per_epoch, "the interrupted run went on to the end"
     assert not (directory / "final.pt").exists()
 
@@ -389,8 +373,7 @@ def test_sigint_stops_the_run_and_rerun_resumes(ray_session, tmp_path):
     assert resumed["epoch"] >= 1 and resumed["step"] == resumed["epoch"] * per_epoch
     assert records(directory, "step")[-1]["step"] == epochs * per_epoch
     assert read_pose_checkpoint(directory / "final.pt")["meta"]["epoch"] == epochs
-    # Nothing of either run is left on the cluster. (Only processes started by this test: the session's Ray
-    # may still hold the controller of an earlier in-process fit, see test_train_restores_the_sigint_handler.)
+    # Nothing of either run is left on the cluster (processes started by this test; other tests share the Ray).
     assert not _wait_gone(_ray_train_processes(raylet, since=test_start - 1), 30)
 
 

@@ -16,7 +16,10 @@ def heatmap_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) 
 
 def crf_marginal_loss(log_marginals: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Cross-entropy between each weighted joint's marginal and its Gaussian target normalised to sum 1,
-    averaged over those joints (0 if there are none).
+    summed over those joints and divided by all B x K joint slots.
+
+    Dividing by the slot count, not by the joints used, keeps the loss a plain mean over the batch:
+    data-parallel ranks then average to exactly the loss of one big batch, as heatmap_mse does.
 
     Pixels where the target is 0 contribute nothing, also where the marginal is -inf (a position the
     pairwise window rules out), so such a marginal costs nothing unless the target needs it there.
@@ -27,4 +30,4 @@ def crf_marginal_loss(log_marginals: torch.Tensor, target: torch.Tensor, weight:
     terms = torch.where(probs > 0, probs * log_marginals.float(), torch.zeros_like(probs))
     per_joint = -terms.sum(dim=(2, 3))  # [B, K]
     used = (weight > 0) & (mass[..., 0, 0] > 0)
-    return (per_joint * used).sum() / used.sum().clamp_min(1)
+    return (per_joint * used).sum() / used.numel()

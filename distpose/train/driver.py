@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -155,11 +157,20 @@ def _fit(cfg: Config, directory: Path, resume: str | None) -> Any:
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
         ),
     )
+    # fit() installs Ray's own SIGINT handler (it aborts the run, then exits via SystemExit) and leaves
+    # it installed, holding the finished run's controller alive and swallowing later Ctrl-C.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous_sigint = signal.getsignal(signal.SIGINT) if main_thread else None
     try:
         return trainer.fit()
+    except SystemExit:
+        raise KeyboardInterrupt from None
     except Exception as exc:  # Ray wraps the worker's error; keep its last line
         if type(exc).__name__ not in ("TrainingFailedError", "WorkerGroupError", "ControllerError"):
             raise
         cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise TrainingFailed(f"run {t.run_name} failed after {t.max_failures} restart(s): {cause} "
                              f"(full log above; the latest checkpoint in {directory} is kept)") from None
+    finally:
+        if previous_sigint is not None:  # None: not the main thread, or a handler installed outside Python
+            signal.signal(signal.SIGINT, previous_sigint)

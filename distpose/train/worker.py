@@ -131,6 +131,7 @@ def train_worker(job: dict[str, Any]) -> None:
         epoch_loss, epoch_start = 0.0, time.perf_counter()
         for index in range(steps):
             start = time.perf_counter()
+            lr = engine.get_lr()[0]  # the rate this step trains at; engine.step() moves the schedule on
             waited, loss_sum = 0.0, torch.zeros((), device=device)
             for _ in range(accum):
                 before = time.perf_counter()
@@ -146,7 +147,6 @@ def train_worker(job: dict[str, Any]) -> None:
             elapsed = time.perf_counter() - start
             state.step += 1
             epoch_loss += loss_value
-            lr = engine.get_lr()[0]
             log.write("step", epoch=epoch + 1, step=state.step, loss=loss_value, lr=lr, step_time=elapsed,
                       data_wait=waited, samples_per_s=cfg.data.batch_size / elapsed)
             if (index + 1) % cfg.train.log_every == 0 or index + 1 == steps:
