@@ -1,0 +1,86 @@
+"""`distpose pipeline` end to end on the session's Ray, shrunk to 2 steps per run: synthetic data, shards,
+the six runs of the five modes in dependency order, evaluation and the report; a rerun retrains nothing."""
+
+import json
+from pathlib import Path
+
+import cv2
+import pytest
+import torch
+
+from distpose.config import load_config
+from distpose.eval.report import PCK_COLUMNS
+from distpose.models.weights import read_pose_checkpoint
+from distpose.pipeline import RUNS, run_pipeline
+from distpose.train.checkpoints import FINAL_MODEL, METRICS_LOG
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "quick"
+
+
+def starts(run: Path) -> int:
+    return sum(json.loads(line)["kind"] == "start" for line in (run / METRICS_LOG).read_text().splitlines())
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(ray_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    overrides = (f"data.shards={root / 'shards'}", f"train.storage={root / 'runs'}", "data.batch_size=4",
+                 "train.epochs=1", "data.batches_per_epoch=2", "train.lr_steps=[]", "train.warmup_steps=0",
+                 "eval.every_epochs=1")
+    kwargs = dict(overrides=overrides, data_root=root / "synth", report_dir=root / "report", train_images=12,
+                  val_images=6)
+    report = run_pipeline(CONFIGS, **kwargs)
+    return root, report, kwargs
+
+
+def test_report_has_every_mode_and_the_floor(pipeline_run):
+    _, report, _ = pipeline_run
+    results = json.loads((report.parent / "results.json").read_text())
+    assert [r["name"] for r in results] == ["mean pose", *(name for name, _, _ in RUNS)]
+    floor, runs = results[0], results[1:]
+    assert floor["wall_time"] is None and 0 <= floor["metrics"]["visible/pck@0.1"] <= 1
+    for r in runs:
+        assert r["wall_time"] > 0 and r["samples_per_s"] > 0, r["name"]
+        for kind in ("visible", "occluded"):
+            for column in PCK_COLUMNS:
+                assert 0 <= r["metrics"][f"{kind}/{column}"] <= 1, (r["name"], kind, column)
+        assert -1 <= r["metrics"]["AP"] <= 1
+    text = report.read_text()
+    table = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| mode |")]
+    assert len(table) == 1 + len(RUNS), text
+    for name, _, _ in RUNS:
+        assert f"![{name}]({name}/" in text
+    for picture in ["loss.png", "pck.png", *(f"{name}/skeletons.jpg" for name, _, _ in RUNS)]:
+        image = cv2.imread(str(report.parent / picture))
+        assert image is not None and image.shape[0] > 100 and image.std() > 0, picture
+
+
+def test_crf_runs_start_from_their_backbones_final_model(pipeline_run):
+    root, _, _ = pipeline_run
+    runs = root / "runs"
+    for name, _, parent in RUNS:
+        if parent is None:
+            continue
+        cfg = load_config(runs / f"pipeline_{name}" / "config.yaml")
+        assert Path(cfg.train.backbone_checkpoint) == runs / f"pipeline_{parent}" / FINAL_MODEL
+        base = read_pose_checkpoint(runs / f"pipeline_{parent}" / FINAL_MODEL)["state_dict"]
+        ours = read_pose_checkpoint(runs / f"pipeline_{name}" / FINAL_MODEL)["state_dict"]
+        backbone = [k for k in base if k.startswith("backbone.")]
+        assert backbone
+        moved = [k for k in backbone if not torch.equal(ours[k], base[k])]
+        if cfg.train.mode == "crf":  # weights and BatchNorm statistics alike
+            assert not moved, f"{name} changed its frozen backbone: {moved[:3]}"
+        else:
+            assert [k for k in moved if "running_" not in k and "num_batches" not in k], \
+                f"{name} (joint) left the backbone's weights untrained"
+
+
+def test_rerun_retrains_nothing(pipeline_run):
+    root, report, kwargs = pipeline_run
+    before = {name: starts(root / "runs" / f"pipeline_{name}") for name, _, _ in RUNS}
+    first = json.loads((report.parent / "results.json").read_text())
+    assert run_pipeline(CONFIGS, **kwargs) == report
+    assert {name: starts(root / "runs" / f"pipeline_{name}") for name, _, _ in RUNS} == before
+    again = json.loads((report.parent / "results.json").read_text())
+    # Same final models, same validation set: the same scores.
+    assert [r["metrics"] for r in again] == [r["metrics"] for r in first]
