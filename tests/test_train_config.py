@@ -4,7 +4,6 @@ DeepSpeed JSON and the learning-rate schedule derived from the config. No Ray he
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,8 +29,8 @@ def bad_cases(tmp: Path) -> list[tuple[str, list[str], int, str]]:
          "config key 'data.batch_size': got 30, expected a multiple of train.workers x train.grad_accum = 4"),
         ("fp16_on_cpu", ["train.precision=fp16"], 2, "config key 'train.precision': got 'fp16'"),
         ("bf16_zero0", ["train.precision=bf16", "train.zero_stage=0"], 2, "config key 'train.zero_stage': got 0"),
-        ("shards_missing", ["data.source=shards", f"data.shards={tmp / 'no_shards'}"], 1,
-         f"{tmp / 'no_shards'}"),
+        ("shards_missing", ["data.source=shards", f"data.shards={tmp / 'no_shards'}"], 2,
+         f"config key 'data.shards': {tmp / 'no_shards'}"),
     ]
 
 
@@ -63,18 +62,15 @@ def test_cli_refuses_before_ray(case, tmp_path, capsys, no_ray):
 
 @pytest.mark.parametrize("case", ["unknown_mode", "shards_missing"])
 def test_cli_subprocess_one_line_no_ray(case, tmp_path):
-    """The real command in a fresh interpreter: one line, the exit code, and much sooner than a Ray start."""
+    """The real command in a fresh interpreter: one line, the exit code, and no Ray output."""
     _, overrides, code, message = next(c for c in bad_cases(tmp_path) if c[0] == case)
-    start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "distpose.cli", "train", QUICK, *NO_DATA,
                            f"train.storage={tmp_path / 'runs'}", *overrides],
                           capture_output=True, text=True, check=False, timeout=60)
-    elapsed = time.perf_counter() - start
     assert proc.returncode == code, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("distpose: error: ") and message in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr and "Ray" not in proc.stdout + proc.stderr
-    assert elapsed < 8, f"took {elapsed:.1f} s: did it start Ray?"
 
 
 def test_resume_dir_without_meta_refused(tmp_path, capsys, no_ray):

@@ -21,7 +21,7 @@ from typing import Any
 
 from distpose.config import Config, ConfigError, dump_yaml, to_dict
 from distpose.data.shards import read_manifest
-from distpose.errors import UserError
+from distpose.errors import DataError, UserError
 from distpose.files import atomic_write_bytes
 from distpose.models.weights import read_pose_checkpoint
 from distpose.train.checkpoints import FINAL_MODEL, META_FILE
@@ -68,10 +68,13 @@ def with_absolute_paths(cfg: Config) -> Config:
 def preflight(cfg: Config, resume: str | None = None) -> None:
     """Fail with one line before Ray starts: missing shards, backbone checkpoint or resume directory,
     a DeepSpeed override that does not parse, a backbone checkpoint of another network."""
-    if cfg.data.source == "shards":
-        read_manifest(cfg.data.shards, cfg.data.train_split)
-    if cfg.eval.every_epochs:
-        read_manifest(cfg.data.shards, cfg.data.val_split)
+    splits = [cfg.data.train_split] if cfg.data.source == "shards" else []
+    splits += [cfg.data.val_split] if cfg.eval.every_epochs else []
+    for split in splits:
+        try:
+            read_manifest(cfg.data.shards, split)
+        except DataError as exc:
+            raise ConfigError(f"config key 'data.shards': {exc}") from None
     if cfg.train.mode != "backbone":
         path = cfg.train.backbone_checkpoint
         if not Path(path).is_file():
