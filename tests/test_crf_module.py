@@ -30,8 +30,8 @@ def test_pairwise_starts_as_a_broad_gaussian_and_unary_from_a_head():
     assert window[4, 4] == 0 and window.argmax() == 40 and window[0, 0] == pytest.approx(-(16 + 16) / 8)
     assert torch.equal(crf.pairwise[5], window) and crf.radius == 4 and crf.parents == list(CRF_PARENTS)
     head = torch.nn.Conv2d(4, 17, 1)
-    crf.init_unary_from(head)
-    assert torch.equal(crf.unary_head.weight, head.weight) and torch.equal(crf.unary_head.bias, head.bias)
+    crf.init_unary_from(head, scale=30.0)
+    assert torch.equal(crf.unary_head.weight, head.weight * 30) and torch.equal(crf.unary_head.bias, head.bias * 30)
 
 
 def test_heatmap_mse_matches_hand_computation():

@@ -14,6 +14,8 @@ from distpose.models.weights import read_pose_checkpoint
 from distpose.pipeline import RUNS, run_pipeline
 from distpose.train.checkpoints import FINAL_MODEL, METRICS_LOG
 
+pytestmark = pytest.mark.integration
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "quick"
 
 

@@ -34,9 +34,12 @@ class TreeCRF(nn.Module):
     def radius(self) -> int:
         return self.pairwise.shape[-1] // 2
 
-    def init_unary_from(self, heatmap_head: nn.Conv2d) -> None:
-        """Start the unary head as the backbone's trained heatmap head (crf mode)."""
-        self.unary_head.load_state_dict(heatmap_head.state_dict())
+    @torch.no_grad()
+    def init_unary_from(self, heatmap_head: nn.Conv2d, scale: float = 1.0) -> None:
+        """Start the unary head as the backbone's trained heatmap head times `scale` (crf and joint modes):
+        heatmaps peak near 1, and log-potentials need a contrast of many nats to give sharp marginals."""
+        self.unary_head.weight.copy_(heatmap_head.weight * scale)
+        self.unary_head.bias.copy_(heatmap_head.bias * scale)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """features [B, C, H, W] -> (log Z [B], log-marginals [B, K, H, W]), computed in float32."""

@@ -40,7 +40,9 @@ def flip_back(maps: torch.Tensor) -> torch.Tensor:
 
 
 class PoseModel(nn.Module):
-    def __init__(self, backbone: nn.Module, crf: TreeCRF | None = None, score_radius: int = 2):
+    # 1 (a 3x3 window) measured best overall on the quick demo's CRF models (README, Pipeline): against
+    # radius 2 it gained visible PCK@0.1 and AP on both models probed; radius 0 halved AP.
+    def __init__(self, backbone: nn.Module, crf: TreeCRF | None = None, score_radius: int = 1):
         super().__init__()
         self.backbone = backbone
         self.crf = crf
@@ -88,7 +90,7 @@ def build_pose_model(cfg: Config) -> PoseModel:
     if cfg.train.mode in ("crf", "joint"):
         _load_backbone_checkpoint(backbone, m.backbone, cfg.train.backbone_checkpoint)
         crf = TreeCRF(backbone.feature_channels, radius=m.crf_window)
-        crf.init_unary_from(backbone.final_layer)
+        crf.init_unary_from(backbone.final_layer, m.crf_unary_scale)
     return PoseModel(backbone, crf)
 
 
