@@ -5,6 +5,7 @@
     distpose eval --checkpoint CKPT    PCK, COCO AP/AR and skeleton drawings of a trained model
     distpose predict --checkpoint CKPT IMAGE... --out DIR   keypoints for image files
     distpose pipeline [CONFIG_DIR]     data, all five modes, evaluation and a report (`make demo`)
+    distpose tune SWEEP [k=v ...]      Ray Tune sweep over the modes: leaderboard and best checkpoints
     distpose config                    print a resolved config (YAML + key=value overrides)
     distpose model-info NAME           parameters and GMACs of a pose network
     distpose bench loader|crf|kernel   loader throughput; the reference CRF's formulations; the Triton kernel
@@ -117,6 +118,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     train(cfg, address=args.address, resume=args.resume)
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from distpose.train.tune import load_sweep, run_sweep
+
+    run_sweep(load_sweep(args.sweep, args.overrides), address=args.address, resume=args.resume)
     return 0
 
 
@@ -293,6 +301,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="CHECKPOINT_DIR",
                        help="start from this training checkpoint (a checkpoint_* directory of any run)")
     train.set_defaults(func=cmd_train)
+
+    tune = commands.add_parser(
+        "tune", help="Ray Tune sweep over the training modes (ASHA), leaderboard and best checkpoints",
+        description="Run the sweep file's trials: per mode a Tune experiment with ASHA on the validation "
+        "metric; backbone modes first, then crf/joint trials from the best backbone of their network. Writes "
+        "storage/name/: leaderboard.md and .csv (best trial per mode), trials.csv, best/<mode>.pt.",
+    )
+    tune.add_argument("sweep", help="sweep YAML (see configs/tune/)")
+    tune.add_argument("overrides", nargs="*", metavar="key=value", help="override top-level sweep keys")
+    tune.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    tune.add_argument("--resume", action="store_true",
+                      help="finish an interrupted sweep of this name: finished modes and trials are not rerun")
+    tune.set_defaults(func=cmd_tune)
 
     evaluate = commands.add_parser(
         "eval", help="score an inference checkpoint: PCK, HRNet accuracy, COCO AP/AR, drawings",

@@ -115,6 +115,7 @@ class EvalConfig:
     flip_test: bool = True
     pck_thresholds: tuple[float, ...] = (0.05, 0.1, 0.2)
     boxes: str = "gt"  # "gt" or a COCO-results JSON of detector boxes
+    best_metric: str = "AP"  # what best.pt maximises: a COCO stat, "accuracy" or "visible|occluded/pck@<t>"
 
 
 @dataclass
@@ -320,7 +321,17 @@ def validate(cfg: Config) -> None:
     _require(t.mode == "backbone" or bool(t.backbone_checkpoint), "train.backbone_checkpoint", t.backbone_checkpoint,
              f"the trained backbone's checkpoint: train.mode={t.mode!r} starts from one")
     _require(cfg.eval.every_epochs >= 0, "eval.every_epochs", cfg.eval.every_epochs, "an integer >= 0")
+    scores = score_names(cfg.eval.pck_thresholds)
+    _require(cfg.eval.best_metric in scores, "eval.best_metric", cfg.eval.best_metric, f"one of {', '.join(scores)}")
     _require(0 <= cfg.monitor.port < 65536, "monitor.port", cfg.monitor.port, "a port in [0, 65535]")
+
+
+COCO_STATS = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
+
+
+def score_names(pck_thresholds: tuple[float, ...]) -> list[str]:
+    """The validation scores an evaluation reports (higher is better), as eval.best_metric names them."""
+    return [*COCO_STATS, "accuracy", *(f"{kind}/pck@{t:g}" for kind in ("visible", "occluded") for t in pck_thresholds)]
 
 
 def micro_batch_size(cfg: Config) -> int:

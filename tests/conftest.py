@@ -47,6 +47,8 @@ def synth_shards(tmp_path_factory, synth_root) -> Path:
 def ray_session():
     """One local Ray instance for every integration test (starting Ray costs ~10 s here)."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    # The dashboard serves the State API that Ray Train's PlacementGroupCleaner polls: without it a Tune
+    # trial's placement group outlives the trial and later trials wait for CPUs forever.
+    ray.init(num_cpus=4, include_dashboard=True, configure_logging=False, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -13,12 +13,13 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from distpose.config import COCO_STATS
 from distpose.errors import DataError
 from distpose.eval.inference import Predictions
 from distpose.eval.metrics import oks
 from distpose.keypoints import OKS_SIGMAS
 
-STAT_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
+STAT_NAMES = COCO_STATS
 
 
 def rescore(keypoint_scores: np.ndarray, box_score: float, threshold: float = 0.2) -> float:

@@ -14,7 +14,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,10 +49,11 @@ def run_dir(cfg: Config) -> Path:
     return Path(cfg.train.storage).resolve() / cfg.train.run_name
 
 
-def with_absolute_paths(cfg: Config) -> Config:
-    """The config with its file paths made absolute: Ray workers run in another directory."""
+def with_absolute_paths(cfg: Config, base: Path | None = None) -> Config:
+    """The config with its file paths made absolute (relative ones taken from `base`, default the working
+    directory): Ray workers, and Tune trials, run in other directories."""
     def absolute(path: str) -> str:
-        return str(Path(path).resolve()) if path else path
+        return str((base or Path.cwd()).joinpath(path).resolve()) if path else path
 
     return dataclasses.replace(
         cfg,
@@ -120,8 +121,10 @@ def finished_run(cfg: Config) -> dict[str, Any] | None:
     return meta if meta.get("epoch", 0) >= cfg.train.epochs else None
 
 
-def train(cfg: Config, address: str | None = None, resume: str | None = None) -> TrainOutcome:
-    """Fit `cfg` on the Ray cluster (connecting to it, or starting a local one, unless connected)."""
+def train(cfg: Config, address: str | None = None, resume: str | None = None,
+          callbacks: Sequence[Any] = ()) -> TrainOutcome:
+    """Fit `cfg` on the Ray cluster (connecting to it, or starting a local one, unless connected).
+    `callbacks`: Ray Train UserCallbacks (a Tune trial passes TuneReportCallback)."""
     preflight(cfg, resume)
     cfg = with_absolute_paths(cfg)
     resume = str(Path(resume).resolve()) if resume else None
@@ -136,13 +139,13 @@ def train(cfg: Config, address: str | None = None, resume: str | None = None) ->
     atomic_write_bytes(directory / "config.yaml", dump_yaml(cfg).encode())
     with ray_cluster(address):
         start = time.perf_counter()
-        result = _fit(cfg, directory, resume)
+        result = _fit(cfg, directory, resume, callbacks)
         wall = time.perf_counter() - start
     print(f"[distpose] run {cfg.train.run_name} finished in {wall:.1f} s: {directory / FINAL_MODEL}")
     return TrainOutcome(directory, directory / FINAL_MODEL, dict(result.metrics or {}), wall, True)
 
 
-def _fit(cfg: Config, directory: Path, resume: str | None) -> Any:
+def _fit(cfg: Config, directory: Path, resume: str | None, callbacks: Sequence[Any]) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -158,6 +161,7 @@ def _fit(cfg: Config, directory: Path, resume: str | None) -> Any:
             name=t.run_name, storage_path=str(directory.parent),
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            callbacks=list(callbacks),
         ),
     )
     # fit() installs Ray's own SIGINT handler (it aborts the run, then exits via SystemExit) and leaves

@@ -39,8 +39,6 @@ from distpose.train.checkpoints import (
 from distpose.train.engine import build_engine
 from distpose.train.modes import mode_loss, select_trainable, set_train_mode
 
-SELECTION_METRIC = "AP"  # what best.pt maximises
-
 
 class MetricsLog:
     """Rank 0's record of the run: every step and event as a JSON line, every log_every-th step on
@@ -163,7 +161,7 @@ def train_worker(job: dict[str, Any]) -> None:
         if every and (state.epoch % every == 0 or state.epoch == cfg.train.epochs):
             scores, weights = _evaluate(engine, cfg, rank, world)
             metrics |= scores
-            score = scores.get(f"val/{SELECTION_METRIC}")  # rank 0 scores; only its state is checkpointed
+            score = scores.get(f"val/{cfg.eval.best_metric}")  # rank 0 scores; only its state is checkpointed
             if chief and score is not None and (state.best_score is None or score > state.best_score):
                 state.best_score, state.best_epoch = score, state.epoch
                 save_pose_checkpoint(run_dir / BEST_MODEL, weights, config_dict, {**metrics, "kind": "best"})

@@ -1,0 +1,200 @@
+"""`distpose tune`: sweep-file errors before Ray, a sweep over every mode on the session's Ray (its
+leaderboard's scores checked by evaluating the exported checkpoints again), a failing trial retried then
+recorded, and a sweep whose driver is killed finished by --resume without repeating finished trials."""
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from distpose import cli
+from distpose.eval.evaluate import evaluate_model, flat_metrics
+from distpose.models.pose import load_checkpoint
+from distpose.train.tune import ATTEMPTS_SUFFIX, load_sweep, run_sweep, sweep_dir
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "quick"
+ALL_MODES = ["cnn", "hrnet", "cnn_crf", "cnn_joint", "hrnet_crf", "hrnet_joint"]
+
+
+def tiny_overrides(shards: Path) -> list[str]:
+    return [f"data.shards={shards}", "train.workers=1", "train.cpus_per_worker=1", "data.batch_size=4",
+            "data.loader_workers=0", "data.batches_per_epoch=2", "train.epochs=2", "train.lr_steps=[]",
+            "train.log_every=1000"]
+
+
+def write_sweep(path: Path, **fields) -> Path:
+    path.write_text(yaml.safe_dump({"configs": str(CONFIGS), "storage": str(path.parent / "sweeps"), **fields}))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# sweep-file errors: one line, before Ray
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"modes": ["cnn"], "colour": 1}, "sweep key 'colour': unknown"),
+    ({"modes": ["cnn", "vit"]}, "sweep key 'modes': 'vit' has no config"),
+    ({"modes": ["cnn"], "space": {"train.lr": {"gaussian": [0, 1]}}}, "sweep key 'space.train.lr'"),
+    ({"modes": ["cnn"], "space": {"train.lr": {"uniform": [0.1, 0.01]}}}, "expected [low, high] with low < high"),
+    ({"modes": ["cnn"], "space": {"train.lrr": {"choice": [0.1]}}}, "config key 'train.lrr'"),
+    ({"modes": ["cnn"], "space": {"train.lr": {"choice": [-1.0]}}}, "config key 'train.lr': got -1.0"),
+    ({"modes": ["cnn"], "search": "grid", "space": {"train.lr": {"uniform": [0.01, 0.1]}}},
+     "only choice dimensions"),
+    ({"modes": ["cnn"], "metric": "loss"}, "sweep key 'metric': got 'loss'"),
+    ({"modes": ["cnn"], "space": {"model.crf_window": {"choice": [3], "modes": ["cnn_crf"]}}},
+     "are not among the sweep's modes"),
+])
+def test_bad_sweep_files_fail_in_one_line(tmp_path, capsys, fields, message):
+    sweep = write_sweep(tmp_path / "sweep.yaml", name="bad", **fields)
+    assert cli.main(["tune", str(sweep)]) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in out + err, err
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_a_finished_sweep_name_is_not_overwritten(tmp_path, capsys):
+    sweep = write_sweep(tmp_path / "sweep.yaml", name="taken", modes=["cnn"])
+    (tmp_path / "sweeps" / "taken" / "cnn").mkdir(parents=True)
+    assert cli.main(["tune", str(sweep)]) == 2
+    assert "add --resume" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# a sweep over every mode
+
+
+@pytest.fixture(scope="module")
+def every_mode(ray_session, synth_shards, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tune")
+    path = write_sweep(root / "sweep.yaml", name="every_mode", modes=ALL_MODES, overrides=tiny_overrides(synth_shards),
+                       space={"train.lr": {"loguniform": [1.0e-3, 1.0e-2]},
+                              "model.crf_window": {"choice": [2, 3], "modes": ALL_MODES[2:]}},
+                       trials_per_mode=2, grace_period=1, reduction_factor=2, max_failures=0)
+    sweep = load_sweep(path)
+    start = time.perf_counter()
+    leaderboard = run_sweep(sweep)
+    print(f"\n[tune] {len(ALL_MODES)} modes x 2 trials: {time.perf_counter() - start:.1f} s")
+    return sweep, leaderboard
+
+
+def test_leaderboard_has_a_row_per_mode_scored_by_real_evaluation(every_mode):
+    sweep, leaderboard = every_mode
+    directory = sweep_dir(sweep)
+    rows = list(csv.DictReader((directory / "leaderboard.csv").open()))
+    assert [r["mode"] for r in rows] == ALL_MODES
+    for row in rows:
+        # The exported checkpoint, evaluated again on the validation shards, gives the leaderboard's score.
+        model, cfg, meta = load_checkpoint(row["checkpoint"])
+        assert Path(row["checkpoint"]) == directory / "best" / f"{row['mode']}.pt"
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the trial's arithmetic (1 CPU per worker), so the scores match exactly
+        try:
+            again = flat_metrics(evaluate_model(model, cfg)[0])
+        finally:
+            torch.set_num_threads(threads)
+        assert float(row[sweep.metric]) == pytest.approx(again[sweep.metric], abs=1e-6), row["mode"]
+        assert 0 <= again[sweep.metric] <= 1 and again["instances"] > 0
+        assert meta["kind"] == "best" and cfg.eval.best_metric == sweep.metric
+    text = leaderboard.read_text()
+    assert sum(line.startswith("| ") for line in text.splitlines()) == 1 + len(ALL_MODES)
+
+
+def test_trials_ran_as_sampled_and_crf_modes_started_from_the_best_backbone(every_mode):
+    sweep, _ = every_mode
+    directory = sweep_dir(sweep)
+    trials = list(csv.DictReader((directory / "trials.csv").open()))
+    assert len(trials) == 2 * len(ALL_MODES)
+    best = {r["mode"]: r for r in csv.DictReader((directory / "leaderboard.csv").open())}
+    for t in trials:
+        params = json.loads(t["params"])
+        assert 1e-3 <= params["train.lr"] <= 1e-2
+        assert ("model.crf_window" in params) == (t["mode"] in ALL_MODES[2:])
+        assert t["status"] in ("completed", "early-stopped") and t["attempts"] == "1", t
+        # ASHA (grace 1 epoch) stops a trial only after its first evaluation, never at the end.
+        assert int(t["epochs"]) == 2 if t["status"] == "completed" else int(t["epochs"]) == 1
+        _, cfg, _ = load_checkpoint(t["checkpoint"])
+        assert cfg.train.lr == pytest.approx(params["train.lr"])
+        if t["mode"] in ALL_MODES[2:]:
+            parent = "cnn" if t["mode"].startswith("cnn") else "hrnet"
+            parent_best = next(x for x in trials if x["mode"] == parent and x["trial"] == best[parent]["trial"])
+            assert cfg.train.backbone_checkpoint == parent_best["checkpoint"]
+            assert cfg.model.crf_window == params["model.crf_window"]
+    stopped = sum(t["status"] == "early-stopped" for t in trials)
+    print(f"[tune] ASHA stopped {stopped} of {len(trials)} trials")
+
+
+# ---------------------------------------------------------------------------------------------
+# failures and resume
+
+
+def test_failing_trial_is_retried_then_recorded_and_the_sweep_completes(ray_session, synth_shards, tmp_path):
+    missing = tmp_path / "no_shards"
+    path = write_sweep(tmp_path / "sweep.yaml", name="failing", modes=["cnn"], search="grid",
+                       overrides=tiny_overrides(synth_shards),
+                       space={"data.shards": {"choice": [str(synth_shards), str(missing)]}}, max_failures=1)
+    run_sweep(load_sweep(path))
+    directory = sweep_dir(load_sweep(path))
+    trials = {json.loads(t["params"])["data.shards"]: t for t in csv.DictReader((directory / "trials.csv").open())}
+    assert trials[str(synth_shards)]["status"] == "completed"
+    failed = trials[str(missing)]
+    assert failed["status"] == "failed" and failed["attempts"] == "2", failed  # 1 try + max_failures=1 retry
+    assert "data.shards" in failed["error"] and str(missing) in failed["error"]
+    rows = list(csv.DictReader((directory / "leaderboard.csv").open()))
+    assert [r["mode"] for r in rows] == ["cnn"] and rows[0]["trials"] == "1/0/1"
+
+
+def _experiment_has_terminated_trial(directory: Path) -> bool:
+    return any("TERMINATED" in p.read_text() for p in directory.glob("cnn/experiment/experiment_state-*.json"))
+
+
+def test_killed_sweep_resumes_without_repeating_finished_trials(ray_session, synth_shards, tmp_path):
+    """A 1-epoch and a 6-epoch trial; the driver is SIGKILLed once Tune has recorded the first as
+    finished. `--resume` must finish the second (its run resuming from its checkpoint) and leave the first."""
+    path = write_sweep(tmp_path / "sweep.yaml", name="killed", modes=["cnn"], search="grid",
+                       overrides=[*tiny_overrides(synth_shards), "train.epochs=6"],
+                       space={"train.epochs": {"choice": [1, 6]}}, max_failures=0, grace_period=6)
+    address = ray_session.get_runtime_context().gcs_address
+    argv = [sys.executable, "-m", "distpose.cli", "tune", str(path), "--address", address]
+    directory = tmp_path / "sweeps" / "killed"
+    with (tmp_path / "first.log").open("w") as log:
+        first = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline and first.poll() is None and \
+                    not _experiment_has_terminated_trial(directory):
+                time.sleep(0.2)
+            assert first.poll() is None, "the sweep ended before it could be killed:\n" + \
+                (tmp_path / "first.log").read_text()[-3000:]
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=30)
+        finally:
+            if first.poll() is None:
+                first.kill()
+    assert not (directory / "leaderboard.md").exists()
+
+    second = subprocess.run([*argv, "--resume"], capture_output=True, text=True, timeout=400, check=False)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    trials = list(csv.DictReader((directory / "trials.csv").open()))
+    assert sorted(json.loads(t["params"])["train.epochs"] for t in trials) == [1, 6]
+    runs = directory / "cnn" / "runs"
+    for t in trials:
+        assert t["status"] == "completed", t
+        starts = [json.loads(line) for line in (runs / t["trial"] / "metrics.jsonl").read_text().splitlines()
+                  if json.loads(line)["kind"] == "start"]
+        attempts = (runs / f"{t['trial']}{ATTEMPTS_SUFFIX}").read_text().splitlines()
+        epochs = json.loads(t["params"])["train.epochs"]
+        print(f"[tune resume] {epochs}-epoch trial: {len(attempts)} attempt(s), starts "
+              f"{[s['resumed_from'].split(' (')[0] for s in starts]}")
+        if epochs == 1:  # finished before the kill: not run again
+            assert len(attempts) == 1 and len(starts) == 1
+        else:  # its run picked up from its own latest checkpoint (or from scratch if none was committed yet)
+            assert len(attempts) == 2 and len(starts) == 2
+    assert (directory / "leaderboard.md").is_file()
