@@ -30,7 +30,8 @@ def tiny_overrides(shards: Path) -> list[str]:
 
 
 def write_sweep(path: Path, **fields) -> Path:
-    path.write_text(yaml.safe_dump({"configs": str(CONFIGS), "storage": str(path.parent / "sweeps"), **fields}))
+    fields = {"configs": str(CONFIGS), "storage": str(path.parent / "sweeps"), **fields}
+    path.write_text(yaml.safe_dump(fields))
     return path
 
 
@@ -135,9 +136,11 @@ def test_trials_ran_as_sampled_and_crf_modes_started_from_the_best_backbone(ever
 # failures and resume
 
 
-def test_failing_trial_is_retried_then_recorded_and_the_sweep_completes(ray_session, synth_shards, tmp_path):
+def test_failing_trial_is_retried_then_recorded_and_the_sweep_completes(ray_session, synth_shards, tmp_path,
+                                                                       monkeypatch):
     missing = tmp_path / "no_shards"
-    path = write_sweep(tmp_path / "sweep.yaml", name="failing", modes=["cnn"], search="grid",
+    monkeypatch.chdir(CONFIGS.parents[1])  # `configs: configs/quick`, relative as in configs/tune/*.yaml
+    path = write_sweep(tmp_path / "sweep.yaml", name="failing", modes=["cnn"], search="grid", configs="configs/quick",
                        overrides=tiny_overrides(synth_shards),
                        space={"data.shards": {"choice": [str(synth_shards), str(missing)]}}, max_failures=1)
     run_sweep(load_sweep(path))

@@ -108,7 +108,7 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
         if not (configs / f"{mode}.yaml").is_file():
             raise _sweep_error(source, "modes", f"{mode!r} has no config {configs / (mode + '.yaml')}")
     space = tuple(_dimension(source, key, spec, modes) for key, spec in (raw.get("space") or {}).items())
-    fields = {k: raw[k] for k in raw if k not in ("space", "modes", "overrides")}
+    fields = {k: raw[k] for k in raw if k not in ("space", "modes", "overrides")} | {"configs": str(configs)}
     sweep = Sweep(**fields, modes=tuple(modes), space=space, overrides=tuple(raw.get("overrides") or ()),
                   source=source)
     _check(sweep)
