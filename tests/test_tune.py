@@ -154,16 +154,29 @@ def test_failing_trial_is_retried_then_recorded_and_the_sweep_completes(ray_sess
     assert [r["mode"] for r in rows] == ["cnn"] and rows[0]["trials"] == "1/0/1"
 
 
-def _experiment_has_terminated_trial(directory: Path) -> bool:
-    return any("TERMINATED" in p.read_text() for p in directory.glob("cnn/experiment/experiment_state-*.json"))
+def _ready_to_kill(directory: Path) -> bool:
+    """Tune has recorded a finished trial, and the long trial's run is past its first epoch."""
+    finished = any("TERMINATED" in p.read_text() for p in directory.glob("cnn/experiment/experiment_state-*.json"))
+    for log in directory.glob("cnn/runs/*/metrics.jsonl"):
+        if yaml.safe_load((log.parent / "config.yaml").read_text())["train"]["epochs"] == 20:
+            records = [json.loads(line) for line in log.read_text().splitlines()]
+            return finished and any(r["kind"] == "step" and r["epoch"] >= 3 for r in records)
+    return False
+
+
+def test_shipped_sweeps_load():
+    for path in sorted((CONFIGS.parent.parent / "configs" / "tune").glob("*.yaml")):
+        sweep = load_sweep(path)
+        assert set(sweep.modes) == set(ALL_MODES) and sweep.trials_per_mode >= 2, path
 
 
 def test_killed_sweep_resumes_without_repeating_finished_trials(ray_session, synth_shards, tmp_path):
-    """A 1-epoch and a 6-epoch trial; the driver is SIGKILLed once Tune has recorded the first as
-    finished. `--resume` must finish the second (its run resuming from its checkpoint) and leave the first."""
+    """A 1-epoch and a 20-epoch trial; the driver is SIGKILLed once Tune has recorded the first as finished
+    and the second is under way. `--resume` must finish the second (its run resuming from its checkpoint)
+    and leave the first alone."""
     path = write_sweep(tmp_path / "sweep.yaml", name="killed", modes=["cnn"], search="grid",
-                       overrides=[*tiny_overrides(synth_shards), "train.epochs=6"],
-                       space={"train.epochs": {"choice": [1, 6]}}, max_failures=0, grace_period=6)
+                       overrides=[*tiny_overrides(synth_shards), "train.epochs=20"],
+                       space={"train.epochs": {"choice": [1, 20]}}, max_failures=0, grace_period=20)
     address = ray_session.get_runtime_context().gcs_address
     argv = [sys.executable, "-m", "distpose.cli", "tune", str(path), "--address", address]
     directory = tmp_path / "sweeps" / "killed"
@@ -171,8 +184,7 @@ def test_killed_sweep_resumes_without_repeating_finished_trials(ray_session, syn
         first = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 240
-            while time.monotonic() < deadline and first.poll() is None and \
-                    not _experiment_has_terminated_trial(directory):
+            while time.monotonic() < deadline and first.poll() is None and not _ready_to_kill(directory):
                 time.sleep(0.2)
             assert first.poll() is None, "the sweep ended before it could be killed:\n" + \
                 (tmp_path / "first.log").read_text()[-3000:]
@@ -186,7 +198,7 @@ def test_killed_sweep_resumes_without_repeating_finished_trials(ray_session, syn
     second = subprocess.run([*argv, "--resume"], capture_output=True, text=True, timeout=400, check=False)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     trials = list(csv.DictReader((directory / "trials.csv").open()))
-    assert sorted(json.loads(t["params"])["train.epochs"] for t in trials) == [1, 6]
+    assert sorted(json.loads(t["params"])["train.epochs"] for t in trials) == [1, 20]
     runs = directory / "cnn" / "runs"
     for t in trials:
         assert t["status"] == "completed", t
@@ -198,6 +210,7 @@ def test_killed_sweep_resumes_without_repeating_finished_trials(ray_session, syn
               f"{[s['resumed_from'].split(' (')[0] for s in starts]}")
         if epochs == 1:  # finished before the kill: not run again
             assert len(attempts) == 1 and len(starts) == 1
-        else:  # its run picked up from its own latest checkpoint (or from scratch if none was committed yet)
+        else:  # killed mid-run: run again, picking up from its own latest checkpoint
             assert len(attempts) == 2 and len(starts) == 2
+            assert starts[1]["resumed_from"].startswith("latest checkpoint of this run"), starts[1]
     assert (directory / "leaderboard.md").is_file()
