@@ -232,6 +232,10 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
 
+def _add_address_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distpose",
@@ -297,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
         "is not retrained.",
     )
     _add_config_arguments(train)
-    train.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    _add_address_argument(train)
     train.add_argument("--resume", metavar="CHECKPOINT_DIR",
                        help="start from this training checkpoint (a checkpoint_* directory of any run)")
     train.set_defaults(func=cmd_train)
@@ -310,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tune.add_argument("sweep", help="sweep YAML (see configs/tune/)")
     tune.add_argument("overrides", nargs="*", metavar="key=value", help="override top-level sweep keys")
-    tune.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    _add_address_argument(tune)
     tune.add_argument("--resume", action="store_true",
                       help="finish an interrupted sweep of this name: finished modes and trials are not rerun")
     tune.set_defaults(func=cmd_tune)
@@ -359,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--train-images", type=_positive, default=1000, help="if generated (default 1000)")
     pipeline.add_argument("--val-images", type=_positive, default=100, help="if generated (default 100)")
     pipeline.add_argument("--report", default="reports/pipeline", help="report directory (default reports/pipeline)")
-    pipeline.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    _add_address_argument(pipeline)
     pipeline.set_defaults(func=cmd_pipeline)
 
     config = commands.add_parser(

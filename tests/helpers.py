@@ -42,3 +42,19 @@ def truncate_jpeg_in_shard(shard: Path) -> str:
                 info.size = len(sample[ext])
                 tar.addfile(info, io.BytesIO(sample[ext]))
     return first["__key__"]
+
+
+def records(directory: Path, kind: str | None = None) -> list[dict]:
+    """metrics.jsonl's complete lines (a line being appended is left out), of `kind` if given."""
+    path = directory / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if kind is None or record["kind"] == kind:
+            out.append(record)
+    return out

@@ -7,12 +7,13 @@ from pathlib import Path
 import cv2
 import pytest
 import torch
+from helpers import records
 
 from distpose.config import load_config
 from distpose.eval.report import PCK_COLUMNS
 from distpose.models.weights import read_pose_checkpoint
 from distpose.pipeline import RUNS, run_pipeline
-from distpose.train.checkpoints import FINAL_MODEL, METRICS_LOG
+from distpose.train.checkpoints import FINAL_MODEL
 
 pytestmark = pytest.mark.integration
 
@@ -20,7 +21,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "quick"
 
 
 def starts(run: Path) -> int:
-    return sum(json.loads(line)["kind"] == "start" for line in (run / METRICS_LOG).read_text().splitlines())
+    return len(records(run, "start"))
 
 
 @pytest.fixture(scope="module")

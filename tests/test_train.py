@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import psutil
 import pytest
 import torch
+from helpers import records
 
 from distpose.config import Config, load_config
 from distpose.models.pose import build_pose_model, pose_architecture, save_checkpoint
@@ -48,22 +49,6 @@ def tiny(storage: Path, name: str, *overrides: str) -> list[str]:
 
 def config(storage: Path, name: str, *overrides: str) -> Config:
     return load_config(None, tiny(storage, name, *overrides))
-
-
-def records(directory: Path, kind: str | None = None) -> list[dict]:
-    """metrics.jsonl's complete lines (a line being appended is left out), of `kind` if given."""
-    path = directory / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if kind is None or record["kind"] == kind:
-            out.append(record)
-    return out
 
 
 def final_weights(directory: Path) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import records
 
 from distpose import cli
 from distpose.eval.evaluate import evaluate_model, flat_metrics
@@ -159,8 +160,7 @@ def _ready_to_kill(directory: Path) -> bool:
     finished = any("TERMINATED" in p.read_text() for p in directory.glob("cnn/experiment/experiment_state-*.json"))
     for log in directory.glob("cnn/runs/*/metrics.jsonl"):
         if yaml.safe_load((log.parent / "config.yaml").read_text())["train"]["epochs"] == 20:
-            records = [json.loads(line) for line in log.read_text().splitlines()]
-            return finished and any(r["kind"] == "step" and r["epoch"] >= 3 for r in records)
+            return finished and any(r["epoch"] >= 3 for r in records(log.parent, "step"))
     return False
 
 
@@ -202,8 +202,7 @@ def test_killed_sweep_resumes_without_repeating_finished_trials(ray_session, syn
     runs = directory / "cnn" / "runs"
     for t in trials:
         assert t["status"] == "completed", t
-        starts = [json.loads(line) for line in (runs / t["trial"] / "metrics.jsonl").read_text().splitlines()
-                  if json.loads(line)["kind"] == "start"]
+        starts = records(runs / t["trial"], "start")
         attempts = (runs / f"{t['trial']}{ATTEMPTS_SUFFIX}").read_text().splitlines()
         epochs = json.loads(t["params"])["train.epochs"]
         print(f"[tune resume] {epochs}-epoch trial: {len(attempts)} attempt(s), starts "

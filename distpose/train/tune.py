@@ -25,7 +25,6 @@ import dataclasses
 import io
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,7 +162,7 @@ def _check(sweep: Sweep) -> None:
     # Every mode's config must load with the overrides and with each dimension's extreme values, so that
     # a typo in a key fails here, in one line, not in every trial.
     for mode in sweep.modes:
-        thresholds = load_config(Path(sweep.configs) / f"{mode}.yaml", list(sweep.overrides)).eval.pck_thresholds
+        thresholds = base_config(sweep, mode).eval.pck_thresholds
         require(sweep.metric in score_names(thresholds), "metric", sweep.metric,
                 f"one of {', '.join(score_names(thresholds))}")
         mode_config(sweep, mode, [])
@@ -175,6 +174,11 @@ def _check(sweep: Sweep) -> None:
 
 def _dimensions_of(sweep: Sweep, mode: str) -> list[Dimension]:
     return [d for d in sweep.space if not d.modes or mode in d.modes]
+
+
+def base_config(sweep: Sweep, mode: str) -> Config:
+    """The mode's config file with the sweep's overrides: what every trial of the mode shares."""
+    return load_config(Path(sweep.configs) / f"{mode}.yaml", list(sweep.overrides))
 
 
 def mode_config(sweep: Sweep, mode: str, extra: list[str], backbone: str | None = None) -> Config:
@@ -314,8 +318,8 @@ def _trial_record(sweep: Sweep, mode: str, runs: Path, result: Any, epochs: int)
     """What the leaderboard says of one trial. The scores are best.pt's, i.e. the trial's best epoch."""
     trial = _trial_id(runs, result)
     run = runs / trial
-    log = [json.loads(line) for line in (runs / f"{trial}{ATTEMPTS_SUFFIX}").read_text().splitlines()] \
-        if (runs / f"{trial}{ATTEMPTS_SUFFIX}").is_file() else []
+    attempts_log = runs / f"{trial}{ATTEMPTS_SUFFIX}"
+    log = [json.loads(line) for line in attempts_log.read_text().splitlines()] if attempts_log.is_file() else []
     if (run / "config.yaml").is_file():  # the trial's own epochs: the space may set train.epochs
         epochs = load_config(run / "config.yaml").train.epochs
     # Epochs the run itself finished (ASHA's stop can reach a trial after its last epoch).
@@ -356,13 +360,12 @@ def _trial_id(runs: Path, result: Any) -> str:
 # the sweep
 
 
-def parent_backbone(sweep: Sweep, mode: str, best: dict[str, dict[str, Any]]) -> str | None:
+def parent_backbone(sweep: Sweep, mode: str, bases: dict[str, Config], best: dict[str, dict[str, Any]]
+                    ) -> str | None:
     """The checkpoint a crf/joint mode starts from: the best trial of the swept backbone mode with the same
-    network, else None (the mode config's own train.backbone_checkpoint)."""
-    cfg = load_config(Path(sweep.configs) / f"{mode}.yaml", list(sweep.overrides))
-    for other in sweep.modes:
-        other_cfg = load_config(Path(sweep.configs) / f"{other}.yaml", list(sweep.overrides))
-        if other_cfg.train.mode == "backbone" and other_cfg.model.backbone == cfg.model.backbone:
+    network, else None (the mode config's own train.backbone_checkpoint). `bases`: base_config per mode."""
+    for other, other_cfg in bases.items():
+        if other_cfg.train.mode == "backbone" and other_cfg.model.backbone == bases[mode].model.backbone:
             if other not in best:
                 raise ConfigError(f"{sweep.source}: mode {mode!r} starts from the best {other!r} trial, "
                                   f"but no {other!r} trial produced a checkpoint")
@@ -386,8 +389,8 @@ def run_sweep(sweep: Sweep, address: str | None = None, resume: bool = False) ->
                           "that sweep, or choose another name (name=...)")
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(directory / "sweep.json", json.dumps(dataclasses.asdict(sweep), indent=1).encode())
-    is_backbone = {m: load_config(Path(sweep.configs) / f"{m}.yaml", list(sweep.overrides)).train.mode == "backbone"
-                   for m in sweep.modes}
+    bases = {m: base_config(sweep, m) for m in sweep.modes}
+    is_backbone = {m: cfg.train.mode == "backbone" for m, cfg in bases.items()}
     order = [m for m in sweep.modes if is_backbone[m]] + [m for m in sweep.modes if not is_backbone[m]]
     records: list[dict[str, Any]] = []
     with ray_cluster(address):
@@ -397,7 +400,7 @@ def run_sweep(sweep: Sweep, address: str | None = None, resume: bool = False) ->
                 _say(f"{mode}: finished earlier ({done})")
                 mode_records = json.loads(done.read_text())
             else:
-                backbone = None if is_backbone[mode] else parent_backbone(sweep, mode, best_trials(records))
+                backbone = None if is_backbone[mode] else parent_backbone(sweep, mode, bases, best_trials(records))
                 if backbone:
                     _say(f"{mode}: every trial starts from {backbone}")
                 mode_records = run_mode(sweep, mode, backbone, resume)
@@ -425,7 +428,7 @@ def write_leaderboard(sweep: Sweep, records: list[dict[str, Any]]) -> Path:
             rows.append({"mode": mode, "trials": counts, "trial": "-", "params": "no trial produced a checkpoint"})
             continue
         exported = directory / "best" / f"{mode}.pt"
-        _copy_atomic(Path(r["checkpoint"]), exported)
+        atomic_write_bytes(exported, Path(r["checkpoint"]).read_bytes())
         rows.append({"mode": mode, "trial": r["trial"], **{m: r["scores"].get(m) for m in shown},
                      "best_epoch": r["best_epoch"], "trials": counts,
                      "params": " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -459,8 +462,3 @@ def _csv(columns: list[str], rows: list[dict[str, Any]]) -> bytes:
     writer.writerows(rows)
     return buffer.getvalue().encode()
 
-
-def _copy_atomic(source: Path, target: Path) -> None:
-    temporary = target.with_name(target.name + ".tmp")
-    shutil.copyfile(source, temporary)
-    temporary.replace(target)
