@@ -120,9 +120,13 @@ class EvalConfig:
 
 @dataclass
 class MonitorConfig:
+    """Prometheus metrics (distpose/monitor). They are exported by each Ray node's metrics agent; host and
+    port apply to the local Ray a run starts, a cluster's nodes take theirs from `ray start`."""
+
     enabled: bool = True
-    host: str = "127.0.0.1"  # bind address of the metrics endpoint; 0.0.0.0 on clusters
-    port: int = 0  # 0 picks a free port
+    # The local metrics endpoint listens on loopback only, or on every interface (Ray binds no single one).
+    host: Literal["127.0.0.1", "0.0.0.0"] = "127.0.0.1"
+    port: int = 0  # 0: Ray picks a free port
 
 
 @dataclass

@@ -138,7 +138,7 @@ def run_pipeline(config_dir: str | Path = "configs/quick", overrides: tuple[str,
     floor = mean_pose_floor(first, truth)
     _say(f"mean-pose floor: visible PCK@0.1 {floor.metrics.get('visible/pck@0.1', 0):.3f}")
     results, finals, configs = [floor], {}, {}
-    with ray_cluster(address):
+    with ray_cluster(address, first.monitor):
         for name, description, parent in RUNS:
             cfg = run_config(config_dir, name, list(overrides), finals.get(parent))
             configs[name] = cfg

@@ -49,6 +49,8 @@ def ray_session():
     ray = pytest.importorskip("ray")
     # The dashboard serves the State API that Ray Train's PlacementGroupCleaner polls: without it a Tune
     # trial's placement group outlives the trial and later trials wait for CPUs forever.
-    ray.init(num_cpus=4, include_dashboard=True, configure_logging=False, log_to_driver=False)
+    # Metrics reach the nodes' endpoints every second instead of every 10 s (tests/test_monitor.py).
+    ray.init(num_cpus=4, include_dashboard=True, configure_logging=False, log_to_driver=False,
+             _system_config={"metrics_report_interval_ms": 1000})
     yield ray
     ray.shutdown()

@@ -51,6 +51,7 @@ def test_shipped_configs_load(path):
     ("train.precision=fp16", "DeepSpeed has no fp16 on CPU"),
     ("train.precision=bf16", "config key 'train.zero_stage': got 0, expected 1, 2 or 3 with train.precision=bf16"),
     ("train.workers=3", "'data.batch_size': got 32, expected a multiple of train.workers x train.grad_accum"),
+    ("monitor.host=10.0.0.7", "config key 'monitor.host': got '10.0.0.7', expected one of '127.0.0.1', '0.0.0.0'"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as info:

@@ -144,7 +144,7 @@ def _evaluate_on_ray(checkpoint: str, cfg: Config, detections: Any, workers: int
         if context.get_world_rank() == 0:
             ray.get(job["inbox"].put.remote(result))
 
-    with ray_cluster(address), tempfile.TemporaryDirectory(prefix="distpose-eval-run-") as storage:
+    with ray_cluster(address, cfg.monitor), tempfile.TemporaryDirectory(prefix="distpose-eval-run-") as storage:
         inbox = ray.remote(_Inbox).remote()
         TorchTrainer(per_rank, train_loop_config={"checkpoint": str(Path(checkpoint).resolve()), "cfg": cfg,
                                                   "detections": detections, "inbox": inbox},

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -19,15 +21,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distpose.config import Config, ConfigError, dump_yaml, to_dict
+from distpose.config import Config, ConfigError, MonitorConfig, dump_yaml, to_dict
 from distpose.data.shards import read_manifest
 from distpose.errors import DataError, UserError
 from distpose.files import atomic_write_bytes
 from distpose.models.weights import read_pose_checkpoint
+from distpose.monitor.metrics import RunMetrics
 from distpose.train.checkpoints import FINAL_MODEL, META_FILE
 from distpose.train.engine import deepspeed_config
 
 log = logging.getLogger(__name__)
+
+SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 class TrainingFailed(UserError):
@@ -91,9 +96,16 @@ def preflight(cfg: Config, resume: str | None = None) -> None:
 
 
 @contextlib.contextmanager
-def ray_cluster(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
+def ray_cluster(address: str | None = None, monitor: MonitorConfig | None = None) -> Iterator[None]:
     """Connect to `address` (or RAY_ADDRESS), else start a local Ray; reuse one already connected.
-    Only a connection made here is closed here."""
+    Only a connection made here is closed here. A local Ray's metrics endpoint follows `monitor`
+    (a cluster's follows its `ray start` options)."""
+    monitor = monitor or MonitorConfig()
+    local = address is None and "RAY_ADDRESS" not in os.environ
+    if local and monitor.host == "127.0.0.1" and "ray" not in sys.modules:
+        # On Linux Ray replaces a loopback node address by a routable one, and its metrics agent then listens
+        # on every interface; this switch (read when ray is first imported) keeps a one-machine Ray on loopback.
+        os.environ.setdefault(SINGLE_MACHINE_ENV, "0")
     import ray
 
     if ray.is_initialized():
@@ -102,14 +114,33 @@ def ray_cluster(address: str | None = None, num_cpus: int | None = None) -> Iter
     try:
         # Ray Train would re-route every print in the workers (pycocotools' included) through its
         # logger, doubling our console lines and undoing pycocotools' silencing.
-        ray.init(address=address, num_cpus=None if address else num_cpus, configure_logging=False,
-                 runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
+        ray.init(address=address, configure_logging=False,
+                 runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+                 **({"_metrics_export_port": monitor.port or None} if local else {}))
     except (ConnectionError, ValueError) as exc:
         raise UserError(f"cannot connect to the Ray cluster at {address}: {exc}") from None
     try:
+        if monitor.enabled:
+            print(metrics_banner())
         yield
     finally:
         ray.shutdown()
+
+
+def metrics_endpoints() -> list[str]:
+    """The metrics endpoint of every live node of the connected cluster."""
+    import ray
+
+    return [f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+            for node in ray.nodes() if node.get("Alive") and node.get("MetricsExportPort")]
+
+
+def metrics_banner() -> str:
+    endpoints = metrics_endpoints()
+    shown = ", ".join(endpoints[:3]) + (f" and {len(endpoints) - 3} more" if len(endpoints) > 3 else "")
+    return (f"[distpose] Prometheus metrics: {shown or 'no endpoint (is ray[default] installed?)'}; "
+            f"a Prometheus server finds every node's through prom_metrics_service_discovery.json in "
+            f"the head node's Ray session directory (launch/prometheus.yml)")
 
 
 def finished_run(cfg: Config) -> dict[str, Any] | None:
@@ -137,9 +168,16 @@ def train(cfg: Config, address: str | None = None, resume: str | None = None,
 
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(directory / "config.yaml", dump_yaml(cfg).encode())
-    with ray_cluster(address):
+    with ray_cluster(address, cfg.monitor):
+        run_metrics = RunMetrics(cfg.monitor.enabled, cfg.train.run_name, cfg.train.mode)
+        run_metrics.state("running")
         start = time.perf_counter()
-        result = _fit(cfg, directory, resume, callbacks)
+        try:
+            result = _fit(cfg, directory, resume, callbacks)
+        except BaseException as exc:
+            run_metrics.state("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+            raise
+        run_metrics.state("finished")
         wall = time.perf_counter() - start
     print(f"[distpose] run {cfg.train.run_name} finished in {wall:.1f} s: {directory / FINAL_MODEL}")
     return TrainOutcome(directory, directory / FINAL_MODEL, dict(result.metrics or {}), wall, True)
@@ -149,6 +187,7 @@ def _fit(cfg: Config, directory: Path, resume: str | None, callbacks: Sequence[A
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from distpose.monitor.callback import RunMetricsCallback
     from distpose.train.worker import train_worker
 
     t = cfg.train
@@ -161,7 +200,7 @@ def _fit(cfg: Config, directory: Path, resume: str | None, callbacks: Sequence[A
             name=t.run_name, storage_path=str(directory.parent),
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            callbacks=list(callbacks),
+            callbacks=[*callbacks, RunMetricsCallback(cfg.monitor.enabled, t.run_name, t.mode)],
         ),
     )
     # fit() installs Ray's own SIGINT handler (it aborts the run, then exits via SystemExit) and leaves

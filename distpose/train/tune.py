@@ -393,7 +393,7 @@ def run_sweep(sweep: Sweep, address: str | None = None, resume: bool = False) ->
     is_backbone = {m: cfg.train.mode == "backbone" for m, cfg in bases.items()}
     order = [m for m in sweep.modes if is_backbone[m]] + [m for m in sweep.modes if not is_backbone[m]]
     records: list[dict[str, Any]] = []
-    with ray_cluster(address):
+    with ray_cluster(address, bases[order[0]].monitor):
         for mode in order:
             done = directory / mode / DONE_FILE
             if resume and done.is_file():

@@ -1,0 +1,1 @@
+"""Prometheus metrics of training runs (see metrics.py)."""

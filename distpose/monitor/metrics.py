@@ -1,0 +1,178 @@
+"""Prometheus metrics of training runs, exported through Ray's per-node metrics agent.
+
+Why Ray's agent (ray.util.metrics) rather than a prometheus_client server per worker: every Ray node
+already runs one metrics endpoint (`ray start --metrics-export-port`), and the head node keeps a
+Prometheus file-discovery list of the endpoints of all live nodes (`prom_metrics_service_discovery.json`
+in the session directory), so a Prometheus server finds new nodes by itself and scrapes one endpoint
+per node, with Ray's own node metrics beside ours. Per-worker servers would need a port per rank and a
+discovery mechanism of our own. The price: a value reaches the endpoint within Ray's report interval
+(`metrics_report_interval_ms`, 10 s by default), and Ray prefixes every name with `ray_`.
+
+Exported series (names as Prometheus sees them are in EXPORTED_NAMES):
+- per worker, labelled run, mode, rank: samples (counter), step time and data-wait time (histograms),
+  loss, lr, epoch (gauges), skipped corrupt samples (counter, by reason), checkpoint save time
+  (histogram), GPU memory allocated and its peak (gauges, CUDA only);
+- per run, from the driver and the Ray Train controller: run state (gauge, 1 for the current state)
+  and the latest evaluation results (gauge, by metric), and worker-group restarts (counter).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter as Tally
+from collections.abc import Mapping
+from typing import Any
+
+RUN_TAGS = ("run", "mode")
+WORKER_TAGS = (*RUN_TAGS, "rank")
+RUN_STATES = ("running", "finished", "failed", "interrupted")
+
+STEP_SECONDS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+WAIT_SECONDS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]
+SAVE_SECONDS = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]
+
+# name -> (kind, description, extra tag keys, histogram boundaries)
+WORKER_METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
+    "distpose_train_samples": ("counter", "Training samples this rank has stepped on", (), None),
+    "distpose_train_step_seconds": ("histogram", "Wall time of one optimizer step", (), STEP_SECONDS),
+    "distpose_train_data_wait_seconds": ("histogram", "Time a step waited for its batches", (), WAIT_SECONDS),
+    "distpose_train_loss": ("gauge", "Training loss of the latest step, averaged over ranks", (), None),
+    "distpose_train_lr": ("gauge", "Learning rate of the latest step", (), None),
+    "distpose_train_epoch": ("gauge", "Epochs completed", (), None),
+    "distpose_train_skipped_samples": ("counter", "Corrupt or unusable samples skipped", ("reason",), None),
+    "distpose_checkpoint_save_seconds": ("histogram", "Time to save and report a checkpoint", (), SAVE_SECONDS),
+    "distpose_gpu_memory_bytes": ("gauge", "CUDA memory allocated by this rank (kind: current, peak)",
+                                  ("kind",), None),
+}
+RUN_METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
+    "distpose_run_state": ("gauge", "1 for the run's current state, 0 for the others", ("state",), None),
+    "distpose_eval": ("gauge", "Latest validation result, by metric name", ("metric",), None),
+    "distpose_run_restarts": ("counter", "Worker-group failures the run recovered from", (), None),
+}
+
+
+def _exported(definitions: Mapping[str, tuple[str, str, tuple[str, ...], list[float] | None]]) -> set[str]:
+    suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
+    return {f"ray_{name}{suffix}" for name, (kind, *_) in definitions.items() for suffix in suffixes[kind]}
+
+
+EXPORTED_NAMES = frozenset(_exported(WORKER_METRICS) | _exported(RUN_METRICS))
+
+
+class _HeldGauges:
+    """Re-sends every gauge's last value each second from a daemon thread. Ray's metrics agent drops a gauge
+    series that no process has re-set lately (measured with Ray 2.60: a gauge set once left the endpoint
+    about 20 s later), which would blank the run state, the evaluation and the epoch between their updates."""
+
+    def __init__(self):
+        self._values: dict[tuple[int, tuple[tuple[str, str], ...]], tuple[Any, float]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def set(self, gauge: Any, value: float, tags: dict[str, str]) -> None:
+        gauge.set(value, tags)
+        with self._lock:
+            self._values[id(gauge), tuple(sorted(tags.items()))] = (gauge, value)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._resend, name="distpose-gauges", daemon=True)
+                self._thread.start()
+
+    def _resend(self) -> None:
+        import ray
+
+        while True:
+            time.sleep(1.0)
+            if not ray.is_initialized():  # a driver between runs: nothing to send to
+                continue
+            with self._lock:
+                held = list(self._values.items())
+            for (_, tags), (gauge, value) in held:
+                gauge.set(value, dict(tags))
+
+
+_GAUGES = _HeldGauges()
+
+
+def _build(definitions, base_tags: tuple[str, ...]) -> dict[str, Any]:
+    from ray.util import metrics
+
+    built = {}
+    for name, (kind, description, extra_tags, boundaries) in definitions.items():
+        tags = (*base_tags, *extra_tags)
+        if kind == "counter":
+            built[name] = metrics.Counter(name, description, tag_keys=tags)
+        elif kind == "gauge":
+            built[name] = metrics.Gauge(name, description, tag_keys=tags)
+        else:
+            built[name] = metrics.Histogram(name, description, boundaries=boundaries, tag_keys=tags)
+    return built
+
+
+class WorkerMetrics:
+    """One rank's training metrics. Disabled (monitor.enabled false), every method does nothing."""
+
+    def __init__(self, enabled: bool, run: str, mode: str, rank: int):
+        self.tags = {"run": run, "mode": mode, "rank": str(rank)}
+        self._metrics = _build(WORKER_METRICS, WORKER_TAGS) if enabled else None
+        self._skipped_seen: Tally = Tally()
+
+    def step(self, samples: int, step_time: float, data_wait: float, loss: float, lr: float) -> None:
+        if self._metrics is None:
+            return
+        m, tags = self._metrics, self.tags
+        m["distpose_train_samples"].inc(samples, tags)
+        m["distpose_train_step_seconds"].observe(step_time, tags)
+        m["distpose_train_data_wait_seconds"].observe(data_wait, tags)
+        _GAUGES.set(m["distpose_train_loss"], loss, tags)
+        _GAUGES.set(m["distpose_train_lr"], lr, tags)
+
+    def epoch(self, epoch: int, skipped: Mapping[str, int]) -> None:
+        """After an epoch: the epoch count, and the loader's running skip counts (only the increase is added)."""
+        if self._metrics is None:
+            return
+        _GAUGES.set(self._metrics["distpose_train_epoch"], epoch, self.tags)
+        for reason, count in skipped.items():
+            new = count - self._skipped_seen[reason]
+            if new > 0:
+                self._metrics["distpose_train_skipped_samples"].inc(new, {**self.tags, "reason": reason})
+                self._skipped_seen[reason] = count
+
+    def checkpoint_saved(self, seconds: float) -> None:
+        if self._metrics is not None:
+            self._metrics["distpose_checkpoint_save_seconds"].observe(seconds, self.tags)
+
+    def gpu_memory(self, device) -> None:
+        import torch
+
+        if self._metrics is None or device.type != "cuda":
+            return
+        gauge = self._metrics["distpose_gpu_memory_bytes"]
+        _GAUGES.set(gauge, torch.cuda.memory_allocated(device), {**self.tags, "kind": "current"})
+        _GAUGES.set(gauge, torch.cuda.max_memory_allocated(device), {**self.tags, "kind": "peak"})
+
+
+class RunMetrics:
+    """A run's state and evaluation results, set from the driver and the Ray Train controller."""
+
+    def __init__(self, enabled: bool, run: str, mode: str):
+        self.tags = {"run": run, "mode": mode}
+        self._metrics = _build(RUN_METRICS, RUN_TAGS) if enabled else None
+
+    def state(self, current: str) -> None:
+        if self._metrics is None:
+            return
+        for state in RUN_STATES:
+            _GAUGES.set(self._metrics["distpose_run_state"], float(state == current), {**self.tags, "state": state})
+
+    def evaluation(self, results: Mapping[str, float]) -> None:
+        """`results`: metrics as reported by rank 0; the `val/...` ones are exported, without the prefix."""
+        if self._metrics is None:
+            return
+        for key, value in results.items():
+            if key.startswith("val/") and isinstance(value, (int, float)):
+                _GAUGES.set(self._metrics["distpose_eval"], float(value), {**self.tags, "metric": key[4:]})
+
+    def restart(self) -> None:
+        if self._metrics is not None:
+            self._metrics["distpose_run_restarts"].inc(1, self.tags)
