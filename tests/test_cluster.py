@@ -1,0 +1,101 @@
+"""A two-node Ray cluster on this machine (`ray start --head` and `ray start --address`, two raylets with
+one CPU each), one `distpose train --address` over both, and Prometheus-style discovery of both nodes'
+metrics endpoints through the head's service-discovery file."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.integration
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def node_ip() -> str:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # the address Ray picks; nothing is sent
+        probe.connect(("10.255.255.255", 1))
+        return probe.getsockname()[0]
+
+
+@pytest.fixture
+def two_nodes(tmp_path):
+    """(GCS address, head temp dir) of a head and a worker node; both stopped afterwards."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    env["RAY_AUTH_MODE"] = "disabled"  # the same on every machine, whether or not ~/.ray holds a token
+    temp = Path("/tmp") / f"ray-distpose-{os.getpid()}-{tmp_path.name[-8:]}"  # socket paths must stay short
+    gcs_port = free_port()
+    address = f"{node_ip()}:{gcs_port}"
+    common = ["--block", "--num-cpus=1", "--disable-usage-stats", f"--temp-dir={temp}"]
+    head = [RAY, "start", "--head", f"--port={gcs_port}", f"--dashboard-port={free_port()}",
+            f"--metrics-export-port={free_port()}", '--system-config={"metrics_report_interval_ms": 1000}', *common]
+    worker = [RAY, "start", f"--address={address}", f"--metrics-export-port={free_port()}", *common]
+    nodes = [subprocess.Popen(head, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.STDOUT)]
+    try:
+        time.sleep(8)
+        nodes.append(subprocess.Popen(worker, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.STDOUT))
+        yield address, temp, env
+    finally:
+        for node in reversed(nodes):
+            os.killpg(node.pid, signal.SIGTERM)
+            try:
+                node.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(node.pid, signal.SIGKILL)
+
+
+def discovered_targets(temp: Path) -> list[str]:
+    path = temp / "prom_metrics_service_discovery.json"  # where launch/prometheus.yml points, for this temp dir
+    if not path.is_file():
+        return []
+    return [t for group in json.loads(path.read_text()) for t in group["targets"]]
+
+
+def ranks_training_at(target: str, run: str) -> set[str]:
+    try:
+        with urllib.request.urlopen(f"http://{target}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:  # the dashboard's own target, or a node going away
+        return set()
+    return {s.labels["rank"] for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name == "ray_distpose_train_samples_total" and s.labels.get("run") == run and s.value > 0}
+
+
+def test_one_run_trains_on_both_nodes_and_both_are_discovered(two_nodes, synth_shards, tmp_path):
+    address, temp, env = two_nodes
+    run = "two_nodes"
+    command = [sys.executable, "-m", "distpose.cli", "train", "model.backbone=cnn_small", "data.input_size=[64,48]",
+               "data.heatmap_size=[16,12]", "data.loader_workers=0", f"data.shards={synth_shards}",
+               f"train.storage={tmp_path}", f"train.run_name={run}", "train.workers=2", "train.cpus_per_worker=1",
+               "data.batch_size=8", "train.epochs=2", "data.batches_per_epoch=60", "eval.every_epochs=0",
+               "--address", address]
+    trainer = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen: dict[str, set[str]] = defaultdict(set)  # discovered endpoint -> ranks whose samples it exported
+    while trainer.poll() is None:
+        for target in discovered_targets(temp):
+            seen[target] |= ranks_training_at(target, run)
+        time.sleep(1)
+    output = trainer.stdout.read()
+    assert trainer.returncode == 0, output[-3000:]
+
+    print(f"\nendpoints discovered -> ranks seen training there: {dict(seen)}")
+    training = {target: ranks for target, ranks in seen.items() if ranks}
+    assert len(training) == 2, f"expected the two nodes' endpoints to export one rank each: {dict(seen)}"
+    assert sorted(r for ranks in training.values() for r in ranks) == ["0", "1"]
