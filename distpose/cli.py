@@ -8,7 +8,7 @@
     distpose tune SWEEP [k=v ...]      Ray Tune sweep over the modes: leaderboard and best checkpoints
     distpose config                    print a resolved config (YAML + key=value overrides)
     distpose model-info NAME           parameters and GMACs of a pose network
-    distpose bench loader|crf|kernel   loader throughput; the reference CRF's formulations; the Triton kernel
+    distpose bench loader|train|crf|kernel   loader and training throughput; the CRF formulations; the kernel
 
 User mistakes (bad arguments, config keys, missing or corrupt files) print one line and exit non-zero.
 """
@@ -217,6 +217,18 @@ def cmd_bench_loader(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from distpose.bench.train import run
+    from distpose.config import load_config
+    from distpose.train.driver import preflight
+
+    cfg = load_config(args.config, args.overrides)
+    preflight(cfg)
+    out = _output_path(args.out)
+    _write_json(run(cfg, warmup=args.warmup, steps=args.steps, address=args.address), out)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -402,6 +414,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="untimed batches first, more than the DataLoader prefetches (default 16)")
     loader.add_argument("--out", help="also write the JSON here (e.g. benchmarks/results/loader-cpu.json)")
     loader.set_defaults(func=cmd_bench_loader)
+
+    train_bench = bench_cmds.add_parser(
+        "train", help="training samples/s: Ray + DeepSpeed + WebDataset against a plain PyTorch loop",
+        description="Samples/s of `distpose train` (Ray Train workers, DeepSpeed, the shard stream) at steady "
+        "state, and of a plain single-process PyTorch loop (Adam, same model, loader, loss and precision) in "
+        "the same run; their ratio, the overhead per worker, the data-wait share, and MFU on a GPU in bf16. "
+        "Backbone, input size, batch, precision, ZeRO stage and workers are config keys, e.g. "
+        "model.backbone=hrnet_w32 data.input_size=[256,192] data.heatmap_size=[64,48] train.precision=bf16.",
+    )
+    _add_config_arguments(train_bench)
+    _add_address_argument(train_bench)
+    train_bench.add_argument("--steps", type=_positive, default=60, help="timed steps of each (default 60)")
+    train_bench.add_argument("--warmup", type=_positive, default=10,
+                             help="untimed steps first (default 10)")
+    train_bench.add_argument("--out", help="also write the JSON here (e.g. benchmarks/results/train-cpu2.json)")
+    train_bench.set_defaults(func=cmd_bench_train)
 
     crf = bench_cmds.add_parser(
         "crf", help="the reference tree CRF on the CPU: shift-and-accumulate against unfold + logsumexp",
