@@ -103,7 +103,8 @@ def test_scraped_metrics_grow_per_rank_while_training(ray_session, synth_shards,
     states = {s.labels["state"]: s.value for s in last if s.name == "ray_distpose_run_state" and s.labels["run"] == run}
     assert states == {state: float(state == "running") for state in RUN_STATES}
 
-    optional = {"ray_distpose_gpu_memory_bytes", "ray_distpose_run_restarts_total"}  # CUDA only; after a failure
+    # CUDA only; after a worker failure
+    optional = {"ray_distpose_gpu_memory_bytes", "ray_distpose_worker_group_failures_total"}
     missing = EXPORTED_NAMES - optional - {s.name for s in last}
     assert not missing, f"declared but never exported: {sorted(missing)}"
 

@@ -1,4 +1,4 @@
-"""The Ray Train controller's share of a run's metrics: evaluation results and worker-group restarts.
+"""The Ray Train controller's share of a run's metrics: evaluation results and worker-group failures.
 
 Ray Train calls UserCallbacks in its controller process, which sees every report and every worker
 failure of the run, whichever node the workers are on.
@@ -28,4 +28,4 @@ class RunMetricsCallback(UserCallback):
             self._run_metrics().evaluation(metrics[0])  # rank 0's: the ranks agree on evaluation
 
     def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
-        self._run_metrics().restart()
+        self._run_metrics().worker_group_failed()

@@ -13,7 +13,7 @@ Exported series (names as Prometheus sees them are in EXPORTED_NAMES):
   loss, lr, epoch (gauges), skipped corrupt samples (counter, by reason), checkpoint save time
   (histogram), GPU memory allocated and its peak (gauges, CUDA only);
 - per run, from the driver and the Ray Train controller: run state (gauge, 1 for the current state)
-  and the latest evaluation results (gauge, by metric), and worker-group restarts (counter).
+  and the latest evaluation results (gauge, by metric), and worker-group failures (counter).
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ WORKER_METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] 
 RUN_METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
     "distpose_run_state": ("gauge", "1 for the run's current state, 0 for the others", ("state",), None),
     "distpose_eval": ("gauge", "Latest validation result, by metric name", ("metric",), None),
-    "distpose_run_restarts": ("counter", "Worker-group failures the run recovered from", (), None),
+    "distpose_worker_group_failures": ("counter", "Worker-group failures; each restarts the group from the latest "
+                                       "checkpoint while train.max_failures allows", (), None),
 }
 
 
@@ -173,6 +174,6 @@ class RunMetrics:
             if key.startswith("val/") and isinstance(value, (int, float)):
                 _GAUGES.set(self._metrics["distpose_eval"], float(value), {**self.tags, "metric": key[4:]})
 
-    def restart(self) -> None:
+    def worker_group_failed(self) -> None:
         if self._metrics is not None:
-            self._metrics["distpose_run_restarts"].inc(1, self.tags)
+            self._metrics["distpose_worker_group_failures"].inc(1, self.tags)
