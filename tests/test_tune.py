@@ -62,6 +62,13 @@ def test_bad_sweep_files_fail_in_one_line(tmp_path, capsys, fields, message):
     assert not (tmp_path / "sweeps").exists()
 
 
+def test_an_override_that_is_not_yaml_fails_in_one_line(tmp_path, capsys):
+    sweep = write_sweep(tmp_path / "sweep.yaml", name="bad", modes=["cnn"])
+    assert cli.main(["tune", str(sweep), "overrides=[train.lr_steps=[3],x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sweep override 'overrides=[train.lr_steps=[3],x': the value is not valid" in err
+
+
 def test_a_finished_sweep_name_is_not_overwritten(tmp_path, capsys):
     sweep = write_sweep(tmp_path / "sweep.yaml", name="taken", modes=["cnn"])
     (tmp_path / "sweeps" / "taken" / "cnn").mkdir(parents=True)

@@ -88,7 +88,11 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"sweep override {item!r}: expected key=value")
-        raw[key] = yaml.safe_load(value)
+        try:
+            raw[key] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"sweep override {item!r}: the value is not valid YAML "
+                              f"({str(exc).splitlines()[0]})") from None
     source = str(path)
     known = {f.name for f in dataclasses.fields(Sweep)} - {"source"}
     for key in raw:
