@@ -50,8 +50,8 @@ def write_sweep(path: Path, **fields) -> Path:
     ({"modes": ["cnn"], "search": "grid", "space": {"train.lr": {"uniform": [0.01, 0.1]}}},
      "only choice dimensions"),
     ({"modes": ["cnn"], "metric": "loss"}, "sweep key 'metric': got 'loss'"),
-    ({"modes": ["cnn"], "space": {"model.crf_window": {"choice": [3], "modes": ["cnn_crf"]}}},
-     "are not among the sweep's modes"),
+    ({"modes": ["cnn"], "space": {"model.crf_window": {"choice": [3], "modes": ["cnn_crff"]}}},
+     "['cnn_crff'] have no config in"),
 ])
 def test_bad_sweep_files_fail_in_one_line(tmp_path, capsys, fields, message):
     sweep = write_sweep(tmp_path / "sweep.yaml", name="bad", **fields)

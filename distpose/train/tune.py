@@ -110,7 +110,7 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
     for mode in modes:
         if not (configs / f"{mode}.yaml").is_file():
             raise _sweep_error(source, "modes", f"{mode!r} has no config {configs / (mode + '.yaml')}")
-    space = tuple(_dimension(source, key, spec, modes) for key, spec in (raw.get("space") or {}).items())
+    space = tuple(_dimension(source, key, spec, configs) for key, spec in (raw.get("space") or {}).items())
     fields = {k: raw[k] for k in raw if k not in ("space", "modes", "overrides")} | {"configs": str(configs)}
     sweep = Sweep(**fields, modes=tuple(modes), space=space, overrides=tuple(raw.get("overrides") or ()),
                   source=source)
@@ -118,7 +118,7 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
     return sweep
 
 
-def _dimension(source: str, key: str, spec: Any, modes: list[str]) -> Dimension:
+def _dimension(source: str, key: str, spec: Any, configs: Path) -> Dimension:
     where = f"space.{key}"
     if not isinstance(spec, dict):
         raise _sweep_error(source, where, f"got {spec!r}, expected e.g. {{loguniform: [1.0e-4, 1.0e-2]}}")
@@ -135,9 +135,10 @@ def _dimension(source: str, key: str, spec: Any, modes: list[str]) -> Dimension:
         raise _sweep_error(source, where, f"{kind}: got {values!r}, expected [low, high] with low < high")
     if kind == "loguniform" and values[0] <= 0:
         raise _sweep_error(source, where, f"loguniform: got {values!r}, expected low > 0")
-    unknown = [m for m in only if m not in modes]
+    # Checked against the configs, not the sweep's modes, so that `modes=[...]` can narrow a sweep file.
+    unknown = [m for m in only if not (configs / f"{m}.yaml").is_file()]
     if unknown:
-        raise _sweep_error(source, f"{where}.modes", f"{unknown} are not among the sweep's modes {modes}")
+        raise _sweep_error(source, f"{where}.modes", f"{unknown} have no config in {configs}")
     return Dimension(key, kind, tuple(values), tuple(only))
 
 
