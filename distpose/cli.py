@@ -468,6 +468,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="distpose: %(levelname)s: %(message)s", stream=sys.stderr)
+    # Tune's TensorBoard logger renames every `pck@0.1`-style metric, one INFO line per name per trial.
+    logging.getLogger("tensorboardX").setLevel(logging.WARNING)
     _split_overrides(args)
     try:
         return int(args.func(args))
