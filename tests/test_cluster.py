@@ -35,23 +35,29 @@ def node_ip() -> str:
 
 @pytest.fixture
 def two_nodes(tmp_path):
-    """(GCS address, head temp dir) of a head and a worker node; both stopped afterwards."""
+    """(GCS address, head temp dir, environment, the two nodes' metrics targets) of a head and a worker node,
+    returned once both nodes' metrics agents answer; both nodes are stopped afterwards."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
     env["RAY_AUTH_MODE"] = "disabled"  # the same on every machine, whether or not ~/.ray holds a token
     temp = Path("/tmp") / f"ray-distpose-{os.getpid()}-{tmp_path.name[-8:]}"  # socket paths must stay short
-    gcs_port = free_port()
+    gcs_port, head_metrics, worker_metrics = free_port(), free_port(), free_port()
     address = f"{node_ip()}:{gcs_port}"
+    targets = {f"{node_ip()}:{head_metrics}", f"{node_ip()}:{worker_metrics}"}
     common = ["--block", "--num-cpus=1", "--disable-usage-stats", f"--temp-dir={temp}"]
     head = [RAY, "start", "--head", f"--port={gcs_port}", f"--dashboard-port={free_port()}",
-            f"--metrics-export-port={free_port()}", '--system-config={"metrics_report_interval_ms": 1000}', *common]
-    worker = [RAY, "start", f"--address={address}", f"--metrics-export-port={free_port()}", *common]
+            f"--metrics-export-port={head_metrics}", '--system-config={"metrics_report_interval_ms": 1000}', *common]
+    worker = [RAY, "start", f"--address={address}", f"--metrics-export-port={worker_metrics}", *common]
     nodes = [subprocess.Popen(head, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                               stderr=subprocess.STDOUT)]
     try:
-        time.sleep(8)
         nodes.append(subprocess.Popen(worker, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.STDOUT))
-        yield address, temp, env
+                                      stderr=subprocess.STDOUT))  # it waits for the head's GCS by itself
+        deadline = time.monotonic() + 120
+        while not all(answers(target) for target in targets):
+            assert time.monotonic() < deadline, f"the nodes' metrics agents never answered: {targets}"
+            assert all(node.poll() is None for node in nodes), "a ray start exited"
+            time.sleep(1)
+        yield address, temp, env, targets
     finally:
         for node in reversed(nodes):
             os.killpg(node.pid, signal.SIGTERM)
@@ -68,6 +74,14 @@ def discovered_targets(temp: Path) -> list[str]:
     return [t for group in json.loads(path.read_text()) for t in group["targets"]]
 
 
+def answers(target: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{target}/metrics", timeout=5):
+            return True
+    except OSError:
+        return False
+
+
 def ranks_training_at(target: str, run: str) -> set[str]:
     try:
         with urllib.request.urlopen(f"http://{target}/metrics", timeout=5) as response:
@@ -79,7 +93,7 @@ def ranks_training_at(target: str, run: str) -> set[str]:
 
 
 def test_one_run_trains_on_both_nodes_and_both_are_discovered(two_nodes, synth_shards, tmp_path):
-    address, temp, env = two_nodes
+    address, temp, env, node_targets = two_nodes
     run = "two_nodes"
     command = [sys.executable, "-m", "distpose.cli", "train", "model.backbone=cnn_small", "data.input_size=[64,48]",
                "data.heatmap_size=[16,12]", "data.loader_workers=0", f"data.shards={synth_shards}",
@@ -97,5 +111,5 @@ def test_one_run_trains_on_both_nodes_and_both_are_discovered(two_nodes, synth_s
 
     print(f"\nendpoints discovered -> ranks seen training there: {dict(seen)}")
     training = {target: ranks for target, ranks in seen.items() if ranks}
-    assert len(training) == 2, f"expected the two nodes' endpoints to export one rank each: {dict(seen)}"
+    assert set(training) == node_targets, f"expected the two nodes' endpoints to export one rank each: {dict(seen)}"
     assert sorted(r for ranks in training.values() for r in ranks) == ["0", "1"]
