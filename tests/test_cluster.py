@@ -28,7 +28,7 @@ def free_port() -> int:
 
 
 def node_ip() -> str:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # the address Ray picks; nothing is sent
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # a routable address; nothing is sent
         probe.connect(("10.255.255.255", 1))
         return probe.getsockname()[0]
 
@@ -41,9 +41,10 @@ def two_nodes(tmp_path):
     env["RAY_AUTH_MODE"] = "disabled"  # the same on every machine, whether or not ~/.ray holds a token
     temp = Path("/tmp") / f"ray-distpose-{os.getpid()}-{tmp_path.name[-8:]}"  # socket paths must stay short
     gcs_port, head_metrics, worker_metrics = free_port(), free_port(), free_port()
-    address = f"{node_ip()}:{gcs_port}"
-    targets = {f"{node_ip()}:{head_metrics}", f"{node_ip()}:{worker_metrics}"}
-    common = ["--block", "--num-cpus=1", "--disable-usage-stats", f"--temp-dir={temp}"]
+    ip = node_ip()
+    address = f"{ip}:{gcs_port}"
+    targets = {f"{ip}:{head_metrics}", f"{ip}:{worker_metrics}"}
+    common = ["--block", "--num-cpus=1", "--disable-usage-stats", f"--temp-dir={temp}", f"--node-ip-address={ip}"]
     head = [RAY, "start", "--head", f"--port={gcs_port}", f"--dashboard-port={free_port()}",
             f"--metrics-export-port={head_metrics}", '--system-config={"metrics_report_interval_ms": 1000}', *common]
     worker = [RAY, "start", f"--address={address}", f"--metrics-export-port={worker_metrics}", *common]
@@ -100,14 +101,15 @@ def test_one_run_trains_on_both_nodes_and_both_are_discovered(two_nodes, synth_s
                f"train.storage={tmp_path}", f"train.run_name={run}", "train.workers=2", "train.cpus_per_worker=1",
                "data.batch_size=8", "train.epochs=2", "data.batches_per_epoch=60", "eval.every_epochs=0",
                "--address", address]
-    trainer = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "train.log"
+    with log.open("w") as out:  # a file, not a pipe nobody reads while polling
+        trainer = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
     seen: dict[str, set[str]] = defaultdict(set)  # discovered endpoint -> ranks whose samples it exported
     while trainer.poll() is None:
         for target in discovered_targets(temp):
             seen[target] |= ranks_training_at(target, run)
         time.sleep(1)
-    output = trainer.stdout.read()
-    assert trainer.returncode == 0, output[-3000:]
+    assert trainer.returncode == 0, log.read_text()[-3000:]
 
     print(f"\nendpoints discovered -> ranks seen training there: {dict(seen)}")
     training = {target: ranks for target, ranks in seen.items() if ranks}

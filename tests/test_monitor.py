@@ -74,6 +74,13 @@ def test_scraped_metrics_grow_per_rank_while_training(ray_session, synth_shards,
         time.sleep(0.5)
     trainer.join()
     assert "result" in outcome, "training did not finish"
+    # The driver (this process, still connected) keeps exporting the run's final state.
+    deadline, finished = time.monotonic() + 15, None
+    while finished != 1.0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        finished = next((s.value for url in endpoints for s in scrape(url) if s.name == "ray_distpose_run_state"
+                         and s.labels["run"] == run and s.labels["state"] == "finished"), None)
+    assert finished == 1.0, "the finished state never reached the endpoint"
 
     print(f"\nsample counter per rank, scrape by scrape: { {r: sorted(set(v)) for r, v in samples_seen.items()} }")
     assert set(samples_seen) == {"0", "1"}
@@ -122,12 +129,15 @@ def test_local_run_serves_metrics_on_loopback_only(synth_shards, tmp_path):
             banner = line
             break
     urls = re.findall(r"http://([\d.]+):(\d+)/metrics", banner)
-    listening = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("tcp") if c.status == "LISTEN"}
-    rest, _ = process.communicate(timeout=300)
-    assert process.returncode == 0, banner + rest
     assert urls and urls[0][0] == "127.0.0.1", banner
     port = int(urls[0][1])
-    assert ("127.0.0.1", port) in listening and ("0.0.0.0", port) not in listening, sorted(listening)
+    deadline, addresses = time.monotonic() + 30, set()
+    while not addresses and time.monotonic() < deadline:
+        addresses = {c.laddr.ip for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port}
+        time.sleep(0.2)
+    rest, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, banner + rest
+    assert addresses == {"127.0.0.1"}, f"port {port} listens on {addresses}"
 
 
 # --------------------------------------------------------------------------------------------- dashboard

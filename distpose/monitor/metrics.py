@@ -18,11 +18,14 @@ Exported series (names as Prometheus sees them are in EXPORTED_NAMES):
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from collections import Counter as Tally
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 RUN_TAGS = ("run", "mode")
 WORKER_TAGS = (*RUN_TAGS, "rank")
@@ -88,8 +91,11 @@ class _HeldGauges:
                 continue
             with self._lock:
                 held = list(self._values.items())
-            for (_, tags), (gauge, value) in held:
-                gauge.set(value, dict(tags))
+            try:
+                for (_, tags), (gauge, value) in held:
+                    gauge.set(value, dict(tags))
+            except Exception as exc:  # Ray shutting down under us: keep the thread, try again next second
+                log.debug("re-sending gauges failed: %s", exc)
 
 
 _GAUGES = _HeldGauges()
@@ -116,7 +122,7 @@ class WorkerMetrics:
     def __init__(self, enabled: bool, run: str, mode: str, rank: int):
         self.tags = {"run": run, "mode": mode, "rank": str(rank)}
         self._metrics = _build(WORKER_METRICS, WORKER_TAGS) if enabled else None
-        self._skipped_seen: Tally = Tally()
+        self._skipped_seen: Counter = Counter()
 
     def step(self, samples: int, step_time: float, data_wait: float, loss: float, lr: float) -> None:
         if self._metrics is None:

@@ -102,15 +102,21 @@ def ray_cluster(address: str | None = None, monitor: MonitorConfig | None = None
     (a cluster's follows its `ray start` options)."""
     monitor = monitor or MonitorConfig()
     local = address is None and "RAY_ADDRESS" not in os.environ
-    if local and monitor.host == "127.0.0.1" and "ray" not in sys.modules:
-        # On Linux Ray replaces a loopback node address by a routable one, and its metrics agent then listens
-        # on every interface; this switch (read when ray is first imported) keeps a one-machine Ray on loopback.
+    # On Linux Ray replaces a loopback node address by a routable one, and its metrics agent then listens on
+    # every interface; this switch (read when ray is first imported) keeps a one-machine Ray on loopback.
+    loopback = local and monitor.host == "127.0.0.1"
+    imported_before = "ray" in sys.modules
+    if loopback and not imported_before:
         os.environ.setdefault(SINGLE_MACHINE_ENV, "0")
     import ray
 
     if ray.is_initialized():
         yield
         return
+    if loopback and imported_before and os.environ.get(SINGLE_MACHINE_ENV) != "0":
+        log.warning("the metrics endpoint of this local Ray will listen on every interface, not only 127.0.0.1: "
+                    "ray was imported before distpose could set %s=0 (set it before importing ray)",
+                    SINGLE_MACHINE_ENV)
     try:
         # Ray Train would re-route every print in the workers (pycocotools' included) through its
         # logger, doubling our console lines and undoing pycocotools' silencing.

@@ -113,7 +113,7 @@ def train_worker(job: dict[str, Any]) -> None:
     # Decided before anyone writes: every rank must agree on joining the (collective) export.
     export_final = state.epoch < cfg.train.epochs or not (run_dir / FINAL_MODEL).exists()
     log = MetricsLog(run_dir / METRICS_LOG, chief, cfg.train.log_every)
-    monitor = WorkerMetrics(cfg.monitor.enabled, cfg.train.run_name, cfg.train.mode, rank)
+    telemetry = WorkerMetrics(cfg.monitor.enabled, cfg.train.run_name, cfg.train.mode, rank)
     log.write("start", epoch=state.epoch, step=state.step, world_size=world, resumed_from=origin,
               host=socket.gethostname(), pid=os.getpid())
     log.say(f"[distpose] {cfg.train.run_name}: mode {cfg.train.mode}, {cfg.model.backbone}, {world} worker(s), "
@@ -150,8 +150,8 @@ def train_worker(job: dict[str, Any]) -> None:
             epoch_loss += loss_value
             log.write("step", epoch=epoch + 1, step=state.step, loss=loss_value, lr=lr, step_time=elapsed,
                       data_wait=waited, samples_per_s=cfg.data.batch_size / elapsed)
-            monitor.step(rank_samples, elapsed, waited, loss_value, lr)
-            monitor.gpu_memory(device)
+            telemetry.step(rank_samples, elapsed, waited, loss_value, lr)
+            telemetry.gpu_memory(device)
             if (index + 1) % cfg.train.log_every == 0 or index + 1 == steps:
                 log.say(f"epoch {epoch + 1}/{cfg.train.epochs} step {index + 1}/{steps} (global {state.step}) "
                         f"loss {loss_value:.5g} lr {lr:.2e} {cfg.data.batch_size / elapsed:.1f} samples/s "
@@ -175,10 +175,10 @@ def train_worker(job: dict[str, Any]) -> None:
                 f"{k[4:]} {v:.4f}" for k, v in scores.items() if k.split("/")[-1] in
                 ("AP", "AR", "accuracy", "pck@0.1")))
         state.metrics = metrics
-        monitor.epoch(state.epoch, loader.skipped if loader is not None else {})
+        telemetry.epoch(state.epoch, loader.skipped if loader is not None else {})
         saving = time.perf_counter()
         _save_and_report(engine, state, config_dict, metrics)
-        monitor.checkpoint_saved(time.perf_counter() - saving)
+        telemetry.checkpoint_saved(time.perf_counter() - saving)
 
     if export_final:
         weights = consolidated_state_dict(engine)
