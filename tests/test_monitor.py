@@ -6,7 +6,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections import defaultdict
@@ -17,9 +16,8 @@ import pytest
 from helpers import corrupt_jpeg_in_shard
 from prometheus_client.parser import text_string_to_metric_families
 
-from distpose.config import load_config
 from distpose.monitor.metrics import EXPORTED_NAMES, RUN_STATES
-from distpose.train.driver import metrics_endpoints, train
+from distpose.train.driver import metrics_endpoints
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD = REPO / "launch" / "grafana" / "distpose.json"
@@ -47,40 +45,63 @@ def series(samples: list, name: str, **labels: str) -> dict[tuple, float]:
 # ---------------------------------------------------------------------------------------------- endpoint
 
 
+# The driver runs in its own process, connected to the session's cluster: a thread of this test process
+# would share its logging lock, which an earlier test's forked loader worker dying at the wrong moment
+# leaves held for good (seen in CI: the driver thread then hung in ray.put). Once trained, it stays
+# connected until its stdin closes, so the run's final state can still be scraped.
+DRIVER = """
+import sys
+import ray
+from distpose.config import load_config
+from distpose.train.driver import train
+ray.init(address=sys.argv[1], configure_logging=False, log_to_driver=False)
+train(load_config(None, sys.argv[2:]))
+print("TRAINED", flush=True)
+sys.stdin.read()
+"""
+
+
 @pytest.mark.integration
 def test_scraped_metrics_grow_per_rank_while_training(ray_session, synth_shards, tmp_path):
     shards = tmp_path / "shards"
     shutil.copytree(synth_shards, shards)
     broken = corrupt_jpeg_in_shard(sorted(shards.glob("train-*.tar"))[0])
     run = "monitored"
-    cfg = load_config(None, [*TINY, f"data.shards={shards}", f"train.storage={tmp_path / 'runs'}",
-                             f"train.run_name={run}", "train.workers=2", "data.batch_size=8",
-                             "train.epochs=3", "data.batches_per_epoch=40"])
-    outcome: dict = {}
-    trainer = threading.Thread(target=lambda: outcome.setdefault("result", train(cfg)), daemon=True)
-    trainer.start()
-
-    endpoints = metrics_endpoints()
-    assert endpoints, "no node reports a metrics endpoint"
-    samples_seen: dict[str, list[float]] = defaultdict(list)  # rank -> counter values, scrape by scrape
-    last: list = []
-    while trainer.is_alive():
-        scraped = [s for url in endpoints for s in scrape(url)]
-        counters = series(scraped, "ray_distpose_train_samples_total", run=run)
-        if counters:
-            last = scraped
-            for (rank, _), value in counters.items():
-                samples_seen[rank].append(value)
-        time.sleep(0.5)
-    trainer.join()
-    assert "result" in outcome, "training did not finish"
-    # The driver (this process, still connected) keeps exporting the run's final state.
-    deadline, finished = time.monotonic() + 15, None
-    while finished != 1.0 and time.monotonic() < deadline:
-        time.sleep(0.5)
-        finished = next((s.value for url in endpoints for s in scrape(url) if s.name == "ray_distpose_run_state"
-                         and s.labels["run"] == run and s.labels["state"] == "finished"), None)
-    assert finished == 1.0, "the finished state never reached the endpoint"
+    overrides = [*TINY, f"data.shards={shards}", f"train.storage={tmp_path / 'runs'}", f"train.run_name={run}",
+                 "train.workers=2", "data.batch_size=8", "train.epochs=3", "data.batches_per_epoch=40"]
+    address = ray_session.get_runtime_context().gcs_address
+    log_path = tmp_path / "driver.log"
+    with open(log_path, "w") as log:
+        driver = subprocess.Popen([sys.executable, "-c", DRIVER, address, *overrides], stdin=subprocess.PIPE,
+                                  stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    try:
+        endpoints = metrics_endpoints()
+        assert endpoints, "no node reports a metrics endpoint"
+        samples_seen: dict[str, list[float]] = defaultdict(list)  # rank -> counter values, scrape by scrape
+        last: list = []
+        deadline = time.monotonic() + 400
+        while "TRAINED" not in log_path.read_text():
+            assert driver.poll() is None, f"the driver exited {driver.returncode}:\n{log_path.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"training did not finish:\n{log_path.read_text()[-3000:]}"
+            scraped = [s for url in endpoints for s in scrape(url)]
+            counters = series(scraped, "ray_distpose_train_samples_total", run=run)
+            if counters:
+                last = scraped
+                for (rank, _), value in counters.items():
+                    samples_seen[rank].append(value)
+            time.sleep(0.5)
+        # The driver, still connected, keeps exporting the run's final state.
+        deadline, finished = time.monotonic() + 15, None
+        while finished != 1.0 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            finished = next((s.value for url in endpoints for s in scrape(url) if s.name == "ray_distpose_run_state"
+                             and s.labels["run"] == run and s.labels["state"] == "finished"), None)
+        assert finished == 1.0, "the finished state never reached the endpoint"
+    finally:
+        if "TRAINED" not in log_path.read_text():
+            driver.kill()
+        driver.communicate(timeout=60)  # closes its stdin: the driver disconnects and exits
+    assert driver.returncode == 0, log_path.read_text()[-3000:]
 
     print(f"\nsample counter per rank, scrape by scrape: { {r: sorted(set(v)) for r, v in samples_seen.items()} }")
     assert set(samples_seen) == {"0", "1"}
