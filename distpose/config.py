@@ -243,6 +243,31 @@ def _parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice in one mapping: PyYAML would keep the last one silently."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(text: str) -> Any:
+    """A config or sweep file's YAML (safe types only; a duplicate key is an error)."""
+    return yaml.load(text, Loader=_StrictLoader)
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """`line N: what` for a YAML error, as short as the parser allows."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"line {mark.line + 1}: {problem}" if mark is not None else problem
+
+
 def config_from_dict(data: Any, source: str = "config") -> Config:
     """The defaults updated by a nested mapping of sections (as YAML or a checkpoint holds), validated."""
     cfg = _apply(Config(), data, source)
@@ -266,11 +291,9 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if not path.is_file():
             raise ConfigError(f"config file {path} {'is a directory' if path.is_dir() else 'does not exist'}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = read_yaml(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            line = getattr(getattr(exc, "problem_mark", None), "line", None)
-            where = f" line {line + 1}" if line is not None else ""
-            raise ConfigError(f"config file {path}{where}: not valid YAML") from None
+            raise ConfigError(f"config file {path}: not valid YAML ({yaml_problem(exc)})") from None
     cfg = _apply(Config(), data, f"config file {path}")
     for text in overrides:
         _set(cfg, *_parse_override(text))

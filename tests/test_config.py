@@ -65,6 +65,10 @@ def test_bad_yaml_file(tmp_path):
     bad.write_text("data:\n  batch_size: [1,\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+    bad.write_text("data:\n  batch_size: 8\ntrain:\n  lr: 1.0e-3\n  epochs: 3\n  lr: 1.0e-2\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(bad)
+    assert str(info.value) == f"config file {bad}: not valid YAML (line 6: duplicate key 'lr')"
     bad.write_text("data:\n  augment:\n    flip: 0.5\n")
     with pytest.raises(ConfigError, match="unknown config key 'data.augment.flip'"):
         load_config(bad)

@@ -18,7 +18,7 @@ from helpers import records
 from distpose import cli
 from distpose.eval.evaluate import evaluate_model, flat_metrics
 from distpose.models.pose import load_checkpoint
-from distpose.train.tune import ATTEMPTS_SUFFIX, load_sweep, run_sweep, sweep_dir
+from distpose.train.tune import ATTEMPTS_SUFFIX, base_config, load_sweep, mode_config, run_sweep, sweep_dir
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "quick"
 ALL_MODES = ["cnn", "hrnet", "cnn_crf", "cnn_joint", "hrnet_crf", "hrnet_joint"]
@@ -52,6 +52,10 @@ def write_sweep(path: Path, **fields) -> Path:
     ({"modes": ["cnn"], "metric": "loss"}, "sweep key 'metric': got 'loss'"),
     ({"modes": ["cnn"], "space": {"model.crf_window": {"choice": [3], "modes": ["cnn_crff"]}}},
      "['cnn_crff'] have no config in"),
+    ({"modes": ["cnn"], "overrides": {"train.lr": 0.1}}, "sweep key 'overrides': got {'train.lr': 0.1}, expected"),
+    ({"modes": ["cnn"], "mode_overrides": {"vit": ["train.lr=0.1"]}}, "sweep key 'mode_overrides.vit': no config"),
+    ({"modes": ["cnn"], "mode_overrides": {"cnn": "train.lr=0.1"}}, "sweep key 'mode_overrides.cnn': got"),
+    ({"modes": ["cnn"], "mode_overrides": {"cnn": ["train.lrr=0.1"]}}, "config key 'train.lrr'"),
 ])
 def test_bad_sweep_files_fail_in_one_line(tmp_path, capsys, fields, message):
     sweep = write_sweep(tmp_path / "sweep.yaml", name="bad", **fields)
@@ -62,11 +66,30 @@ def test_bad_sweep_files_fail_in_one_line(tmp_path, capsys, fields, message):
     assert not (tmp_path / "sweeps").exists()
 
 
+def test_a_key_given_twice_fails_in_one_line(tmp_path, capsys):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"name: twice\nconfigs: {CONFIGS}\nmodes: [cnn]\nspace:\n  train.lr: {{choice: [0.1]}}\n"
+                     "  train.lr: {choice: [0.2]}\n")
+    assert cli.main(["tune", str(sweep)]) == 2
+    assert capsys.readouterr().err == f"distpose: error: {sweep}: not valid YAML (line 6: duplicate key 'train.lr')\n"
+
+
 def test_an_override_that_is_not_yaml_fails_in_one_line(tmp_path, capsys):
     sweep = write_sweep(tmp_path / "sweep.yaml", name="bad", modes=["cnn"])
     assert cli.main(["tune", str(sweep), "overrides=[train.lr_steps=[3],x"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "sweep override 'overrides=[train.lr_steps=[3],x': the value is not valid" in err
+
+
+def test_mode_overrides_apply_after_the_common_ones_to_their_mode_only(tmp_path):
+    path = write_sweep(tmp_path / "sweep.yaml", name="lengths", modes=["cnn", "cnn_crf"],
+                       overrides=["train.epochs=4", "data.batch_size=16"],
+                       mode_overrides={"cnn": ["train.epochs=6", "train.lr_steps=[5]"]})
+    sweep = load_sweep(path)
+    cnn, crf = base_config(sweep, "cnn"), base_config(sweep, "cnn_crf")
+    assert (cnn.train.epochs, cnn.train.lr_steps, cnn.data.batch_size) == (6, (5,), 16)
+    assert (crf.train.epochs, crf.data.batch_size) == (4, 16)
+    assert mode_config(sweep, "cnn", ["train.lr=0.002"]).train.epochs == 6
 
 
 def test_a_finished_sweep_name_is_not_overwritten(tmp_path, capsys):
@@ -138,6 +161,30 @@ def test_trials_ran_as_sampled_and_crf_modes_started_from_the_best_backbone(ever
             assert cfg.model.crf_window == params["model.crf_window"]
     stopped = sum(t["status"] == "early-stopped" for t in trials)
     print(f"[tune] ASHA stopped {stopped} of {len(trials)} trials")
+
+
+def test_asha_stops_a_trial_that_trails_at_the_first_rung(ray_session, synth_shards, tmp_path):
+    """Two grid trials, one at a time (a trial's worker asks for the session's 4 CPUs). The first learns (lr 5e-3)
+    and records the first rung's score; the second barely leaves its initial weights (lr 1e-7), scores below
+    that after its first epoch, and ASHA (grace 1 epoch, reduction factor 2) stops it there."""
+    overrides = [*tiny_overrides(synth_shards), "train.cpus_per_worker=4", "data.input_size=[64,48]",
+                 "data.heatmap_size=[16,12]", "data.batch_size=8", "data.batches_per_epoch=100", "train.epochs=3"]
+    path = write_sweep(tmp_path / "sweep.yaml", name="asha", modes=["cnn"], search="grid", overrides=overrides,
+                       space={"train.lr": {"choice": [5.0e-3, 1.0e-7]}}, grace_period=1, reduction_factor=2,
+                       max_failures=0)
+    run_sweep(load_sweep(path))
+    directory = sweep_dir(load_sweep(path))
+    trials = {json.loads(t["params"])["train.lr"]: t for t in csv.DictReader((directory / "trials.csv").open())}
+    first_rung = {lr: next(r["val/visible/pck@0.1"] for r in records(directory / "cnn" / "runs" / t["trial"], "eval"))
+                  for lr, t in trials.items()}
+    print(f"\n[tune asha] visible PCK@0.1 after epoch 1: {first_rung}; "
+          f"statuses: { {lr: (t['status'], t['epochs']) for lr, t in trials.items()} }")
+    assert first_rung[1.0e-7] < first_rung[5.0e-3]
+    assert (trials[5.0e-3]["status"], trials[5.0e-3]["epochs"]) == ("completed", "3")
+    assert trials[1.0e-7]["status"] == "early-stopped" and int(trials[1.0e-7]["epochs"]) < 3
+    rows = list(csv.DictReader((directory / "leaderboard.csv").open()))
+    assert rows[0]["trials"] == "1/1/0" and float(rows[0]["visible/pck@0.1"]) == pytest.approx(
+        float(trials[5.0e-3]["score"]))
 
 
 # ---------------------------------------------------------------------------------------------

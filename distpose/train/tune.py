@@ -1,7 +1,7 @@
 """`distpose tune`: Ray Tune sweeps over the training modes.
 
 A sweep file names a directory of mode configs (`cnn.yaml`, `cnn_crf.yaml`, ... as in configs/quick),
-the modes to sweep, overrides for every trial and a search space. Each mode gets its own Tune
+the modes to sweep, overrides for every trial (and per mode) and a search space. Each mode gets its own Tune
 experiment, so ASHA compares trials of one mode with each other and a model-based searcher models one
 objective at a time. Backbone modes run first; a crf or joint mode then starts every trial from the
 best trial of the swept backbone mode with the same network (or from its config's own
@@ -26,13 +26,14 @@ import io
 import json
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from distpose.config import Config, ConfigError, load_config, score_names
+from distpose.config import Config, ConfigError, load_config, read_yaml, score_names, yaml_problem
 from distpose.files import atomic_write_bytes
 from distpose.train.checkpoints import BEST_MODEL, METRICS_LOG
 from distpose.train.driver import ray_cluster, train, with_absolute_paths
@@ -59,6 +60,7 @@ class Sweep:
     modes: tuple[str, ...]
     space: tuple[Dimension, ...] = ()
     overrides: tuple[str, ...] = ()  # applied to every trial, before the sampled values
+    mode_overrides: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # per mode, after `overrides`
     trials_per_mode: int = 2  # samples per mode (grid: every combination once)
     search: str = "random"
     metric: str = "visible/pck@0.1"  # validation score to maximise; ASHA stops on it, best.pt keeps its best
@@ -77,11 +79,11 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
     """The sweep file with `key=value` overrides of its top-level keys (e.g. trials_per_mode=3)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path.read_text()) or {}
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the sweep file ({exc.strerror})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: not valid YAML ({yaml_problem(exc)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a sweep file is a mapping of sweep keys")
     for item in overrides:
@@ -111,11 +113,28 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
         if not (configs / f"{mode}.yaml").is_file():
             raise _sweep_error(source, "modes", f"{mode!r} has no config {configs / (mode + '.yaml')}")
     space = tuple(_dimension(source, key, spec, configs) for key, spec in (raw.get("space") or {}).items())
-    fields = {k: raw[k] for k in raw if k not in ("space", "modes", "overrides")} | {"configs": str(configs)}
-    sweep = Sweep(**fields, modes=tuple(modes), space=space, overrides=tuple(raw.get("overrides") or ()),
+    overrides = _override_list(source, "overrides", raw.get("overrides"))
+    per_mode = raw.get("mode_overrides") or {}
+    if not isinstance(per_mode, dict):
+        raise _sweep_error(source, "mode_overrides", f"got {per_mode!r}, expected a mapping of mode to overrides")
+    for mode in per_mode:  # against the configs, as space.<key>.modes, so that modes=[...] can narrow a sweep
+        if not (configs / f"{mode}.yaml").is_file():
+            raise _sweep_error(source, f"mode_overrides.{mode}", f"no config {configs / (str(mode) + '.yaml')}")
+    mode_overrides = {m: _override_list(source, f"mode_overrides.{m}", v) for m, v in per_mode.items()}
+    special = ("space", "modes", "overrides", "mode_overrides")
+    fields = {k: raw[k] for k in raw if k not in special} | {"configs": str(configs)}
+    sweep = Sweep(**fields, modes=tuple(modes), space=space, overrides=overrides, mode_overrides=mode_overrides,
                   source=source)
     _check(sweep)
     return sweep
+
+
+def _override_list(source: str, key: str, value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and "=" in v for v in value):
+        raise _sweep_error(source, key, f"got {value!r}, expected a list of key=value config overrides")
+    return tuple(value)
 
 
 def _dimension(source: str, key: str, spec: Any, configs: Path) -> Dimension:
@@ -181,19 +200,23 @@ def _dimensions_of(sweep: Sweep, mode: str) -> list[Dimension]:
     return [d for d in sweep.space if not d.modes or mode in d.modes]
 
 
+def _overrides_of(sweep: Sweep, mode: str) -> list[str]:
+    return [*sweep.overrides, *sweep.mode_overrides.get(mode, ())]
+
+
 def base_config(sweep: Sweep, mode: str) -> Config:
     """The mode's config file with the sweep's overrides: what every trial of the mode shares."""
-    return load_config(Path(sweep.configs) / f"{mode}.yaml", list(sweep.overrides))
+    return load_config(Path(sweep.configs) / f"{mode}.yaml", _overrides_of(sweep, mode))
 
 
 def mode_config(sweep: Sweep, mode: str, extra: list[str], backbone: str | None = None) -> Config:
-    """The config of one trial: the mode's file, the sweep's overrides, then `extra` (sampled values,
-    run name, storage). Trials evaluate every epoch (ASHA's signal) and keep best.pt by the sweep's metric;
-    Tune, not Ray Train, retries them."""
+    """The config of one trial: the mode's file, the sweep's overrides (every mode's, then this mode's), then
+    `extra` (sampled values, run name, storage). Trials evaluate every epoch (ASHA's signal) and keep best.pt
+    by the sweep's metric; Tune, not Ray Train, retries them."""
     forced = ["eval.every_epochs=1", f"eval.best_metric={sweep.metric}", "train.max_failures=0"]
     if backbone is not None:
         forced.append(f"train.backbone_checkpoint={backbone}")
-    return load_config(Path(sweep.configs) / f"{mode}.yaml", [*sweep.overrides, *forced, *extra])
+    return load_config(Path(sweep.configs) / f"{mode}.yaml", [*_overrides_of(sweep, mode), *forced, *extra])
 
 
 def sweep_dir(sweep: Sweep) -> Path:
