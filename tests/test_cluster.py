@@ -83,13 +83,17 @@ def answers(target: str) -> bool:
         return False
 
 
-def ranks_training_at(target: str, run: str) -> set[str]:
+def samples_at(target: str) -> list:
     try:
         with urllib.request.urlopen(f"http://{target}/metrics", timeout=5) as response:
             text = response.read().decode()
     except OSError:  # the dashboard's own target, or a node going away
-        return set()
-    return {s.labels["rank"] for family in text_string_to_metric_families(text) for s in family.samples
+        return []
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def ranks_training_at(target: str, run: str) -> set[str]:
+    return {s.labels["rank"] for s in samples_at(target)
             if s.name == "ray_distpose_train_samples_total" and s.labels.get("run") == run and s.value > 0}
 
 
@@ -110,6 +114,11 @@ def test_one_run_trains_on_both_nodes_and_both_are_discovered(two_nodes, synth_s
             seen[target] |= ranks_training_at(target, run)
         time.sleep(1)
     assert trainer.returncode == 0, log.read_text()[-3000:]
+    # The driver left the cluster only once its node's endpoint showed the run finished.
+    finished = [t for t in node_targets if any(s.name == "ray_distpose_run_state" and s.labels.get("run") == run
+                                               and s.labels["state"] == "finished" and s.value == 1
+                                               for s in samples_at(t))]
+    assert len(finished) == 1, f"the finished state is not exported by the driver's node: {finished}"
 
     print(f"\nendpoints discovered -> ranks seen training there: {dict(seen)}")
     training = {target: ranks for target, ranks in seen.items() if ranks}

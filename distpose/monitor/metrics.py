@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
@@ -183,3 +184,49 @@ class RunMetrics:
     def worker_group_failed(self) -> None:
         if self._metrics is not None:
             self._metrics["distpose_worker_group_failures"].inc(1, self.tags)
+
+    def wait_until_exported(self, current: str, timeout: float = 20.0) -> bool:
+        """Block until this node's endpoint shows `current` as the run's state (at most `timeout` s). A driver
+        about to disconnect from a cluster that stays up calls this: a gauge reaches the endpoint only at Ray's
+        next metrics report (every 10 s by default), so the final state would otherwise leave with the driver."""
+        if self._metrics is None:
+            return True
+        from prometheus_client.parser import text_string_to_metric_families
+
+        url = local_metrics_endpoint()
+        deadline = time.monotonic() + timeout
+        while url is not None:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    text = response.read().decode()
+            except OSError:
+                text = ""
+            for family in text_string_to_metric_families(text):
+                if any(s.name == "ray_distpose_run_state" and s.value == 1 and s.labels.get("state") == current
+                       and s.labels.get("run") == self.tags["run"] for s in family.samples):
+                    return True
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        log.warning("the run's final state (%s) did not reach this node's metrics endpoint %s within %g s",
+                    current, url, timeout)
+        return False
+
+
+def metrics_endpoints() -> list[str]:
+    """The metrics endpoint of every live node of the connected cluster."""
+    import ray
+
+    return [_endpoint(node) for node in ray.nodes() if node.get("Alive") and node.get("MetricsExportPort")]
+
+
+def local_metrics_endpoint() -> str | None:
+    """The endpoint of the node this process runs on, which exports this process's metrics."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    return next((_endpoint(n) for n in ray.nodes() if n["NodeID"] == here and n.get("MetricsExportPort")), None)
+
+
+def _endpoint(node: Mapping[str, Any]) -> str:
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"

@@ -26,7 +26,7 @@ from distpose.data.shards import read_manifest
 from distpose.errors import DataError, UserError
 from distpose.files import atomic_write_bytes
 from distpose.models.weights import read_pose_checkpoint
-from distpose.monitor.metrics import RunMetrics
+from distpose.monitor.metrics import RunMetrics, metrics_endpoints
 from distpose.train.checkpoints import FINAL_MODEL, META_FILE
 from distpose.train.engine import deepspeed_config
 
@@ -96,10 +96,11 @@ def preflight(cfg: Config, resume: str | None = None) -> None:
 
 
 @contextlib.contextmanager
-def ray_cluster(address: str | None = None, monitor: MonitorConfig | None = None) -> Iterator[None]:
+def ray_cluster(address: str | None = None, monitor: MonitorConfig | None = None) -> Iterator[bool]:
     """Connect to `address` (or RAY_ADDRESS), else start a local Ray; reuse one already connected.
     Only a connection made here is closed here. A local Ray's metrics endpoint follows `monitor`
-    (a cluster's follows its `ray start` options)."""
+    (a cluster's follows its `ray start` options). Yields whether leaving disconnects from a cluster
+    that stays up (then the last metrics should reach its endpoint first)."""
     monitor = monitor or MonitorConfig()
     local = address is None and "RAY_ADDRESS" not in os.environ
     # On Linux Ray replaces a loopback node address by a routable one, and its metrics agent then listens on
@@ -111,7 +112,7 @@ def ray_cluster(address: str | None = None, monitor: MonitorConfig | None = None
     import ray
 
     if ray.is_initialized():
-        yield
+        yield False
         return
     if loopback and imported_before and os.environ.get(SINGLE_MACHINE_ENV) != "0":
         log.warning("the metrics endpoint of this local Ray will listen on every interface, not only 127.0.0.1: "
@@ -128,17 +129,9 @@ def ray_cluster(address: str | None = None, monitor: MonitorConfig | None = None
     try:
         if monitor.enabled:
             print(metrics_banner())
-        yield
+        yield not local
     finally:
         ray.shutdown()
-
-
-def metrics_endpoints() -> list[str]:
-    """The metrics endpoint of every live node of the connected cluster."""
-    import ray
-
-    return [f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
-            for node in ray.nodes() if node.get("Alive") and node.get("MetricsExportPort")]
 
 
 def metrics_banner() -> str:
@@ -174,16 +167,20 @@ def train(cfg: Config, address: str | None = None, resume: str | None = None,
 
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(directory / "config.yaml", dump_yaml(cfg).encode())
-    with ray_cluster(address, cfg.monitor):
+    with ray_cluster(address, cfg.monitor) as disconnects_from_cluster:
         run_metrics = RunMetrics(cfg.monitor.enabled, cfg.train.run_name, cfg.train.mode)
         run_metrics.state("running")
-        start = time.perf_counter()
+        start, final = time.perf_counter(), "failed"
         try:
             result = _fit(cfg, directory, resume, callbacks)
-        except BaseException as exc:
-            run_metrics.state("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+            final = "finished"
+        except KeyboardInterrupt:
+            final = "interrupted"
             raise
-        run_metrics.state("finished")
+        finally:
+            run_metrics.state(final)
+            if disconnects_from_cluster and final != "interrupted":  # Ctrl-C means leave now
+                run_metrics.wait_until_exported(final)
         wall = time.perf_counter() - start
     print(f"[distpose] run {cfg.train.run_name} finished in {wall:.1f} s: {directory / FINAL_MODEL}")
     return TrainOutcome(directory, directory / FINAL_MODEL, dict(result.metrics or {}), wall, True)
