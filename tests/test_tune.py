@@ -92,6 +92,16 @@ def test_mode_overrides_apply_after_the_common_ones_to_their_mode_only(tmp_path)
     assert mode_config(sweep, "cnn", ["train.lr=0.002"]).train.epochs == 6
 
 
+def test_missing_shards_fail_in_one_line_before_ray(tmp_path, capsys):
+    missing = tmp_path / "no_shards"
+    sweep = write_sweep(tmp_path / "sweep.yaml", name="unsharded", modes=["cnn"],
+                        overrides=[f"data.shards={missing}"])
+    assert cli.main(["tune", str(sweep)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"mode 'cnn': config key 'data.shards': {missing}" in err, err
+    assert not (tmp_path / "sweeps").exists()
+
+
 def test_a_finished_sweep_name_is_not_overwritten(tmp_path, capsys):
     sweep = write_sweep(tmp_path / "sweep.yaml", name="taken", modes=["cnn"])
     (tmp_path / "sweeps" / "taken" / "cnn").mkdir(parents=True)

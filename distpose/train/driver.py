@@ -71,9 +71,8 @@ def with_absolute_paths(cfg: Config, base: Path | None = None) -> Config:
     )
 
 
-def preflight(cfg: Config, resume: str | None = None) -> None:
-    """Fail with one line before Ray starts: missing shards, backbone checkpoint or resume directory,
-    a DeepSpeed override that does not parse, a backbone checkpoint of another network."""
+def check_shards(cfg: Config) -> None:
+    """The shards the run reads (training split, and validation split if it evaluates) have manifests."""
     splits = [cfg.data.train_split] if cfg.data.source == "shards" else []
     splits += [cfg.data.val_split] if cfg.eval.every_epochs else []
     for split in splits:
@@ -81,6 +80,12 @@ def preflight(cfg: Config, resume: str | None = None) -> None:
             read_manifest(cfg.data.shards, split)
         except DataError as exc:
             raise ConfigError(f"config key 'data.shards': {exc}") from None
+
+
+def preflight(cfg: Config, resume: str | None = None) -> None:
+    """Fail with one line before Ray starts: missing shards, backbone checkpoint or resume directory,
+    a DeepSpeed override that does not parse, a backbone checkpoint of another network."""
+    check_shards(cfg)
     if cfg.train.mode != "backbone":
         path = cfg.train.backbone_checkpoint
         if not Path(path).is_file():

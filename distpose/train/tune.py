@@ -36,7 +36,7 @@ import yaml
 from distpose.config import Config, ConfigError, load_config, read_yaml, score_names, yaml_problem
 from distpose.files import atomic_write_bytes
 from distpose.train.checkpoints import BEST_MODEL, METRICS_LOG
-from distpose.train.driver import ray_cluster, train, with_absolute_paths
+from distpose.train.driver import check_shards, ray_cluster, train, with_absolute_paths
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
 SEARCHES = ("random", "grid", "optuna", "hyperopt")
@@ -415,6 +415,11 @@ def run_sweep(sweep: Sweep, address: str | None = None, resume: bool = False) ->
     if directory.exists() and any(directory.iterdir()) and not resume:
         raise ConfigError(f"{sweep.source}: sweep directory {directory} already exists: add --resume to finish "
                           "that sweep, or choose another name (name=...)")
+    for mode in sweep.modes:  # missing shards would fail every trial, after Ray has started
+        try:
+            check_shards(mode_config(sweep, mode, []))
+        except ConfigError as exc:
+            raise ConfigError(f"{sweep.source}: mode {mode!r}: {exc}") from None
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(directory / "sweep.json", json.dumps(dataclasses.asdict(sweep), indent=1).encode())
     bases = {m: base_config(sweep, m) for m in sweep.modes}
