@@ -16,7 +16,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+
+from distpose.monitor.metrics import scrape
 
 pytestmark = pytest.mark.integration
 
@@ -91,11 +92,9 @@ def answers(target: str) -> bool:
 
 def samples_at(target: str) -> list:
     try:
-        with urllib.request.urlopen(f"http://{target}/metrics", timeout=5) as response:
-            text = response.read().decode()
+        return scrape(f"http://{target}/metrics", timeout=5)
     except OSError:  # the dashboard's own target, or a node going away
         return []
-    return [s for family in text_string_to_metric_families(text) for s in family.samples]
 
 
 def ranks_training_at(target: str, run: str) -> set[str]:

@@ -7,29 +7,20 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
 import psutil
 import pytest
 from helpers import corrupt_jpeg_in_shard
-from prometheus_client.parser import text_string_to_metric_families
 
-from distpose.monitor.metrics import EXPORTED_NAMES, RUN_STATES, metrics_endpoints
+from distpose.monitor.metrics import EXPORTED_NAMES, RUN_STATES, metrics_endpoints, scrape
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD = REPO / "launch" / "grafana" / "distpose.json"
 
 TINY = ["model.backbone=cnn_small", "data.input_size=[64,48]", "data.heatmap_size=[16,12]", "data.loader_workers=0",
         "train.log_every=1000", "train.cpus_per_worker=1", "eval.flip_test=false"]
-
-
-def scrape(url: str) -> list:
-    """Every sample of one endpoint, parsed by prometheus_client's own parser."""
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    return [s for family in text_string_to_metric_families(text) for s in family.samples]
 
 
 def series(samples: list, name: str, **labels: str) -> dict[tuple, float]:

@@ -191,26 +191,24 @@ class RunMetrics:
         next metrics report (every 10 s by default), so the final state would otherwise leave with the driver."""
         if self._metrics is None:
             return True
-        from prometheus_client.parser import text_string_to_metric_families
-
         url = local_metrics_endpoint()
+        if url is None:
+            log.warning("this node has no metrics endpoint: the run's final state (%s) is not exported", current)
+            return False
         deadline = time.monotonic() + timeout
-        while url is not None:
+        while True:
             try:
-                with urllib.request.urlopen(url, timeout=5) as response:
-                    text = response.read().decode()
+                samples = scrape(url)
             except OSError:
-                text = ""
-            for family in text_string_to_metric_families(text):
-                if any(s.name == "ray_distpose_run_state" and s.value == 1 and s.labels.get("state") == current
-                       and s.labels.get("run") == self.tags["run"] for s in family.samples):
-                    return True
+                samples = []
+            if any(s.name == "ray_distpose_run_state" and s.value == 1 and s.labels.get("state") == current
+                   and s.labels.get("run") == self.tags["run"] for s in samples):
+                return True
             if time.monotonic() > deadline:
-                break
+                log.warning("the run's final state (%s) did not reach this node's metrics endpoint %s within %g s",
+                            current, url, timeout)
+                return False
             time.sleep(0.5)
-        log.warning("the run's final state (%s) did not reach this node's metrics endpoint %s within %g s",
-                    current, url, timeout)
-        return False
 
 
 def metrics_endpoints() -> list[str]:
@@ -230,3 +228,12 @@ def local_metrics_endpoint() -> str | None:
 
 def _endpoint(node: Mapping[str, Any]) -> str:
     return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+
+
+def scrape(url: str, timeout: float = 10.0) -> list:
+    """Every sample an endpoint serves, parsed by prometheus_client's own parser (OSError if it does not answer)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        text = response.read().decode()
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]

@@ -110,7 +110,7 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
     if not isinstance(modes, list) or not modes or not all(isinstance(m, str) for m in modes):
         raise _sweep_error(source, "modes", f"got {modes!r}, expected a list of config names")
     for mode in modes:
-        if not (configs / f"{mode}.yaml").is_file():
+        if not _has_config(configs, mode):
             raise _sweep_error(source, "modes", f"{mode!r} has no config {configs / (mode + '.yaml')}")
     space = tuple(_dimension(source, key, spec, configs) for key, spec in (raw.get("space") or {}).items())
     overrides = _override_list(source, "overrides", raw.get("overrides"))
@@ -118,7 +118,7 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
     if not isinstance(per_mode, dict):
         raise _sweep_error(source, "mode_overrides", f"got {per_mode!r}, expected a mapping of mode to overrides")
     for mode in per_mode:  # against the configs, as space.<key>.modes, so that modes=[...] can narrow a sweep
-        if not (configs / f"{mode}.yaml").is_file():
+        if not _has_config(configs, mode):
             raise _sweep_error(source, f"mode_overrides.{mode}", f"no config {configs / (str(mode) + '.yaml')}")
     mode_overrides = {m: _override_list(source, f"mode_overrides.{m}", v) for m, v in per_mode.items()}
     special = ("space", "modes", "overrides", "mode_overrides")
@@ -127,6 +127,10 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
                   source=source)
     _check(sweep)
     return sweep
+
+
+def _has_config(configs: Path, mode: Any) -> bool:
+    return (configs / f"{mode}.yaml").is_file()
 
 
 def _override_list(source: str, key: str, value: Any) -> tuple[str, ...]:
@@ -155,7 +159,7 @@ def _dimension(source: str, key: str, spec: Any, configs: Path) -> Dimension:
     if kind == "loguniform" and values[0] <= 0:
         raise _sweep_error(source, where, f"loguniform: got {values!r}, expected low > 0")
     # Checked against the configs, not the sweep's modes, so that `modes=[...]` can narrow a sweep file.
-    unknown = [m for m in only if not (configs / f"{m}.yaml").is_file()]
+    unknown = [m for m in only if not _has_config(configs, m)]
     if unknown:
         raise _sweep_error(source, f"{where}.modes", f"{unknown} have no config in {configs}")
     return Dimension(key, kind, tuple(values), tuple(only))
