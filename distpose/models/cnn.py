@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from distpose.models.hrnet import BN_MOMENTUM, BasicBlock, Bottleneck, conv_bn, make_layer
+from distpose.models.hrnet import BN_MOMENTUM, BasicBlock, Bottleneck, conv_bn, heatmap_head, make_layer
 
 
 def deconv_bn(in_ch: int, out_ch: int) -> nn.Sequential:
@@ -35,7 +35,7 @@ class SimpleBaseline(nn.Module):
         self.resnet = nn.Sequential(*stages)
         self.deconv = nn.Sequential(deconv_bn(in_ch, 256), deconv_bn(256, 256), deconv_bn(256, 256))
         self.feature_channels = 256
-        self.final_layer = nn.Conv2d(256, num_joints, 1)
+        self.final_layer = heatmap_head(256, num_joints)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.deconv(self.resnet(self.stem(images)))
@@ -57,7 +57,7 @@ class SmallCNN(nn.Module):
         )
         self.up = deconv_bn(2 * width, width)
         self.feature_channels = width
-        self.final_layer = nn.Conv2d(width, num_joints, 1)
+        self.final_layer = heatmap_head(width, num_joints)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.up(self.body(self.stem(images)))
