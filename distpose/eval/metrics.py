@@ -13,23 +13,27 @@ from distpose.keypoints import NAMES, OKS_SIGMAS
 VISIBILITY = {"visible": 2, "occluded": 1}
 
 
-def pck(pred: np.ndarray, gt: np.ndarray, boxes: np.ndarray, thresholds: Sequence[float] = (0.05, 0.1, 0.2)
-        ) -> dict[str, Any]:
-    """Percentage of correct keypoints in original image pixels, normalised by the longer box side.
-
-    pred [N, K, 2], gt [N, K, 3] (x, y, v), boxes [N, 4] (x, y, w, h). Reported separately for visible
-    (v=2) and occluded (v=1) joints: per joint and the mean over all such joint instances; None where
-    a joint has no instance of that kind.
-    """
+def correct_joints(pred: np.ndarray, gt: np.ndarray, boxes: np.ndarray, threshold: float, visibility: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """([N, K] correct, [N, K] labelled) for the joints whose label is `visibility` (2 visible, 1 occluded):
+    correct where the prediction lies within `threshold` x the longer box side of the ground truth,
+    both in original image pixels. pred [N, K, 2], gt [N, K, 3] (x, y, v), boxes [N, 4] (x, y, w, h)."""
     pred, gt, boxes = (np.asarray(a, dtype=np.float64) for a in (pred, gt, boxes))
     scale = np.maximum(boxes[:, 2], boxes[:, 3])[:, None]
-    dist = np.linalg.norm(pred - gt[..., :2], axis=-1) / scale  # [N, K]
+    labelled = gt[..., 2] == visibility
+    return (np.linalg.norm(pred - gt[..., :2], axis=-1) / scale <= threshold) & labelled, labelled
+
+
+def pck(pred: np.ndarray, gt: np.ndarray, boxes: np.ndarray, thresholds: Sequence[float] = (0.05, 0.1, 0.2)
+        ) -> dict[str, Any]:
+    """Percentage of correct keypoints (correct_joints), reported separately for visible (v=2) and occluded
+    (v=1) joints: per joint and the mean over all such joint instances; None where a joint has no instance
+    of that kind."""
     report: dict[str, Any] = {}
     for kind, v in VISIBILITY.items():
-        mask = gt[..., 2] == v
-        entry: dict[str, Any] = {"count": int(mask.sum())}
+        entry: dict[str, Any] = {"count": int((np.asarray(gt)[..., 2] == v).sum())}
         for t in thresholds:
-            hit = (dist <= t) & mask
+            hit, mask = correct_joints(pred, gt, boxes, t, v)
             per_joint = {name: (float(hit[:, k].sum() / mask[:, k].sum()) if mask[:, k].any() else None)
                          for k, name in enumerate(NAMES)}
             entry[f"pck@{t:g}"] = {"mean": float(hit.sum() / mask.sum()) if mask.any() else None,
