@@ -25,7 +25,9 @@ class ConfigError(UserError):
 
 Backbone = Literal["cnn_small", "resnet50", "hrnet_small", "hrnet_w32", "hrnet_w48"]
 Mode = Literal["backbone", "crf", "joint"]
-Precision = Literal["fp32", "bf16", "fp16"]
+# bf16 and fp16: DeepSpeed's, the model itself in half precision with fp32 master weights in the optimizer.
+# bf16-mixed: autocast, fp32 weights with convolutions and matmuls computed in bf16, BatchNorm in fp32.
+Precision = Literal["fp32", "bf16", "fp16", "bf16-mixed"]
 
 
 @dataclass
@@ -72,10 +74,16 @@ class DataConfig:
 class ModelConfig:
     backbone: Backbone = "cnn_small"
     num_joints: int = 17
-    crf_window: int = 7  # R: pairwise displacements lie in a (2R+1) x (2R+1) window
+    # R: pairwise displacements lie in a (2R+1) x (2R+1) window. "auto": the smallest R that holds
+    # crf_window_coverage of the training split's limbs (measured at heatmap resolution, augmented).
+    crf_window: int | Literal["auto"] = "auto"
+    crf_window_coverage: float = 0.99
+    # Where the pairwise tables start. "data": the log-density of the training split's limb displacements
+    # (distpose.data.limbs, models.crf.pairwise_from_displacements). "gaussian": a broad Gaussian (sigma R/2)
+    # centred on zero displacement, which pulls every joint towards its parent.
+    crf_pairwise_init: Literal["data", "gaussian"] = "data"
     # The crf/joint modes start the CRF's unary log-potentials as the backbone's heatmaps (values in [0, 1])
-    # times this. At 1 the marginals are near flat: on the quick demo's cnn the untrained CRF scored visible
-    # PCK@0.1 0.315 at 1, 0.673 / 0.717 / 0.594 at 10 / 30 / 100, against the backbone's own 0.748.
+    # times this: at 1 the marginals are near flat (README, Pipeline, has the measurements).
     crf_unary_scale: float = 30.0
     # Local weights file for the backbone (ours, torchvision ResNet-50, or an official HRNet/SimpleBaseline
     # release), loaded where names and shapes match. Nothing is ever downloaded.
@@ -92,6 +100,7 @@ class TrainConfig:
     use_gpu: bool = False
     epochs: int = 2
     lr: float = 1e-3
+    backbone_lr_scale: float = 1.0  # joint mode: the backbone learns at lr x this (the CRF at lr)
     lr_steps: tuple[int, ...] = (170, 200)  # epochs where lr is multiplied by lr_factor
     lr_factor: float = 0.1
     warmup_steps: int = 0
@@ -150,6 +159,8 @@ def _describe(tp: Any) -> str:
         if len(args) == 2 and args[1] is Ellipsis:
             return f"a list of {_describe(args[0])}"
         return f"a list of {len(args)} values ({', '.join(_describe(a) for a in args)})"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
     return _SCALAR_NAMES.get(tp, getattr(tp, "__name__", str(tp)))
 
 
@@ -329,12 +340,15 @@ def validate(cfg: Config) -> None:
     _require(0.0 <= a.scale_factor < 1.0, "data.augment.scale_factor", a.scale_factor, "a number in [0, 1)")
     _require(a.rotation_factor >= 0, "data.augment.rotation_factor", a.rotation_factor, "a number >= 0")
     _require(cfg.model.num_joints == 17, "model.num_joints", cfg.model.num_joints, "17 (COCO keypoints)")
-    _require(cfg.model.crf_window >= 1, "model.crf_window", cfg.model.crf_window, "an integer >= 1")
+    m = cfg.model
+    _require(m.crf_window == "auto" or m.crf_window >= 1, "model.crf_window", m.crf_window, "an integer >= 1 or 'auto'")
+    _require(0 < m.crf_window_coverage <= 1, "model.crf_window_coverage", m.crf_window_coverage, "a fraction in (0, 1]")
     _require(cfg.model.crf_unary_scale > 0, "model.crf_unary_scale", cfg.model.crf_unary_scale, "a number > 0")
     t = cfg.train
     for key in ("workers", "cpus_per_worker", "epochs", "grad_accum", "keep_checkpoints", "log_every"):
         _require(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "an integer >= 1")
     _require(t.lr > 0, "train.lr", t.lr, "a number > 0")
+    _require(t.backbone_lr_scale > 0, "train.backbone_lr_scale", t.backbone_lr_scale, "a number > 0")
     _require(t.max_failures >= 0, "train.max_failures", t.max_failures, "an integer >= 0")
     _require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "an integer >= 0")
     _require(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "a number >= 0 (0 disables clipping)")
@@ -347,6 +361,10 @@ def validate(cfg: Config) -> None:
              "1, 2 or 3 with train.precision=bf16 (at stage 0 DeepSpeed keeps no fp32 master weights)")
     _require(t.mode == "backbone" or bool(t.backbone_checkpoint), "train.backbone_checkpoint", t.backbone_checkpoint,
              f"the trained backbone's checkpoint: train.mode={t.mode!r} starts from one")
+    if cfg.train.mode != "backbone" and d.source == "random":  # random joints have no limbs to measure
+        _require(m.crf_window != "auto", "model.crf_window", m.crf_window, "an integer with data.source='random'")
+        _require(m.crf_pairwise_init == "gaussian", "model.crf_pairwise_init", m.crf_pairwise_init,
+                 "'gaussian' with data.source='random' (random joints have no limbs to measure)")
     _require(cfg.eval.every_epochs >= 0, "eval.every_epochs", cfg.eval.every_epochs, "an integer >= 0")
     scores = score_names(cfg.eval.pck_thresholds)
     _require(cfg.eval.best_metric in scores, "eval.best_metric", cfg.eval.best_metric, f"one of {', '.join(scores)}")

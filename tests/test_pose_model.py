@@ -45,6 +45,13 @@ def test_crf_modes_need_and_load_a_backbone_checkpoint(tmp_path):
     torch.testing.assert_close(out.log_marginals.exp().sum((2, 3)), torch.ones(1, 17), atol=1e-5, rtol=0)
 
 
+def test_an_unresolved_auto_window_is_refused(tmp_path):
+    cfg = quick_config()
+    save_checkpoint(tmp_path / "b.pt", build_pose_model(cfg), cfg)
+    with pytest.raises(ConfigError, match="model.crf_window': 'auto' is chosen from the training data"):
+        build_pose_model(quick_config(**{"train.mode": "crf", "train.backbone_checkpoint": str(tmp_path / "b.pt")}))
+
+
 def test_crf_mode_rejects_a_checkpoint_of_another_backbone(tmp_path):
     other = build_pose_model(quick_config(**{"model.backbone": "hrnet_small"}))
     save_checkpoint(tmp_path / "hrnet.pt", other, quick_config(**{"model.backbone": "hrnet_small"}))
@@ -171,7 +178,8 @@ def test_flip_back_is_exact_under_the_codec_alignment():
 def test_crf_keypoint_maps_are_local_marginal_mass(tmp_path):
     cfg = quick_config()
     save_checkpoint(tmp_path / "b.pt", build_pose_model(cfg), cfg)
-    model = build_pose_model(quick_config(**{"train.mode": "crf", "train.backbone_checkpoint": str(tmp_path / "b.pt")}))
+    model = build_pose_model(quick_config(**{"train.mode": "crf", "train.backbone_checkpoint": str(tmp_path / "b.pt"),
+                                             "model.crf_window": 3}))
     images = torch.randn(1, 3, 128, 96)
     with torch.no_grad():
         maps = model.keypoint_maps(images)

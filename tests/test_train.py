@@ -168,7 +168,8 @@ def test_crf_mode_two_workers_match_one_big_batch(ray_session, tmp_path, backbon
     normalises into lr-sized steps of random sign (it differed by up to 8.6e-4 between the two runs
     even with the loss fixed; every other tensor agreed within 2.4e-7)."""
     common = ["train.mode=crf", f"train.backbone_checkpoint={backbone_checkpoint}", "data.source=random",
-              "data.batch_size=8", "train.epochs=1", "data.batches_per_epoch=6", "train.grad_accum=1"]
+              "model.crf_window=7", "model.crf_pairwise_init=gaussian", "data.batch_size=8", "train.epochs=1",
+              "data.batches_per_epoch=6", "train.grad_accum=1"]
     start = time.perf_counter()
     one = train(config(tmp_path, "crf_one", *common, "train.workers=1"))
     two = train(config(tmp_path, "crf_two", *common, "train.workers=2"))
@@ -366,8 +367,9 @@ def test_sigint_stops_the_run_and_rerun_resumes(ray_session, tmp_path):
 # bf16 and --resume
 
 
-def test_bf16_on_cpu_exports_fp32_master_weights(ray_session, tmp_path):
-    cfg = config(tmp_path, "bf16", "train.precision=bf16", "train.zero_stage=1", "data.source=random",
+@pytest.mark.parametrize(("precision", "stage"), [("bf16", 1), ("bf16-mixed", 0)])
+def test_bf16_on_cpu_exports_fp32_master_weights(ray_session, tmp_path, precision, stage):
+    cfg = config(tmp_path, precision, f"train.precision={precision}", f"train.zero_stage={stage}", "data.source=random",
                  "data.batch_size=4", "train.epochs=1", "data.batches_per_epoch=2")
     outcome = train(cfg)
     steps = records(outcome.run_dir, "step")

@@ -16,6 +16,8 @@ from distpose.train.engine import BATCH_KEYS, deepspeed_config, lr_multiplier
 QUICK = str(Path(__file__).parent.parent / "configs" / "quick" / "cnn.yaml")
 # Independent of whatever data/shards holds: random batches and no evaluation unless a case asks.
 NO_DATA = ["data.source=random", "eval.every_epochs=0"]
+# Random joints have no limbs to measure: a CRF on them takes a fixed window and the Gaussian.
+RANDOM_CRF = ["model.crf_window=3", "model.crf_pairwise_init=gaussian"]
 
 
 def bad_cases(tmp: Path) -> list[tuple[str, list[str], int, str]]:
@@ -23,8 +25,10 @@ def bad_cases(tmp: Path) -> list[tuple[str, list[str], int, str]]:
     return [
         ("unknown_mode", ["train.mode=foo"], 2, "config key 'train.mode': got 'foo'"),
         ("crf_without_backbone", ["train.mode=crf"], 2, "config key 'train.backbone_checkpoint'"),
-        ("crf_backbone_missing", ["train.mode=crf", f"train.backbone_checkpoint={tmp / 'nope.pt'}"], 2,
+        ("crf_backbone_missing", ["train.mode=crf", f"train.backbone_checkpoint={tmp / 'nope.pt'}", *RANDOM_CRF], 2,
          f"config key 'train.backbone_checkpoint': {tmp / 'nope.pt'} does not exist"),
+        ("crf_auto_window_on_random_data", ["train.mode=crf", f"train.backbone_checkpoint={tmp / 'nope.pt'}"], 2,
+         "config key 'model.crf_window': got 'auto', expected an integer with data.source='random'"),
         ("batch_not_divisible", ["data.batch_size=30", "train.workers=4"], 2,
          "config key 'data.batch_size': got 30, expected a multiple of train.workers x train.grad_accum = 4"),
         ("fp16_on_cpu", ["train.precision=fp16"], 2, "config key 'train.precision': got 'fp16'"),
@@ -100,6 +104,10 @@ def test_deepspeed_config_precisions():
     assert ds["data_types"] == {"buffer_dtype": "bf16"}  # BatchNorm buffers follow the bf16 input on CPU
     ds = deepspeed_config(load_config(None, ["train.precision=fp16", "train.use_gpu=true"]))
     assert ds["fp16"]["enabled"] is True and "bf16" not in ds
+    # Autocast at any ZeRO stage: fp32 weights and BatchNorm, gradients all-reduced in fp32.
+    ds = deepspeed_config(load_config(None, ["train.precision=bf16-mixed", "train.zero_stage=0"]))
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    assert "bf16" not in ds and "fp16" not in ds
 
 
 def test_deepspeed_override_merges_nested_keys(tmp_path):

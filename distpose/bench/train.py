@@ -2,7 +2,7 @@
 
 The distributed path is `distpose train` itself: Ray Train workers, DeepSpeed, the WebDataset stream (or
 data.source=random), the per-step logging and metrics. The plain loop is what a researcher writes first:
-one process, torch.optim.Adam, the same loader, loss and precision (autocast for bf16 and fp16), doing one
+one process, torch.optim.Adam, the same loader, loss and precision (autocast for bf16, bf16-mixed and fp16), doing one
 rank's work per step (train.grad_accum micro-batches of the rank's size). It runs first, in this process
 and before Ray starts, so the two never share the machine. Both are timed on the wall clock at steady
 state: the first `warmup` steps of each are left out.
@@ -26,7 +26,8 @@ from distpose.errors import UserError
 from distpose.models.factory import count_macs
 from distpose.models.pose import build_pose_model
 from distpose.train.batches import training_batches
-from distpose.train.modes import mode_loss, select_trainable, set_train_mode
+from distpose.train.crf_prior import with_crf_prior
+from distpose.train.modes import mode_loss, parameter_groups, set_train_mode
 
 # Dense bf16 tensor-core peaks (no sparsity), from the vendors' datasheets, matched against the device name
 # in this order (the H100 PCIe and NVL parts are slower than the SXM one); MFU is reported on these only.
@@ -39,11 +40,12 @@ def plain_loop(cfg: Config, warmup: int, steps: int) -> dict[str, float]:
     device = torch.device("cuda" if cfg.train.use_gpu else "cpu")
     torch.manual_seed(cfg.train.seed)
     torch.set_num_threads(cfg.train.cpus_per_worker)
-    model = build_pose_model(cfg).to(device)
-    optimizer = torch.optim.Adam(select_trainable(model, cfg.train.mode), lr=cfg.train.lr)
+    cfg, prior = with_crf_prior(cfg)
+    model = build_pose_model(cfg, prior.pairwise if prior else None).to(device)
+    optimizer = torch.optim.Adam(parameter_groups(model, cfg.train.mode, cfg.train.lr, cfg.train.backbone_lr_scale))
     batches, _ = training_batches(cfg, 0, cfg.train.workers, 0)
     codec = HeatmapCodec(cfg.data.input_size, cfg.data.heatmap_size, cfg.data.sigma)
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+    half = {"bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
     autocast = torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
     set_train_mode(model, cfg.train.mode)

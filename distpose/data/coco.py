@@ -44,6 +44,11 @@ class Person:
         return self.num_keypoints > 0 and not self.iscrowd
 
 
+def usable_annotations(ground_truth: dict[str, Any]) -> list[dict[str, Any]]:
+    """The person annotations of COCO content that training uses and COCO eval scores (Person.usable)."""
+    return [a for a in ground_truth["annotations"] if a["num_keypoints"] > 0 and not a["iscrowd"]]
+
+
 @dataclass
 class ImageRecord:
     id: int

@@ -30,6 +30,7 @@ from distpose import __version__
 from distpose.data.coco import ImageRecord, Person, check_person, load_split
 from distpose.errors import DataError, UserError
 from distpose.files import atomic_write_bytes
+from distpose.keypoints import person_category
 
 MANIFEST_FORMAT = "distpose.shards/v1"
 NO_KEYPOINTS = "image without usable keypoint annotations"
@@ -337,6 +338,22 @@ def iter_tar_samples(path: Path) -> Iterator[dict[str, Any]]:
             current[ext] = tar.extractfile(member).read()
     if current:
         yield current
+
+
+def shard_ground_truth(shard_dir: str | Path, split: str, max_images: int | None = None) -> dict[str, Any]:
+    """The COCO annotation content of a split (its first `max_images` images, if given), read back from
+    its shards' JSON members."""
+    images, annotations = [], []
+    for shard in read_manifest(shard_dir, split)["shards"]:
+        for sample in iter_tar_samples(Path(shard_dir) / shard["name"]):
+            if max_images is not None and len(images) >= max_images:
+                break
+            if "json" not in sample:
+                continue
+            doc = json.loads(sample["json"])
+            images.append({k: doc[k] for k in ("file_name", "width", "height")} | {"id": doc["image_id"]})
+            annotations += [p | {"image_id": doc["image_id"], "category_id": 1} for p in doc["persons"]]
+    return {"images": images, "annotations": annotations, "categories": [person_category()]}
 
 
 def check_shard(path: Path, expected: dict[str, Any]) -> ShardCheck:

@@ -88,13 +88,11 @@ class TopDownTransform:
         self.padding = padding
         self.augment = augment
 
-    def __call__(self, image: np.ndarray, bbox: list[float], keypoints: np.ndarray,
-                 rng: np.random.Generator | None = None, out: np.ndarray | None = None) -> Crop:
-        """`image` HWC uint8 BGR, `keypoints` [K, 3] (x, y, v) in image pixels.
-
-        The crop is written into `out` ([H, W, 3] uint8, e.g. a row of a batch buffer) when given,
-        and comes out RGB: swapping channels on the small crop is cheaper than on the whole image.
-        """
+    def place(self, bbox: list[float], keypoints: np.ndarray, rng: np.random.Generator | None = None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Where the crop goes, with its augmentation drawn from `rng`: (image-to-crop affine [2, 3], joints
+        [K, 2] in crop pixels, labelled [K]), the joints swapped left for right when the crop is mirrored.
+        Everything a crop is but its pixels, so joint statistics can be drawn as training draws them."""
         joints, visible = keypoints[:, :2].astype(np.float64), keypoints[:, 2] > 0
         rotation, flip = 0.0, False
         aug = self.augment
@@ -111,12 +109,22 @@ class TopDownTransform:
                 rotation = float(np.clip(rng.standard_normal() * r, -2.0 * r, 2.0 * r))
             flip = rng.random() < aug.flip_prob
         m = crop_matrix(center, scale, rotation, self.input_size, flip)
-        out_h, out_w = self.input_size
-        crop = cv2.warpAffine(image, m, (out_w, out_h), dst=out, flags=cv2.INTER_LINEAR)
-        cv2.cvtColor(crop, cv2.COLOR_BGR2RGB, dst=crop)
         joints = apply_affine(joints, m)
         if flip:
             joints, visible = joints[list(FLIP_INDEX)], visible[list(FLIP_INDEX)]
+        return m, joints, visible
+
+    def __call__(self, image: np.ndarray, bbox: list[float], keypoints: np.ndarray,
+                 rng: np.random.Generator | None = None, out: np.ndarray | None = None) -> Crop:
+        """`image` HWC uint8 BGR, `keypoints` [K, 3] (x, y, v) in image pixels.
+
+        The crop is written into `out` ([H, W, 3] uint8, e.g. a row of a batch buffer) when given,
+        and comes out RGB: swapping channels on the small crop is cheaper than on the whole image.
+        """
+        m, joints, visible = self.place(bbox, keypoints, rng)
+        out_h, out_w = self.input_size
+        crop = cv2.warpAffine(image, m, (out_w, out_h), dst=out, flags=cv2.INTER_LINEAR)
+        cv2.cvtColor(crop, cv2.COLOR_BGR2RGB, dst=crop)
         return Crop(crop, joints, visible, m)
 
 

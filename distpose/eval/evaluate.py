@@ -1,13 +1,13 @@
 """Scoring a model on a split of shards: PCK (visible and occluded joints), HRNet's heatmap accuracy
 and COCO AP/AR, from predictions that may have been made on several ranks and gathered.
 
-The ground truth for COCO eval is rebuilt from the shards' own annotation JSON, so evaluation needs
-nothing but the shards (the annotation file they came from may live on another machine).
+The ground truth for COCO eval is rebuilt from the shards' own annotation JSON (data.shards.shard_ground_truth),
+so evaluation needs nothing but the shards (the annotation file they came from may live on another machine).
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -21,27 +21,13 @@ from distpose.config import Config
 from distpose.data.coco import Detection
 from distpose.data.codec import HeatmapCodec
 from distpose.data.loader import eval_loader
-from distpose.data.shards import iter_tar_samples, read_manifest
+from distpose.data.shards import shard_ground_truth
 from distpose.eval.coco import coco_results, evaluate
 from distpose.eval.inference import MapsFn, Predictions, model_maps, predict
 from distpose.eval.metrics import hrnet_accuracy, pck
-from distpose.keypoints import person_category
-from distpose.models.pose import PoseModel
+from distpose.models.pose import PoseModel, load_checkpoint
 
 log = logging.getLogger(__name__)
-
-
-def shard_ground_truth(shard_dir: str | Path, split: str) -> dict[str, Any]:
-    """The COCO annotation content of a split, read back from its shards' JSON members."""
-    images, annotations = [], []
-    for shard in read_manifest(shard_dir, split)["shards"]:
-        for sample in iter_tar_samples(Path(shard_dir) / shard["name"]):
-            if "json" not in sample:
-                continue
-            doc = json.loads(sample["json"])
-            images.append({k: doc[k] for k in ("file_name", "width", "height")} | {"id": doc["image_id"]})
-            annotations += [p | {"image_id": doc["image_id"], "category_id": 1} for p in doc["persons"]]
-    return {"images": images, "annotations": annotations, "categories": [person_category()]}
 
 
 @dataclass
@@ -121,6 +107,17 @@ def evaluate_model(model: PoseModel, cfg: Config, rank: int = 0, world_size: int
     if ground_truth is None:
         ground_truth = shard_ground_truth(cfg.data.shards, cfg.data.val_split)
     return score(predictions, ground_truth, cfg.eval.pck_thresholds, accuracy, gt_boxes=boxes is None), predictions
+
+
+def evaluate_checkpoint(path: str | Path, ground_truth: dict[str, Any] | None = None, loader_workers: int = 1
+                        ) -> tuple[dict[str, Any], Predictions, Config]:
+    """A saved pose checkpoint scored on its own config's validation split, in this process (at most
+    `loader_workers` DataLoader processes): (metrics, predictions, its config)."""
+    model, cfg, _ = load_checkpoint(path)
+    data = dataclasses.replace(cfg.data, loader_workers=min(cfg.data.loader_workers, loader_workers))
+    cfg = dataclasses.replace(cfg, data=data)
+    metrics, predictions = evaluate_model(model, cfg, ground_truth=ground_truth)
+    return metrics, predictions, cfg
 
 
 def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:

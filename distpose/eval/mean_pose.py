@@ -11,19 +11,16 @@ from typing import Any
 
 import numpy as np
 
+from distpose.data.coco import usable_annotations
 from distpose.data.transforms import box_to_center_scale
 from distpose.eval.inference import Predictions
 from distpose.keypoints import NUM_JOINTS
 
 
-def _usable(ground_truth: dict[str, Any]) -> list[dict[str, Any]]:
-    return [a for a in ground_truth["annotations"] if a["num_keypoints"] > 0 and not a["iscrowd"]]
-
-
 def fit_mean_pose(ground_truth: dict[str, Any], aspect_ratio: float, padding: float) -> np.ndarray:
     """[K, 2] mean of each labelled joint's offset from its crop window's centre, in window sizes."""
     total, count = np.zeros((NUM_JOINTS, 2)), np.zeros((NUM_JOINTS, 1))
-    for ann in _usable(ground_truth):
+    for ann in usable_annotations(ground_truth):
         center, size = box_to_center_scale(ann["bbox"], aspect_ratio, padding)
         joints = np.asarray(ann["keypoints"], dtype=np.float64).reshape(NUM_JOINTS, 3)
         labelled = joints[:, 2:] > 0
@@ -35,7 +32,7 @@ def fit_mean_pose(ground_truth: dict[str, Any], aspect_ratio: float, padding: fl
 def predict_mean_pose(mean_pose: np.ndarray, ground_truth: dict[str, Any], aspect_ratio: float, padding: float
                       ) -> Predictions:
     """The mean pose placed in every usable ground-truth box of the split."""
-    anns = _usable(ground_truth)
+    anns = usable_annotations(ground_truth)
     keypoints = np.zeros((len(anns), NUM_JOINTS, 2))
     for i, ann in enumerate(anns):
         center, size = box_to_center_scale(ann["bbox"], aspect_ratio, padding)

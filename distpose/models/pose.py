@@ -75,12 +75,13 @@ class PoseModel(nn.Module):
         return F.avg_pool2d(probs, window, stride=1, padding=self.score_radius, count_include_pad=True) * window**2
 
 
-def build_pose_model(cfg: Config) -> PoseModel:
+def build_pose_model(cfg: Config, pairwise: torch.Tensor | None = None) -> PoseModel:
     """The model for `cfg.train.mode`, initialised from the local files the config names.
 
     `model.pretrained` (optional) is loaded into the backbone where names and shapes match.
     The crf and joint modes start from `train.backbone_checkpoint`, a pose checkpoint of the same
-    backbone (or a bare weights file), and their CRF unary head from its heatmap head.
+    backbone (or a bare weights file), their CRF unary head from its heatmap head, and their pairwise
+    potentials from `pairwise` ([K, 2R+1, 2R+1], see train.crf_prior) or else a broad Gaussian at zero.
     """
     m = cfg.model
     backbone = build_backbone(m.backbone, m.num_joints)
@@ -89,9 +90,18 @@ def build_pose_model(cfg: Config) -> PoseModel:
     crf = None
     if cfg.train.mode in ("crf", "joint"):
         _load_backbone_checkpoint(backbone, m.backbone, cfg.train.backbone_checkpoint)
-        crf = TreeCRF(backbone.feature_channels, radius=m.crf_window)
+        crf = TreeCRF(backbone.feature_channels, radius=crf_radius(cfg))
         crf.init_unary_from(backbone.final_layer, m.crf_unary_scale)
+        if pairwise is not None:
+            crf.init_pairwise(pairwise)
     return PoseModel(backbone, crf)
+
+
+def crf_radius(cfg: Config) -> int:
+    if cfg.model.crf_window == "auto":
+        raise ConfigError("config key 'model.crf_window': 'auto' is chosen from the training data when a run starts "
+                          "(distpose train); building a CRF model needs the integer it chose")
+    return cfg.model.crf_window
 
 
 def _load_backbone_checkpoint(backbone: nn.Module, name: str, path: str) -> None:
@@ -122,5 +132,5 @@ def pose_architecture(cfg: Config) -> PoseModel:
     """The network `cfg` describes, freshly initialised, with nothing loaded."""
     m = cfg.model
     backbone = build_backbone(m.backbone, m.num_joints)
-    crf = TreeCRF(backbone.feature_channels, radius=m.crf_window) if cfg.train.mode != "backbone" else None
+    crf = TreeCRF(backbone.feature_channels, radius=crf_radius(cfg)) if cfg.train.mode != "backbone" else None
     return PoseModel(backbone, crf)

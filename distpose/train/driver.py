@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -19,7 +20,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distpose.config import Config, ConfigError, MonitorConfig, dump_yaml, to_dict
 from distpose.data.shards import read_manifest
@@ -28,7 +29,11 @@ from distpose.files import atomic_write_bytes
 from distpose.models.weights import read_pose_checkpoint
 from distpose.monitor.metrics import RunMetrics, metrics_endpoints
 from distpose.train.checkpoints import FINAL_MODEL, META_FILE
+from distpose.train.crf_prior import PRIOR_FILE, with_crf_prior
 from distpose.train.engine import deepspeed_config
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -171,13 +176,17 @@ def train(cfg: Config, address: str | None = None, resume: str | None = None,
         return TrainOutcome(directory, directory / FINAL_MODEL, done, 0.0, False)
 
     directory.mkdir(parents=True, exist_ok=True)
+    cfg, prior = with_crf_prior(cfg)
+    if prior is not None:
+        print(f"[distpose] {cfg.train.run_name}: {prior.summary(cfg)}")
+        atomic_write_bytes(directory / PRIOR_FILE, json.dumps(prior.record(), indent=1).encode())
     atomic_write_bytes(directory / "config.yaml", dump_yaml(cfg).encode())
     with ray_cluster(address, cfg.monitor) as disconnects_from_cluster:
         run_metrics = RunMetrics(cfg.monitor.enabled, cfg.train.run_name, cfg.train.mode)
         run_metrics.state("running")
         start, final = time.perf_counter(), "failed"
         try:
-            result = _fit(cfg, directory, resume, callbacks)
+            result = _fit(cfg, directory, resume, callbacks, prior.pairwise if prior else None)
             final = "finished"
         except KeyboardInterrupt:
             final = "interrupted"
@@ -191,7 +200,8 @@ def train(cfg: Config, address: str | None = None, resume: str | None = None,
     return TrainOutcome(directory, directory / FINAL_MODEL, dict(result.metrics or {}), wall, True)
 
 
-def _fit(cfg: Config, directory: Path, resume: str | None, callbacks: Sequence[Any]) -> Any:
+def _fit(cfg: Config, directory: Path, resume: str | None, callbacks: Sequence[Any], pairwise: torch.Tensor | None
+         ) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -201,7 +211,8 @@ def _fit(cfg: Config, directory: Path, resume: str | None, callbacks: Sequence[A
     t = cfg.train
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": to_dict(cfg), "run_dir": str(directory), "resume": resume},
+        train_loop_config={"config": to_dict(cfg), "run_dir": str(directory), "resume": resume,
+                           "crf_pairwise": None if pairwise is None else pairwise.tolist()},
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=RunConfig(

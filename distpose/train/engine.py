@@ -39,6 +39,10 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
         ds["data_types"] = {"buffer_dtype": "bf16"}
     elif t.precision == "fp16":
         ds["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    elif t.precision == "bf16-mixed":
+        # No module's gradients are all-reduced in bf16 (DeepSpeed's default for convolutions): only the
+        # arithmetic of the forward and backward passes is lowered, not the averaging of gradients.
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     if t.deepspeed_config:
         ds = _merge(ds, _read_override(t.deepspeed_config))
     return ds
@@ -80,11 +84,12 @@ def lr_multiplier(step: int, cfg: Config) -> float:
     return warmup * t.lr_factor ** sum(epoch >= milestone for milestone in t.lr_steps)
 
 
-def build_engine(model: nn.Module, parameters: list[nn.Parameter], cfg: Config):
-    """deepspeed.initialize with our Adam and schedule; the process group must already exist (Ray made it)."""
+def build_engine(model: nn.Module, groups: list[dict], cfg: Config):
+    """deepspeed.initialize with our Adam over parameter `groups` (each with its own lr) and our schedule;
+    the process group must already exist (Ray made it)."""
     import deepspeed
 
-    optimizer = torch.optim.Adam(parameters, lr=cfg.train.lr)
+    optimizer = torch.optim.Adam(groups, lr=cfg.train.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg))
     try:
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,

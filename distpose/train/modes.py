@@ -29,6 +29,17 @@ def select_trainable(model: PoseModel, mode: Mode) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def parameter_groups(model: PoseModel, mode: Mode, lr: float, backbone_lr_scale: float) -> list[dict]:
+    """select_trainable's parameters as optimizer groups: in the joint mode the backbone's learn at
+    lr x backbone_lr_scale (it starts trained; the CRF starts from its prior), the rest at lr."""
+    trainable = select_trainable(model, mode)
+    if mode != "joint":
+        return [{"params": trainable, "lr": lr}]
+    backbone = {id(p) for p in model.backbone.parameters()}
+    return [{"params": [p for p in trainable if id(p) not in backbone], "lr": lr},
+            {"params": [p for p in trainable if id(p) in backbone], "lr": lr * backbone_lr_scale}]
+
+
 def set_train_mode(model: nn.Module, mode: Mode) -> None:
     """model.train(), except that the crf mode keeps the frozen backbone (BatchNorm included) in eval."""
     model.train()

@@ -38,7 +38,7 @@ from distpose.train.checkpoints import (
     write_meta,
 )
 from distpose.train.engine import build_engine
-from distpose.train.modes import mode_loss, select_trainable, set_train_mode
+from distpose.train.modes import mode_loss, parameter_groups, set_train_mode
 
 
 class MetricsLog:
@@ -107,8 +107,10 @@ def train_worker(job: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed)
     device = ray.train.torch.get_device()
 
-    model = build_pose_model(cfg)
-    engine = build_engine(model.to(device), select_trainable(model, cfg.train.mode), cfg)
+    pairwise = job.get("crf_pairwise")
+    model = build_pose_model(cfg, None if pairwise is None else torch.tensor(pairwise)).to(device)
+    groups = parameter_groups(model, cfg.train.mode, cfg.train.lr, cfg.train.backbone_lr_scale)
+    engine = build_engine(model, groups, cfg)
     state, origin = _resume(engine, job)
     # Decided before anyone writes: every rank must agree on joining the (collective) export.
     export_final = state.epoch < cfg.train.epochs or not (run_dir / FINAL_MODEL).exists()
