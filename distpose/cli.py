@@ -8,7 +8,8 @@
     distpose tune SWEEP [k=v ...]      Ray Tune sweep over the modes: leaderboard and best checkpoints
     distpose config                    print a resolved config (YAML + key=value overrides)
     distpose model-info NAME           parameters and GMACs of a pose network
-    distpose bench loader|train|crf|kernel   loader and training throughput; the CRF formulations; the kernel
+    distpose bench loader|train|crf|kernel|ablation   loader and training throughput; the CRF formulations;
+                                             the kernel; the CRF modes' choices, one at a time
 
 User mistakes (bad arguments, config keys, missing or corrupt files) print one line and exit non-zero.
 """
@@ -229,6 +230,16 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_ablation(args: argparse.Namespace) -> int:
+    from distpose.bench.ablation import run
+
+    out = _output_path(args.out)
+    result = run(args.config or "configs/quick", args.network, tuple(args.overrides), args.address)
+    print(result["table"], file=sys.stderr)
+    _write_json(result, out)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -239,8 +250,9 @@ def _add_crf_bench_arguments(parser: argparse.ArgumentParser, batch: int, repeat
     parser.add_argument("--out", help=f"also write the JSON here (e.g. benchmarks/results/{example})")
 
 
-def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", help="YAML config file (default: built-in defaults)")
+def _add_config_arguments(parser: argparse.ArgumentParser,
+                          config_help: str = "YAML config file (default: built-in defaults)") -> None:
+    parser.add_argument("config", nargs="?", help=config_help)
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
 
@@ -453,6 +465,21 @@ def build_parser() -> argparse.ArgumentParser:
     kernel.add_argument("--impl", nargs="+", default=["triton", "shift", "unfold", "conv"],
                         choices=["triton", "shift", "unfold", "conv"], help="what to time (default all)")
     kernel.set_defaults(func=cmd_bench_kernel)
+
+    ablation = bench_cmds.add_parser(
+        "ablation", help="the CRF modes' choices, one at a time, with paired 95% intervals",
+        description="Trains the crf and joint configs of one network from the same backbone checkpoint, each "
+        "with one choice changed (pairwise start, window, unary scale, the joint mode's backbone learning "
+        "rate), and scores every run on the same validation instances: PCK@0.1 with 95% bootstrap intervals "
+        "and paired differences from the mode's shipped config and from the backbone. Prints a markdown table "
+        "(stderr) and JSON.",
+    )
+    _add_config_arguments(ablation, config_help="directory of mode configs (default configs/quick)")
+    _add_address_argument(ablation)
+    ablation.add_argument("--network", choices=["cnn", "hrnet"], default="cnn", help="which <network>_crf.yaml and "
+                          "<network>_joint.yaml to vary (default cnn)")
+    ablation.add_argument("--out", help="also write the JSON here (e.g. benchmarks/results/crf-ablation-cpu2.json)")
+    ablation.set_defaults(func=cmd_bench_ablation)
     return parser
 
 

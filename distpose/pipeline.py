@@ -11,26 +11,24 @@ rerunning the pipeline resumes an interrupted run and skips finished ones.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+import json
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 from distpose.config import Config, load_config
-from distpose.data.shards import manifest_path, write_shards
+from distpose.data.shards import manifest_path, shard_ground_truth, write_shards
 from distpose.data.synth import generate_synthetic_coco
 from distpose.errors import UserError
-from distpose.eval.evaluate import evaluate_model, flat_metrics, score, shard_ground_truth
+from distpose.eval.evaluate import evaluate_checkpoint, flat_metrics, score
 from distpose.eval.mean_pose import fit_mean_pose, predict_mean_pose
-from distpose.eval.report import ModeResult, read_run_log, write_report
+from distpose.eval.report import Comparison, ModeResult, compare, read_run_log, write_report
 from distpose.eval.run import draw_predictions
-from distpose.models.pose import load_checkpoint
 from distpose.train.checkpoints import METRICS_LOG
-from distpose.train.driver import TrainOutcome, ray_cluster, train
+from distpose.train.crf_prior import PRIOR_FILE
+from distpose.train.driver import TrainOutcome, ray_cluster, run_dir, train
 
 # (run, what it is, the run whose final.pt it starts from)
 RUNS = (
@@ -72,48 +70,39 @@ def mean_pose_floor(cfg: Config, truth: GroundTruth) -> ModeResult:
     d = cfg.data
     mean = fit_mean_pose(truth(d.shards, d.train_split), d.aspect_ratio, d.box_padding)
     val = truth(d.shards, d.val_split)
-    metrics = score(predict_mean_pose(mean, val, d.aspect_ratio, d.box_padding), val, cfg.eval.pck_thresholds)
-    return ModeResult("mean pose", "floor: the training set's mean pose in every box", flat_metrics(metrics))
+    predictions = predict_mean_pose(mean, val, d.aspect_ratio, d.box_padding)
+    metrics = score(predictions, val, cfg.eval.pck_thresholds)
+    return ModeResult("mean pose", "floor: the training set's mean pose in every box", flat_metrics(metrics),
+                      predictions=predictions)
 
 
-def limbs_outside_window(ground_truth: dict, cfg: Config) -> float:
-    """Fraction of labelled CRF-tree limbs (child, parent) whose displacement on the heatmap exceeds
-    the CRF window R on either axis: the CRF cannot place both joints of such a limb right."""
-    from distpose.data.transforms import box_to_center_scale
-    from distpose.keypoints import CRF_PARENTS
-
-    d, radius = cfg.data, cfg.model.crf_window
-    to_heatmap = np.array([d.heatmap_size[1] - 1, d.heatmap_size[0] - 1])
-    outside = total = 0
-    for ann in ground_truth["annotations"]:
-        if not ann["num_keypoints"] or ann["iscrowd"]:
-            continue
-        center, size = box_to_center_scale(ann["bbox"], d.aspect_ratio, d.box_padding)
-        joints = np.asarray(ann["keypoints"], dtype=np.float64).reshape(-1, 3)
-        xy = (joints[:, :2] - center) / size * to_heatmap
-        for child, parent in enumerate(CRF_PARENTS):
-            if parent >= 0 and joints[child, 2] > 0 and joints[parent, 2] > 0:
-                total += 1
-                outside += np.abs(xy[child] - xy[parent]).max() > radius
-    return outside / max(total, 1)
-
-
-def crf_notes(results: list[ModeResult], configs: dict[str, Config], truth: GroundTruth) -> list[str]:
-    """Why a CRF mode may trail its backbone, measured: limbs its window cannot hold, and its
-    training budget next to the backbone's."""
+def comparisons(results: list[ModeResult]) -> list[Comparison]:
+    """Each CRF run against the backbone it started from, and each joint run against the crf run of its
+    network: the comparisons the five modes exist for."""
     by_name = {r.name: r for r in results}
+    pairs = [(name, parent) for name, _, parent in RUNS if parent is not None]
+    pairs += [(name, name.replace("_joint", "_crf")) for name, _, _ in RUNS if name.endswith("_joint")]
+    return [compare(by_name[a], by_name[b]) for a, b in pairs if a in by_name and b in by_name]
+
+
+def crf_notes(results: list[ModeResult], configs: dict[str, Config]) -> list[str]:
+    """How each CRF run started (its window and pairwise tables, from crf_prior.json) and its training
+    budget next to its backbone's."""
+    by_name = {r.name: r for r in results}
+    parents = {name: parent for name, _, parent in RUNS}
     notes = []
     for name, cfg in configs.items():
         if cfg.train.mode == "backbone" or name not in by_name:
             continue
-        base = name.split("_")[0]
-        outside = limbs_outside_window(truth(cfg.data.shards, cfg.data.val_split), cfg)
-        steps, base_steps = len(by_name[name].steps), len(by_name[base].steps) if base in by_name else 0
-        notes.append(f"- {name}: window R={cfg.model.crf_window} at heatmap {cfg.data.heatmap_size[0]}x"
-                     f"{cfg.data.heatmap_size[1]} leaves {outside:.1%} of the validation limbs outside it; "
-                     f"trained {steps} steps from a backbone trained {base_steps} steps.")
+        prior = json.loads((run_dir(cfg) / PRIOR_FILE).read_text())
+        held = "" if prior["coverage"] is None else \
+            f" holds {prior['coverage']:.1%} of {prior['limbs']:,} training limbs (augmented)"
+        base = by_name.get(parents[name])
+        notes.append(f"- {name}: window R={prior['radius']} at heatmap {cfg.data.heatmap_size[0]}x"
+                     f"{cfg.data.heatmap_size[1]}{held}; {prior['how']}; trained {len(by_name[name].steps)} steps "
+                     f"from a backbone trained {len(base.steps) if base else 0} steps.")
     if notes:
-        notes.insert(0, "Measured for each CRF run (see README, Pipeline, for the discussion):")
+        notes.insert(0, "How each CRF run started (its run directory's crf_prior.json):")
     return notes
 
 
@@ -152,7 +141,7 @@ def run_pipeline(config_dir: str | Path = "configs/quick", overrides: tuple[str,
     header = [f"Configs: `{config_dir}` (overrides: {' '.join(overrides) or 'none'}); data: `{data_root}` "
               f"({train_images} training, {val_images} validation images); total pipeline time "
               f"{time.perf_counter() - start:.0f} s."]
-    path = write_report(report_dir, results, header, crf_notes(results, configs, truth))
+    path = write_report(report_dir, results, header, comparisons(results), crf_notes(results, configs))
     _say(f"report: {path} ({time.perf_counter() - start:.0f} s in all)")
     return path
 
@@ -161,11 +150,10 @@ def _evaluate_run(name: str, description: str, outcome: TrainOutcome, report_dir
                   ) -> ModeResult:
     """Score the run's final.pt in this process (the table's figures) and draw its skeleton grid."""
     final = outcome.final_model
-    model, cfg, _ = load_checkpoint(final)
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, loader_workers=1))
-    metrics, predictions = evaluate_model(model, cfg, ground_truth=truth(cfg.data.shards, cfg.data.val_split))
+    data = load_config(final.parent / "config.yaml").data
+    metrics, predictions, cfg = evaluate_checkpoint(final, truth(data.shards, data.val_split))
     grid_path = draw_predictions(cfg.data.shards, cfg.data.val_split, predictions, report_dir / name, max_images=8)
     steps, evals = read_run_log(final.parent / METRICS_LOG)
     throughput = statistics.median(s["samples_per_s"] for s in steps) if steps else None
     return ModeResult(name, description, flat_metrics(metrics), outcome.wall_time or None, throughput, steps, evals,
-                      str(grid_path.relative_to(report_dir)) if grid_path else None)
+                      str(grid_path.relative_to(report_dir)) if grid_path else None, predictions)

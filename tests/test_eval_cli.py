@@ -10,10 +10,11 @@ import pytest
 from distpose.cli import main
 from distpose.config import load_config
 from distpose.data.coco import annotation_path
-from distpose.data.shards import write_shards
-from distpose.eval.evaluate import shard_ground_truth
+from distpose.data.shards import shard_ground_truth, write_shards
+from distpose.eval.bootstrap import instance_pck, paired_difference, pck_interval
+from distpose.eval.inference import Predictions
 from distpose.eval.mean_pose import fit_mean_pose, predict_mean_pose
-from distpose.eval.report import ModeResult, write_report
+from distpose.eval.report import ModeResult, compare, write_report
 from distpose.models.pose import build_pose_model, save_checkpoint
 
 
@@ -114,21 +115,42 @@ def test_mean_pose_by_hand():
     np.testing.assert_allclose(preds.keypoints[:, 0], [[37.0, 20.0], [137.0, 20.0]])
 
 
-def test_report_has_the_table_curves_and_grids(tmp_path):
+def fake_predictions(rng: np.random.Generator, gt: np.ndarray, noise: float) -> Predictions:
+    n, k = gt.shape[:2]
+    ids = np.arange(n)
+    boxes = np.tile([0.0, 0.0, 80.0, 100.0], (n, 1))
+    return Predictions(gt[..., :2] + rng.normal(0, noise, (n, k, 2)), np.ones((n, k)), np.ones(n), ids, ids, boxes,
+                       np.full(n, 8000.0), gt)
+
+
+def test_report_has_the_table_intervals_comparisons_and_curves(tmp_path):
+    rng = np.random.default_rng(0)
+    gt = np.concatenate([rng.uniform(0, 100, (120, 17, 2)), rng.integers(0, 3, (120, 17, 1))], axis=2)
+    backbone, crf = fake_predictions(rng, gt, 12.0), fake_predictions(rng, gt, 6.0)
     steps = [{"step": s, "loss": 1.0 / s, "samples_per_s": 100.0} for s in range(1, 11)]
     evals = [{"epoch": e, "val/visible/pck@0.1": 0.3 * e} for e in (1, 2)]
     metrics = {"visible/pck@0.05": 0.2, "visible/pck@0.1": 0.6, "visible/pck@0.2": 0.8, "occluded/pck@0.1": 0.4,
                "AP": 0.1, "AR": 0.2}
-    crf_metrics = metrics | {"occluded/pck@0.1": 0.35}
     results = [
         ModeResult("mean pose", "floor", {"visible/pck@0.1": 0.25}),
-        ModeResult("cnn", "backbone", metrics, 12.5, 100.0, steps, evals),
-        ModeResult("cnn_crf", "crf", crf_metrics, 8.0, 50.0, steps, evals),
+        ModeResult("cnn", "backbone", metrics, 12.5, 100.0, steps, evals, predictions=backbone),
+        ModeResult("cnn_crf", "crf", metrics, 8.0, 50.0, steps, evals, predictions=crf),
     ]
-    report = write_report(tmp_path, results, ["header line"], []).read_text()
-    assert "| cnn (backbone) | 0.200 | 0.600 | 0.800 | - | 0.400 | - | 0.100 | 0.200 | 100.0 | 12.5 |" in report
-    assert "occluded: 0.350 vs 0.400 (-0.050, does not beat cnn)" in report
+    comparison = compare(results[2], results[1])
+    report = write_report(tmp_path, results, ["header line"], [comparison], []).read_text()
+    visible = pck_interval(instance_pck(backbone, "visible", 0.1))
+    occluded = pck_interval(instance_pck(backbone, "occluded", 0.1))
+    assert (f"| cnn (backbone) | {visible.format()} | {occluded.format()} | 0.200 | 0.800 | - | - | 0.100 | 0.200 | "
+            "100.0 | 12.5 |") in report
+    assert "| mean pose (floor) | 0.250 | - |" in report
+    gain = paired_difference(instance_pck(crf, "occluded", 0.1), instance_pck(backbone, "occluded", 0.1))
+    assert gain.low > 0
+    row = next(line for line in report.splitlines() if line.startswith("| cnn_crf | cnn |"))
+    assert gain.format(signed=True) in row and row.endswith("| beats | beats |")
     for plot in ("loss.png", "pck.png"):
         image = cv2.imread(str(tmp_path / plot))
         assert image is not None and image.shape[0] >= 300, plot
-    assert json.loads((tmp_path / "results.json").read_text())[1]["wall_time"] == 12.5
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["runs"][1]["wall_time"] == 12.5
+    assert saved["runs"][1]["intervals"]["visible/pck@0.1"] == [visible.estimate, visible.low, visible.high]
+    assert saved["comparisons"][0]["differences"]["occluded/pck@0.1"] == [gain.estimate, gain.low, gain.high]

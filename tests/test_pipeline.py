@@ -38,8 +38,17 @@ def pipeline_run(ray_session, tmp_path_factory):
 
 def test_report_has_every_mode_and_the_floor(pipeline_run):
     _, report, _ = pipeline_run
-    results = json.loads((report.parent / "results.json").read_text())
+    saved = json.loads((report.parent / "results.json").read_text())
+    results = saved["runs"]
     assert [r["name"] for r in results] == ["mean pose", *(name for name, _, _ in RUNS)]
+    for r in results:  # every score with its interval, the estimate inside it
+        for kind in ("visible", "occluded"):
+            estimate, low, high = r["intervals"][f"{kind}/pck@0.1"]
+            assert low <= estimate <= high and estimate == pytest.approx(r["metrics"][f"{kind}/pck@0.1"])
+    # Each CRF run against its backbone, each joint run against its network's crf run, paired.
+    assert [(c["run"], c["against"]) for c in saved["comparisons"]] == [
+        ("cnn_crf", "cnn"), ("cnn_joint", "cnn"), ("hrnet_crf", "hrnet"), ("hrnet_joint", "hrnet"),
+        ("cnn_joint", "cnn_crf"), ("hrnet_joint", "hrnet_crf")]
     floor, runs = results[0], results[1:]
     assert floor["wall_time"] is None and 0 <= floor["metrics"]["visible/pck@0.1"] <= 1
     for r in runs:
@@ -49,8 +58,10 @@ def test_report_has_every_mode_and_the_floor(pipeline_run):
                 assert 0 <= r["metrics"][f"{kind}/{column}"] <= 1, (r["name"], kind, column)
         assert -1 <= r["metrics"]["AP"] <= 1
     text = report.read_text()
-    table = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| mode |")]
-    assert len(table) == 1 + len(RUNS), text
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert sum(line.startswith(("| mean pose (", *(f"| {name} (" for name, _, _ in RUNS))) for line in rows) == 7
+    for c in saved["comparisons"]:
+        assert sum(line.startswith(f"| {c['run']} | {c['against']} |") for line in rows) == 1, text
     for name, _, _ in RUNS:
         assert f"![{name}]({name}/" in text
     for picture in ["loss.png", "pck.png", *(f"{name}/skeletons.jpg" for name, _, _ in RUNS)]:
@@ -71,6 +82,10 @@ def test_crf_runs_start_from_their_backbones_final_model(pipeline_run):
         backbone = [k for k in base if k.startswith("backbone.")]
         assert backbone
         moved = [k for k in backbone if not torch.equal(ours[k], base[k])]
+        # The window and the pairwise tables came from the training split's limbs (crf_prior.json).
+        prior = json.loads((runs / f"pipeline_{name}" / "crf_prior.json").read_text())
+        assert prior["pairwise_init"] == "data" and cfg.model.crf_window == prior["radius"] >= 1
+        assert prior["limbs"] > 0 and prior["coverage"] >= cfg.model.crf_window_coverage
         if cfg.train.mode == "crf":  # weights and BatchNorm statistics alike
             assert not moved, f"{name} changed its frozen backbone: {moved[:3]}"
         else:
@@ -86,4 +101,4 @@ def test_rerun_retrains_nothing(pipeline_run):
     assert {name: starts(root / "runs" / f"pipeline_{name}") for name, _, _ in RUNS} == before
     again = json.loads((report.parent / "results.json").read_text())
     # Same final models, same validation set: the same scores.
-    assert [r["metrics"] for r in again] == [r["metrics"] for r in first]
+    assert [r["metrics"] for r in again["runs"]] == [r["metrics"] for r in first["runs"]]

@@ -3,6 +3,7 @@ leaderboard's scores checked by evaluating the exported checkpoints again), a fa
 recorded, and a sweep whose driver is killed finished by --resume without repeating finished trials."""
 
 import csv
+import dataclasses
 import json
 import signal
 import subprocess
@@ -18,7 +19,16 @@ from helpers import records
 from distpose import cli
 from distpose.eval.evaluate import evaluate_model, flat_metrics
 from distpose.models.pose import load_checkpoint
-from distpose.train.tune import ATTEMPTS_SUFFIX, base_config, load_sweep, mode_config, run_sweep, sweep_dir
+from distpose.train.tune import (
+    ATTEMPTS_SUFFIX,
+    _search_space,
+    _searcher,
+    base_config,
+    load_sweep,
+    mode_config,
+    run_sweep,
+    sweep_dir,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "quick"
 ALL_MODES = ["cnn", "hrnet", "cnn_crf", "cnn_joint", "hrnet_crf", "hrnet_joint"]
@@ -171,6 +181,26 @@ def test_trials_ran_as_sampled_and_crf_modes_started_from_the_best_backbone(ever
             assert cfg.model.crf_window == params["model.crf_window"]
     stopped = sum(t["status"] == "early-stopped" for t in trials)
     print(f"[tune] ASHA stopped {stopped} of {len(trials)} trials")
+
+
+def resampled(sweep, mode: str, storage: Path) -> list[dict]:
+    """The trials Tune samples for `mode` with the sweep's space and searcher, on a trainable that does nothing."""
+    from ray import tune
+
+    config = tune.TuneConfig(search_alg=_searcher(sweep, mode), num_samples=sweep.trials_per_mode)
+    tuner = tune.Tuner(lambda config: None, param_space=_search_space(sweep, mode), tune_config=config,
+                       run_config=tune.RunConfig(storage_path=str(storage), verbose=0))
+    return sorted((r.config for r in tuner.fit()), key=json.dumps)
+
+
+def test_the_same_seed_samples_the_same_trials(every_mode, tmp_path):
+    sweep, _ = every_mode
+    trials = list(csv.DictReader((sweep_dir(sweep) / "trials.csv").open()))
+    for mode in ("cnn", "cnn_crf"):
+        ran = sorted((json.loads(t["params"]) for t in trials if t["mode"] == mode), key=json.dumps)
+        assert resampled(sweep, mode, tmp_path / "again") == ran
+    other = dataclasses.replace(sweep, seed=sweep.seed + 1)
+    assert resampled(other, "cnn", tmp_path / "other") != resampled(sweep, "cnn", tmp_path / "same")
 
 
 def test_asha_stops_a_trial_that_trails_at_the_first_rung(ray_session, synth_shards, tmp_path):

@@ -7,9 +7,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distpose.eval.bootstrap import RESAMPLES, Interval, instance_pck, paired_difference, pck_interval
+from distpose.eval.inference import Predictions
 from distpose.files import atomic_write_bytes
 
 PCK_COLUMNS = ("pck@0.05", "pck@0.1", "pck@0.2")
+# The score every interval and comparison is about.
+HEADLINE, HEADLINE_THRESHOLD = "pck@0.1", 0.1
+KINDS = ("visible", "occluded")
 
 
 @dataclass
@@ -22,6 +27,27 @@ class ModeResult:
     steps: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl step records
     evals: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl eval records
     skeletons: str | None = None  # grid image, relative to the report directory
+    predictions: Predictions | None = None  # per validation instance, for intervals and paired comparisons
+
+    def intervals(self) -> dict[str, Interval]:
+        """95% bootstrap intervals of the headline PCK, visible and occluded joints."""
+        if self.predictions is None:
+            return {}
+        return {kind: pck_interval(instance_pck(self.predictions, kind, HEADLINE_THRESHOLD)) for kind in KINDS}
+
+
+@dataclass
+class Comparison:
+    run: str
+    against: str
+    differences: dict[str, Interval]  # run minus against, per kind of joint
+
+
+def compare(run: ModeResult, against: ModeResult) -> Comparison:
+    """The headline PCK of `run` minus that of `against`, paired over the validation instances both scored."""
+    return Comparison(run.name, against.name, {
+        kind: paired_difference(instance_pck(run.predictions, kind, HEADLINE_THRESHOLD),
+                                instance_pck(against.predictions, kind, HEADLINE_THRESHOLD)) for kind in KINDS})
 
 
 def read_run_log(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -43,15 +69,28 @@ def _cell(value: float | None, digits: int = 3) -> str:
 
 
 def comparison_table(results: list[ModeResult]) -> str:
-    head = ["mode"] + [f"visible {c}" for c in PCK_COLUMNS] + [f"occluded {c}" for c in PCK_COLUMNS] + \
+    head = ["mode"] + [f"{kind} {HEADLINE} [95% interval]" for kind in KINDS] + \
+        [f"{kind} {c}" for kind in KINDS for c in PCK_COLUMNS if c != HEADLINE] + \
         ["AP", "AR", "samples/s", "wall time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        m = r.metrics
+        m, intervals = r.metrics, r.intervals()
         row = [f"{r.name} ({r.description})"]
-        row += [_cell(m.get(f"visible/{c}")) for c in PCK_COLUMNS]
-        row += [_cell(m.get(f"occluded/{c}")) for c in PCK_COLUMNS]
+        row += [intervals[kind].format() if kind in intervals else _cell(m.get(f"{kind}/{HEADLINE}")) for kind in KINDS]
+        row += [_cell(m.get(f"{kind}/{c}")) for kind in KINDS for c in PCK_COLUMNS if c != HEADLINE]
         row += [_cell(m.get("AP")), _cell(m.get("AR")), _cell(r.samples_per_s, 1), _cell(r.wall_time, 1)]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def comparisons_table(comparisons: list[Comparison]) -> str:
+    """Paired differences with their intervals, and a verdict only where the interval excludes zero."""
+    head = ["run", "against"] + [f"{kind} {HEADLINE} difference [95% interval]" for kind in KINDS] + \
+        [f"{kind}: verdict" for kind in KINDS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in comparisons:
+        row = [c.run, c.against] + [c.differences[kind].format(signed=True) for kind in KINDS]
+        row += [c.differences[kind].verdict() for kind in KINDS]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -100,42 +139,39 @@ def _save_figure(fig: Any, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def crf_comparison(results: list[ModeResult]) -> list[str]:
-    """One line per CRF mode: its PCK@0.1 against its own backbone's, visible and occluded joints."""
-    by_name = {r.name: r for r in results}
-    lines = []
-    for r in results:
-        base = by_name.get(r.name.split("_")[0])
-        if "_" not in r.name or base is None:
-            continue
-        deltas = []
-        for kind in ("visible", "occluded"):
-            ours, theirs = r.metrics.get(f"{kind}/pck@0.1"), base.metrics.get(f"{kind}/pck@0.1")
-            if ours is not None and theirs is not None:
-                verdict = "beats" if ours > theirs else "does not beat"
-                deltas.append(f"{kind}: {ours:.3f} vs {theirs:.3f} ({ours - theirs:+.3f}, {verdict} {base.name})")
-        lines.append(f"- **{r.name}**: " + "; ".join(deltas))
-    return lines
-
-
-def write_report(out_dir: Path, results: list[ModeResult], header: list[str], notes: list[str]) -> Path:
+def write_report(out_dir: Path, results: list[ModeResult], header: list[str], comparisons: list[Comparison],
+                 notes: list[str]) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = plot_curves(results, out_dir)
+    scored = next((r.predictions for r in results if r.predictions is not None), None)
+    size = f"{len(scored)} validation instances" if scored is not None else "the validation split"
     parts = ["# distpose pipeline report", "", *header, "", "## Comparison", "",
              "PCK in original image pixels, normalised by the longer side of the ground-truth box; AP/AR: "
              "COCO keypoint eval (pycocotools) with ground-truth boxes. samples/s: median training "
-             "throughput of the run; wall time: its fit() time including Ray worker start-up and evaluations.",
-             "", comparison_table(results), "", "## CRF modes against their backbones (PCK@0.1)", "",
-             *crf_comparison(results), "", *notes, "", "## Curves", ""]
+             "throughput of the run; wall time: its fit() time including Ray worker start-up and evaluations. "
+             f"Intervals: 95%, percentile bootstrap over the {size} ({RESAMPLES} resamples).",
+             "", comparison_table(results), "", "## CRF modes against their backbones", "",
+             f"Differences in {HEADLINE}, paired bootstrap over the same {size} ({RESAMPLES} resamples, 95% "
+             "intervals). A run *beats* (or *trails*) the other only where the whole interval lies above (or "
+             "below) zero.", "", comparisons_table(comparisons), "", *notes, "", "## Curves", ""]
     parts += [f"![{p}]({p})" for p in plots]
     parts += ["", "## Skeletons (first validation images, predicted joints with confidence > 0.1)", ""]
     for r in results:
         if r.skeletons:
             parts += [f"### {r.name}", "", f"![{r.name}]({r.skeletons})", ""]
-    atomic_write_bytes(out_dir / "results.json",
-                       json.dumps([{"name": r.name, "description": r.description, "metrics": r.metrics,
-                                    "wall_time": r.wall_time, "samples_per_s": r.samples_per_s}
-                                   for r in results], indent=1).encode())
+
+    def interval_record(interval: Interval) -> list[float]:
+        return [interval.estimate, interval.low, interval.high]
+
+    atomic_write_bytes(out_dir / "results.json", json.dumps({
+        "runs": [{"name": r.name, "description": r.description, "metrics": r.metrics, "wall_time": r.wall_time,
+                  "samples_per_s": r.samples_per_s,
+                  "intervals": {f"{kind}/{HEADLINE}": interval_record(i) for kind, i in r.intervals().items()}}
+                 for r in results],
+        "comparisons": [{"run": c.run, "against": c.against,
+                         "differences": {f"{kind}/{HEADLINE}": interval_record(i) for kind, i in c.differences.items()}}
+                        for c in comparisons],
+    }, indent=1).encode())
     path = out_dir / "report.md"
     atomic_write_bytes(path, ("\n".join(parts) + "\n").encode())
     return path

@@ -26,6 +26,7 @@ import io
 import json
 import math
 import time
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,9 @@ from typing import Any
 import yaml
 
 from distpose.config import Config, ConfigError, load_config, read_yaml, score_names, yaml_problem
+from distpose.eval.bootstrap import RESAMPLES
+from distpose.eval.evaluate import evaluate_checkpoint, flat_metrics
+from distpose.eval.report import HEADLINE, KINDS, ModeResult, compare
 from distpose.files import atomic_write_bytes
 from distpose.train.checkpoints import BEST_MODEL, METRICS_LOG
 from distpose.train.driver import check_shards, ray_cluster, train, with_absolute_paths
@@ -68,6 +72,7 @@ class Sweep:
     reduction_factor: int = 2  # ASHA: keep the top 1/reduction_factor at each rung
     max_failures: int = 1  # Tune retries of a failed trial before it is recorded as failed
     storage: str = "sweeps"
+    seed: int = 0  # random, optuna and hyperopt sample the same trials for the same seed (each mode its own)
     source: str = field(default="", compare=False)  # the file it came from, for error messages
 
 
@@ -178,6 +183,8 @@ def _check(sweep: Sweep) -> None:
             sweep.reduction_factor, "an integer >= 2")
     require(isinstance(sweep.max_failures, int) and sweep.max_failures >= 0, "max_failures", sweep.max_failures,
             "an integer >= 0")
+    require(isinstance(sweep.seed, int) and not isinstance(sweep.seed, bool) and sweep.seed >= 0, "seed", sweep.seed,
+            "an integer >= 0")
     if sweep.search == "grid":
         ranged = [d.key for d in sweep.space if d.kind != "choice"]
         require(not ranged, "search", "grid", f"only choice dimensions in the space (ranges: {ranged})")
@@ -248,16 +255,29 @@ def _search_space(sweep: Sweep, mode: str) -> dict[str, Any]:
     return space
 
 
-def _searcher(sweep: Sweep):
+def mode_seed(sweep: Sweep, mode: str) -> int:
+    """The search seed of one mode's experiment: fixed by the sweep's seed and the mode's name, so narrowing a
+    sweep to fewer modes samples the same trials for those that remain."""
+    return (sweep.seed * 1_000_003 + zlib.crc32(mode.encode())) % 2**31
+
+
+def _searcher(sweep: Sweep, mode: str, concurrent: int = 0):
+    """The mode's seeded searcher, running at most `concurrent` trials at once (0: no limit). The limit is the
+    searcher's own: Tune ignores max_concurrent_trials for its basic generator."""
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    seed = mode_seed(sweep, mode)
     if sweep.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch()
-    if sweep.search == "hyperopt":
+        searcher = OptunaSearch(seed=seed)
+    elif sweep.search == "hyperopt":
         from ray.tune.search.hyperopt import HyperOptSearch
 
-        return HyperOptSearch()
-    return None  # Tune's BasicVariantGenerator: random samples, grid_search expanded
+        searcher = HyperOptSearch(random_state_seed=seed)
+    else:  # random samples, grid_search expanded
+        return BasicVariantGenerator(random_state=seed, max_concurrent=concurrent)
+    return ConcurrencyLimiter(searcher, max_concurrent=concurrent) if concurrent else searcher
 
 
 def _make_trial(sweep: Sweep, mode: str, runs: Path, backbone: str | None):
@@ -332,9 +352,9 @@ def run_mode(sweep: Sweep, mode: str, backbone: str | None, resume: bool) -> lis
             trainable,
             param_space=_search_space(sweep, mode),
             tune_config=tune.TuneConfig(
-                metric=f"val/{sweep.metric}", mode="max", scheduler=scheduler, search_alg=_searcher(sweep),
-                num_samples=1 if sweep.search == "grid" else sweep.trials_per_mode,
-                max_concurrent_trials=concurrent),
+                metric=f"val/{sweep.metric}", mode="max", scheduler=scheduler,
+                search_alg=_searcher(sweep, mode, concurrent),
+                num_samples=1 if sweep.search == "grid" else sweep.trials_per_mode),
             run_config=tune.RunConfig(
                 name="experiment", storage_path=str(directory),
                 failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
@@ -392,17 +412,25 @@ def _trial_id(runs: Path, result: Any) -> str:
 # the sweep
 
 
+def parent_mode(mode: str, bases: dict[str, Config]) -> str | None:
+    """The swept backbone mode a crf/joint mode starts from: the one with the same network, or None (the mode
+    config's own train.backbone_checkpoint). `bases`: base_config per mode of the sweep."""
+    if bases[mode].train.mode == "backbone":
+        return None
+    return next((other for other, cfg in bases.items()
+                 if cfg.train.mode == "backbone" and cfg.model.backbone == bases[mode].model.backbone), None)
+
+
 def parent_backbone(sweep: Sweep, mode: str, bases: dict[str, Config], best: dict[str, dict[str, Any]]
                     ) -> str | None:
-    """The checkpoint a crf/joint mode starts from: the best trial of the swept backbone mode with the same
-    network, else None (the mode config's own train.backbone_checkpoint). `bases`: base_config per mode."""
-    for other, other_cfg in bases.items():
-        if other_cfg.train.mode == "backbone" and other_cfg.model.backbone == bases[mode].model.backbone:
-            if other not in best:
-                raise ConfigError(f"{sweep.source}: mode {mode!r} starts from the best {other!r} trial, "
-                                  f"but no {other!r} trial produced a checkpoint")
-            return best[other]["checkpoint"]
-    return None
+    """The checkpoint a crf/joint mode starts from: the best trial of its parent_mode, else None."""
+    other = parent_mode(mode, bases)
+    if other is None:
+        return None
+    if other not in best:
+        raise ConfigError(f"{sweep.source}: mode {mode!r} starts from the best {other!r} trial, "
+                          f"but no {other!r} trial produced a checkpoint")
+    return best[other]["checkpoint"]
 
 
 def best_trials(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -444,18 +472,32 @@ def run_sweep(sweep: Sweep, address: str | None = None, resume: bool = False) ->
             records += mode_records
             _say(f"{mode}: " + ", ".join(f"{status} {sum(r['status'] == status for r in mode_records)}"
                                          for status in ("completed", "early-stopped", "failed")))
-    path = write_leaderboard(sweep, records)
+    scored = score_best(best_trials(records))
+    path = write_leaderboard(sweep, records, scored, {m: parent_mode(m, bases) for m in sweep.modes})
     _say(f"leaderboard: {path}")
     return path
 
 
-def write_leaderboard(sweep: Sweep, records: list[dict[str, Any]]) -> Path:
-    """leaderboard.md/.csv (the best trial per mode), trials.csv (every trial), best/<mode>.pt."""
+def score_best(best: dict[str, dict[str, Any]]) -> dict[str, ModeResult]:
+    """Each mode's best checkpoint evaluated again on its validation split, for intervals and paired comparisons."""
+    scored = {}
+    for mode, record in best.items():
+        metrics, predictions, _ = evaluate_checkpoint(record["checkpoint"])
+        scored[mode] = ModeResult(mode, "", flat_metrics(metrics), predictions=predictions)
+    return scored
+
+
+def write_leaderboard(sweep: Sweep, records: list[dict[str, Any]], scored: dict[str, ModeResult],
+                      parents: dict[str, str | None]) -> Path:
+    """leaderboard.md/.csv (the best trial per mode, with 95% intervals and each crf/joint mode's paired
+    difference from its backbone), trials.csv (every trial), best/<mode>.pt."""
     directory = sweep_dir(sweep)
     best = best_trials(records)
     (directory / "best").mkdir(exist_ok=True)
     shown = [sweep.metric] + [m for m in ("visible/pck@0.1", "occluded/pck@0.1", "AP") if m != sweep.metric]
-    columns = ["mode", "trial", *shown, "best_epoch", "trials", "params", "checkpoint"]
+    intervals = [f"{kind}/{HEADLINE} [95%]" for kind in KINDS]
+    against = [f"{kind}/{HEADLINE} minus its backbone's [95%]" for kind in KINDS]
+    columns = ["mode", "trial", *shown, *intervals, *against, "best_epoch", "trials", "params", "checkpoint"]
     rows = []
     for mode in sweep.modes:
         ours = [r for r in records if r["mode"] == mode]
@@ -466,7 +508,12 @@ def write_leaderboard(sweep: Sweep, records: list[dict[str, Any]]) -> Path:
             continue
         exported = directory / "best" / f"{mode}.pt"
         atomic_write_bytes(exported, Path(r["checkpoint"]).read_bytes())
-        rows.append({"mode": mode, "trial": r["trial"], **{m: r["scores"].get(m) for m in shown},
+        cells = {column: interval.format() for column, interval in zip(intervals, scored[mode].intervals().values())}
+        parent = parents.get(mode)
+        if parent in scored:
+            differences = compare(scored[mode], scored[parent]).differences.values()
+            cells |= {column: f"{d.format(signed=True)} ({d.verdict()})" for column, d in zip(against, differences)}
+        rows.append({"mode": mode, "trial": r["trial"], **{m: r["scores"].get(m) for m in shown}, **cells,
                      "best_epoch": r["best_epoch"], "trials": counts,
                      "params": " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                         for k, v in sorted(r["params"].items())),
@@ -482,9 +529,12 @@ def write_leaderboard(sweep: Sweep, records: list[dict[str, Any]]) -> Path:
 
     lines = [f"# Sweep {sweep.name}", "",
              f"`{sweep.source}`: {len(records)} trials, {sweep.search} search, ASHA on val/{sweep.metric} "
-             f"(grace {sweep.grace_period} epoch(s), reduction factor {sweep.reduction_factor}). Best trial per "
-             "mode, scored on the validation split at its best epoch; trials = completed/early-stopped/failed. "
-             "Every trial: `trials.csv`.", "",
+             f"(grace {sweep.grace_period} epoch(s), reduction factor {sweep.reduction_factor}), seed {sweep.seed}. "
+             "Best trial per mode, scored on the validation split at its best epoch; trials = "
+             "completed/early-stopped/failed. Every trial: `trials.csv`. Intervals: 95% bootstrap over the "
+             f"validation instances ({RESAMPLES} resamples); a crf/joint mode's difference from its backbone's best "
+             "trial is paired over the same instances and called beats/trails only where its interval excludes "
+             "zero.", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
     path = directory / "leaderboard.md"

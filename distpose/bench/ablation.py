@@ -1,0 +1,121 @@
+"""What each choice of the CRF modes is worth: one change at a time against the shipped crf and joint
+configs, each trained from the same backbone and scored on the same validation instances.
+
+    pairwise start   the training split's limb statistics (shipped) / a Gaussian at zero displacement
+    window           chosen from the limbs (shipped) / smaller radii
+    unary scale      the shipped model.crf_unary_scale / a third / three times
+    joint backbone   the backbone at the CRF's learning rate (shipped) / a tenth of it (joint mode)
+
+Every variant reports its PCK@0.1 (visible and occluded) with a 95% bootstrap interval, its paired
+difference from the reference run of its mode, and from the backbone it started from.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from distpose.bench import machine
+from distpose.config import Config, load_config
+from distpose.errors import UserError
+from distpose.eval.bootstrap import Interval
+from distpose.eval.evaluate import evaluate_checkpoint, flat_metrics
+from distpose.eval.report import HEADLINE, KINDS, ModeResult, compare
+from distpose.train.crf_prior import PRIOR_FILE
+from distpose.train.driver import ray_cluster, run_dir, train
+
+# (variant, mode config, overrides): the first of each mode is its reference.
+VARIANTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("crf (shipped)", "crf", ()),
+    ("crf, pairwise a Gaussian at zero", "crf", ("model.crf_pairwise_init=gaussian",)),
+    ("crf, window R=3", "crf", ("model.crf_window=3",)),
+    ("crf, window R=5", "crf", ("model.crf_window=5",)),
+    ("crf, unary scale / 3", "crf", ("model.crf_unary_scale={scale_third}",)),
+    ("crf, unary scale x 3", "crf", ("model.crf_unary_scale={scale_triple}",)),
+    ("joint (shipped)", "joint", ()),
+    ("joint, backbone lr / 10", "joint", ("train.backbone_lr_scale={backbone_lr_tenth}",)),
+)
+
+
+def _say(text: str) -> None:
+    print(f"[ablation] {text}", flush=True)
+
+
+def variant_configs(config_dir: Path, network: str, overrides: tuple[str, ...]) -> list[tuple[str, Config]]:
+    """(variant, config) per variant, named ablation_<network>_<index> in the configs' storage."""
+    out = []
+    for index, (name, mode, changes) in enumerate(VARIANTS):
+        path = config_dir / f"{network}_{mode}.yaml"
+        if not path.is_file():
+            raise UserError(f"ablation: config directory {config_dir} lacks {path.name}")
+        base = load_config(path, overrides)
+        values = {"scale_third": base.model.crf_unary_scale / 3, "scale_triple": base.model.crf_unary_scale * 3,
+                  "backbone_lr_tenth": base.train.backbone_lr_scale / 10}
+        extra = [c.format(**values) for c in changes] + [f"train.run_name=ablation_{network}_{index}"]
+        out.append((name, load_config(path, [*overrides, *extra])))
+    return out
+
+
+def run(config_dir: str | Path = "configs/quick", network: str = "cnn", overrides: tuple[str, ...] = (),
+        address: str | None = None) -> dict[str, Any]:
+    variants = variant_configs(Path(config_dir), network, overrides)
+    backbone = variants[0][1].train.backbone_checkpoint
+    if not Path(backbone).is_file():
+        raise UserError(f"ablation: the backbone checkpoint {backbone} does not exist: train it first (`make demo` "
+                        "writes runs/pipeline_<network>/final.pt) or name one with train.backbone_checkpoint=...")
+    _say(f"{len(variants)} CRF runs from {backbone}")
+    _, base_predictions, _ = evaluate_checkpoint(backbone)
+    base = ModeResult(network, "the backbone", {}, predictions=base_predictions)
+    results: list[tuple[str, Config, ModeResult]] = []
+    with ray_cluster(address, variants[0][1].monitor):
+        for name, cfg in variants:
+            _say(f"{name}: training {cfg.train.run_name}")
+            outcome = train(cfg)
+            metrics, predictions, _ = evaluate_checkpoint(outcome.final_model)
+            results.append((name, cfg, ModeResult(name, cfg.train.mode, flat_metrics(metrics), outcome.wall_time,
+                                                  predictions=predictions)))
+    references: dict[str, ModeResult] = {}
+    for _, cfg, result in results:
+        references.setdefault(cfg.train.mode, result)  # each mode's first variant
+    rows = []
+    for name, cfg, result in results:
+        prior = (run_dir(cfg) / PRIOR_FILE).read_text() if (run_dir(cfg) / PRIOR_FILE).is_file() else "{}"
+        reference = references[cfg.train.mode]
+        rows.append({
+            "variant": name, "mode": cfg.train.mode, "run": cfg.train.run_name, "wall_time": result.wall_time,
+            "steps": cfg.train.epochs * cfg.data.batches_per_epoch, "prior": json.loads(prior),
+            "metrics": {k: result.metrics[k] for k in ("visible/pck@0.1", "occluded/pck@0.1", "AP")},
+            "intervals": {kind: _record(i) for kind, i in result.intervals().items()},
+            "vs_reference": None if reference is result else
+            {kind: _record(d) for kind, d in compare(result, reference).differences.items()},
+            "vs_backbone": {kind: _record(d) for kind, d in compare(result, base).differences.items()},
+        })
+    return {"benchmark": "crf-ablation", "machine": machine(), "network": network, "backbone": backbone,
+            "instances": len(base_predictions), "metric": HEADLINE, "kinds": list(KINDS), "variants": rows,
+            "table": table(rows)}
+
+
+def _record(interval: Interval) -> list[float]:
+    return [interval.estimate, interval.low, interval.high]
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: each variant's scores and its differences from its mode's reference and from the backbone."""
+    def diff(values: list[float] | None) -> str:
+        if values is None:
+            return "(reference)"
+        estimate, low, high = values
+        verdict = " better" if low > 0 else " worse" if high < 0 else ""
+        return f"{estimate:+.3f} [{low:+.3f}, {high:+.3f}]{verdict}"
+
+    lines = ["| variant | R | visible | occluded | visible vs reference | occluded vs reference | "
+             "visible vs backbone | occluded vs backbone | train s |", "|" + "---|" * 9]
+    for r in rows:
+        (v, vl, vh), (o, ol, oh) = r["intervals"]["visible"], r["intervals"]["occluded"]
+        ref, bb = r["vs_reference"] or {}, r["vs_backbone"]
+        lines.append(f"| {r['variant']} | {r['prior'].get('radius', '-')} | {v:.3f} [{vl:.3f}, {vh:.3f}] | "
+                     f"{o:.3f} [{ol:.3f}, {oh:.3f}] | {diff(ref.get('visible') if ref else None)} | "
+                     f"{diff(ref.get('occluded') if ref else None)} | {diff(bb['visible'])} | {diff(bb['occluded'])} | "
+                     f"{r['wall_time']:.0f} |")
+    return "\n".join(lines)
