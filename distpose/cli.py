@@ -385,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides for every run")
     pipeline.add_argument("--data", default="data/synth", help="synthetic COCO root (default data/synth)")
     pipeline.add_argument("--train-images", type=_positive, default=1000, help="if generated (default 1000)")
-    pipeline.add_argument("--val-images", type=_positive, default=100, help="if generated (default 100)")
+    pipeline.add_argument("--val-images", type=_positive, default=250, help="if generated (default 250)")
     pipeline.add_argument("--report", default="reports/pipeline", help="report directory (default reports/pipeline)")
     _add_address_argument(pipeline)
     pipeline.set_defaults(func=cmd_pipeline)

@@ -85,6 +85,9 @@ class ModelConfig:
     # The crf/joint modes start the CRF's unary log-potentials as the backbone's heatmaps (values in [0, 1])
     # times this: at 1 the marginals are near flat (README, Pipeline, has the measurements).
     crf_unary_scale: float = 30.0
+    # Sigma (heatmap pixels) of the Gaussian whose normalised map is the CRF modes' cross-entropy target:
+    # the joint's true position, blurred less than the heatmap targets (data.sigma).
+    crf_target_sigma: float = 0.7
     # Local weights file for the backbone (ours, torchvision ResNet-50, or an official HRNet/SimpleBaseline
     # release), loaded where names and shapes match. Nothing is ever downloaded.
     pretrained: str = ""
@@ -341,6 +344,7 @@ def validate(cfg: Config) -> None:
     _require(a.rotation_factor >= 0, "data.augment.rotation_factor", a.rotation_factor, "a number >= 0")
     _require(cfg.model.num_joints == 17, "model.num_joints", cfg.model.num_joints, "17 (COCO keypoints)")
     m = cfg.model
+    _require(m.crf_target_sigma > 0, "model.crf_target_sigma", m.crf_target_sigma, "a number > 0")
     _require(m.crf_window == "auto" or m.crf_window >= 1, "model.crf_window", m.crf_window, "an integer >= 1 or 'auto'")
     _require(0 < m.crf_window_coverage <= 1, "model.crf_window_coverage", m.crf_window_coverage, "a fraction in (0, 1]")
     _require(cfg.model.crf_unary_scale > 0, "model.crf_unary_scale", cfg.model.crf_unary_scale, "a number > 0")

@@ -76,12 +76,15 @@ def mean_pose_floor(cfg: Config, truth: GroundTruth) -> ModeResult:
                       predictions=predictions)
 
 
-def comparisons(results: list[ModeResult]) -> list[Comparison]:
-    """Each CRF run against the backbone it started from, and each joint run against the crf run of its
-    network: the comparisons the five modes exist for."""
+def comparisons(results: list[ModeResult], configs: dict[str, Config]) -> list[Comparison]:
+    """HRNet against the CNN, each CRF run against the backbone it started from, and each joint run against
+    the crf run on the same backbone: the comparisons the five modes exist for."""
     by_name = {r.name: r for r in results}
-    pairs = [(name, parent) for name, _, parent in RUNS if parent is not None]
-    pairs += [(name, name.replace("_joint", "_crf")) for name, _, _ in RUNS if name.endswith("_joint")]
+    parents = {name: parent for name, _, parent in RUNS}
+    crf_on = {parents[name]: name for name, cfg in configs.items() if cfg.train.mode == "crf"}
+    pairs = [("hrnet", "cnn")] + [(name, parents[name]) for name in configs if parents[name] is not None]
+    pairs += [(name, crf_on[parents[name]]) for name, cfg in configs.items()
+              if cfg.train.mode == "joint" and parents[name] in crf_on]
     return [compare(by_name[a], by_name[b]) for a, b in pairs if a in by_name and b in by_name]
 
 
@@ -112,13 +115,14 @@ def run_config(config_dir: Path, name: str, overrides: list[str], parent: Path |
         raise UserError(f"pipeline config directory {config_dir} lacks {name}.yaml")
     extra = [f"train.run_name=pipeline_{name}"]
     if parent is not None:
-        extra.append(f"train.backbone_checkpoint={parent}")
+        # The report scores every final.pt itself; a CRF run's own evaluation would only repeat the last one.
+        extra += [f"train.backbone_checkpoint={parent}", "eval.every_epochs=0"]
     return load_config(path, [*overrides, *extra])
 
 
 def run_pipeline(config_dir: str | Path = "configs/quick", overrides: tuple[str, ...] = (),
                  data_root: str | Path = "data/synth", report_dir: str | Path = "reports/pipeline",
-                 train_images: int = 1000, val_images: int = 100, address: str | None = None) -> Path:
+                 train_images: int = 1000, val_images: int = 250, address: str | None = None) -> Path:
     start = time.perf_counter()
     config_dir, report_dir = Path(config_dir), Path(report_dir)
     first = run_config(config_dir, RUNS[0][0], list(overrides), None)
@@ -141,7 +145,7 @@ def run_pipeline(config_dir: str | Path = "configs/quick", overrides: tuple[str,
     header = [f"Configs: `{config_dir}` (overrides: {' '.join(overrides) or 'none'}); data: `{data_root}` "
               f"({train_images} training, {val_images} validation images); total pipeline time "
               f"{time.perf_counter() - start:.0f} s."]
-    path = write_report(report_dir, results, header, comparisons(results), crf_notes(results, configs))
+    path = write_report(report_dir, results, header, comparisons(results, configs), crf_notes(results, configs))
     _say(f"report: {path} ({time.perf_counter() - start:.0f} s in all)")
     return path
 

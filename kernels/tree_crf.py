@@ -8,7 +8,7 @@ log-potential of the edge parent(k) -> k over displacements d = x_k - x_parent(k
 Sum-product runs in log space over the tree's levels: leaves to root (messages, log Z), then root
 to leaves (outside messages), which gives every joint's exact log-marginal. A message is
 m(x_p) = logsumexp_d [b_c(x_p + d) + w_c(d)] for all edges of a level at once. Never computed as
-exp -> conv2d -> log: that underflows to -inf on peaked real heatmaps (DESIGN.md).
+exp -> conv2d -> log: that underflows to -inf on peaked real heatmaps (benchmarks/README.md measures it).
 Max-product with back-pointers gives the MAP configuration.
 
 Each message is one of the formulations in MESSAGES: the PyTorch reference (any device), unfold

@@ -30,7 +30,7 @@ def test_kernel_benchmark_reports_every_implementation():
 
 
 def test_conv_baseline_loses_outputs_on_peaked_heatmaps():
-    """The probability-space shortcut underflows where the exact message does not (DESIGN.md)."""
+    """The probability-space shortcut underflows where the exact message does not."""
     belief = -((torch.arange(32.0)[:, None] - 5) ** 2 + (torch.arange(24.0)[None, :] - 4) ** 2)[None] / 2.0
     pairwise = -(torch.arange(-7.0, 8)[:, None] ** 2 + torch.arange(-7.0, 8)[None, :] ** 2)[None] / 8.0
     exact, _ = message(belief.double(), pairwise.double())

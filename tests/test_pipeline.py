@@ -45,9 +45,9 @@ def test_report_has_every_mode_and_the_floor(pipeline_run):
         for kind in ("visible", "occluded"):
             estimate, low, high = r["intervals"][f"{kind}/pck@0.1"]
             assert low <= estimate <= high and estimate == pytest.approx(r["metrics"][f"{kind}/pck@0.1"])
-    # Each CRF run against its backbone, each joint run against its network's crf run, paired.
+    # HRNet against the CNN, each CRF run against its backbone, each joint run against its network's crf run.
     assert [(c["run"], c["against"]) for c in saved["comparisons"]] == [
-        ("cnn_crf", "cnn"), ("cnn_joint", "cnn"), ("hrnet_crf", "hrnet"), ("hrnet_joint", "hrnet"),
+        ("hrnet", "cnn"), ("cnn_crf", "cnn"), ("cnn_joint", "cnn"), ("hrnet_crf", "hrnet"), ("hrnet_joint", "hrnet"),
         ("cnn_joint", "cnn_crf"), ("hrnet_joint", "hrnet_crf")]
     floor, runs = results[0], results[1:]
     assert floor["wall_time"] is None and 0 <= floor["metrics"]["visible/pck@0.1"] <= 1

@@ -176,3 +176,13 @@ def test_lr_multiplier_warmup_then_steps():
 def test_lr_multiplier_no_warmup_and_factor():
     cfg = load_config(None, ["data.batches_per_epoch=5", "train.lr_steps=[1]", "train.lr_factor=0.5"])
     assert [lr_multiplier(s, cfg) for s in range(8)] == [1.0] * 5 + [0.5] * 3
+
+
+def test_crf_modes_train_on_narrower_targets_than_the_heatmaps():
+    from distpose.train.modes import target_codec
+
+    backbone = load_config(None, ["data.sigma=2.0", "model.crf_target_sigma=0.5"])
+    crf = load_config(None, ["data.sigma=2.0", "model.crf_target_sigma=0.5", "train.mode=crf",
+                             "train.backbone_checkpoint=b.pt"])
+    assert target_codec(backbone).sigma == 2.0 and target_codec(crf).sigma == 0.5
+    assert target_codec(crf).heatmap_size == crf.data.heatmap_size

@@ -29,7 +29,7 @@ from distpose.keypoints import CRF_PARENTS
 log = logging.getLogger(__name__)
 
 # Special-function (MUFU ex2) throughput: SMs x 16 per clock x boost clock. H100 and H200 SXM share
-# the GH100 die at 132 SMs and 1.83 GHz boost: about 3.9e12 exp/s (DESIGN.md's performance model).
+# the GH100 die at 132 SMs and 1.83 GHz boost: about 3.9e12 exp/s (docs/crf.md's performance model).
 EXP_PEAK_PER_S = {"H100": 3.9e12, "H200": 3.9e12}
 EDGES = len(CRF_PARENTS) - 1
 EXACT = ("triton", "shift", "unfold")

@@ -20,14 +20,13 @@ import torch
 
 from distpose.bench import machine
 from distpose.config import Config, micro_batch_size
-from distpose.data.codec import HeatmapCodec
 from distpose.data.transforms import normalize_images
 from distpose.errors import UserError
 from distpose.models.factory import count_macs
 from distpose.models.pose import build_pose_model
 from distpose.train.batches import training_batches
 from distpose.train.crf_prior import with_crf_prior
-from distpose.train.modes import mode_loss, parameter_groups, set_train_mode
+from distpose.train.modes import mode_loss, parameter_groups, set_train_mode, target_codec
 
 # Dense bf16 tensor-core peaks (no sparsity), from the vendors' datasheets, matched against the device name
 # in this order (the H100 PCIe and NVL parts are slower than the SXM one); MFU is reported on these only.
@@ -44,7 +43,7 @@ def plain_loop(cfg: Config, warmup: int, steps: int) -> dict[str, float]:
     model = build_pose_model(cfg, prior.pairwise if prior else None).to(device)
     optimizer = torch.optim.Adam(parameter_groups(model, cfg.train.mode, cfg.train.lr, cfg.train.backbone_lr_scale))
     batches, _ = training_batches(cfg, 0, cfg.train.workers, 0)
-    codec = HeatmapCodec(cfg.data.input_size, cfg.data.heatmap_size, cfg.data.sigma)
+    codec = target_codec(cfg)
     half = {"bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
     autocast = torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")

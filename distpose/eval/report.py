@@ -150,7 +150,7 @@ def write_report(out_dir: Path, results: list[ModeResult], header: list[str], co
              "COCO keypoint eval (pycocotools) with ground-truth boxes. samples/s: median training "
              "throughput of the run; wall time: its fit() time including Ray worker start-up and evaluations. "
              f"Intervals: 95%, percentile bootstrap over the {size} ({RESAMPLES} resamples).",
-             "", comparison_table(results), "", "## CRF modes against their backbones", "",
+             "", comparison_table(results), "", "## Paired comparisons", "",
              f"Differences in {HEADLINE}, paired bootstrap over the same {size} ({RESAMPLES} resamples, 95% "
              "intervals). A run *beats* (or *trails*) the other only where the whole interval lies above (or "
              "below) zero.", "", comparisons_table(comparisons), "", *notes, "", "## Curves", ""]

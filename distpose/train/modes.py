@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from distpose.config import Mode
+from distpose.config import Config, Mode
+from distpose.data.codec import HeatmapCodec
 from distpose.models.losses import crf_marginal_loss, heatmap_mse
 from distpose.models.pose import PoseModel, PoseOutput
 
@@ -45,6 +46,14 @@ def set_train_mode(model: nn.Module, mode: Mode) -> None:
     model.train()
     if mode == "crf":
         model.backbone.eval()
+
+
+def target_codec(cfg: Config) -> HeatmapCodec:
+    """The codec that renders the training targets: Gaussians of data.sigma for the heatmap MSE, of
+    model.crf_target_sigma for the CRF modes' cross-entropy (where the target stands for the joint's true
+    position, and a broad one rewards broad marginals that the pairwise prior then moves)."""
+    sigma = cfg.data.sigma if cfg.train.mode == "backbone" else cfg.model.crf_target_sigma
+    return HeatmapCodec(cfg.data.input_size, cfg.data.heatmap_size, sigma)
 
 
 def mode_loss(output: PoseOutput, target: torch.Tensor, weight: torch.Tensor, mode: Mode) -> torch.Tensor:

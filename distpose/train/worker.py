@@ -20,7 +20,6 @@ from typing import Any
 import torch
 
 from distpose.config import Config, config_from_dict, micro_batch_size
-from distpose.data.codec import HeatmapCodec
 from distpose.data.transforms import normalize_images
 from distpose.eval.evaluate import evaluate_model, flat_metrics
 from distpose.models.pose import build_pose_model, pose_architecture
@@ -38,7 +37,7 @@ from distpose.train.checkpoints import (
     write_meta,
 )
 from distpose.train.engine import build_engine
-from distpose.train.modes import mode_loss, parameter_groups, set_train_mode
+from distpose.train.modes import mode_loss, parameter_groups, set_train_mode, target_codec
 
 
 class MetricsLog:
@@ -122,7 +121,7 @@ def train_worker(job: dict[str, Any]) -> None:
             f"global batch {cfg.data.batch_size} ({micro_batch_size(cfg)} x {world} x {cfg.train.grad_accum}), "
             f"{cfg.train.precision}, ZeRO {cfg.train.zero_stage}; {origin}")
 
-    codec = HeatmapCodec(cfg.data.input_size, cfg.data.heatmap_size, cfg.data.sigma)
+    codec = target_codec(cfg)
     batches, loader = training_batches(cfg, rank, world, state.step)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16 if cfg.train.precision == "fp16" \
         else torch.float32
