@@ -5,6 +5,7 @@ configs, each trained from the same backbone and scored on the same validation i
     window           chosen from the limbs (shipped) / smaller radii
     unary scale      the shipped model.crf_unary_scale / a third / three times
     joint backbone   the backbone at the CRF's learning rate (shipped) / a tenth of it (joint mode)
+    target           the cross-entropy target at model.crf_target_sigma (shipped) / at the heatmaps' data.sigma
 
 Every variant reports its PCK@0.1 (visible and occluded) with a 95% bootstrap interval, its paired
 difference from the reference run of its mode, and from the backbone it started from.
@@ -22,6 +23,7 @@ from distpose.errors import UserError
 from distpose.eval.bootstrap import Interval
 from distpose.eval.evaluate import evaluate_checkpoint, flat_metrics
 from distpose.eval.report import HEADLINE, KINDS, ModeResult, compare
+from distpose.train.checkpoints import METRICS_LOG
 from distpose.train.crf_prior import PRIOR_FILE
 from distpose.train.driver import ray_cluster, run_dir, train
 
@@ -35,6 +37,8 @@ VARIANTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("crf, unary scale x 3", "crf", ("model.crf_unary_scale={scale_triple}",)),
     ("joint (shipped)", "joint", ()),
     ("joint, backbone lr / 10", "joint", ("train.backbone_lr_scale={backbone_lr_tenth}",)),
+    # Appended, not inserted: runs are named by index, and a finished run of that name is reused.
+    ("crf, cross-entropy target at data.sigma", "crf", ("model.crf_target_sigma={heatmap_sigma}",)),
 )
 
 
@@ -51,7 +55,7 @@ def variant_configs(config_dir: Path, network: str, overrides: tuple[str, ...]) 
             raise UserError(f"ablation: config directory {config_dir} lacks {path.name}")
         base = load_config(path, overrides)
         values = {"scale_third": base.model.crf_unary_scale / 3, "scale_triple": base.model.crf_unary_scale * 3,
-                  "backbone_lr_tenth": base.train.backbone_lr_scale / 10}
+                  "backbone_lr_tenth": base.train.backbone_lr_scale / 10, "heatmap_sigma": base.data.sigma}
         extra = [c.format(**values) for c in changes] + [f"train.run_name=ablation_{network}_{index}"]
         out.append((name, load_config(path, [*overrides, *extra])))
     return out
@@ -73,8 +77,8 @@ def run(config_dir: str | Path = "configs/quick", network: str = "cnn", override
             _say(f"{name}: training {cfg.train.run_name}")
             outcome = train(cfg)
             metrics, predictions, _ = evaluate_checkpoint(outcome.final_model)
-            results.append((name, cfg, ModeResult(name, cfg.train.mode, flat_metrics(metrics), outcome.wall_time,
-                                                  predictions=predictions)))
+            results.append((name, cfg, ModeResult(name, cfg.train.mode, flat_metrics(metrics),
+                                                  training_seconds(outcome.run_dir), predictions=predictions)))
     references: dict[str, ModeResult] = {}
     for _, cfg, result in results:
         references.setdefault(cfg.train.mode, result)  # each mode's first variant
@@ -96,6 +100,14 @@ def run(config_dir: str | Path = "configs/quick", network: str = "cnn", override
             "table": table(rows)}
 
 
+def training_seconds(directory: Path) -> float:
+    """From the run's first start to its final.pt, in its metrics.jsonl: the same figure for a run trained
+    now and for a finished run found again."""
+    records = [json.loads(line) for line in (directory / METRICS_LOG).read_text().splitlines()]
+    start = min(r["time"] for r in records if r["kind"] == "start")
+    return max(r["time"] for r in records if r["kind"] == "final") - start
+
+
 def _record(interval: Interval) -> list[float]:
     return [interval.estimate, interval.low, interval.high]
 
@@ -110,7 +122,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         return f"{estimate:+.3f} [{low:+.3f}, {high:+.3f}]{verdict}"
 
     lines = ["| variant | R | visible | occluded | visible vs reference | occluded vs reference | "
-             "visible vs backbone | occluded vs backbone | train s |", "|" + "---|" * 9]
+             "visible vs backbone | occluded vs backbone | training s |", "|" + "---|" * 9]
     for r in rows:
         (v, vl, vh), (o, ol, oh) = r["intervals"]["visible"], r["intervals"]["occluded"]
         ref, bb = r["vs_reference"] or {}, r["vs_backbone"]
