@@ -43,6 +43,14 @@ def synth_shards(tmp_path_factory, synth_root) -> Path:
     return out
 
 
+def pytest_collection_modifyitems(items):
+    """A test that needs the shared Ray instance, directly or through a fixture, is an integration test:
+    `-m "not integration"` never starts Ray."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance for every integration test (starting Ray costs ~10 s here)."""
