@@ -36,7 +36,7 @@ test: $(VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check distpose kernels tests benchmarks
+	$(BIN)/ruff check distpose tests benchmarks
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -246,7 +246,7 @@ def _set(obj: Any, dotted: str, value: Any, prefix: str = "") -> None:
     setattr(obj, head, _coerce(key, value, tp))
 
 
-def _parse_override(text: str) -> tuple[str, Any]:
+def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {text!r} is not of the form key.sub=value")
@@ -310,7 +310,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             raise ConfigError(f"config file {path}: not valid YAML ({yaml_problem(exc)})") from None
     cfg = _apply(Config(), data, f"config file {path}")
     for text in overrides:
-        _set(cfg, *_parse_override(text))
+        _set(cfg, *parse_override(text))
     validate(cfg)
     return cfg
 

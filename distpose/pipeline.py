@@ -13,36 +13,31 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from distpose.cluster import ray_cluster
 from distpose.config import Config, load_config
 from distpose.data.shards import manifest_path, shard_ground_truth, write_shards
 from distpose.data.synth import generate_synthetic_coco
 from distpose.errors import UserError
+from distpose.eval.draw import draw_predictions
 from distpose.eval.evaluate import evaluate_checkpoint, flat_metrics, score
 from distpose.eval.mean_pose import fit_mean_pose, predict_mean_pose
 from distpose.eval.report import Comparison, ModeResult, compare, read_run_log, write_report
-from distpose.eval.run import draw_predictions
+from distpose.modes import MODES, check_mode, crf_sibling, named_mode
 from distpose.train.checkpoints import METRICS_LOG
 from distpose.train.crf_prior import PRIOR_FILE
-from distpose.train.driver import TrainOutcome, ray_cluster, run_dir, train
+from distpose.train.driver import TrainOutcome, run_dir, train
 
-# (run, what it is, the run whose final.pt it starts from)
-RUNS = (
-    ("cnn", "backbone mode, CNN", None),
-    ("hrnet", "backbone mode, HRNet", None),
-    ("cnn_crf", "CRF on the frozen CNN", "cnn"),
-    ("cnn_joint", "CNN + CRF jointly", "cnn"),
-    ("hrnet_crf", "CRF on the frozen HRNet", "hrnet"),
-    ("hrnet_joint", "HRNet + CRF jointly", "hrnet"),
-)
+log = logging.getLogger(__name__)
 
 
 def _say(text: str) -> None:
-    print(f"[pipeline] {text}", flush=True)
+    log.info("[pipeline] %s", text)
 
 
 def prepare_data(root: Path, shards: Path, train_images: int, val_images: int) -> None:
@@ -80,11 +75,8 @@ def comparisons(results: list[ModeResult], configs: dict[str, Config]) -> list[C
     """HRNet against the CNN, each CRF run against the backbone it started from, and each joint run against
     the crf run on the same backbone: the comparisons the five modes exist for."""
     by_name = {r.name: r for r in results}
-    parents = {name: parent for name, _, parent in RUNS}
-    crf_on = {parents[name]: name for name, cfg in configs.items() if cfg.train.mode == "crf"}
-    pairs = [("hrnet", "cnn")] + [(name, parents[name]) for name in configs if parents[name] is not None]
-    pairs += [(name, crf_on[parents[name]]) for name, cfg in configs.items()
-              if cfg.train.mode == "joint" and parents[name] in crf_on]
+    pairs = [("hrnet", "cnn")] + [(name, named_mode(name).parent) for name in configs]
+    pairs += [(name, crf_sibling(name)) for name in configs]
     return [compare(by_name[a], by_name[b]) for a, b in pairs if a in by_name and b in by_name]
 
 
@@ -92,7 +84,6 @@ def crf_notes(results: list[ModeResult], configs: dict[str, Config]) -> list[str
     """How each CRF run started (its window and pairwise tables, from crf_prior.json) and its training
     budget next to its backbone's."""
     by_name = {r.name: r for r in results}
-    parents = {name: parent for name, _, parent in RUNS}
     notes = []
     for name, cfg in configs.items():
         if cfg.train.mode == "backbone" or name not in by_name:
@@ -100,7 +91,7 @@ def crf_notes(results: list[ModeResult], configs: dict[str, Config]) -> list[str
         prior = json.loads((run_dir(cfg) / PRIOR_FILE).read_text())
         held = "" if prior["coverage"] is None else \
             f" holds {prior['coverage']:.1%} of {prior['limbs']:,} training limbs (augmented)"
-        base = by_name.get(parents[name])
+        base = by_name.get(named_mode(name).parent)
         notes.append(f"- {name}: window R={prior['radius']} at heatmap {cfg.data.heatmap_size[0]}x"
                      f"{cfg.data.heatmap_size[1]}{held}; {prior['how']}; trained {len(by_name[name].steps)} steps "
                      f"from a backbone trained {len(base.steps) if base else 0} steps.")
@@ -117,7 +108,9 @@ def run_config(config_dir: Path, name: str, overrides: list[str], parent: Path |
     if parent is not None:
         # The report scores every final.pt itself; a CRF run's own evaluation would only repeat the last one.
         extra += [f"train.backbone_checkpoint={parent}", "eval.every_epochs=0"]
-    return load_config(path, [*overrides, *extra])
+    cfg = load_config(path, [*overrides, *extra])
+    check_mode(name, cfg.train.mode, str(path))
+    return cfg
 
 
 def run_pipeline(config_dir: str | Path = "configs/quick", overrides: tuple[str, ...] = (),
@@ -125,14 +118,15 @@ def run_pipeline(config_dir: str | Path = "configs/quick", overrides: tuple[str,
                  train_images: int = 1000, val_images: int = 250, address: str | None = None) -> Path:
     start = time.perf_counter()
     config_dir, report_dir = Path(config_dir), Path(report_dir)
-    first = run_config(config_dir, RUNS[0][0], list(overrides), None)
+    # Every config read and checked now, not after the data and the first fits.
+    first, *_ = [run_config(config_dir, m.name, list(overrides), None) for m in MODES]
     prepare_data(Path(data_root), Path(first.data.shards), train_images, val_images)
     truth = ground_truth_reader()
     floor = mean_pose_floor(first, truth)
     _say(f"mean-pose floor: visible PCK@0.1 {floor.metrics.get('visible/pck@0.1', 0):.3f}")
     results, finals, configs = [floor], {}, {}
     with ray_cluster(address, first.monitor):
-        for name, description, parent in RUNS:
+        for name, _, _, parent, description in MODES:
             cfg = run_config(config_dir, name, list(overrides), finals.get(parent))
             configs[name] = cfg
             _say(f"{name}: {description} ({cfg.model.backbone}, mode {cfg.train.mode})")

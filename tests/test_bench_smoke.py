@@ -1,12 +1,18 @@
 """Benchmarks run end to end at toy sizes (their figures come from `distpose bench ...`, not from tests)."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from distpose.kernels.tree_crf import message
 
 from distpose.bench.crf import run as run_crf
 from distpose.bench.kernel import conv_message
 from distpose.bench.kernel import run as run_kernel
+from distpose.kernels.tree_crf import message
 
 
 def test_crf_benchmark_runs_and_formulations_agree():
@@ -53,3 +59,36 @@ def test_train_benchmark_times_both_paths(ray_session, tmp_path):
     assert report["overhead"] == pytest.approx(1 - report["ratio"])  # one worker
     assert 0 <= distributed["data_wait_share"] < 1 and report["mfu"] is None  # no MFU without a GPU
     assert report["timed_steps"] == 4 and report["machine"]["device"] == "cpu"
+
+
+def test_the_gpu_script_runs_every_step_in_its_dry_run(tmp_path):
+    """benchmarks/gpu.sh --dry-run: the kernel tests, bench kernel and the plain training loop at toy size on
+    this machine, in a process without Ray or DeepSpeed imported (about 40 s here)."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "results"
+    proc = subprocess.run(["bash", str(root / "benchmarks" / "gpu.sh"), "--dry-run", str(out)], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable}, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    (summary,) = out.glob("gpu-checks-*-dry-run.json")
+    checks = json.loads(summary.read_text())
+    assert checks["dry_run"] is True and (device == "cuda" or checks["device"] == "cpu")
+    assert [(s["step"], s["exit_status"]) for s in checks["steps"]] == [("tests", 0), ("kernel", 0), ("train", 0)]
+    kernel = json.loads(next(out.glob("crf-kernel-*.json")).read_text())
+    assert kernel["results"][0]["shift"]["status"] == "ok"
+    train = json.loads(next(out.glob("train-plain-*.json")).read_text())
+    assert train["plain"]["samples_per_s"] > 0 and "distributed" not in train
+
+
+def test_a_failing_step_fails_the_gpu_script(tmp_path):
+    """Steps that fail are recorded with their status, the later ones still run, and the script exits non-zero."""
+    root = Path(__file__).resolve().parents[1]
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\nif [ "$1" = -m ]; then exit 3; fi\nexec {sys.executable} "$@"\n')  # every step
+    fake.chmod(0o755)
+    out = tmp_path / "results"
+    proc = subprocess.run(["bash", str(root / "benchmarks" / "gpu.sh"), "--dry-run", str(out)], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHON": str(fake)}, check=False)
+    assert proc.returncode != 0
+    steps = json.loads(next(out.glob("gpu-checks-*.json")).read_text())["steps"]
+    assert [(s["step"], s["exit_status"]) for s in steps] == [("tests", 3), ("kernel", 3), ("train", 3)]

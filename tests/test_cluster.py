@@ -105,7 +105,7 @@ def ranks_training_at(target: str, run: str) -> set[str]:
 def test_one_run_trains_on_both_nodes_and_both_are_discovered(two_nodes, synth_shards, tmp_path):
     address, temp, env, node_targets = two_nodes
     run = "two_nodes"
-    command = [sys.executable, "-m", "distpose.cli", "train", "model.backbone=cnn_small", "data.input_size=[64,48]",
+    command = [sys.executable, "-m", "distpose", "train", "model.backbone=cnn_small", "data.input_size=[64,48]",
                "data.heatmap_size=[16,12]", "data.loader_workers=0", f"data.shards={synth_shards}",
                f"train.storage={tmp_path}", f"train.run_name={run}", "train.workers=2", "train.cpus_per_worker=1",
                "data.batch_size=8", "train.epochs=2", "data.batches_per_epoch=60", "eval.every_epochs=0",

@@ -77,7 +77,7 @@ def test_bad_yaml_file(tmp_path):
 
 
 def test_cli_exit_code_2_and_one_line():
-    proc = subprocess.run([sys.executable, "-m", "distpose.cli", "config", "train.mode=nope"],
+    proc = subprocess.run([sys.executable, "-m", "distpose", "config", "train.mode=nope"],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [

@@ -14,8 +14,9 @@ from distpose.data.limbs import limb_displacements
 from distpose.data.shards import shard_ground_truth
 from distpose.keypoints import FLIP_INDEX, INDEX, NUM_JOINTS
 from distpose.models.crf import choose_radius, inside_window, pairwise_from_displacements, window_coverage
-from distpose.models.pose import build_pose_model, save_checkpoint
+from distpose.models.pose import save_checkpoint
 from distpose.train.crf_prior import crf_prior
+from distpose.train.modes import run_model
 
 NO_AUG = AugmentConfig(flip_prob=0, half_body_prob=0, scale_factor=0, rotation_prob=0)
 DATA = DataConfig(input_size=(128, 96), heatmap_size=(32, 24), augment=NO_AUG)
@@ -101,7 +102,7 @@ def test_window_coverage_and_radius_by_brute_force():
 def test_crf_prior_on_shards_and_into_the_model(synth_shards, tmp_path):
     backbone = tmp_path / "backbone.pt"
     base = [f"data.shards={synth_shards}", "data.input_size=[96,64]", "data.heatmap_size=[24,16]"]
-    save_checkpoint(backbone, build_pose_model(load_config(None, base)), load_config(None, base))
+    save_checkpoint(backbone, run_model(load_config(None, base)), load_config(None, base))
     cfg = load_config(None, [*base, "train.mode=crf", f"train.backbone_checkpoint={backbone}",
                              "model.crf_window_coverage=0.9"])
     prior = crf_prior(cfg)
@@ -111,7 +112,7 @@ def test_crf_prior_on_shards_and_into_the_model(synth_shards, tmp_path):
     assert prior.radius == 1 or window_coverage(displacements, prior.radius - 1) < 0.9
     assert f"R={prior.radius} " in prior.summary(cfg) and f"{prior.limbs:,} training limbs" in prior.summary(cfg)
     ready = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, crf_window=prior.radius))
-    model = build_pose_model(ready, prior.pairwise)
+    model = run_model(ready, prior.pairwise)
     assert torch.equal(model.crf.pairwise.data, prior.pairwise)
     gaussian = crf_prior(load_config(None, [*base, "train.mode=crf", f"train.backbone_checkpoint={backbone}",
                                             "model.crf_window=3", "model.crf_pairwise_init=gaussian"]))

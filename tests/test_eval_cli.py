@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from distpose.cli import main
+from distpose.commands import main
 from distpose.config import load_config
 from distpose.data.coco import annotation_path
 from distpose.data.shards import shard_ground_truth, write_shards
@@ -15,14 +15,15 @@ from distpose.eval.bootstrap import instance_pck, paired_difference, pck_interva
 from distpose.eval.inference import Predictions
 from distpose.eval.mean_pose import fit_mean_pose, predict_mean_pose
 from distpose.eval.report import ModeResult, compare, write_report
-from distpose.models.pose import build_pose_model, save_checkpoint
+from distpose.models.pose import save_checkpoint
+from distpose.train.modes import run_model
 
 
 @pytest.fixture(scope="module")
 def untrained_checkpoint(tmp_path_factory):
     cfg = load_config(None, ["data.input_size=[64,48]", "data.heatmap_size=[16,12]", "data.loader_workers=0"])
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    save_checkpoint(path, build_pose_model(cfg), cfg)
+    save_checkpoint(path, run_model(cfg), cfg)
     return path
 
 

@@ -2,11 +2,11 @@
 
 import json
 
-from distpose.kernels import tree_depths
 from pycocotools.cocoeval import Params
 
 from distpose import keypoints as kp
 from distpose.data.coco import annotation_path
+from distpose.kernels import tree_depths
 
 
 def _person_category(coco_mini):

@@ -13,7 +13,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
-CLI = [sys.executable, "-m", "distpose.cli"]
+CLI = [sys.executable, "-m", "distpose"]
 
 
 def strings(node) -> list[str]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from distpose.cli import main
+from distpose.commands import main
 from distpose.config import Backbone, load_config
 from distpose.data.codec import HeatmapCodec
 from distpose.data.loader import eval_loader

@@ -51,7 +51,7 @@ def test_scraped_metrics_grow_per_rank_while_training(ray_session, synth_shards,
                  "train.workers=2", "data.batch_size=8", "train.epochs=3", "data.batches_per_epoch=40"]
     # `distpose train --address` in its own process, as on a cluster. (A driver thread in this process hung in
     # CI on a logging lock that an earlier test's aborted loader worker had left held.)
-    command = [sys.executable, "-m", "distpose.cli", "train", *overrides,
+    command = [sys.executable, "-m", "distpose", "train", *overrides,
                "--address", ray_session.get_runtime_context().gcs_address]
     log_path = tmp_path / "driver.log"
     with open(log_path, "w") as log:
@@ -116,7 +116,7 @@ def test_scraped_metrics_grow_per_rank_while_training(ray_session, synth_shards,
 @pytest.mark.integration
 def test_local_run_serves_metrics_on_loopback_only(synth_shards, tmp_path):
     """`distpose train` starting its own Ray keeps the metrics endpoint on 127.0.0.1 (monitor.host default)."""
-    command = [sys.executable, "-m", "distpose.cli", "train", *TINY, f"data.shards={synth_shards}",
+    command = [sys.executable, "-m", "distpose", "train", *TINY, f"data.shards={synth_shards}",
                f"train.storage={tmp_path}", "train.run_name=loopback", "train.epochs=1", "eval.every_epochs=0",
                "data.batches_per_epoch=5", "data.batch_size=4"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)

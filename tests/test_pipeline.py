@@ -12,7 +12,8 @@ from helpers import records
 from distpose.config import load_config
 from distpose.eval.report import PCK_COLUMNS
 from distpose.models.weights import read_pose_checkpoint
-from distpose.pipeline import RUNS, run_pipeline
+from distpose.modes import MODES
+from distpose.pipeline import run_pipeline
 from distpose.train.checkpoints import FINAL_MODEL
 
 pytestmark = pytest.mark.integration
@@ -40,7 +41,7 @@ def test_report_has_every_mode_and_the_floor(pipeline_run):
     _, report, _ = pipeline_run
     saved = json.loads((report.parent / "results.json").read_text())
     results = saved["runs"]
-    assert [r["name"] for r in results] == ["mean pose", *(name for name, _, _ in RUNS)]
+    assert [r["name"] for r in results] == ["mean pose", *(name for name, *_ in MODES)]
     for r in results:  # every score with its interval, the estimate inside it
         for kind in ("visible", "occluded"):
             estimate, low, high = r["intervals"][f"{kind}/pck@0.1"]
@@ -59,12 +60,12 @@ def test_report_has_every_mode_and_the_floor(pipeline_run):
         assert -1 <= r["metrics"]["AP"] <= 1
     text = report.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| ")]
-    assert sum(line.startswith(("| mean pose (", *(f"| {name} (" for name, _, _ in RUNS))) for line in rows) == 7
+    assert sum(line.startswith(("| mean pose (", *(f"| {name} (" for name, *_ in MODES))) for line in rows) == 7
     for c in saved["comparisons"]:
         assert sum(line.startswith(f"| {c['run']} | {c['against']} |") for line in rows) == 1, text
-    for name, _, _ in RUNS:
+    for name, *_ in MODES:
         assert f"![{name}]({name}/" in text
-    for picture in ["loss.png", "pck.png", *(f"{name}/skeletons.jpg" for name, _, _ in RUNS)]:
+    for picture in ["loss.png", "pck.png", *(f"{name}/skeletons.jpg" for name, *_ in MODES)]:
         image = cv2.imread(str(report.parent / picture))
         assert image is not None and image.shape[0] > 100 and image.std() > 0, picture
 
@@ -72,7 +73,7 @@ def test_report_has_every_mode_and_the_floor(pipeline_run):
 def test_crf_runs_start_from_their_backbones_final_model(pipeline_run):
     root, _, _ = pipeline_run
     runs = root / "runs"
-    for name, _, parent in RUNS:
+    for name, _, _, parent, _ in MODES:
         if parent is None:
             continue
         cfg = load_config(runs / f"pipeline_{name}" / "config.yaml")
@@ -95,10 +96,10 @@ def test_crf_runs_start_from_their_backbones_final_model(pipeline_run):
 
 def test_rerun_retrains_nothing(pipeline_run):
     root, report, kwargs = pipeline_run
-    before = {name: starts(root / "runs" / f"pipeline_{name}") for name, _, _ in RUNS}
+    before = {name: starts(root / "runs" / f"pipeline_{name}") for name, *_ in MODES}
     first = json.loads((report.parent / "results.json").read_text())
     assert run_pipeline(CONFIGS, **kwargs) == report
-    assert {name: starts(root / "runs" / f"pipeline_{name}") for name, _, _ in RUNS} == before
+    assert {name: starts(root / "runs" / f"pipeline_{name}") for name, *_ in MODES} == before
     again = json.loads((report.parent / "results.json").read_text())
     # Same final models, same validation set: the same scores.
     assert [r["metrics"] for r in again["runs"]] == [r["metrics"] for r in first["runs"]]

@@ -13,6 +13,7 @@ from distpose.models.crf import TreeCRF
 from distpose.models.factory import build_backbone
 from distpose.models.pose import PoseModel, build_pose_model, flip_back, load_checkpoint, save_checkpoint
 from distpose.models.weights import load_backbone_weights, official_to_ours
+from distpose.train.modes import run_model
 
 
 def quick_config(**overrides) -> Config:
@@ -22,7 +23,7 @@ def quick_config(**overrides) -> Config:
 def test_modes_build_the_right_heads_and_outputs():
     torch.manual_seed(0)
     images = torch.randn(2, 3, 128, 96)
-    model = build_pose_model(quick_config()).eval()
+    model = run_model(quick_config()).eval()
     assert model.crf is None
     out = model(images)
     assert tuple(out.heatmaps.shape) == (2, 17, 32, 24) and out.log_marginals is None
@@ -31,10 +32,10 @@ def test_modes_build_the_right_heads_and_outputs():
 def test_crf_modes_need_and_load_a_backbone_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="train.backbone_checkpoint"):
         quick_config(**{"train.mode": "crf"})
-    trained = build_pose_model(quick_config())
+    trained = run_model(quick_config())
     save_checkpoint(tmp_path / "backbone.pt", trained, quick_config())
     for mode in ("crf", "joint"):
-        model = build_pose_model(quick_config(**{"train.mode": mode, "train.backbone_checkpoint":
+        model = run_model(quick_config(**{"train.mode": mode, "train.backbone_checkpoint":
                                                  str(tmp_path / "backbone.pt"), "model.crf_window": 3}))
         for name, value in trained.backbone.state_dict().items():
             assert torch.equal(model.backbone.state_dict()[name], value), name
@@ -47,16 +48,30 @@ def test_crf_modes_need_and_load_a_backbone_checkpoint(tmp_path):
 
 def test_an_unresolved_auto_window_is_refused(tmp_path):
     cfg = quick_config()
-    save_checkpoint(tmp_path / "b.pt", build_pose_model(cfg), cfg)
+    save_checkpoint(tmp_path / "b.pt", run_model(cfg), cfg)
     with pytest.raises(ConfigError, match="model.crf_window': 'auto' is chosen from the training data"):
-        build_pose_model(quick_config(**{"train.mode": "crf", "train.backbone_checkpoint": str(tmp_path / "b.pt")}))
+        run_model(quick_config(**{"train.mode": "crf", "train.backbone_checkpoint": str(tmp_path / "b.pt")}))
 
 
 def test_crf_mode_rejects_a_checkpoint_of_another_backbone(tmp_path):
-    other = build_pose_model(quick_config(**{"model.backbone": "hrnet_small"}))
+    other = run_model(quick_config(**{"model.backbone": "hrnet_small"}))
     save_checkpoint(tmp_path / "hrnet.pt", other, quick_config(**{"model.backbone": "hrnet_small"}))
-    with pytest.raises(ConfigError, match="does not hold a complete 'cnn_small' backbone"):
-        build_pose_model(quick_config(**{"train.mode": "crf", "train.backbone_checkpoint": str(tmp_path / "hrnet.pt")}))
+    with pytest.raises(ConfigError, match="train.backbone_checkpoint': .* does not hold a complete 'cnn_small'"):
+        run_model(quick_config(**{"train.mode": "crf", "train.backbone_checkpoint": str(tmp_path / "hrnet.pt")}))
+
+
+def test_the_builder_takes_the_model_config_and_explicit_arguments(tmp_path):
+    """No training config: the CRF and the starting weights are arguments."""
+    model_cfg = quick_config(**{"model.crf_window": 2}).model
+    trained = build_pose_model(model_cfg)
+    save_checkpoint(tmp_path / "b.pt", trained, quick_config())
+    pairwise = torch.randn(17, 5, 5)
+    model = build_pose_model(model_cfg, with_crf=True, backbone_weights=tmp_path / "b.pt", pairwise=pairwise)
+    assert model.crf.radius == 2 and torch.equal(model.crf.pairwise.data, pairwise)
+    assert all(torch.equal(v, model.backbone.state_dict()[k]) for k, v in trained.backbone.state_dict().items())
+    assert build_pose_model(model_cfg).crf is None
+    save_checkpoint(tmp_path / "crf.pt", model, quick_config(**{"model.crf_window": 2}))  # train.mode: backbone
+    assert load_checkpoint(tmp_path / "crf.pt")[0].crf is not None  # the weights say there is a CRF
 
 
 def test_checkpoint_round_trip_gives_identical_predictions(tmp_path):
@@ -177,8 +192,8 @@ def test_flip_back_is_exact_under_the_codec_alignment():
 
 def test_crf_keypoint_maps_are_local_marginal_mass(tmp_path):
     cfg = quick_config()
-    save_checkpoint(tmp_path / "b.pt", build_pose_model(cfg), cfg)
-    model = build_pose_model(quick_config(**{"train.mode": "crf", "train.backbone_checkpoint": str(tmp_path / "b.pt"),
+    save_checkpoint(tmp_path / "b.pt", run_model(cfg), cfg)
+    model = run_model(quick_config(**{"train.mode": "crf", "train.backbone_checkpoint": str(tmp_path / "b.pt"),
                                              "model.crf_window": 3}))
     images = torch.randn(1, 3, 128, 96)
     with torch.no_grad():

@@ -8,7 +8,7 @@ import tarfile
 import pytest
 from helpers import corrupt_jpeg_in_shard, truncate_jpeg_in_shard, truncate_shard
 
-from distpose.cli import main
+from distpose.commands import main
 from distpose.data.coco import annotation_path
 from distpose.data.shards import iter_tar_samples, read_manifest, write_shards
 

@@ -23,9 +23,10 @@ import torch
 from helpers import records
 
 from distpose.config import Config, load_config
-from distpose.models.pose import build_pose_model, pose_architecture, save_checkpoint
+from distpose.models.pose import save_checkpoint
 from distpose.models.weights import read_pose_checkpoint
 from distpose.train.driver import run_dir, train
+from distpose.train.modes import run_architecture, run_model
 
 pytestmark = pytest.mark.integration
 
@@ -121,7 +122,7 @@ def test_two_workers_match_accumulation(reference, tmp_path, stage):
     assert [r["step"] for r in steps] == [r["step"] for r in ref_steps] == list(range(1, 21))
     ref_loss = torch.tensor([r["loss"] for r in ref_steps], dtype=torch.float64)
     loss = torch.tensor([r["loss"] for r in steps], dtype=torch.float64)
-    names = [n for n, _ in pose_architecture(cfg).named_parameters()]
+    names = [n for n, _ in run_architecture(cfg).named_parameters()]
     ref_w, w = final_weights(ref_dir), final_weights(outcome.run_dir)
     w_abs, w_rel = max_diffs(w, ref_w, names)
     print(f"[zero {stage}] max loss diff {float((loss - ref_loss).abs().max()):.3g} "
@@ -133,7 +134,7 @@ def test_two_workers_match_accumulation(reference, tmp_path, stage):
         torch.testing.assert_close(w[name], ref_w[name], rtol=0, atol=0, msg=name)
     # The weights did train (equal because both sides moved the same way, not because neither moved).
     torch.manual_seed(cfg.train.seed)
-    init = build_pose_model(cfg).state_dict()
+    init = run_model(cfg).state_dict()
     assert max(float((ref_w[n] - init[n]).abs().max()) for n in names) > 1e-3
 
 
@@ -154,7 +155,7 @@ def backbone_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("backbone") / "backbone.pt"
     cfg = load_config(None, TINY)
     torch.manual_seed(1)
-    save_checkpoint(path, build_pose_model(cfg), cfg)
+    save_checkpoint(path, run_model(cfg), cfg)
     return path
 
 
@@ -312,7 +313,7 @@ def test_sigint_stops_the_run_and_rerun_resumes(ray_session, tmp_path):
     epochs, per_epoch = 5, 20
     test_start = time.time()
     address = ray_session.get_runtime_context().gcs_address
-    argv = [sys.executable, "-m", "distpose.cli", "train",
+    argv = [sys.executable, "-m", "distpose", "train",
             *tiny(tmp_path, "interrupted", "data.source=random", "data.batch_size=8", f"train.epochs={epochs}",
                   f"data.batches_per_epoch={per_epoch}"),
             "--address", address]
@@ -375,9 +376,9 @@ def test_bf16_on_cpu_exports_fp32_master_weights(ray_session, tmp_path, precisio
     steps = records(outcome.run_dir, "step")
     assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
     torch.manual_seed(cfg.train.seed)  # what every worker does before building the model
-    init = build_pose_model(cfg).state_dict()
+    init = run_model(cfg).state_dict()
     final = final_weights(outcome.run_dir)
-    names = [n for n, _ in pose_architecture(cfg).named_parameters()]
+    names = [n for n, _ in run_architecture(cfg).named_parameters()]
     assert all(final[n].dtype == torch.float32 for n in names)
     assert all(torch.isfinite(final[n]).all() for n in names)
     assert any(not torch.equal(final[n], init[n]) for n in names)

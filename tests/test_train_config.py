@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from distpose import cli
+from distpose.commands import main
 from distpose.config import ConfigError, load_config
 from distpose.train import driver
 from distpose.train.engine import BATCH_KEYS, deepspeed_config, lr_multiplier
@@ -55,7 +55,7 @@ def no_ray(monkeypatch):
 def test_cli_refuses_before_ray(case, tmp_path, capsys, no_ray):
     _, overrides, code, message = next(c for c in bad_cases(tmp_path) if c[0] == case)
     argv = ["train", QUICK, *NO_DATA, f"train.storage={tmp_path / 'runs'}", *overrides]
-    assert cli.main(argv) == code
+    assert main(argv) == code
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("distpose: error: "), err
@@ -68,7 +68,7 @@ def test_cli_refuses_before_ray(case, tmp_path, capsys, no_ray):
 def test_cli_subprocess_one_line_no_ray(case, tmp_path):
     """The real command in a fresh interpreter: one line, the exit code, and no Ray output."""
     _, overrides, code, message = next(c for c in bad_cases(tmp_path) if c[0] == case)
-    proc = subprocess.run([sys.executable, "-m", "distpose.cli", "train", QUICK, *NO_DATA,
+    proc = subprocess.run([sys.executable, "-m", "distpose", "train", QUICK, *NO_DATA,
                            f"train.storage={tmp_path / 'runs'}", *overrides],
                           capture_output=True, text=True, check=False, timeout=60)
     assert proc.returncode == code, proc.stderr
@@ -78,7 +78,7 @@ def test_cli_subprocess_one_line_no_ray(case, tmp_path):
 
 
 def test_resume_dir_without_meta_refused(tmp_path, capsys, no_ray):
-    assert cli.main(["train", QUICK, *NO_DATA, f"train.storage={tmp_path}", "--resume", str(tmp_path)]) == 2
+    assert main(["train", QUICK, *NO_DATA, f"train.storage={tmp_path}", "--resume", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--resume {tmp_path}: not a distpose training checkpoint" in err[0]
 
@@ -151,7 +151,7 @@ def test_deepspeed_override_unreadable(tmp_path, content, message):
 def test_cli_refuses_batch_key_override(tmp_path, capsys, no_ray):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"train_batch_size": 64}))
-    assert cli.main(["train", *NO_DATA, f"train.storage={tmp_path}", f"train.deepspeed_config={path}"]) == 2
+    assert main(["train", *NO_DATA, f"train.storage={tmp_path}", f"train.deepspeed_config={path}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "sets train_batch_size" in err[0]
 

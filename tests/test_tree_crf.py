@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from distpose.kernels import tree_crf_map, tree_crf_marginals, tree_depths
 
 TOL = dict(atol=1e-9, rtol=0)

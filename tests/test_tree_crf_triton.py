@@ -7,11 +7,11 @@ gradients, 1e-4 on a whole 17-joint tree's log-marginals (the issue's bound at f
 
 import pytest
 import torch
-from distpose.kernels import tree_crf_map, tree_crf_marginals
-from distpose.kernels.tree_crf import message, triton_runs_on
 
 from distpose.bench.kernel import log_marginal_error as bench_error
 from distpose.bench.kernel import skeleton_log_heatmaps
+from distpose.kernels import tree_crf_map, tree_crf_marginals
+from distpose.kernels.tree_crf import message, triton_runs_on
 from distpose.keypoints import CRF_PARENTS
 
 pytest.importorskip("triton")

@@ -16,19 +16,11 @@ import torch
 import yaml
 from helpers import records
 
-from distpose import cli
+from distpose.commands import main
 from distpose.eval.evaluate import evaluate_model, flat_metrics
 from distpose.models.pose import load_checkpoint
-from distpose.train.tune import (
-    ATTEMPTS_SUFFIX,
-    _search_space,
-    _searcher,
-    base_config,
-    load_sweep,
-    mode_config,
-    run_sweep,
-    sweep_dir,
-)
+from distpose.train.sweep_file import base_config, load_sweep, mode_config, sweep_dir
+from distpose.train.tune import ATTEMPTS_SUFFIX, _search_space, _searcher, run_sweep
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "quick"
 ALL_MODES = ["cnn", "hrnet", "cnn_crf", "cnn_joint", "hrnet_crf", "hrnet_joint"]
@@ -69,7 +61,7 @@ def write_sweep(path: Path, **fields) -> Path:
 ])
 def test_bad_sweep_files_fail_in_one_line(tmp_path, capsys, fields, message):
     sweep = write_sweep(tmp_path / "sweep.yaml", name="bad", **fields)
-    assert cli.main(["tune", str(sweep)]) == 2
+    assert main(["tune", str(sweep)]) == 2
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in out + err, err
@@ -80,15 +72,18 @@ def test_a_key_given_twice_fails_in_one_line(tmp_path, capsys):
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(f"name: twice\nconfigs: {CONFIGS}\nmodes: [cnn]\nspace:\n  train.lr: {{choice: [0.1]}}\n"
                      "  train.lr: {choice: [0.2]}\n")
-    assert cli.main(["tune", str(sweep)]) == 2
+    assert main(["tune", str(sweep)]) == 2
     assert capsys.readouterr().err == f"distpose: error: {sweep}: not valid YAML (line 6: duplicate key 'train.lr')\n"
 
 
-def test_an_override_that_is_not_yaml_fails_in_one_line(tmp_path, capsys):
+def test_an_override_that_is_not_yaml_is_a_string_as_in_a_config_override(tmp_path, capsys):
+    """Sweep overrides parse as config overrides do: a value that is not YAML is taken as a string, and a
+    string where the key wants a list fails in one line naming the key."""
     sweep = write_sweep(tmp_path / "sweep.yaml", name="bad", modes=["cnn"])
-    assert cli.main(["tune", str(sweep), "overrides=[train.lr_steps=[3],x"]) == 2
+    assert load_sweep(sweep, ["name=[x"]).name == "[x"
+    assert main(["tune", str(sweep), "overrides=[train.lr_steps=[3],x"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "sweep override 'overrides=[train.lr_steps=[3],x': the value is not valid" in err
+    assert err.count("\n") == 1 and "sweep key 'overrides': got '[train.lr_steps=[3],x', expected a list" in err
 
 
 def test_mode_overrides_apply_after_the_common_ones_to_their_mode_only(tmp_path):
@@ -106,7 +101,7 @@ def test_missing_shards_fail_in_one_line_before_ray(tmp_path, capsys):
     missing = tmp_path / "no_shards"
     sweep = write_sweep(tmp_path / "sweep.yaml", name="unsharded", modes=["cnn"],
                         overrides=[f"data.shards={missing}"])
-    assert cli.main(["tune", str(sweep)]) == 2
+    assert main(["tune", str(sweep)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"mode 'cnn': config key 'data.shards': {missing}" in err, err
     assert not (tmp_path / "sweeps").exists()
@@ -115,7 +110,7 @@ def test_missing_shards_fail_in_one_line_before_ray(tmp_path, capsys):
 def test_a_finished_sweep_name_is_not_overwritten(tmp_path, capsys):
     sweep = write_sweep(tmp_path / "sweep.yaml", name="taken", modes=["cnn"])
     (tmp_path / "sweeps" / "taken" / "cnn").mkdir(parents=True)
-    assert cli.main(["tune", str(sweep)]) == 2
+    assert main(["tune", str(sweep)]) == 2
     assert "add --resume" in capsys.readouterr().err
 
 
@@ -272,7 +267,7 @@ def test_killed_sweep_resumes_without_repeating_finished_trials(ray_session, syn
                        overrides=[*tiny_overrides(synth_shards), "train.epochs=20"],
                        space={"train.epochs": {"choice": [1, 20]}}, max_failures=0, grace_period=20)
     address = ray_session.get_runtime_context().gcs_address
-    argv = [sys.executable, "-m", "distpose.cli", "tune", str(path), "--address", address]
+    argv = [sys.executable, "-m", "distpose", "tune", str(path), "--address", address]
     directory = tmp_path / "sweeps" / "killed"
     with (tmp_path / "first.log").open("w") as log:
         first = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)

@@ -14,10 +14,12 @@ difference from the reference run of its mode, and from the backbone it started 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from distpose.bench import machine
+from distpose.cluster import ray_cluster
 from distpose.config import Config, load_config
 from distpose.errors import UserError
 from distpose.eval.bootstrap import Interval
@@ -25,7 +27,9 @@ from distpose.eval.evaluate import evaluate_checkpoint, flat_metrics
 from distpose.eval.report import HEADLINE, KINDS, ModeResult, compare
 from distpose.train.checkpoints import METRICS_LOG
 from distpose.train.crf_prior import PRIOR_FILE
-from distpose.train.driver import ray_cluster, run_dir, train
+from distpose.train.driver import run_dir, train
+
+log = logging.getLogger(__name__)
 
 # (variant, mode config, overrides): the first of each mode is its reference.
 VARIANTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
@@ -43,7 +47,7 @@ VARIANTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 
 
 def _say(text: str) -> None:
-    print(f"[ablation] {text}", flush=True)
+    log.info("[ablation] %s", text)
 
 
 def variant_configs(config_dir: Path, network: str, overrides: tuple[str, ...]) -> list[tuple[str, Config]]:

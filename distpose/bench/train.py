@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import tempfile
 import time
 from typing import Any
@@ -20,13 +21,15 @@ import torch
 
 from distpose.bench import machine
 from distpose.config import Config, micro_batch_size
-from distpose.data.transforms import normalize_images
 from distpose.errors import UserError
 from distpose.models.factory import count_macs
 from distpose.models.pose import build_pose_model
 from distpose.train.batches import training_batches
 from distpose.train.crf_prior import with_crf_prior
-from distpose.train.modes import mode_loss, parameter_groups, set_train_mode, target_codec
+from distpose.train.modes import parameter_groups, run_model, set_train_mode, target_codec
+from distpose.train.step import micro_batch_loss, optimizer_step
+
+log = logging.getLogger(__name__)
 
 # Dense bf16 tensor-core peaks (no sparsity), from the vendors' datasheets, matched against the device name
 # in this order (the H100 PCIe and NVL parts are slower than the SXM one); MFU is reported on these only.
@@ -40,7 +43,7 @@ def plain_loop(cfg: Config, warmup: int, steps: int) -> dict[str, float]:
     torch.manual_seed(cfg.train.seed)
     torch.set_num_threads(cfg.train.cpus_per_worker)
     cfg, prior = with_crf_prior(cfg)
-    model = build_pose_model(cfg, prior.pairwise if prior else None).to(device)
+    model = run_model(cfg, prior.pairwise if prior else None).to(device)
     optimizer = torch.optim.Adam(parameter_groups(model, cfg.train.mode, cfg.train.lr, cfg.train.backbone_lr_scale))
     batches, _ = training_batches(cfg, 0, cfg.train.workers, 0)
     codec = target_codec(cfg)
@@ -49,21 +52,21 @@ def plain_loop(cfg: Config, warmup: int, steps: int) -> dict[str, float]:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
     set_train_mode(model, cfg.train.mode)
     accum, waited = cfg.train.grad_accum, 0.0
+
+    def loss_of(batch: dict[str, Any]) -> torch.Tensor:
+        return micro_batch_loss(model, batch, codec, cfg.train.mode, device, autocast=autocast)
+
+    def backward(loss: torch.Tensor) -> None:
+        scaler.scale(loss / accum).backward()
+
     for index in range(warmup + steps):
         if index == warmup:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start, waited = time.perf_counter(), 0.0
         optimizer.zero_grad(set_to_none=True)
-        for _ in range(accum):
-            before = time.perf_counter()
-            batch = next(batches)
-            waited += time.perf_counter() - before
-            images = normalize_images(batch["image"].to(device, non_blocking=True))
-            target, weight = codec.encode(batch["joints"].to(device), batch["visible"].to(device))
-            with autocast:
-                output = model(images)
-            scaler.scale(mode_loss(output, target, weight, cfg.train.mode) / accum).backward()
+        _, batch_wait = optimizer_step(batches, accum, loss_of, backward)
+        waited += batch_wait
         scaler.step(optimizer)
         scaler.update()
     if device.type == "cuda":
@@ -95,7 +98,7 @@ def distributed_run(cfg: Config, warmup: int, steps: int, address: str | None) -
 def training_flops_per_sample(cfg: Config) -> float:
     """2 FLOPs per multiply-accumulate, forward and a backward of twice the forward's work (backbone mode:
     every weight trains)."""
-    model = build_pose_model(cfg).eval()
+    model = build_pose_model(cfg.model).eval()
     macs, _ = count_macs(model, torch.zeros(1, 3, *cfg.data.input_size))
     return 3 * 2 * macs
 
@@ -108,24 +111,34 @@ def model_flops_utilization(cfg: Config, samples_per_s_per_gpu: float) -> float 
     return None if peak is None else training_flops_per_sample(cfg) * samples_per_s_per_gpu / peak
 
 
-def run(cfg: Config, warmup: int, steps: int, address: str | None = None) -> dict[str, Any]:
+def run(cfg: Config, warmup: int, steps: int, address: str | None = None, plain_only: bool = False
+        ) -> dict[str, Any]:
+    """Both paths, or with `plain_only` the plain loop alone (no Ray, no DeepSpeed: what a GPU node without
+    them can measure)."""
     t = cfg.train
     if t.use_gpu and not torch.cuda.is_available():
         raise UserError("train.use_gpu=true, but this machine has no CUDA device: `distpose bench train` runs its "
                         "plain loop in its own process, so run it on a GPU node (with --address for the cluster)")
-    print(f"[bench] plain PyTorch loop: {warmup} + {steps} steps of {micro_batch_size(cfg) * t.grad_accum} "
-          "(one rank's share) ...", flush=True)
+    log.info(f"[bench] plain PyTorch loop: {warmup} + {steps} steps of {micro_batch_size(cfg) * t.grad_accum} "
+          "(one rank's share) ...")
     plain = plain_loop(cfg, warmup, steps)
-    print(f"[bench] plain loop: {plain['samples_per_s']:.1f} samples/s; now the distributed path ...", flush=True)
-    distributed = distributed_run(cfg, warmup, steps, address)
-    per_worker = distributed["samples_per_s"] / t.workers
-    return {
+    log.info(f"[bench] plain loop: {plain['samples_per_s']:.1f} samples/s")
+    described = {
         "benchmark": "train",
         "machine": machine(),
         "backbone": cfg.model.backbone, "mode": t.mode, "input_size": list(cfg.data.input_size),
         "batch": cfg.data.batch_size, "precision": t.precision, "zero_stage": t.zero_stage, "workers": t.workers,
         "cpus_per_worker": t.cpus_per_worker, "use_gpu": t.use_gpu, "data_source": cfg.data.source,
         "loader_workers": cfg.data.loader_workers, "warmup_steps": warmup, "timed_steps": steps,
+    }
+    if plain_only:
+        return {**described, "plain": plain, "mfu": model_flops_utilization(cfg, plain["samples_per_s"]),
+                "note": "the plain single-process loop alone (--plain-only): samples/s at steady state on the "
+                        "wall clock, warmup steps left out"}
+    distributed = distributed_run(cfg, warmup, steps, address)
+    per_worker = distributed["samples_per_s"] / t.workers
+    return {
+        **described,
         "distributed": distributed,
         "plain": plain,
         # The plain loop does one rank's work; with N workers the distributed path should reach N times its rate.

@@ -1,5 +1,5 @@
-"""`distpose eval`: an inference checkpoint scored on a split, locally or on Ray Train ranks, with
-metrics JSON, COCO results and skeleton drawings.
+"""An inference checkpoint scored on any split (`distpose eval`), locally or on Ray Train ranks, with
+metrics JSON, COCO results and skeleton drawings written to a directory.
 
 Data is a shard directory, or a COCO root (annotations/ + images), which is sharded into a
 temporary directory first: evaluation always reads shards, so it runs the same code as training.
@@ -15,23 +15,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy as np
-
 from distpose.config import Config
 from distpose.data.coco import load_detections
-from distpose.data.shards import decode_image, iter_tar_samples, parse_sample, read_manifest, write_shards
+from distpose.data.shards import read_manifest, write_shards
 from distpose.errors import UserError
 from distpose.eval.coco import coco_results
-from distpose.eval.draw import draw_skeletons, grid, save_image
+from distpose.eval.draw import draw_predictions
 from distpose.eval.evaluate import evaluate_model, flat_metrics
 from distpose.eval.inference import Predictions
 from distpose.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
-
-DRAWN_MIN_SCORE = 0.1  # joints less confident than this are left out of drawings
-
 
 @contextlib.contextmanager
 def shards_for(data: str, split: str | None) -> Iterator[tuple[str, str]]:
@@ -67,31 +61,6 @@ def eval_config(cfg: Config, shards: str, split: str) -> Config:
                                                               loader_workers=min(cfg.data.loader_workers, 2)))
 
 
-def draw_predictions(shards: str, split: str, predictions: Predictions, out_dir: Path, max_images: int = 12
-                     ) -> Path | None:
-    """Predicted skeletons on the first `max_images` images of the split that have predictions:
-    one JPEG each under out_dir/images/ and out_dir/skeletons.jpg, the grid of them."""
-    by_image: dict[int, list[int]] = {}
-    for i, image_id in enumerate(predictions.image_ids.tolist()):
-        by_image.setdefault(int(image_id), []).append(i)
-    drawn = []
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    for shard in read_manifest(shards, split)["shards"]:
-        for raw in iter_tar_samples(Path(shards) / shard["name"]):
-            sample = parse_sample(raw)
-            if sample.image_id not in by_image:
-                continue
-            rows = by_image[sample.image_id]
-            people = np.concatenate([predictions.keypoints[rows], predictions.scores[rows][..., None]], axis=-1)
-            image = cv2.cvtColor(decode_image(sample), cv2.COLOR_RGB2BGR)
-            drawing = draw_skeletons(image, people, DRAWN_MIN_SCORE)
-            save_image(out_dir / "images" / f"{sample.image_id:012d}.jpg", drawing)
-            drawn.append(drawing)
-            if len(drawn) == max_images:
-                return save_image(out_dir / "skeletons.jpg", grid(drawn))
-    return save_image(out_dir / "skeletons.jpg", grid(drawn)) if drawn else None
-
-
 def write_results(out_dir: Path, metrics: dict[str, Any], predictions: Predictions, gt_boxes: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_dir / "metrics.json", (json.dumps(metrics, indent=1) + "\n").encode())
@@ -105,7 +74,7 @@ def summary_line(metrics: dict[str, Any]) -> str:
     return ", ".join(f"{k} {flat[k]:.4f}" for k in keys if k in flat)
 
 
-def evaluate_checkpoint(checkpoint: str, data: str | None, split: str | None, boxes: str, out_dir: Path,
+def evaluate_to_directory(checkpoint: str, data: str | None, split: str | None, boxes: str, out_dir: Path,
                         workers: int = 1, address: str | None = None) -> dict[str, Any]:
     """Score an inference checkpoint; write metrics.json, results.json and drawings under out_dir."""
     from distpose.models.pose import load_checkpoint
@@ -130,7 +99,7 @@ def _evaluate_on_ray(checkpoint: str, cfg: Config, detections: Any, workers: int
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from distpose.train.driver import ray_cluster
+    from distpose.cluster import ray_cluster
 
     def per_rank(job: dict[str, Any]) -> None:
         import ray.train

@@ -1,4 +1,5 @@
-"""Skeleton drawings: the 19 COCO limbs over the original image, and grids of them for reports."""
+"""Skeleton drawings: the 19 COCO limbs over the original image, a split's predictions drawn on its
+images, and grids of them for reports."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from distpose.data.shards import decode_image, iter_tar_samples, parse_sample, read_manifest
 from distpose.errors import UserError
+from distpose.eval.inference import Predictions
 from distpose.files import atomic_write_bytes
 from distpose.keypoints import LEFT_JOINTS, RIGHT_JOINTS, SKELETON
 
 # BGR. The person's left side warm, right side cool, the centre line (face, shoulders, hips) green.
 LEFT_COLOUR, RIGHT_COLOUR, CENTRE_COLOUR = (0, 128, 255), (255, 128, 0), (0, 200, 0)
+DRAWN_MIN_SCORE = 0.1  # joints less confident than this are left out of drawings
 
 
 def limb_colour(a: int, b: int) -> tuple[int, int, int]:
@@ -69,3 +73,28 @@ def save_image(path: str | Path, image: np.ndarray, jpeg_quality: int = 92) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, data.tobytes())
     return path
+
+
+def draw_predictions(shards: str, split: str, predictions: Predictions, out_dir: Path, max_images: int = 12
+                     ) -> Path | None:
+    """Predicted skeletons on the first `max_images` images of the split that have predictions:
+    one JPEG each under out_dir/images/ and out_dir/skeletons.jpg, the grid of them."""
+    by_image: dict[int, list[int]] = {}
+    for i, image_id in enumerate(predictions.image_ids.tolist()):
+        by_image.setdefault(int(image_id), []).append(i)
+    drawn = []
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    for shard in read_manifest(shards, split)["shards"]:
+        for raw in iter_tar_samples(Path(shards) / shard["name"]):
+            sample = parse_sample(raw)
+            if sample.image_id not in by_image:
+                continue
+            rows = by_image[sample.image_id]
+            people = np.concatenate([predictions.keypoints[rows], predictions.scores[rows][..., None]], axis=-1)
+            image = cv2.cvtColor(decode_image(sample), cv2.COLOR_RGB2BGR)
+            drawing = draw_skeletons(image, people, DRAWN_MIN_SCORE)
+            save_image(out_dir / "images" / f"{sample.image_id:012d}.jpg", drawing)
+            drawn.append(drawing)
+            if len(drawn) == max_images:
+                return save_image(out_dir / "skeletons.jpg", grid(drawn))
+    return save_image(out_dir / "skeletons.jpg", grid(drawn)) if drawn else None

@@ -21,9 +21,8 @@ from distpose.data.codec import HeatmapCodec
 from distpose.data.transforms import TopDownTransform
 from distpose.errors import UserError
 from distpose.eval.coco import coco_results
-from distpose.eval.draw import draw_skeletons, save_image
+from distpose.eval.draw import DRAWN_MIN_SCORE, draw_skeletons, save_image
 from distpose.eval.inference import Predictions, model_maps, predict
-from distpose.eval.run import DRAWN_MIN_SCORE
 from distpose.files import atomic_write_bytes
 from distpose.keypoints import NUM_JOINTS
 

@@ -1,5 +1,5 @@
 """Tree-CRF message passing: the PyTorch reference (any device) and, on CUDA, the Triton kernel.
-Installed as ``distpose.kernels``; knows nothing of models or COCO."""
+Knows nothing of models or COCO."""
 
 from .tree_crf import tree_crf_map, tree_crf_marginals, tree_depths
 

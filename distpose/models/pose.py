@@ -1,8 +1,7 @@
 """The pose model: a heatmap backbone, optionally refined by a tree CRF, with flip-test inference.
 
-Modes (train.mode): `backbone` trains the heatmap network alone; `crf` and `joint` add a TreeCRF
-on the backbone's stride-4 features (the backbone frozen, or trained with it). Freezing is the
-training loop's business; the model is the same nn.Module in all three.
+A backbone alone, or with a TreeCRF on its stride-4 features. Which one a training mode builds, and
+what it freezes, is the training code's business (train/modes.py); the model knows no training config.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distpose.config import Config, ConfigError, config_from_dict, to_dict
+from distpose.config import Config, ConfigError, ModelConfig, config_from_dict, to_dict
 from distpose.keypoints import FLIP_INDEX
 from distpose.models.crf import TreeCRF
 from distpose.models.factory import build_backbone
@@ -75,44 +74,43 @@ class PoseModel(nn.Module):
         return F.avg_pool2d(probs, window, stride=1, padding=self.score_radius, count_include_pad=True) * window**2
 
 
-def build_pose_model(cfg: Config, pairwise: torch.Tensor | None = None) -> PoseModel:
-    """The model for `cfg.train.mode`, initialised from the local files the config names.
+def build_pose_model(m: ModelConfig, with_crf: bool = False, backbone_weights: str | Path = "",
+                     pairwise: torch.Tensor | None = None, weights_source: str = "backbone weights") -> PoseModel:
+    """The network model config `m` describes, initialised from local files.
 
-    `model.pretrained` (optional) is loaded into the backbone where names and shapes match.
-    The crf and joint modes start from `train.backbone_checkpoint`, a pose checkpoint of the same
-    backbone (or a bare weights file), their CRF unary head from its heatmap head, and their pairwise
-    potentials from `pairwise` ([K, 2R+1, 2R+1], see train.crf_prior) or else a broad Gaussian at zero.
+    `m.pretrained` (optional) is loaded into the backbone where names and shapes match. `backbone_weights`
+    (a pose checkpoint or a bare weights file) must hold the whole backbone: a CRF must never start on a
+    half-loaded network (`weights_source` names the setting in the error). `with_crf` adds the TreeCRF,
+    its unary head from the backbone's heatmap head (times m.crf_unary_scale), its pairwise potentials
+    from `pairwise` ([K, 2R+1, 2R+1]) or else a broad Gaussian at zero.
     """
-    m = cfg.model
     backbone = build_backbone(m.backbone, m.num_joints)
     if m.pretrained:
         load_backbone_weights(backbone, m.backbone, m.pretrained)
+    if backbone_weights:
+        _load_whole_backbone(backbone, m.backbone, str(backbone_weights), weights_source)
     crf = None
-    if cfg.train.mode in ("crf", "joint"):
-        _load_backbone_checkpoint(backbone, m.backbone, cfg.train.backbone_checkpoint)
-        crf = TreeCRF(backbone.feature_channels, radius=crf_radius(cfg))
+    if with_crf:
+        crf = TreeCRF(backbone.feature_channels, radius=crf_radius(m))
         crf.init_unary_from(backbone.final_layer, m.crf_unary_scale)
         if pairwise is not None:
             crf.init_pairwise(pairwise)
     return PoseModel(backbone, crf)
 
 
-def crf_radius(cfg: Config) -> int:
-    if cfg.model.crf_window == "auto":
+def crf_radius(m: ModelConfig) -> int:
+    if m.crf_window == "auto":
         raise ConfigError("config key 'model.crf_window': 'auto' is chosen from the training data when a run starts "
                           "(distpose train); building a CRF model needs the integer it chose")
-    return cfg.model.crf_window
+    return m.crf_window
 
 
-def _load_backbone_checkpoint(backbone: nn.Module, name: str, path: str) -> None:
-    """All of the backbone from a pose checkpoint or weights file: a crf/joint run must never start
-    from a half-loaded network."""
+def _load_whole_backbone(backbone: nn.Module, name: str, path: str, source: str) -> None:
     report = load_backbone_weights(backbone, name, path)
     if report.missing or report.mismatched:
         example = (report.mismatched or report.missing)[0]
-        raise ConfigError(f"config key 'train.backbone_checkpoint': {path} does not hold a complete {name!r} "
-                          f"backbone ({len(report.missing)} tensors missing, {len(report.mismatched)} of another "
-                          f"shape, e.g. {example})")
+        raise ConfigError(f"{source}: {path} does not hold a complete {name!r} backbone ({len(report.missing)} tensors "
+                          f"missing, {len(report.mismatched)} of another shape, e.g. {example})")
 
 
 def save_checkpoint(path: str | Path, model: PoseModel, cfg: Config, meta: dict[str, Any] | None = None) -> None:
@@ -123,14 +121,12 @@ def load_checkpoint(path: str | Path) -> tuple[PoseModel, Config, dict[str, Any]
     """A pose checkpoint -> (model in eval mode, the config that built it, its metadata)."""
     ckpt = read_pose_checkpoint(path)
     cfg = config_from_dict(ckpt["config"], source=f"checkpoint {path}")
-    model = pose_architecture(cfg)
+    model = pose_architecture(cfg.model, with_crf=any(k.startswith("crf.") for k in ckpt["state_dict"]))
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), cfg, ckpt["meta"]
 
 
-def pose_architecture(cfg: Config) -> PoseModel:
-    """The network `cfg` describes, freshly initialised, with nothing loaded."""
-    m = cfg.model
+def pose_architecture(m: ModelConfig, with_crf: bool) -> PoseModel:
+    """The network `m` describes, freshly initialised, with nothing loaded."""
     backbone = build_backbone(m.backbone, m.num_joints)
-    crf = TreeCRF(backbone.feature_channels, radius=crf_radius(cfg)) if cfg.train.mode != "backbone" else None
-    return PoseModel(backbone, crf)
+    return PoseModel(backbone, TreeCRF(backbone.feature_channels, radius=crf_radius(m)) if with_crf else None)

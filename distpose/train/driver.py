@@ -8,26 +8,24 @@ Running the same run name again resumes it from its latest checkpoint; a finishe
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
-import os
 import signal
-import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from distpose.config import Config, ConfigError, MonitorConfig, dump_yaml, to_dict
+from distpose.cluster import ray_cluster
+from distpose.config import Config, ConfigError, dump_yaml, to_dict
 from distpose.data.shards import read_manifest
 from distpose.errors import DataError, UserError
 from distpose.files import atomic_write_bytes
 from distpose.models.weights import read_pose_checkpoint
-from distpose.monitor.metrics import RunMetrics, metrics_endpoints
+from distpose.monitor.metrics import RunMetrics
 from distpose.train.checkpoints import FINAL_MODEL, META_FILE
 from distpose.train.crf_prior import PRIOR_FILE, with_crf_prior
 from distpose.train.engine import deepspeed_config
@@ -36,9 +34,6 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
-
-SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
 
 class TrainingFailed(UserError):
     """The run failed after its retries (exit code 1)."""
@@ -105,53 +100,6 @@ def preflight(cfg: Config, resume: str | None = None) -> None:
     deepspeed_config(cfg)
 
 
-@contextlib.contextmanager
-def ray_cluster(address: str | None = None, monitor: MonitorConfig | None = None) -> Iterator[bool]:
-    """Connect to `address` (or RAY_ADDRESS), else start a local Ray; reuse one already connected.
-    Only a connection made here is closed here. A local Ray's metrics endpoint follows `monitor`
-    (a cluster's follows its `ray start` options). Yields whether leaving disconnects from a cluster
-    that stays up (then the last metrics should reach its endpoint first)."""
-    monitor = monitor or MonitorConfig()
-    local = address is None and "RAY_ADDRESS" not in os.environ
-    # On Linux Ray replaces a loopback node address by a routable one, and its metrics agent then listens on
-    # every interface; this switch (read when ray is first imported) keeps a one-machine Ray on loopback.
-    loopback = local and monitor.host == "127.0.0.1"
-    imported_before = "ray" in sys.modules
-    if loopback and not imported_before:
-        os.environ.setdefault(SINGLE_MACHINE_ENV, "0")
-    import ray
-
-    if ray.is_initialized():
-        yield False
-        return
-    if loopback and imported_before and os.environ.get(SINGLE_MACHINE_ENV) != "0":
-        log.warning("the metrics endpoint of this local Ray will listen on every interface, not only 127.0.0.1: "
-                    "ray was imported before distpose could set %s=0 (set it before importing ray)",
-                    SINGLE_MACHINE_ENV)
-    try:
-        # Ray Train would re-route every print in the workers (pycocotools' included) through its
-        # logger, doubling our console lines and undoing pycocotools' silencing.
-        ray.init(address=address, configure_logging=False,
-                 runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
-                 **({"_metrics_export_port": monitor.port or None} if local else {}))
-    except (ConnectionError, ValueError) as exc:
-        raise UserError(f"cannot connect to the Ray cluster at {address}: {exc}") from None
-    try:
-        if monitor.enabled:
-            print(metrics_banner())
-        yield not local
-    finally:
-        ray.shutdown()
-
-
-def metrics_banner() -> str:
-    endpoints = metrics_endpoints()
-    shown = ", ".join(endpoints[:3]) + (f" and {len(endpoints) - 3} more" if len(endpoints) > 3 else "")
-    return (f"[distpose] Prometheus metrics: {shown or 'no endpoint (is ray[default] installed?)'}; "
-            f"a Prometheus server finds every node's through prom_metrics_service_discovery.json in "
-            f"the head node's Ray session directory (launch/prometheus.yml)")
-
-
 def finished_run(cfg: Config) -> dict[str, Any] | None:
     """final.pt's metadata if this run name already trained to train.epochs."""
     final = run_dir(cfg) / FINAL_MODEL
@@ -171,14 +119,14 @@ def train(cfg: Config, address: str | None = None, resume: str | None = None,
     directory = run_dir(cfg)
     done = finished_run(cfg) if resume is None else None
     if done is not None:
-        print(f"[distpose] run {cfg.train.run_name} already finished ({done['epoch']} epochs): "
+        log.info(f"[distpose] run {cfg.train.run_name} already finished ({done['epoch']} epochs): "
               f"{directory / FINAL_MODEL}; not retraining (use another train.run_name to train again)")
         return TrainOutcome(directory, directory / FINAL_MODEL, done, 0.0, False)
 
     directory.mkdir(parents=True, exist_ok=True)
     cfg, prior = with_crf_prior(cfg)
     if prior is not None:
-        print(f"[distpose] {cfg.train.run_name}: {prior.summary(cfg)}")
+        log.info(f"[distpose] {cfg.train.run_name}: {prior.summary(cfg)}")
         atomic_write_bytes(directory / PRIOR_FILE, json.dumps(prior.record(), indent=1).encode())
     atomic_write_bytes(directory / "config.yaml", dump_yaml(cfg).encode())
     with ray_cluster(address, cfg.monitor) as disconnects_from_cluster:
@@ -196,7 +144,7 @@ def train(cfg: Config, address: str | None = None, resume: str | None = None,
             if disconnects_from_cluster and final != "interrupted":  # Ctrl-C means leave now
                 run_metrics.wait_until_exported(final)
         wall = time.perf_counter() - start
-    print(f"[distpose] run {cfg.train.run_name} finished in {wall:.1f} s: {directory / FINAL_MODEL}")
+    log.info(f"[distpose] run {cfg.train.run_name} finished in {wall:.1f} s: {directory / FINAL_MODEL}")
     return TrainOutcome(directory, directory / FINAL_MODEL, dict(result.metrics or {}), wall, True)
 
 

@@ -16,7 +16,25 @@ from torch import nn
 from distpose.config import Config, Mode
 from distpose.data.codec import HeatmapCodec
 from distpose.models.losses import crf_marginal_loss, heatmap_mse
-from distpose.models.pose import PoseModel, PoseOutput
+from distpose.models.pose import PoseModel, PoseOutput, build_pose_model, pose_architecture
+
+
+def with_crf(mode: Mode) -> bool:
+    return mode != "backbone"
+
+
+def run_model(cfg: Config, pairwise: torch.Tensor | None = None) -> PoseModel:
+    """The model a run of cfg.train.mode starts from: the backbone (from model.pretrained, if named) in the
+    backbone mode; in the crf and joint modes the trained backbone of train.backbone_checkpoint with a CRF
+    (its pairwise tables from `pairwise`, the CRF prior, if given)."""
+    crf = with_crf(cfg.train.mode)
+    return build_pose_model(cfg.model, crf, cfg.train.backbone_checkpoint if crf else "", pairwise,
+                            weights_source="config key 'train.backbone_checkpoint'")
+
+
+def run_architecture(cfg: Config) -> PoseModel:
+    """run_model's network, freshly initialised, with nothing loaded."""
+    return pose_architecture(cfg.model, with_crf(cfg.train.mode))
 
 
 def select_trainable(model: PoseModel, mode: Mode) -> list[nn.Parameter]:

@@ -20,9 +20,7 @@ from typing import Any
 import torch
 
 from distpose.config import Config, config_from_dict, micro_batch_size
-from distpose.data.transforms import normalize_images
 from distpose.eval.evaluate import evaluate_model, flat_metrics
-from distpose.models.pose import build_pose_model, pose_architecture
 from distpose.models.weights import save_pose_checkpoint
 from distpose.monitor.metrics import WorkerMetrics
 from distpose.train.batches import training_batches
@@ -37,7 +35,8 @@ from distpose.train.checkpoints import (
     write_meta,
 )
 from distpose.train.engine import build_engine
-from distpose.train.modes import mode_loss, parameter_groups, set_train_mode, target_codec
+from distpose.train.modes import parameter_groups, run_architecture, run_model, set_train_mode, target_codec
+from distpose.train.step import micro_batch_loss, optimizer_step
 
 
 class MetricsLog:
@@ -87,7 +86,7 @@ def _evaluate(engine, cfg: Config, rank: int, world: int) -> tuple[dict[str, flo
     """Score the consolidated fp32 weights: every rank evaluates a plain copy of the model, so ZeRO-3's
     partitioned forward (which needs all ranks in step) never meets ranks with unequal eval shares."""
     state = consolidated_state_dict(engine)
-    model = pose_architecture(cfg)
+    model = run_architecture(cfg)
     model.load_state_dict(state)
     metrics, _ = evaluate_model(model.to(engine.device), cfg, rank, world, engine.device)
     return {f"val/{k}": v for k, v in flat_metrics(metrics).items()}, state
@@ -107,7 +106,7 @@ def train_worker(job: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
 
     pairwise = job.get("crf_pairwise")
-    model = build_pose_model(cfg, None if pairwise is None else torch.tensor(pairwise)).to(device)
+    model = run_model(cfg, None if pairwise is None else torch.tensor(pairwise)).to(device)
     groups = parameter_groups(model, cfg.train.mode, cfg.train.lr, cfg.train.backbone_lr_scale)
     engine = build_engine(model, groups, cfg)
     state, origin = _resume(engine, job)
@@ -126,6 +125,14 @@ def train_worker(job: dict[str, Any]) -> None:
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16 if cfg.train.precision == "fp16" \
         else torch.float32
     steps, accum, mode = cfg.data.batches_per_epoch, cfg.train.grad_accum, cfg.train.mode
+
+    def loss_of(batch: dict[str, Any]) -> torch.Tensor:
+        return micro_batch_loss(engine, batch, codec, mode, device, dtype)
+
+    def backward(loss: torch.Tensor) -> None:  # DeepSpeed steps the optimizer at the accumulation boundary
+        engine.backward(loss)
+        engine.step()
+
     rank_samples = micro_batch_size(cfg) * accum  # per optimizer step
 
     for epoch in range(state.epoch, cfg.train.epochs):
@@ -134,18 +141,8 @@ def train_worker(job: dict[str, Any]) -> None:
         for index in range(steps):
             start = time.perf_counter()
             lr = engine.get_lr()[0]  # the rate this step trains at; engine.step() moves the schedule on
-            waited, loss_sum = 0.0, torch.zeros((), device=device)
-            for _ in range(accum):
-                before = time.perf_counter()
-                batch = next(batches)
-                waited += time.perf_counter() - before
-                images = normalize_images(batch["image"].to(device, non_blocking=True)).to(dtype)
-                target, weight = codec.encode(batch["joints"].to(device), batch["visible"].to(device))
-                loss = mode_loss(engine(images), target, weight, mode)
-                engine.backward(loss)
-                engine.step()
-                loss_sum += loss.detach().float()
-            loss_value = _mean_across_ranks(loss_sum / accum)
+            loss, waited = optimizer_step(batches, accum, loss_of, backward)
+            loss_value = _mean_across_ranks(loss)
             elapsed = time.perf_counter() - start
             state.step += 1
             epoch_loss += loss_value

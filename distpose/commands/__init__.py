@@ -1,0 +1,78 @@
+"""The `distpose` command: one module per subcommand, each a thin layer over the library.
+
+    distpose data synth|shard|verify   build and check the WebDataset shards
+    distpose train CONFIG [k=v ...]    train with Ray Train + DeepSpeed (local Ray, or --address)
+    distpose eval --checkpoint CKPT    PCK, COCO AP/AR and skeleton drawings of a trained model
+    distpose predict --checkpoint CKPT IMAGE... --out DIR   keypoints for image files
+    distpose pipeline [CONFIG_DIR]     data, all five modes, evaluation and a report (`make demo`)
+    distpose tune SWEEP [k=v ...]      Ray Tune sweep over the modes: leaderboard and best checkpoints
+    distpose config                    print a resolved config (YAML + key=value overrides)
+    distpose model-info NAME           parameters and GMACs of a pose network
+    distpose bench loader|train|crf|kernel|ablation   loader and training throughput; the CRF formulations;
+                                             the kernel; the CRF modes' choices, one at a time
+
+User mistakes (bad arguments, config keys, missing or corrupt files) print one line and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from distpose import __version__
+from distpose.commands import bench, config, data, evaluate, pipeline, predict, train, tune
+from distpose.commands.arguments import split_overrides
+from distpose.errors import UserError
+
+# The order of `distpose --help`.
+COMMANDS = (data, train, tune, evaluate, predict, pipeline, config, bench)
+
+
+class _Formatter(logging.Formatter):
+    """Progress as it is said; anything worse than that with its level, so that it stands out."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno <= logging.INFO else f"distpose: {record.levelname.lower()}: {text}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distpose",
+        description="Distributed training of top-down 2D human-pose models on COCO keypoints "
+        "(Ray Train + DeepSpeed + WebDataset).",
+    )
+    parser.add_argument("--version", action="version", version=f"distpose {__version__}")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only: no progress")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug messages too")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        command.register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, handlers=[handler], force=True)
+    if args.verbose:  # our debug messages, not every library's
+        logging.getLogger("distpose").setLevel(logging.DEBUG)
+    # Tune's TensorBoard logger renames every `pck@0.1`-style metric, one INFO line per name per trial.
+    logging.getLogger("tensorboardX").setLevel(logging.WARNING)
+    split_overrides(args)
+    try:
+        return int(args.func(args))
+    except UserError as exc:
+        print(f"distpose: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:  # a path that is a file, unreadable, unwritable, or a full disk
+        print(f"distpose: error: {exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("distpose: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,149 @@
+"""`distpose bench loader|train|crf|kernel|ablation`: benchmarks, each printing JSON that names the machine."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from distpose.commands.arguments import (
+    add_address_argument,
+    add_config_arguments,
+    output_path,
+    positive,
+    write_json,
+)
+
+
+def run_bench_crf(args: argparse.Namespace) -> int:
+    from distpose.bench.crf import run
+
+    out = output_path(args.out)
+    write_json(run(batch=args.batch, radii=tuple(args.radius), repeats=args.repeats), out)
+    return 0
+
+
+def run_bench_kernel(args: argparse.Namespace) -> int:
+    from distpose.bench.kernel import run
+
+    out = output_path(args.out)
+    write_json(run(batch=args.batch, radii=tuple(args.radius), full_window=not args.no_full_window,
+                    repeats=args.repeats, impls=tuple(args.impl)), out)
+    return 0
+
+
+def run_bench_loader(args: argparse.Namespace) -> int:
+    from distpose.bench.loader import run
+    from distpose.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    out = output_path(args.out)
+    write_json(run(cfg.data, images=args.images, batches=args.batches, warmup=args.warmup), out)
+    return 0
+
+
+def run_bench_train(args: argparse.Namespace) -> int:
+    from distpose.bench.train import run
+    from distpose.config import load_config
+    from distpose.train.driver import preflight
+
+    cfg = load_config(args.config, args.overrides)
+    preflight(cfg)
+    out = output_path(args.out)
+    write_json(run(cfg, warmup=args.warmup, steps=args.steps, address=args.address, plain_only=args.plain_only),
+               out)
+    return 0
+
+
+def run_bench_ablation(args: argparse.Namespace) -> int:
+    from distpose.bench.ablation import run
+
+    out = output_path(args.out)
+    result = run(args.config or "configs/quick", args.network, tuple(args.overrides), args.address)
+    print(result["table"], file=sys.stderr)
+    write_json(result, out)
+    return 0
+
+
+def _add_crf_bench_arguments(parser: argparse.ArgumentParser, batch: int, repeats: int, example: str) -> None:
+    parser.add_argument("--batch", type=positive, default=batch, help=f"batch size (default {batch})")
+    parser.add_argument("--radius", type=positive, nargs="+", default=[7, 15], help="window radii (default 7 15)")
+    parser.add_argument("--repeats", type=positive, default=repeats, help=f"timed runs, best kept (default {repeats})")
+    parser.add_argument("--out", help=f"also write the JSON here (e.g. benchmarks/results/{example})")
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    bench = commands.add_parser("bench", help="throughput benchmarks (JSON output)",
+                                description="Throughput benchmarks; each prints JSON naming the machine.")
+    bench_cmds = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
+    loader = bench_cmds.add_parser(
+        "loader", help="training-loader instances/s against a raw decode + warp loop",
+        description="Instances/s of the full training pipeline (tar, decode, crop, augment, batching, "
+        "heatmap targets rendered by the consumer as in training) in process and with 1 and 2 "
+        "DataLoader workers, next to a raw cv2.imdecode + cv2.warpAffine loop over the same images in "
+        "the same run (one core), and their ratios. Reads the training shards named by data.shards "
+        "and data.train_split.",
+    )
+    add_config_arguments(loader)
+    loader.add_argument("--images", type=positive, default=300, help="images in the raw loop (default 300)")
+    loader.add_argument("--batches", type=positive, default=60,
+                        help="timed batches per pipeline run (default 60)")
+    loader.add_argument("--warmup", type=positive, default=16,
+                        help="untimed batches first, more than the DataLoader prefetches (default 16)")
+    loader.add_argument("--out", help="also write the JSON here (e.g. benchmarks/results/loader-cpu.json)")
+    loader.set_defaults(func=run_bench_loader)
+
+    train_bench = bench_cmds.add_parser(
+        "train", help="training samples/s: Ray + DeepSpeed + WebDataset against a plain PyTorch loop",
+        description="Samples/s of `distpose train` (Ray Train workers, DeepSpeed, the shard stream) at steady "
+        "state, and of a plain single-process PyTorch loop (Adam, same model, loader, loss and precision) in "
+        "the same run; their ratio, the overhead per worker, the data-wait share, and MFU on a GPU in bf16. "
+        "Backbone, input size, batch, precision, ZeRO stage and workers are config keys, e.g. "
+        "model.backbone=hrnet_w32 data.input_size=[256,192] data.heatmap_size=[64,48] train.precision=bf16.",
+    )
+    add_config_arguments(train_bench)
+    add_address_argument(train_bench)
+    train_bench.add_argument("--steps", type=positive, default=60, help="timed steps of each (default 60)")
+    train_bench.add_argument("--warmup", type=positive, default=10,
+                             help="untimed steps first (default 10)")
+    train_bench.add_argument("--out", help="also write the JSON here (e.g. benchmarks/results/train-cpu2.json)")
+    train_bench.add_argument("--plain-only", action="store_true",
+                             help="time the plain loop alone: no Ray, no DeepSpeed (benchmarks/gpu.sh)")
+    train_bench.set_defaults(func=run_bench_train)
+
+    crf = bench_cmds.add_parser(
+        "crf", help="the reference tree CRF on the CPU: shift-and-accumulate against unfold + logsumexp",
+        description="Forward (marginals) and forward + backward of the exact tree CRF at B x 17 joints x "
+        "64x48 on the COCO tree, for each window radius, with both message formulations in the same run "
+        "(best of --repeats), their speed ratio and their largest disagreement.",
+    )
+    _add_crf_bench_arguments(crf, batch=8, repeats=2, example="crf-reference-cpu2.json")
+    crf.set_defaults(func=run_bench_crf)
+
+    kernel = bench_cmds.add_parser(
+        "kernel", help="the fused Triton CRF kernel against the PyTorch formulations and a conv2d baseline",
+        description="Forward, forward + backward and max-product times of the tree CRF at B x 17 joints x "
+        "64x48 for each window radius and the full-map window: the Triton kernel, the PyTorch shift and "
+        "unfold formulations, and the probability-space conv2d speed baseline, in one run, with each one's "
+        "error against a float64 reference and the kernel's exp rate against the exp unit's peak. "
+        "Meant for a GPU; on a CPU the Triton kernel is skipped unless TRITON_INTERPRET=1.",
+    )
+    _add_crf_bench_arguments(kernel, batch=64, repeats=5, example="crf-kernel-h100.json")
+    kernel.add_argument("--no-full-window", action="store_true", help="leave out the full-map window")
+    kernel.add_argument("--impl", nargs="+", default=["triton", "shift", "unfold", "conv"],
+                        choices=["triton", "shift", "unfold", "conv"], help="what to time (default all)")
+    kernel.set_defaults(func=run_bench_kernel)
+
+    ablation = bench_cmds.add_parser(
+        "ablation", help="the CRF modes' choices, one at a time, with paired 95% intervals",
+        description="Trains the crf and joint configs of one network from the same backbone checkpoint, each "
+        "with one choice changed (pairwise start, window, unary scale, the joint mode's backbone learning "
+        "rate), and scores every run on the same validation instances: PCK@0.1 with 95% bootstrap intervals "
+        "and paired differences from the mode's shipped config and from the backbone. Prints a markdown table "
+        "(stderr) and JSON.",
+    )
+    add_config_arguments(ablation, config_help="directory of mode configs (default configs/quick)")
+    add_address_argument(ablation)
+    ablation.add_argument("--network", choices=["cnn", "hrnet"], default="cnn", help="which <network>_crf.yaml and "
+                          "<network>_joint.yaml to vary (default cnn)")
+    ablation.add_argument("--out", help="also write the JSON here (e.g. benchmarks/results/crf-ablation-cpu2.json)")
+    ablation.set_defaults(func=run_bench_ablation)

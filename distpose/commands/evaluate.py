@@ -1,0 +1,36 @@
+"""`distpose eval --checkpoint CKPT`: PCK, COCO AP/AR and skeleton drawings of a trained model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from distpose.commands.arguments import positive
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from distpose.eval.checkpoint import evaluate_to_directory, summary_line
+
+    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"eval-{Path(args.checkpoint).stem}"
+    metrics = evaluate_to_directory(args.checkpoint, args.data, args.split, args.boxes, out, args.workers, args.address)
+    print(f"{metrics['instances']} instances: {summary_line(metrics)}")
+    print(f"wrote {out}/metrics.json, results.json, skeletons.jpg")
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    evaluate = commands.add_parser(
+        "eval", help="score an inference checkpoint: PCK, HRNet accuracy, COCO AP/AR, drawings",
+        description="Score an inference checkpoint (best.pt/final.pt of a run) on a split: PCK@thresholds for "
+        "visible and occluded joints, HRNet's heatmap accuracy, COCO AP/AR via pycocotools. Writes "
+        "metrics.json, results.json (COCO results) and skeletons.jpg (+ images/) to --out.",
+    )
+    evaluate.add_argument("--checkpoint", required=True, help="inference checkpoint (.pt)")
+    evaluate.add_argument("--data", help="shard directory or COCO root (default: the checkpoint's data.shards)")
+    evaluate.add_argument("--split", help="split name (default: the checkpoint's val split, or the only one)")
+    evaluate.add_argument("--boxes", default="gt",
+                          help="'gt' for ground-truth boxes (default) or a COCO-results JSON of person detections")
+    evaluate.add_argument("--out", help="output directory (default: eval-<checkpoint name> beside the checkpoint)")
+    evaluate.add_argument("--workers", type=positive, default=1, help="Ray Train ranks (default 1: in process)")
+    evaluate.add_argument("--address", help="Ray cluster address for --workers > 1 (default: local Ray)")
+    evaluate.set_defaults(func=run_eval)
