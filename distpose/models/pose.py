@@ -39,8 +39,9 @@ def flip_back(maps: torch.Tensor) -> torch.Tensor:
 
 
 class PoseModel(nn.Module):
-    # 1 (a 3x3 window) measured best overall on the quick demo's CRF models (README, Pipeline): against
-    # radius 2 it gained visible PCK@0.1 and AP on both models probed; radius 0 halved AP.
+    # A CRF joint's confidence is its marginal mass within score_radius pixels: a single pixel's
+    # probability is too peaked to rank people by; a wide window blurs neighbouring candidates together
+    # (docs/crf.md, Decoding, has the measurements).
     def __init__(self, backbone: nn.Module, crf: TreeCRF | None = None, score_radius: int = 1):
         super().__init__()
         self.backbone = backbone
