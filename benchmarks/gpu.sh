@@ -61,7 +61,7 @@ step tests 150 "$python" -m pytest -q -p no:cacheprovider tests/test_tree_crf_tr
     --junitxml "$out/gpu-tests-$slug.xml"
 step kernel 240 "$python" -m distpose bench kernel "${kernel_args[@]}" --out "$out/crf-kernel-$slug.json"
 step train 90 "$python" -m distpose bench train "${train_args[@]}" train.mode=backbone train.workers=1 \
-    data.source=random "${train_steps[@]}" --plain-only --out "$out/train-plain-$slug.json"
+    data.source=random eval.every_epochs=0 "${train_steps[@]}" --plain-only --out "$out/train-plain-$slug.json"
 
 summary="$out/gpu-checks-$slug.json"
 printf '{"device": "%s", "dry_run": %s, "steps": [%s]}\n' "$device" "$([[ $dry_run == 1 ]] && echo true || echo false)" \
