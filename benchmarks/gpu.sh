@@ -9,7 +9,8 @@
 #
 #   benchmarks/gpu.sh [--dry-run] [OUT_DIR]      default OUT_DIR: benchmarks/results
 #
-# --dry-run runs the same steps at toy size on whatever device there is (the CPU here), to test the script.
+# --dry-run runs the same steps at toy size on whatever device there is (the CPU here), to test the script;
+# its test step runs only the gpu-marked tests.
 set -euo pipefail
 
 dry_run=0
@@ -31,11 +32,13 @@ device=$("$python" -c 'import torch; print(torch.cuda.get_device_name(0) if torc
 slug=$(echo "$device" | tr '[:upper:]' '[:lower:]' | tr -cs 'a-z0-9' '-' | sed 's/^-//; s/-$//')
 if ((dry_run)); then
     slug="$slug-dry-run"
+    test_args=(-m gpu)  # the suite runs the rest of the file; without CUDA these skip
     kernel_args=(--batch 2 --radius 2 --repeats 1 --no-full-window --impl shift unfold)
     train_args=(model.backbone=cnn_small "data.input_size=[64,48]" "data.heatmap_size=[16,12]" data.batch_size=4
                 train.precision=fp32 train.use_gpu=false)
     train_steps=(--steps 2 --warmup 1)
 else
+    test_args=()
     kernel_args=(--batch 64 --radius 7 15 --repeats 5)
     train_args=(model.backbone=hrnet_w32 "data.input_size=[256,192]" "data.heatmap_size=[64,48]" data.batch_size=64
                 train.precision=bf16 train.use_gpu=true train.cpus_per_worker=8)
@@ -57,7 +60,7 @@ step() {  # step NAME SECONDS COMMAND...: run it within SECONDS, keep going on f
 }
 
 # The three limits add up to 8 minutes; a step past its limit exits 124 and the next one runs.
-step tests 150 "$python" -m pytest -q -p no:cacheprovider tests/test_tree_crf_triton.py \
+step tests 150 "$python" -m pytest -q -p no:cacheprovider tests/test_tree_crf_triton.py "${test_args[@]}" \
     --junitxml "$out/gpu-tests-$slug.xml"
 step kernel 240 "$python" -m distpose bench kernel "${kernel_args[@]}" --out "$out/crf-kernel-$slug.json"
 step train 90 "$python" -m distpose bench train "${train_args[@]}" train.mode=backbone train.workers=1 \

@@ -63,7 +63,7 @@ def test_train_benchmark_times_both_paths(ray_session, tmp_path):
 
 def test_the_gpu_script_runs_every_step_in_its_dry_run(tmp_path):
     """benchmarks/gpu.sh --dry-run: the kernel tests, bench kernel and the plain training loop at toy size on
-    this machine, in a process without Ray or DeepSpeed imported (about 40 s here)."""
+    this machine, in a process without Ray or DeepSpeed imported (about 20 s here)."""
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "results"
     proc = subprocess.run(["bash", str(root / "benchmarks" / "gpu.sh"), "--dry-run", str(out)], capture_output=True,
