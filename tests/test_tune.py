@@ -58,6 +58,8 @@ def write_sweep(path: Path, **fields) -> Path:
     ({"modes": ["cnn"], "mode_overrides": {"vit": ["train.lr=0.1"]}}, "sweep key 'mode_overrides.vit': no config"),
     ({"modes": ["cnn"], "mode_overrides": {"cnn": "train.lr=0.1"}}, "sweep key 'mode_overrides.cnn': got"),
     ({"modes": ["cnn"], "mode_overrides": {"cnn": ["train.lrr=0.1"]}}, "config key 'train.lrr'"),
+    ({"modes": ["cnn_crf"], "mode_overrides": {"cnn_crf": ["train.mode=joint"]}},
+     "mode 'cnn_crf': config key 'train.mode' is 'joint', but the 'cnn_crf' mode trains in mode 'crf'"),
 ])
 def test_bad_sweep_files_fail_in_one_line(tmp_path, capsys, fields, message):
     sweep = write_sweep(tmp_path / "sweep.yaml", name="bad", **fields)

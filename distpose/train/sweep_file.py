@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from distpose.config import Config, ConfigError, load_config, parse_override, read_yaml, score_names, yaml_problem
-from distpose.modes import NAMES
+from distpose.modes import NAMES, check_mode
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
 SEARCHES = ("random", "grid", "optuna", "hyperopt")
@@ -162,7 +162,9 @@ def _check(sweep: Sweep) -> None:
     # Every mode's config must load with the overrides and with each dimension's extreme values, so that
     # a typo in a key fails here, in one line, not in every trial.
     for mode in sweep.modes:
-        thresholds = base_config(sweep, mode).eval.pck_thresholds
+        base = base_config(sweep, mode)
+        check_mode(mode, base.train.mode, f"{sweep.source}: mode {mode!r}")
+        thresholds = base.eval.pck_thresholds
         require(sweep.metric in score_names(thresholds), "metric", sweep.metric,
                 f"one of {', '.join(score_names(thresholds))}")
         mode_config(sweep, mode, [])

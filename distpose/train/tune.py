@@ -30,7 +30,7 @@ from typing import Any
 from distpose.cluster import ray_cluster
 from distpose.config import Config, ConfigError, load_config
 from distpose.files import atomic_write_bytes
-from distpose.modes import MODES, check_mode, named_mode
+from distpose.modes import MODES, named_mode
 from distpose.train.checkpoints import BEST_MODEL, METRICS_LOG
 from distpose.train.driver import check_shards, train, with_absolute_paths
 from distpose.train.leaderboard import best_trials, score_best, write_leaderboard
@@ -251,12 +251,9 @@ def run_sweep(sweep: Sweep, address: str | None = None, resume: bool = False) ->
             raise ConfigError(f"{sweep.source}: mode {mode!r}: {exc}") from None
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(directory / "sweep.json", json.dumps(dataclasses.asdict(sweep), indent=1).encode())
-    bases = {m: base_config(sweep, m) for m in sweep.modes}
-    for mode, cfg in bases.items():
-        check_mode(mode, cfg.train.mode, f"{sweep.source}: mode {mode!r}")
     order = [m.name for m in MODES if m.name in sweep.modes]  # every parent before its children
     records: list[dict[str, Any]] = []
-    with ray_cluster(address, bases[order[0]].monitor):
+    with ray_cluster(address, base_config(sweep, order[0]).monitor):
         for mode in order:
             done = directory / mode / DONE_FILE
             if resume and done.is_file():
