@@ -120,7 +120,7 @@ def run(cfg: Config, warmup: int, steps: int, address: str | None = None, plain_
         raise UserError("train.use_gpu=true, but this machine has no CUDA device: `distpose bench train` runs its "
                         "plain loop in its own process, so run it on a GPU node (with --address for the cluster)")
     log.info(f"[bench] plain PyTorch loop: {warmup} + {steps} steps of {micro_batch_size(cfg) * t.grad_accum} "
-          "(one rank's share) ...")
+             "(one rank's share) ...")
     plain = plain_loop(cfg, warmup, steps)
     log.info(f"[bench] plain loop: {plain['samples_per_s']:.1f} samples/s")
     described = {

@@ -27,6 +27,7 @@ from distpose.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
+
 @contextlib.contextmanager
 def shards_for(data: str, split: str | None) -> Iterator[tuple[str, str]]:
     """(shard directory, split) for `data`: a shard directory as it is, or a COCO root sharded into a
