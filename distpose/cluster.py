@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 from distpose.config import MonitorConfig
 from distpose.errors import UserError
@@ -16,6 +18,91 @@ from distpose.monitor.metrics import metrics_endpoints
 log = logging.getLogger(__name__)
 
 SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+CONNECT_TIMEOUT_S = 10.0
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail in one line when nothing listens at a `host:port` cluster address: ray.init would retry
+    its GCS connection for minutes, printing a raw line each time. ("auto" is left to Ray.)"""
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        if target != "auto":
+            raise UserError(f"cluster address {address!r}: expected HOST:PORT (the head node's GCS, 6379 by "
+                            f"default) or 'auto'")
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        reason = f"no answer within {timeout:g} s" if isinstance(exc, TimeoutError) else \
+            (exc.strerror or str(exc)).lower()
+        raise UserError(f"cannot connect to the Ray cluster at {address}: {reason} (is `ray start --head` "
+                        f"running there, and its port open?)") from None
+
+
+def verbose() -> bool:
+    """`-v`: Ray's and the workers' own output streams to the console too."""
+    return logging.getLogger("distpose").isEnabledFor(logging.DEBUG)
+
+
+@contextlib.contextmanager
+def log_file(path: Path) -> Iterator[None]:
+    """Every log record of this process (distpose's and the libraries') also goes to `path`, at any
+    console verbosity."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root, distpose = logging.getLogger(), logging.getLogger("distpose")
+    level = distpose.level
+    root.addHandler(handler)
+    distpose.setLevel(logging.DEBUG if verbose() else logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        distpose.setLevel(level)
+        handler.close()
+
+
+def is_local(address: str | None) -> bool:
+    """Whether a command given this address starts its own Ray on this machine."""
+    return address is None and "RAY_ADDRESS" not in os.environ
+
+
+def connected() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+def _count(amount: float, resource: str) -> str:
+    return f"{amount:g} {resource}{'' if amount == 1 else 's'}"
+
+
+def check_resources(need: dict[str, tuple[float, str]], address: str | None) -> None:
+    """Before Ray starts: a local Ray (this machine) or the Ray already connected must hold `need`
+    ({"GPU": (2, "the settings asking for them")}) in total, or the run would wait for workers that can
+    never start. A cluster not yet connected is checked by `warn_if_short` once connected: an autoscaler
+    may still add nodes there."""
+    if connected():
+        have, where, hint = sys.modules["ray"].cluster_resources(), "the connected Ray cluster", ""
+    elif is_local(address):
+        import torch
+
+        have = {"CPU": len(os.sched_getaffinity(0)), "GPU": torch.cuda.device_count()}
+        where, hint = "this machine", " (no cluster given: --address or RAY_ADDRESS)"
+    else:
+        return
+    for resource, (amount, what) in need.items():
+        if have.get(resource, 0) < amount:
+            raise UserError(f"{what} needs {_count(amount, resource)}, but {where} has {have.get(resource, 0):g}{hint}")
+
+
+def warn_if_short(need: dict[str, tuple[float, str]], wait_s: float) -> None:
+    """On a cluster without the resources yet: say what the run will wait for, and for how long."""
+    have = sys.modules["ray"].cluster_resources()
+    for resource, (amount, what) in need.items():
+        if have.get(resource, 0) < amount:
+            log.warning("%s needs %s, but the cluster has %g now: each start of the workers waits up to %g s "
+                        "for nodes to join", what, _count(amount, resource), have.get(resource, 0), wait_s)
 
 
 @contextlib.contextmanager
@@ -25,7 +112,7 @@ def ray_cluster(address: str | None = None, monitor: MonitorConfig | None = None
     (a cluster's follows its `ray start` options). Yields whether leaving disconnects from a cluster
     that stays up (then the last metrics should reach its endpoint first)."""
     monitor = monitor or MonitorConfig()
-    local = address is None and "RAY_ADDRESS" not in os.environ
+    local = is_local(address)
     # On Linux Ray replaces a loopback node address by a routable one, and its metrics agent then listens on
     # every interface; this switch (read when ray is first imported) keeps a one-machine Ray on loopback.
     loopback = local and monitor.host == "127.0.0.1"
@@ -37,14 +124,18 @@ def ray_cluster(address: str | None = None, monitor: MonitorConfig | None = None
     if ray.is_initialized():
         yield False
         return
+    if not local:
+        check_reachable(address or os.environ["RAY_ADDRESS"])
     if loopback and imported_before and os.environ.get(SINGLE_MACHINE_ENV) != "0":
         log.warning("the metrics endpoint of this local Ray will listen on every interface, not only 127.0.0.1: "
                     "ray was imported before distpose could set %s=0 (set it before importing ray)",
                     SINGLE_MACHINE_ENV)
+    if not verbose():  # Ray's notices on connecting (token auth, usage stats) are for -v
+        logging.getLogger("ray").setLevel(logging.ERROR)
     try:
         # Ray Train would re-route every print in the workers (pycocotools' included) through its
         # logger, doubling our console lines and undoing pycocotools' silencing.
-        ray.init(address=address, configure_logging=False,
+        ray.init(address=address, configure_logging=False, log_to_driver=verbose(),
                  runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
                  **({"_metrics_export_port": monitor.port or None} if local else {}))
     except (ConnectionError, ValueError) as exc:

@@ -8,6 +8,7 @@ key or a bad value raises ConfigError with one line naming the key and what is a
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from typing import Any, Literal
 import yaml
 
 from distpose.errors import UserError
+
+RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 class ConfigError(UserError):
@@ -104,7 +107,7 @@ class TrainConfig:
     epochs: int = 2
     lr: float = 1e-3
     backbone_lr_scale: float = 1.0  # joint mode: the backbone learns at lr x this (the CRF at lr)
-    lr_steps: tuple[int, ...] = (170, 200)  # epochs where lr is multiplied by lr_factor
+    lr_steps: tuple[int, ...] = (170, 200)  # epochs after which lr is multiplied by lr_factor
     lr_factor: float = 0.1
     warmup_steps: int = 0
     precision: Precision = "fp32"
@@ -114,6 +117,9 @@ class TrainConfig:
     backbone_checkpoint: str = ""  # pose checkpoint of the trained backbone: required by the crf and joint modes
     keep_checkpoints: int = 2  # the latest N DeepSpeed checkpoints; the best model is kept apart as best.pt
     max_failures: int = 1  # worker-group restarts from the latest checkpoint before the run fails
+    # Seconds a start of the worker group may wait for its CPUs/GPUs (nodes joining, an autoscaler) before
+    # it counts as a failure.
+    start_timeout_s: float = 120.0
     seed: int = 0
     log_every: int = 10  # steps between console lines (every step goes to metrics.jsonl)
     # Escape hatch: a DeepSpeed JSON whose keys override those derived from this config
@@ -297,17 +303,48 @@ def _apply(cfg: Config, data: Any, source: str) -> Config:
     return cfg
 
 
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+
+
+def find_config(name: str | Path, directory: bool = False) -> Path:
+    """A config file (or, with `directory`, a directory of mode configs) by path, else by its name among
+    the packaged configs: `quick/cnn` is distpose/configs/quick/cnn.yaml, `quick` the directory."""
+    path = Path(name)
+    if path.exists():
+        if path.is_dir() != directory:
+            raise ConfigError(f"config {path} is {'a directory' if path.is_dir() else 'a file'}, expected "
+                              f"{'a directory of mode configs' if directory else 'a YAML file'}")
+        return path
+    packaged = PACKAGED_CONFIGS / (str(name) if directory or path.suffix else f"{name}.yaml")
+    if packaged.exists() and packaged.is_dir() == directory:
+        return packaged
+    names = sorted(str(p.relative_to(PACKAGED_CONFIGS)).removesuffix(".yaml")
+                   for p in PACKAGED_CONFIGS.glob("*" if directory else "*/*.yaml") if p.is_dir() == directory)
+    raise ConfigError(f"config {name} does not exist (not a path, nor a packaged config: {', '.join(names)})")
+
+
+def read_yaml_file(path: Path, what: str) -> Any:
+    """A YAML file's content, or one line saying why it cannot be read: missing, not text, not YAML."""
+    try:
+        return read_yaml(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: cannot be read ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path}: not a text file (byte 0x{exc.object[exc.start]:02x} at offset "
+                          f"{exc.start} is not UTF-8)") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path}: not valid YAML ({yaml_problem(exc)})") from None
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """The defaults, updated by the YAML file at `path` (if any), then by `key.sub=value` overrides."""
+    """The defaults, updated by the YAML file at `path` (a path or a packaged config's name, if any),
+    then by `key.sub=value` overrides."""
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} {'is a directory' if path.is_dir() else 'does not exist'}")
-        try:
-            data = read_yaml(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path}: not valid YAML ({yaml_problem(exc)})") from None
+        path = find_config(path)
+        data = read_yaml_file(path, "config file") or {}
     cfg = _apply(Config(), data, f"config file {path}")
     for text in overrides:
         _set(cfg, *parse_override(text))
@@ -354,6 +391,13 @@ def validate(cfg: Config) -> None:
     _require(t.lr > 0, "train.lr", t.lr, "a number > 0")
     _require(t.backbone_lr_scale > 0, "train.backbone_lr_scale", t.backbone_lr_scale, "a number > 0")
     _require(t.max_failures >= 0, "train.max_failures", t.max_failures, "an integer >= 0")
+    # A name, not a path: the run directory is train.storage/train.run_name.
+    _require(bool(RUN_NAME.fullmatch(t.run_name)) and t.run_name not in (".", ".."), "train.run_name", t.run_name,
+             "a name of letters, digits, '.', '_' and '-' (no '/')")
+    # Epochs past train.epochs are allowed: they never apply, so `train.epochs=1` keeps a file's schedule.
+    _require(all(step >= 1 for step in t.lr_steps) and list(t.lr_steps) == sorted(set(t.lr_steps)),
+             "train.lr_steps", list(t.lr_steps), "increasing epochs >= 1")
+    _require(t.start_timeout_s > 0, "train.start_timeout_s", t.start_timeout_s, "a number of seconds > 0")
     _require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "an integer >= 0")
     _require(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "a number >= 0 (0 disables clipping)")
     _require(0 < t.lr_factor <= 1, "train.lr_factor", t.lr_factor, "a number in (0, 1]")

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from distpose.cluster import ray_cluster
-from distpose.config import Config, load_config
+from distpose.config import Config, find_config, load_config
 from distpose.data.shards import manifest_path, shard_ground_truth, write_shards
 from distpose.data.synth import generate_synthetic_coco
 from distpose.errors import UserError
@@ -113,11 +113,11 @@ def run_config(config_dir: Path, name: str, overrides: list[str], parent: Path |
     return cfg
 
 
-def run_pipeline(config_dir: str | Path = "configs/quick", overrides: tuple[str, ...] = (),
+def run_pipeline(config_dir: str | Path = "quick", overrides: tuple[str, ...] = (),
                  data_root: str | Path = "data/synth", report_dir: str | Path = "reports/pipeline",
                  train_images: int = 1000, val_images: int = 250, address: str | None = None) -> Path:
     start = time.perf_counter()
-    config_dir, report_dir = Path(config_dir), Path(report_dir)
+    config_dir, report_dir = find_config(config_dir, directory=True), Path(report_dir)
     # Every config read and checked now, not after the data and the first fits.
     first, *_ = [run_config(config_dir, m.name, list(overrides), None) for m in MODES]
     prepare_data(Path(data_root), Path(first.data.shards), train_images, val_images)

@@ -6,6 +6,8 @@ import tarfile
 import zlib
 from pathlib import Path
 
+import numpy as np
+
 from distpose.data.shards import iter_tar_samples
 
 
@@ -26,12 +28,19 @@ def truncate_shard(shard: Path, keep: float = 0.6) -> None:
     shard.write_bytes(data[: int(len(data) * keep)])
 
 
-def truncate_jpeg_in_shard(shard: Path) -> str:
-    """Rewrite the shard with its first sample's JPEG cut in half and a crc32 that matches the cut
-    bytes: only the JPEG structure check can catch it. Returns the sample key."""
+def scramble_jpeg(data: bytes, start: int = 2000, seed: int = 0) -> bytes:
+    """Random bytes in place of the entropy-coded data after `start`, the end-of-image marker kept: the
+    file keeps its structure (start and end markers) and OpenCV still decodes it, to grey."""
+    noise = np.random.default_rng(seed).integers(0, 256, len(data) - start - 2, dtype=np.uint8).tobytes()
+    return data[:start] + noise + b"\xff\xd9"
+
+
+def damage_first_jpeg_in_shard(shard: Path, damage) -> str:
+    """Rewrite the shard with its first sample's JPEG passed through `damage` and a crc32 that matches the
+    damaged bytes: only a check of the JPEG itself can catch it. Returns the sample key."""
     samples = list(iter_tar_samples(shard))
     first = samples[0]
-    first["jpg"] = first["jpg"][: len(first["jpg"]) // 2]
+    first["jpg"] = damage(first["jpg"])
     meta = json.loads(first["json"])
     meta["jpg_crc32"] = zlib.crc32(first["jpg"])
     first["json"] = json.dumps(meta).encode()
@@ -42,6 +51,14 @@ def truncate_jpeg_in_shard(shard: Path) -> str:
                 info.size = len(sample[ext])
                 tar.addfile(info, io.BytesIO(sample[ext]))
     return first["__key__"]
+
+
+def truncate_jpeg_in_shard(shard: Path) -> str:
+    return damage_first_jpeg_in_shard(shard, lambda data: data[: len(data) // 2])
+
+
+def scramble_jpeg_in_shard(shard: Path) -> str:
+    return damage_first_jpeg_in_shard(shard, scramble_jpeg)
 
 
 def records(directory: Path, kind: str | None = None) -> list[dict]:

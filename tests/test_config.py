@@ -2,11 +2,12 @@
 
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 
-from distpose.config import Config, ConfigError, dump_yaml, load_config
+from distpose.config import PACKAGED_CONFIGS, Config, ConfigError, dump_yaml, find_config, load_config
 
 # Training configs; configs/tune/ holds sweep files (tests/test_tune.py loads those).
 CONFIGS = sorted(p for p in (Path(__file__).parent.parent / "configs").rglob("*.yaml") if p.parent.name != "tune")
@@ -52,6 +53,13 @@ def test_shipped_configs_load(path):
     ("train.precision=bf16", "config key 'train.zero_stage': got 0, expected 1, 2 or 3 with train.precision=bf16"),
     ("train.workers=3", "'data.batch_size': got 32, expected a multiple of train.workers x train.grad_accum"),
     ("monitor.host=10.0.0.7", "config key 'monitor.host': got '10.0.0.7', expected one of '127.0.0.1', '0.0.0.0'"),
+    ("train.run_name=", "config key 'train.run_name': got '', expected a name of letters"),
+    ("train.run_name=../escape", "config key 'train.run_name': got '../escape', expected a name"),
+    ("train.run_name=..", "config key 'train.run_name': got '..', expected a name"),
+    ("train.lr_steps=[200,170]", "config key 'train.lr_steps': got [200, 170], expected increasing epochs >= 1"),
+    ("train.lr_steps=[0]", "config key 'train.lr_steps': got [0], expected increasing epochs >= 1"),
+    ("train.lr_steps=[3,3]", "config key 'train.lr_steps': got [3, 3], expected increasing"),
+    ("train.start_timeout_s=0", "config key 'train.start_timeout_s': got 0.0, expected a number of seconds > 0"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as info:
@@ -82,3 +90,42 @@ def test_cli_exit_code_2_and_one_line():
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "distpose: error: config key 'train.mode': got 'nope', expected one of 'backbone', 'crf', 'joint'"]
+
+
+def test_a_config_that_is_not_text_fails_in_one_line(tmp_path):
+    picture = tmp_path / "some.png"
+    picture.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    with pytest.raises(ConfigError) as info:
+        load_config(picture)
+    assert str(info.value) == f"config file {picture}: not a text file (byte 0x89 at offset 0 is not UTF-8)"
+    proc = subprocess.run([sys.executable, "-m", "distpose", "config", str(picture)],
+                          capture_output=True, text=True, check=False, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"distpose: error: {info.value}"]
+
+
+def test_packaged_configs_are_found_by_name_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert find_config("quick/cnn") == PACKAGED_CONFIGS / "quick" / "cnn.yaml"
+    assert load_config("quick/cnn") == load_config(PACKAGED_CONFIGS / "quick" / "cnn.yaml")
+    assert find_config("quick", directory=True) == PACKAGED_CONFIGS / "quick"
+    with pytest.raises(ConfigError) as info:
+        load_config("quick/cnnn")
+    assert "config quick/cnnn does not exist (not a path, nor a packaged config: coco/cnn, coco/cnn_crf" \
+        in str(info.value)
+    with pytest.raises(ConfigError, match="is a directory, expected a YAML file"):
+        load_config(PACKAGED_CONFIGS / "quick")
+    # A file of the same name in the working directory comes first: a path is a path.
+    (tmp_path / "quick").mkdir()
+    (tmp_path / "quick" / "cnn.yaml").write_text("train:\n  epochs: 3\n")
+    assert load_config("quick/cnn.yaml").train.epochs == 3
+
+
+def test_a_built_wheel_ships_the_configs(tmp_path):
+    """A non-editable install finds its configs by name: they are package data."""
+    root = Path(__file__).parent.parent
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(root)], check=True, capture_output=True, timeout=300)
+    wheel, = tmp_path.glob("distpose-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {f"distpose/configs/{p.relative_to(PACKAGED_CONFIGS)}" for p in PACKAGED_CONFIGS.rglob("*.yaml")}
+    assert len(shipped) == 14 and shipped <= names

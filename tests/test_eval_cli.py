@@ -6,6 +6,7 @@ import json
 import cv2
 import numpy as np
 import pytest
+from helpers import corrupt_jpeg_in_shard
 
 from distpose.commands import main
 from distpose.config import load_config
@@ -56,6 +57,22 @@ def test_eval_cli_on_a_coco_root_writes_metrics_results_and_drawings(coco_mini, 
     assert grid is not None and grid.shape[0] > 100
     assert len(list((out / "images").glob("*.jpg"))) == len({a["image_id"] for a in usable})
     assert f"{len(usable)} instances: visible/pck@0.05" in capsys.readouterr().out
+
+
+def test_eval_cli_skips_a_corrupt_sample_when_scoring_and_drawing(coco_mini, untrained_checkpoint, tmp_path, capsys):
+    """One sample's JPEG damaged inside its shard: scored without it, drawn without it, named, exit 0 (the
+    drawing once died on it with a traceback)."""
+    shards = tmp_path / "shards"
+    write_shards(coco_mini, "val2017", shards, samples_per_shard=2, role="eval", progress=False)
+    key = corrupt_jpeg_in_shard(shards / "val2017-000000.tar")
+    out = tmp_path / "eval"
+    assert main(["eval", "--checkpoint", str(untrained_checkpoint), "--data", str(shards), "--split", "val2017",
+                 "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"drawing: skipped sample {key}: JPEG bytes do not match their crc32" in err
+    assert "Traceback" not in err
+    drawn = {p.stem for p in (out / "images").glob("*.jpg")}
+    assert drawn and key not in drawn and (out / "skeletons.jpg").is_file()
 
 
 def test_eval_cli_with_detector_boxes(coco_mini, untrained_checkpoint, tmp_path):

@@ -5,8 +5,10 @@ import json
 import shutil
 import tarfile
 
+import cv2
+import numpy as np
 import pytest
-from helpers import corrupt_jpeg_in_shard, truncate_jpeg_in_shard, truncate_shard
+from helpers import corrupt_jpeg_in_shard, scramble_jpeg, scramble_jpeg_in_shard, truncate_jpeg_in_shard, truncate_shard
 
 from distpose.commands import main
 from distpose.data.coco import annotation_path
@@ -166,7 +168,24 @@ def test_corrupt_source_jpeg_is_skipped_and_counted(coco_mini, tmp_path):
     jpg.write_bytes(jpg.read_bytes()[: jpg.stat().st_size // 2])
     manifest = write_shards(root, "val2017", tmp_path / "out", progress=False)
     assert manifest["samples"] == 3
-    assert manifest["skipped"] == {"corrupt source image: JPEG truncated (no end-of-image marker)": 1}
+    assert manifest["skipped"] == {"corrupt source image": 1}
+    assert manifest["corrupt_images"] == {"000000040083.jpg": "JPEG truncated (no end-of-image marker)"}
+
+
+def test_scrambled_source_jpeg_is_skipped_and_named(coco_mini, tmp_path, capsys):
+    """Entropy-coded data scrambled after byte 2000: start and end markers intact, OpenCV decodes it (to grey,
+    with libjpeg's 'Corrupt JPEG data' warning), the strict decoder refuses it."""
+    root = copy_coco(coco_mini, tmp_path / "coco")
+    jpg = root / "val2017" / "000000040083.jpg"
+    jpg.write_bytes(scramble_jpeg(jpg.read_bytes()))
+    assert cv2.imdecode(np.frombuffer(jpg.read_bytes(), np.uint8), cv2.IMREAD_COLOR) is not None
+    code, out, _ = run_cli(capsys, "data", "shard", "--coco-root", str(root), "--split", "val2017",
+                           "--out", str(tmp_path / "out"))
+    assert code == 0
+    assert "3 images" in out and "skipped: 1 corrupt source image" in out
+    assert "corrupt source image 000000040083.jpg: JPEG data corrupt" in out
+    manifest = read_manifest(tmp_path / "out", "val2017")
+    assert list(manifest["corrupt_images"]) == ["000000040083.jpg"]
 
 
 # -- corruption after sharding -------------------------------------------------------------------
@@ -185,6 +204,7 @@ def test_verify_names_truncated_shard(coco_mini, tmp_path, capsys):
 @pytest.mark.parametrize("damage, problem", [
     (corrupt_jpeg_in_shard, "JPEG bytes do not match their crc32 (corrupt)"),
     (truncate_jpeg_in_shard, "JPEG truncated (no end-of-image marker)"),
+    (scramble_jpeg_in_shard, "JPEG data corrupt"),
 ])
 def test_verify_names_bad_jpeg_sample(coco_mini, tmp_path, capsys, damage, problem):
     write_shards(coco_mini, "val2017", tmp_path, samples_per_shard=2, progress=False)
@@ -192,7 +212,7 @@ def test_verify_names_bad_jpeg_sample(coco_mini, tmp_path, capsys, damage, probl
     code, out, _ = run_cli(capsys, "data", "verify", str(tmp_path))
     assert code == 1
     bad = [line for line in out.splitlines() if line.startswith("BAD")]
-    assert f"BAD val2017: shard val2017-000000.tar: sample {key}: {problem}" in bad
+    assert any(line.startswith(f"BAD val2017: shard val2017-000000.tar: sample {key}: {problem}") for line in bad), bad
     assert "BAD val2017: shard val2017-000000.tar: sha256 differs from the manifest" in bad
     assert all("val2017-000000.tar" in line for line in bad)  # the intact shard is not blamed
 

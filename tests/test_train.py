@@ -364,6 +364,46 @@ def test_sigint_stops_the_run_and_rerun_resumes(ray_session, tmp_path):
     assert not _wait_gone(_ray_train_processes(raylet, since=test_start - 1), 30)
 
 
+def test_unplaceable_workers_fail_after_max_failures_and_ctrl_c_stops_the_wait(ray_session, tmp_path):
+    """A GPU asked of a cluster without one (attached by address, so an autoscaler could still add one):
+    each start waits train.start_timeout_s, then counts as a failure, and train.max_failures ends the run
+    (Ray's own limit is infinite: the issue's run retried for 14 minutes). Ctrl-C during such a wait stops
+    the command in seconds (Ray's handler waited for the busy controller, ignoring two Ctrl-C)."""
+    address = ray_session.get_runtime_context().gcs_address
+    argv = [sys.executable, "-m", "distpose", "train",
+            *tiny(tmp_path, "no_gpu", "data.source=random", "data.batch_size=4", "train.use_gpu=true",
+                  "train.start_timeout_s=3", "train.max_failures=1"), "--address", address]
+    start = time.perf_counter()
+    failed = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    took = time.perf_counter() - start
+    print(f"\n[no gpu] failed after {took:.1f} s: {failed.stderr.strip().splitlines()[-1][:160]}")
+    assert failed.returncode == 1, failed.stderr
+    lines = failed.stderr.strip().splitlines()
+    assert "needs 1 GPU, but the cluster has 0 now" in lines[-2]
+    assert lines[-1].startswith("distpose: error: run no_gpu failed after 1 restart(s): The worker group startup "
+                                "timed out after 3.0 seconds"), failed.stderr
+    assert "Traceback" not in failed.stderr
+
+    waiting = subprocess.Popen([*argv[:-2], "train.start_timeout_s=120", "train.run_name=no_gpu_interrupted",
+                                "--address", address], stderr=subprocess.PIPE, text=True)
+    try:
+        for line in waiting.stderr:  # the warning comes once connected, just before fit() starts waiting
+            if "needs 1 GPU" in line:
+                break
+        time.sleep(3)
+        start = time.perf_counter()
+        waiting.send_signal(signal.SIGINT)
+        code = waiting.wait(timeout=30)
+        stop_time = time.perf_counter() - start
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.wait()
+    rest = waiting.stderr.read()
+    print(f"[no gpu] Ctrl-C during the wait: exit code {code} after {stop_time:.1f} s")
+    assert code == 130 and "distpose: interrupted" in rest and stop_time < 10, rest
+
+
 # ---------------------------------------------------------------------------------------------
 # bf16 and --resume
 

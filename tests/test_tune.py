@@ -5,6 +5,7 @@ recorded, and a sweep whose driver is killed finished by --resume without repeat
 import csv
 import dataclasses
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import yaml
 from helpers import records
 
 from distpose.commands import main
+from distpose.config import ConfigError
 from distpose.eval.evaluate import evaluate_model, flat_metrics
 from distpose.models.pose import load_checkpoint
 from distpose.train.sweep_file import base_config, load_sweep, mode_config, sweep_dir
@@ -75,7 +77,8 @@ def test_a_key_given_twice_fails_in_one_line(tmp_path, capsys):
     sweep.write_text(f"name: twice\nconfigs: {CONFIGS}\nmodes: [cnn]\nspace:\n  train.lr: {{choice: [0.1]}}\n"
                      "  train.lr: {choice: [0.2]}\n")
     assert main(["tune", str(sweep)]) == 2
-    assert capsys.readouterr().err == f"distpose: error: {sweep}: not valid YAML (line 6: duplicate key 'train.lr')\n"
+    assert capsys.readouterr().err == (f"distpose: error: sweep file {sweep}: not valid YAML "
+                                       f"(line 6: duplicate key 'train.lr')\n")
 
 
 def test_an_override_that_is_not_yaml_is_a_string_as_in_a_config_override(tmp_path, capsys):
@@ -228,11 +231,9 @@ def test_asha_stops_a_trial_that_trails_at_the_first_rung(ray_session, synth_sha
 # failures and resume
 
 
-def test_failing_trial_is_retried_then_recorded_and_the_sweep_completes(ray_session, synth_shards, tmp_path,
-                                                                       monkeypatch):
+def test_failing_trial_is_retried_then_recorded_and_the_sweep_completes(ray_session, synth_shards, tmp_path):
     missing = tmp_path / "no_shards"
-    monkeypatch.chdir(CONFIGS.parents[1])  # `configs: configs/quick`, relative as in configs/tune/*.yaml
-    path = write_sweep(tmp_path / "sweep.yaml", name="failing", modes=["cnn"], search="grid", configs="configs/quick",
+    path = write_sweep(tmp_path / "sweep.yaml", name="failing", modes=["cnn"], search="grid",
                        overrides=tiny_overrides(synth_shards),
                        space={"data.shards": {"choice": [str(synth_shards), str(missing)]}}, max_failures=1)
     run_sweep(load_sweep(path))
@@ -255,10 +256,36 @@ def _ready_to_kill(directory: Path) -> bool:
     return False
 
 
-def test_shipped_sweeps_load():
-    for path in sorted((CONFIGS.parent.parent / "configs" / "tune").glob("*.yaml")):
+def test_shipped_sweeps_load_by_path_and_by_name_from_any_directory(tmp_path, monkeypatch):
+    """`configs:` is taken relative to the sweep file, so a sweep loads from anywhere, and a packaged sweep
+    is found by its name."""
+    monkeypatch.chdir(tmp_path)
+    paths = sorted((CONFIGS.parent / "tune").glob("*.yaml"))
+    assert [p.stem for p in paths] == ["coco", "quick"]
+    for path in paths:
         sweep = load_sweep(path)
         assert set(sweep.modes) == set(ALL_MODES) and sweep.trials_per_mode >= 2, path
+        assert Path(sweep.configs) == (CONFIGS.parent / path.stem).resolve()
+        assert load_sweep(path.stem) == sweep
+
+
+def test_sweep_configs_relative_to_the_file_and_a_missing_one_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(CONFIGS.parent)  # where `configs: quick` would resolve against the working directory
+    (tmp_path / "sweeps").mkdir()
+    path = write_sweep(tmp_path / "sweeps" / "s.yaml", name="relative", modes=["cnn"], configs="../quick")
+    with pytest.raises(ConfigError, match=rf"sweep key 'configs': {tmp_path / 'quick'} is not a directory"):
+        load_sweep(path)
+    shutil.copytree(CONFIGS, tmp_path / "quick")
+    assert load_sweep(path).configs == str(tmp_path / "quick")
+
+
+@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n\x00\x00", b"name: [unclosed"])
+def test_a_sweep_file_that_is_not_yaml_text_fails_in_one_line(tmp_path, capsys, content):
+    path = tmp_path / "picture.png"
+    path.write_bytes(content)
+    assert main(["tune", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"distpose: error: sweep file {path}: not "), err
 
 
 def test_killed_sweep_resumes_without_repeating_finished_trials(ray_session, synth_shards, tmp_path):

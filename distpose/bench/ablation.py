@@ -20,7 +20,7 @@ from typing import Any
 
 from distpose.bench import machine
 from distpose.cluster import ray_cluster
-from distpose.config import Config, load_config
+from distpose.config import Config, find_config, load_config
 from distpose.errors import UserError
 from distpose.eval.bootstrap import Interval
 from distpose.eval.evaluate import evaluate_checkpoint, flat_metrics
@@ -65,9 +65,9 @@ def variant_configs(config_dir: Path, network: str, overrides: tuple[str, ...]) 
     return out
 
 
-def run(config_dir: str | Path = "configs/quick", network: str = "cnn", overrides: tuple[str, ...] = (),
+def run(config_dir: str | Path = "quick", network: str = "cnn", overrides: tuple[str, ...] = (),
         address: str | None = None) -> dict[str, Any]:
-    variants = variant_configs(Path(config_dir), network, overrides)
+    variants = variant_configs(find_config(config_dir, directory=True), network, overrides)
     backbone = variants[0][1].train.backbone_checkpoint
     if not Path(backbone).is_file():
         raise UserError(f"ablation: the backbone checkpoint {backbone} does not exist: train it first (`make demo` "

@@ -38,6 +38,19 @@ class _Formatter(logging.Formatter):
         return text if record.levelno <= logging.INFO else f"distpose: {record.levelname.lower()}: {text}"
 
 
+def _add_verbosity(parser: argparse.ArgumentParser) -> None:
+    """-q/-v on `parser` and every subcommand under it, so that they may come anywhere on the line."""
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                           help="warnings and errors only: no progress")
+    verbosity.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                           help="debug messages, and Ray's, DeepSpeed's and the workers' own output")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_verbosity(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distpose",
@@ -45,21 +58,24 @@ def build_parser() -> argparse.ArgumentParser:
         "(Ray Train + DeepSpeed + WebDataset).",
     )
     parser.add_argument("--version", action="version", version=f"distpose {__version__}")
-    verbosity = parser.add_mutually_exclusive_group()
-    verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only: no progress")
-    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug messages too")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in COMMANDS:
         command.register(commands)
+    _add_verbosity(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
+    if quiet and verbose:
+        print("distpose: error: -q and -v exclude each other", file=sys.stderr)
+        return 2
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter())
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, handlers=[handler], force=True)
-    if args.verbose:  # our debug messages, not every library's
+    handler.setLevel(logging.WARNING if quiet else logging.DEBUG)  # a run's log file takes INFO regardless
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    if verbose:  # our debug messages, not every library's
         logging.getLogger("distpose").setLevel(logging.DEBUG)
     # Tune's TensorBoard logger renames every `pck@0.1`-style metric, one INFO line per name per trial.
     logging.getLogger("tensorboardX").setLevel(logging.WARNING)

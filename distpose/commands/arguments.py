@@ -23,6 +23,11 @@ def positive(text: str) -> int:
     return value
 
 
+def plural(count: int, noun: str) -> str:
+    """`1 shard`, `2 shards`, `1,024 images`."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
 def output_path(out: str | None) -> Path | None:
     """Check an --out path before a long run, not after it."""
     if not out:
@@ -43,7 +48,8 @@ def write_json(doc: dict, path: Path | None) -> None:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser,
-                         config_help: str = "YAML config file (default: built-in defaults)") -> None:
+                         config_help: str = "YAML config file, or a packaged config by name, e.g. quick/cnn "
+                                            "(default: built-in defaults)") -> None:
     parser.add_argument("config", nargs="?", help=config_help)
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 

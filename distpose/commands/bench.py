@@ -58,7 +58,7 @@ def run_bench_ablation(args: argparse.Namespace) -> int:
     from distpose.bench.ablation import run
 
     out = output_path(args.out)
-    result = run(args.config or "configs/quick", args.network, tuple(args.overrides), args.address)
+    result = run(args.config or "quick", args.network, tuple(args.overrides), args.address)
     print(result["table"], file=sys.stderr)
     write_json(result, out)
     return 0
@@ -141,7 +141,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "and paired differences from the mode's shipped config and from the backbone. Prints a markdown table "
         "(stderr) and JSON.",
     )
-    add_config_arguments(ablation, config_help="directory of mode configs (default configs/quick)")
+    add_config_arguments(ablation, config_help="directory of mode configs (a path or a packaged name; default quick)")
     add_address_argument(ablation)
     ablation.add_argument("--network", choices=["cnn", "hrnet"], default="cnn", help="which <network>_crf.yaml and "
                           "<network>_joint.yaml to vary (default cnn)")

@@ -7,7 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from distpose.commands.arguments import positive
+from distpose.commands.arguments import plural, positive
+
+SHOWN_CORRUPT = 10  # corrupt source images named on the console; the manifest names all
 
 
 def run_data_synth(args: argparse.Namespace) -> int:
@@ -30,9 +32,14 @@ def run_data_shard(args: argparse.Namespace) -> int:
     )
     skipped = ", ".join(f"{n} {why}" for why, n in manifest["skipped"].items()) or "none"
     repairs = ", ".join(f"{n} x {why}" for why, n in manifest["repairs"].items()) or "none"
-    print(f"{args.split}: {manifest['samples']} images, {manifest['instances']} person instances in "
-          f"{len(manifest['shards'])} shards under {args.out} ({manifest['role']} split)")
+    print(f"{args.split}: {plural(manifest['samples'], 'image')}, {plural(manifest['instances'], 'person instance')} "
+          f"in {plural(len(manifest['shards']), 'shard')} under {args.out} ({manifest['role']} split)")
     print(f"skipped: {skipped}; repairs: {repairs}")
+    corrupt = manifest["corrupt_images"]
+    for name, problem in list(corrupt.items())[:SHOWN_CORRUPT]:
+        print(f"corrupt source image {name}: {problem}")
+    if len(corrupt) > SHOWN_CORRUPT:
+        print(f"... and {len(corrupt) - SHOWN_CORRUPT} more: the manifest's corrupt_images names them all")
     return 0
 
 
@@ -41,13 +48,13 @@ def run_data_verify(args: argparse.Namespace) -> int:
 
     report = verify_shards(args.dir, workers=args.workers, progress=not args.quiet)
     for split, counts in report["splits"].items():
-        print(f"{split}: {counts['shards']} shards, {counts['samples']} samples, {counts['instances']} instances "
-              f"(manifest: {counts['manifest_samples']} samples, {counts['manifest_instances']} instances), "
-              f"{counts['bad_shards']} bad shards")
+        print(f"{split}: {plural(counts['shards'], 'shard')}, {plural(counts['samples'], 'sample')}, "
+              f"{plural(counts['instances'], 'instance')} (manifest: {plural(counts['manifest_samples'], 'sample')}, "
+              f"{plural(counts['manifest_instances'], 'instance')}), {plural(counts['bad_shards'], 'bad shard')}")
     for problem in report["problems"]:
         print(f"BAD {problem}")
     if report["problems"]:
-        print(f"verify failed: {len(report['problems'])} problems", file=sys.stderr)
+        print(f"verify failed: {plural(len(report['problems']), 'problem')}", file=sys.stderr)
         return 1
     print("verify ok")
     return 0

@@ -22,7 +22,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "metric; backbone modes first, then crf/joint trials from the best backbone of their network. Writes "
         "storage/name/: leaderboard.md and .csv (best trial per mode), trials.csv, best/<mode>.pt.",
     )
-    tune.add_argument("sweep", help="sweep YAML (see configs/tune/)")
+    tune.add_argument("sweep", help="sweep YAML file, or a packaged sweep by name: quick, coco (configs/tune/)")
     tune.add_argument("overrides", nargs="*", metavar="key=value", help="override top-level sweep keys")
     add_address_argument(tune)
     tune.add_argument("--resume", action="store_true",

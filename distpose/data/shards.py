@@ -24,6 +24,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import simplejpeg
 from tqdm import tqdm
 
 from distpose import __version__
@@ -34,6 +35,7 @@ from distpose.keypoints import person_category
 
 MANIFEST_FORMAT = "distpose.shards/v1"
 NO_KEYPOINTS = "image without usable keypoint annotations"
+CORRUPT_SOURCE = "corrupt source image"
 
 
 class SampleError(ValueError):
@@ -123,14 +125,28 @@ def parse_sample(sample: dict[str, Any]) -> DecodedSample:
     return DecodedSample(key, image_id, width, height, persons, jpg)
 
 
+def decode_jpeg(data: bytes) -> np.ndarray:
+    """Decode to BGR (OpenCV order) uint8, strictly: libjpeg's warnings about corrupt entropy-coded data
+    ("premature end of data segment"), which OpenCV prints and decodes past as grey, raise ValueError here.
+    CMYK/YCCK files (libjpeg-turbo cannot convert them to BGR) go through OpenCV."""
+    if simplejpeg.decode_jpeg_header(data)[2] in ("CMYK", "YCCK"):
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        if image is None:
+            raise ValueError("does not decode")
+        return image
+    return simplejpeg.decode_jpeg(data, colorspace="BGR", strict=True)
+
+
 def decode_image(sample: DecodedSample) -> np.ndarray:
-    """Decode to a BGR (OpenCV order) uint8 array, checking it is a whole JPEG of the annotated size."""
+    """Decode to a BGR (OpenCV order) uint8 array, checking it is a whole, uncorrupted JPEG of the
+    annotated size."""
     problem = jpeg_problem(sample.jpg)
     if problem:
         raise SampleError(f"sample {sample.key}: {problem}", "corrupt JPEG")
-    image = cv2.imdecode(np.frombuffer(sample.jpg, np.uint8), cv2.IMREAD_COLOR)
-    if image is None:
-        raise SampleError(f"sample {sample.key}: JPEG does not decode", "corrupt JPEG")
+    try:
+        image = decode_jpeg(sample.jpg)
+    except ValueError as exc:
+        raise SampleError(f"sample {sample.key}: JPEG data corrupt ({exc})", "corrupt JPEG") from None
     if image.shape[:2] != (sample.height, sample.width):
         raise SampleError(f"sample {sample.key}: image is {image.shape[1]}x{image.shape[0]}, "
                           f"annotation says {sample.width}x{sample.height}", "corrupt JPEG")
@@ -164,12 +180,20 @@ def _partial(path: Path) -> Path:
 
 
 def _write_one_shard(path: Path, records: list[ImageRecord], image_dir: Path) -> dict[str, Any]:
-    """Write the shard under its partial name; the caller renames it once every shard is written."""
+    """Write the shard under its partial name; the caller renames it once every shard is written.
+    An image that does not decode strictly, or not at its annotated size, is left out and named in
+    the result's "corrupt" ({file name: problem})."""
     tmp = _partial(path)
+    written, corrupt = [], {}
     try:
         with open(tmp, "wb") as fh, tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for record in records:
                 jpg = (image_dir / record.file_name).read_bytes()
+                problem = _source_image_problem(jpg, record)
+                if problem:
+                    corrupt[record.file_name] = problem
+                    continue
+                written.append(record)
                 key = f"{record.id:012d}"
                 for ext, data in (("jpg", jpg), ("json", sample_json(record, jpg))):
                     info = tarfile.TarInfo(f"{key}.{ext}")
@@ -179,10 +203,20 @@ def _write_one_shard(path: Path, records: list[ImageRecord], image_dir: Path) ->
         tmp.unlink(missing_ok=True)
         raise
     return {
-        "name": path.name, "samples": len(records),
-        "instances": sum(p.usable for r in records for p in r.persons),
-        "bytes": tmp.stat().st_size, "sha256": _sha256(tmp),
+        "name": path.name, "samples": len(written),
+        "instances": sum(p.usable for r in written for p in r.persons),
+        "bytes": tmp.stat().st_size, "sha256": _sha256(tmp), "corrupt": corrupt,
     }
+
+
+def _source_image_problem(jpg: bytes, record: ImageRecord) -> str | None:
+    try:
+        height, width = decode_jpeg(jpg).shape[:2]
+    except ValueError as exc:
+        return f"JPEG data corrupt ({exc})"
+    if (height, width) != (record.height, record.width):
+        return f"image is {width}x{height}, annotation says {record.width}x{record.height}"
+    return None
 
 
 def _existing_shards(out_dir: Path, split: str, prefix: str = "") -> list[Path]:
@@ -227,6 +261,7 @@ def write_shards(coco_root: str | Path, split: str, out_dir: str | Path, samples
 
     coco = load_split(coco_root, split)
     skipped: Counter = Counter()
+    corrupt: dict[str, str] = {}  # source images left out, by file name
     records = []
     for record in coco.images:
         path = coco.image_dir / record.file_name
@@ -237,7 +272,7 @@ def write_shards(coco_root: str | Path, split: str, out_dir: str | Path, samples
             continue
         problem = _jpeg_file_problem(path)
         if problem:
-            skipped[f"corrupt source image: {problem}"] += 1
+            corrupt[record.file_name] = problem
             continue
         records.append(record)
     if not records:
@@ -252,6 +287,7 @@ def write_shards(coco_root: str | Path, split: str, out_dir: str | Path, samples
     try:
         with tqdm(total=len(records), unit="img", desc=f"shard {split}", disable=not progress) as bar:
             for info in _ordered_map(_write_one_shard, tasks, workers):
+                corrupt |= info.pop("corrupt")
                 shards.append(info)
                 bar.update(info["samples"])
     except BaseException:
@@ -262,11 +298,14 @@ def write_shards(coco_root: str | Path, split: str, out_dir: str | Path, samples
     for path, _, _ in tasks:
         os.replace(_partial(path), path)
 
+    if corrupt:
+        skipped[CORRUPT_SOURCE] += len(corrupt)
     manifest = {
         "format": MANIFEST_FORMAT, "created_by": f"distpose {__version__}", "split": split, "role": role,
         "source": str(coco.annotation_file.resolve()),
         "samples": sum(s["samples"] for s in shards), "instances": sum(s["instances"] for s in shards),
-        "skipped": dict(skipped), "repairs": dict(coco.repairs), "shards": shards,
+        "skipped": dict(skipped), "corrupt_images": dict(sorted(corrupt.items())), "repairs": dict(coco.repairs),
+        "shards": shards,
     }
     atomic_write_bytes(manifest_file, json.dumps(manifest, indent=1).encode())
     fresh = {s["name"] for s in shards}

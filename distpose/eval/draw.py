@@ -3,17 +3,20 @@ images, and grids of them for reports."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from distpose.data.shards import decode_image, iter_tar_samples, parse_sample, read_manifest
+from distpose.data.shards import SampleError, decode_image, iter_tar_samples, parse_sample, read_manifest
 from distpose.errors import UserError
 from distpose.eval.inference import Predictions
 from distpose.files import atomic_write_bytes
 from distpose.keypoints import LEFT_JOINTS, RIGHT_JOINTS, SKELETON
+
+log = logging.getLogger(__name__)
 
 # BGR. The person's left side warm, right side cool, the centre line (face, shoulders, hips) green.
 LEFT_COLOUR, RIGHT_COLOUR, CENTRE_COLOUR = (0, 128, 255), (255, 128, 0), (0, 200, 0)
@@ -86,12 +89,16 @@ def draw_predictions(shards: str, split: str, predictions: Predictions, out_dir:
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     for shard in read_manifest(shards, split)["shards"]:
         for raw in iter_tar_samples(Path(shards) / shard["name"]):
-            sample = parse_sample(raw)
-            if sample.image_id not in by_image:
+            try:  # a corrupt sample is skipped here as the evaluation skipped it
+                sample = parse_sample(raw)
+                if sample.image_id not in by_image:
+                    continue
+                image = cv2.cvtColor(decode_image(sample), cv2.COLOR_RGB2BGR)
+            except SampleError as exc:
+                log.warning("drawing: skipped %s", exc)
                 continue
             rows = by_image[sample.image_id]
             people = np.concatenate([predictions.keypoints[rows], predictions.scores[rows][..., None]], axis=-1)
-            image = cv2.cvtColor(decode_image(sample), cv2.COLOR_RGB2BGR)
             drawing = draw_skeletons(image, people, DRAWN_MIN_SCORE)
             save_image(out_dir / "images" / f"{sample.image_id:012d}.jpg", drawing)
             drawn.append(drawing)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -19,21 +20,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from distpose.cluster import ray_cluster
-from distpose.config import Config, ConfigError, dump_yaml, to_dict
+from distpose.cluster import check_reachable, check_resources, is_local, log_file, ray_cluster, verbose, warn_if_short
+from distpose.config import Config, ConfigError, TrainConfig, dump_yaml, to_dict
+from distpose.data.coco import load_detections
 from distpose.data.shards import read_manifest
 from distpose.errors import DataError, UserError
 from distpose.files import atomic_write_bytes
+from distpose.models.pose import build_pose_model
 from distpose.models.weights import read_pose_checkpoint
 from distpose.monitor.metrics import RunMetrics
-from distpose.train.checkpoints import FINAL_MODEL, META_FILE
+from distpose.train.checkpoints import FINAL_MODEL, META_FILE, METRICS_LOG
 from distpose.train.crf_prior import PRIOR_FILE, with_crf_prior
 from distpose.train.engine import deepspeed_config
+from distpose.train.progress import FollowProgress
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
+# How long Ray Train waits for a worker group to be placed before that start counts as a failure.
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+_START_TIMEOUT_SET_BY_USER = START_TIMEOUT_ENV in os.environ
+LOG_DIR = "logs"  # under the run directory: driver.log and each rank's output
 
 class TrainingFailed(UserError):
     """The run failed after its retries (exit code 1)."""
@@ -82,10 +90,36 @@ def check_shards(cfg: Config) -> None:
             raise ConfigError(f"config key 'data.shards': {exc}") from None
 
 
-def preflight(cfg: Config, resume: str | None = None) -> None:
-    """Fail with one line before Ray starts: missing shards, backbone checkpoint or resume directory,
-    a DeepSpeed override that does not parse, a backbone checkpoint of another network."""
+def resources_of(t: TrainConfig) -> dict[str, tuple[float, str]]:
+    """What the run's worker group reserves, each with the settings that ask for it."""
+    cpus = f"train.workers={t.workers} x train.cpus_per_worker={t.cpus_per_worker}"
+    need = {"CPU": (t.workers * t.cpus_per_worker, cpus)}
+    if t.use_gpu:
+        need["GPU"] = (t.workers, f"train.use_gpu=true with train.workers={t.workers}")
+    return need
+
+
+def check_model_files(cfg: Config) -> None:
+    """The weights and detector boxes the config names exist and fit: a worker would find out only after
+    Ray started, in a traceback per rank and a retry."""
+    if cfg.model.pretrained:
+        if not Path(cfg.model.pretrained).is_file():
+            raise ConfigError(f"config key 'model.pretrained': {cfg.model.pretrained} does not exist (a local "
+                              f"weights file, docs/coco.md; model.pretrained='' trains from scratch)")
+        build_pose_model(cfg.model)  # loads the file: one that fits nothing fails here, with its names
+    if cfg.eval.boxes != "gt" and cfg.eval.every_epochs:
+        load_detections(cfg.eval.boxes)
+
+
+def preflight(cfg: Config, resume: str | None = None, address: str | None = None) -> None:
+    """Fail with one line before Ray starts: missing shards, weights, detector boxes, backbone checkpoint
+    or resume directory, a DeepSpeed override that does not parse, a backbone checkpoint of another
+    network, more CPUs or GPUs than this machine (or the connected cluster) has."""
+    check_model_files(cfg)
     check_shards(cfg)
+    check_resources(resources_of(cfg.train), address)
+    if not is_local(address):
+        check_reachable(address or os.environ["RAY_ADDRESS"])
     if cfg.train.mode != "backbone":
         path = cfg.train.backbone_checkpoint
         if not Path(path).is_file():
@@ -113,7 +147,7 @@ def train(cfg: Config, address: str | None = None, resume: str | None = None,
           callbacks: Sequence[Any] = ()) -> TrainOutcome:
     """Fit `cfg` on the Ray cluster (connecting to it, or starting a local one, unless connected).
     `callbacks`: Ray Train UserCallbacks (a Tune trial passes TuneReportCallback)."""
-    preflight(cfg, resume)
+    preflight(cfg, resume, address)
     cfg = with_absolute_paths(cfg)
     resume = str(Path(resume).resolve()) if resume else None
     directory = run_dir(cfg)
@@ -129,12 +163,16 @@ def train(cfg: Config, address: str | None = None, resume: str | None = None,
         log.info(f"[distpose] {cfg.train.run_name}: {prior.summary(cfg)}")
         atomic_write_bytes(directory / PRIOR_FILE, json.dumps(prior.record(), indent=1).encode())
     atomic_write_bytes(directory / "config.yaml", dump_yaml(cfg).encode())
-    with ray_cluster(address, cfg.monitor) as disconnects_from_cluster:
+    logs = directory / LOG_DIR
+    with ray_cluster(address, cfg.monitor) as disconnects_from_cluster, log_file(logs / "driver.log"):
+        warn_if_short(resources_of(cfg.train), cfg.train.start_timeout_s)
         run_metrics = RunMetrics(cfg.monitor.enabled, cfg.train.run_name, cfg.train.mode)
         run_metrics.state("running")
         start, final = time.perf_counter(), "failed"
         try:
-            result = _fit(cfg, directory, resume, callbacks, prior.pairwise if prior else None)
+            with FollowProgress(directory / METRICS_LOG, cfg):
+                result = _fit(cfg, directory, None if verbose() else logs, resume, callbacks,
+                              prior.pairwise if prior else None)
             final = "finished"
         except KeyboardInterrupt:
             final = "interrupted"
@@ -148,42 +186,59 @@ def train(cfg: Config, address: str | None = None, resume: str | None = None,
     return TrainOutcome(directory, directory / FINAL_MODEL, dict(result.metrics or {}), wall, True)
 
 
-def _fit(cfg: Config, directory: Path, resume: str | None, callbacks: Sequence[Any], pairwise: torch.Tensor | None
-         ) -> Any:
+def _fit(cfg: Config, directory: Path, log_dir: Path | None, resume: str | None, callbacks: Sequence[Any],
+         pairwise: torch.Tensor | None) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from distpose.monitor.callback import RunMetricsCallback
     from distpose.train.worker import train_worker
 
+    class Trainer(TorchTrainer):
+        def _register_sigint_handler(self, controller: Any) -> None:
+            """Ctrl-C stops the run now. Ray's handler waits for the controller to abort, which does not
+            answer while it waits for workers that cannot be placed (minutes); killing it takes the workers
+            with it, and the latest checkpoint stays on storage for a rerun."""
+            import ray
+
+            def stop(signum: int, frame: Any) -> None:
+                ray.kill(controller, no_restart=True)
+                raise KeyboardInterrupt
+
+            signal.signal(signal.SIGINT, stop)
+
     t = cfg.train
-    trainer = TorchTrainer(
+    trainer = Trainer(
         train_worker,
         train_loop_config={"config": to_dict(cfg), "run_dir": str(directory), "resume": resume,
+                           "log_dir": None if log_dir is None else str(log_dir),
                            "crf_pairwise": None if pairwise is None else pairwise.tolist()},
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=RunConfig(
             name=t.run_name, storage_path=str(directory.parent),
-            failure_config=FailureConfig(max_failures=t.max_failures),
+            # A worker group that cannot be placed is a controller failure: unbounded by default.
+            failure_config=FailureConfig(max_failures=t.max_failures, controller_failure_limit=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             callbacks=[*callbacks, RunMetricsCallback(cfg.monitor.enabled, t.run_name, t.mode)],
         ),
     )
-    # fit() installs Ray's own SIGINT handler (it aborts the run, then exits via SystemExit) and leaves
-    # it installed, holding the finished run's controller alive and swallowing later Ctrl-C.
+    if not _START_TIMEOUT_SET_BY_USER:  # fit() passes it on to its controller
+        os.environ[START_TIMEOUT_ENV] = str(t.start_timeout_s)
+    # fit() installs a SIGINT handler (Trainer's, above) and leaves it installed: restore the caller's.
     main_thread = threading.current_thread() is threading.main_thread()
     previous_sigint = signal.getsignal(signal.SIGINT) if main_thread else None
     try:
         return trainer.fit()
-    except SystemExit:
-        raise KeyboardInterrupt from None
     except Exception as exc:  # Ray wraps the worker's error; keep its last line
         if type(exc).__name__ not in ("TrainingFailedError", "WorkerGroupError", "ControllerError"):
             raise
         cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        if len(cause) > 200 and ". " in cause:  # Ray's explanations run to paragraphs: their first sentence
+            cause = cause[: cause.index(". ") + 1]
+        where = "above" if log_dir is None else f"in {log_dir}"
         raise TrainingFailed(f"run {t.run_name} failed after {t.max_failures} restart(s): {cause} "
-                             f"(full log above; the latest checkpoint in {directory} is kept)") from None
+                             f"(full log {where}; the latest checkpoint in {directory} is kept)") from None
     finally:
         if previous_sigint is not None:  # None: not the main thread, or a handler installed outside Python
             signal.signal(signal.SIGINT, previous_sigint)

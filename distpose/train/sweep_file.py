@@ -10,9 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from distpose.config import Config, ConfigError, load_config, parse_override, read_yaml, score_names, yaml_problem
+from distpose.config import Config, ConfigError, find_config, load_config, parse_override, read_yaml_file, score_names
 from distpose.modes import NAMES, check_mode
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
@@ -49,15 +47,17 @@ def _sweep_error(source: str, key: str, problem: str) -> ConfigError:
     return ConfigError(f"{source}: sweep key '{key}': {problem}")
 
 
+def find_sweep(name: str | Path) -> Path:
+    """A sweep file by path, else by name among the packaged ones: `quick` is configs/tune/quick.yaml."""
+    if Path(name).exists() or "/" in str(name):
+        return find_config(name)
+    return find_config(f"tune/{name}")
+
+
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
     """The sweep file with `key=value` overrides of its top-level keys (e.g. trials_per_mode=3)."""
-    path = Path(path)
-    try:
-        raw = read_yaml(path.read_text()) or {}
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the sweep file ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({yaml_problem(exc)})") from None
+    path = find_sweep(path)
+    raw = read_yaml_file(path, "sweep file") or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a sweep file is a mapping of sweep keys")
     for item in overrides:
@@ -71,9 +71,14 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
     for key in ("name", "configs", "modes"):
         if key not in raw:
             raise _sweep_error(source, key, "missing")
-    configs = Path(raw["configs"])
-    if not configs.is_absolute():  # relative to the working directory, as every other path
-        configs = Path.cwd() / configs
+    if not isinstance(raw["configs"], str):
+        raise _sweep_error(source, "configs", f"got {raw['configs']!r}, expected a directory path")
+    # Relative to the sweep file, as a config names files of its own; data and output paths stay relative
+    # to the working directory.
+    configs = (path.parent / raw["configs"]).resolve()
+    if not configs.is_dir():
+        raise _sweep_error(source, "configs", f"{configs} is not a directory of mode configs (it is taken "
+                                              f"relative to the sweep file)")
     modes = raw["modes"]
     if not isinstance(modes, list) or not modes or not all(isinstance(m, str) for m in modes):
         raise _sweep_error(source, "modes", f"got {modes!r}, expected a list of config names")

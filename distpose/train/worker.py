@@ -40,11 +40,11 @@ from distpose.train.step import micro_batch_loss, optimizer_step
 
 
 class MetricsLog:
-    """Rank 0's record of the run: every step and event as a JSON line, every log_every-th step on
-    the console. Appended across attempts, so a resumed run shows the steps it redid."""
+    """Rank 0's record of the run: every step and event as a JSON line (the driver prints progress from it).
+    Appended across attempts, so a resumed run shows the steps it redid."""
 
-    def __init__(self, path: Path, enabled: bool, every: int):
-        self.path, self.enabled, self.every = path, enabled, every
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
 
     def write(self, kind: str, **fields: Any) -> None:
         if not self.enabled:
@@ -52,10 +52,19 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps({"kind": kind, "time": time.time(), **fields}) + "\n")
 
-    def say(self, text: str) -> None:
-        if self.enabled:
-            sys.stdout.write(text + "\n")
-            sys.stdout.flush()
+
+def _log_to(directory: str | None, rank: int) -> None:
+    """Send this worker process's stdout and stderr (Python's, DeepSpeed's, Ray's, C++'s) to
+    `directory`/rank<r>.log: the console shows the driver's progress lines, not every rank's chatter."""
+    if not directory:
+        return
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(Path(directory) / f"rank{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 def _mean_across_ranks(value: torch.Tensor) -> float:
@@ -101,6 +110,7 @@ def train_worker(job: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     chief = rank == 0
+    _log_to(job.get("log_dir"), rank)
     torch.set_num_threads(cfg.train.cpus_per_worker)
     torch.manual_seed(cfg.train.seed)
     device = ray.train.torch.get_device()
@@ -112,13 +122,11 @@ def train_worker(job: dict[str, Any]) -> None:
     state, origin = _resume(engine, job)
     # Decided before anyone writes: every rank must agree on joining the (collective) export.
     export_final = state.epoch < cfg.train.epochs or not (run_dir / FINAL_MODEL).exists()
-    log = MetricsLog(run_dir / METRICS_LOG, chief, cfg.train.log_every)
+    log = MetricsLog(run_dir / METRICS_LOG, chief)
     telemetry = WorkerMetrics(cfg.monitor.enabled, cfg.train.run_name, cfg.train.mode, rank)
     log.write("start", epoch=state.epoch, step=state.step, world_size=world, resumed_from=origin,
-              host=socket.gethostname(), pid=os.getpid())
-    log.say(f"[distpose] {cfg.train.run_name}: mode {cfg.train.mode}, {cfg.model.backbone}, {world} worker(s), "
-            f"global batch {cfg.data.batch_size} ({micro_batch_size(cfg)} x {world} x {cfg.train.grad_accum}), "
-            f"{cfg.train.precision}, ZeRO {cfg.train.zero_stage}; {origin}")
+              host=socket.gethostname(), pid=os.getpid(), micro_batch=micro_batch_size(cfg),
+              device=str(device))
 
     codec = target_codec(cfg)
     batches, loader = training_batches(cfg, rank, world, state.step)
@@ -138,7 +146,7 @@ def train_worker(job: dict[str, Any]) -> None:
     for epoch in range(state.epoch, cfg.train.epochs):
         set_train_mode(engine.module, mode)
         epoch_loss, epoch_start = 0.0, time.perf_counter()
-        for index in range(steps):
+        for _ in range(steps):
             start = time.perf_counter()
             lr = engine.get_lr()[0]  # the rate this step trains at; engine.step() moves the schedule on
             loss, waited = optimizer_step(batches, accum, loss_of, backward)
@@ -150,10 +158,6 @@ def train_worker(job: dict[str, Any]) -> None:
                       data_wait=waited, samples_per_s=cfg.data.batch_size / elapsed)
             telemetry.step(rank_samples, elapsed, waited, loss_value, lr)
             telemetry.gpu_memory(device)
-            if (index + 1) % cfg.train.log_every == 0 or index + 1 == steps:
-                log.say(f"epoch {epoch + 1}/{cfg.train.epochs} step {index + 1}/{steps} (global {state.step}) "
-                        f"loss {loss_value:.5g} lr {lr:.2e} {cfg.data.batch_size / elapsed:.1f} samples/s "
-                        f"step {elapsed:.3f} s (data wait {waited:.3f} s)")
 
         state.epoch = epoch + 1
         metrics = {"epoch": state.epoch, "step": state.step, "loss": epoch_loss / steps,
@@ -169,9 +173,6 @@ def train_worker(job: dict[str, Any]) -> None:
                 state.best_score, state.best_epoch = score, state.epoch
                 save_pose_checkpoint(run_dir / BEST_MODEL, weights, config_dict, {**metrics, "kind": "best"})
             log.write("eval", **metrics)
-            log.say(f"eval after epoch {state.epoch}: " + ", ".join(
-                f"{k[4:]} {v:.4f}" for k, v in scores.items() if k.split("/")[-1] in
-                ("AP", "AR", "accuracy", "pck@0.1")))
         state.metrics = metrics
         telemetry.epoch(state.epoch, loader.skipped if loader is not None else {})
         saving = time.perf_counter()
