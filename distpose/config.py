@@ -352,6 +352,11 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     return cfg
 
 
+def input_multiple(backbone: str) -> int:
+    """Every backbone predicts at stride 4; input sizes must be multiples of its deepest stride."""
+    return 8 if backbone == "cnn_small" else 32
+
+
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"config key '{key}': got {value!r}, expected {allowed}")
@@ -362,8 +367,7 @@ def validate(cfg: Config) -> None:
     d = cfg.data
     for key, size in (("data.input_size", d.input_size), ("data.heatmap_size", d.heatmap_size)):
         _require(min(size) >= 4, key, list(size), "two sizes >= 4")
-    # Every backbone predicts at stride 4; the strided ones need sizes their deepest stage divides.
-    multiple = 8 if cfg.model.backbone == "cnn_small" else 32
+    multiple = input_multiple(cfg.model.backbone)
     _require(all(i % multiple == 0 for i in d.input_size), "data.input_size", list(d.input_size),
              f"multiples of {multiple} for model.backbone={cfg.model.backbone!r}")
     _require(tuple(d.heatmap_size) == (d.input_size[0] // 4, d.input_size[1] // 4), "data.heatmap_size",

@@ -1,9 +1,12 @@
 """The pose model factory, weights files (ours and official names), checkpoints, and flip test."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
 
+from distpose.commands import main
 from distpose.config import Config, ConfigError, load_config
 from distpose.data.codec import HeatmapCodec
 from distpose.data.transforms import apply_affine, box_to_center_scale, crop_matrix
@@ -171,6 +174,58 @@ def test_official_names_translate_to_tensors_of_the_published_shape(name, offici
         assert ours in own, f"{key} -> {ours}"
         assert tuple(own[ours].shape) == shape, key
         assert official_to_ours(ours, name) == ours  # our own names pass through unchanged
+
+
+def _official_name(ours: str, name: str) -> str:
+    """The inverse of the loader's translation, written from the official code's module names: HRNet's
+    conv1/bn1/conv2/bn2 stem, transition{k} (a new branch one Sequential deeper), stage{s}.{m}.fuse_layers
+    with flat upsampling paths; pose_resnet's conv1/bn1/layer{i}, and one flat deconv_layers Sequential."""
+    if name == "resnet50":
+        ours = re.sub(r"^stem\.0\.0\.", "conv1.", ours)
+        ours = re.sub(r"^stem\.0\.1\.", "bn1.", ours)
+        ours = re.sub(r"^resnet\.(\d)\.", lambda m: f"layer{int(m[1]) + 1}.", ours)
+        return re.sub(r"^deconv\.(\d)\.(\d)\.", lambda m: f"deconv_layers.{3 * int(m[1]) + int(m[2])}.", ours)
+    ours = re.sub(r"^stem\.(\d)\.0\.", lambda m: f"conv{int(m[1]) + 1}.", ours)
+    ours = re.sub(r"^stem\.(\d)\.1\.", lambda m: f"bn{int(m[1]) + 1}.", ours)
+    # transition k adds branch k (0-based) to the k branches before it
+    ours = re.sub(r"^transitions\.(\d)\.(\d)\.",
+                  lambda m: f"transition{int(m[1]) + 1}.{m[2]}." + ("0." if int(m[2]) > int(m[1]) else ""), ours)
+    ours = re.sub(r"fuse\.paths\.(\d)\.(\d)\.0\.([01])\.", lambda m: f"fuse_layers.{m[1]}.{m[2]}.{m[3]}."
+                  if int(m[2]) > int(m[1]) else m[0].replace("fuse.paths", "fuse_layers"), ours)
+    ours = ours.replace("fuse.paths", "fuse_layers")
+    return re.sub(r"^stages\.(\d)\.", lambda m: f"stage{int(m[1]) + 2}.", ours)
+
+
+@pytest.mark.parametrize("name, official", [("resnet50", OFFICIAL_RESNET50), ("hrnet_w32", OFFICIAL_HRNET_W32)])
+def test_convert_an_official_pose_model_file(name, official, tmp_path):
+    """A state dict under the official names and shapes (as the released .pth files hold it) converts into a
+    checkpoint that `eval` loads and that predicts what the network it came from predicts."""
+    torch.manual_seed(0)
+    source = build_backbone(name).eval()
+    state = {_official_name(k, name): v for k, v in source.state_dict().items()}
+    assert len(state) == len(source.state_dict())
+    for key, shape in official.items():  # the independently known official names are among them
+        assert tuple(state[key].shape) == shape, key
+    torch.save(state, tmp_path / "official.pth")
+    assert main(["convert", str(tmp_path / "official.pth"), str(tmp_path / "model.pt"), "--arch", name]) == 0
+    model, cfg, meta = load_checkpoint(tmp_path / "model.pt")
+    assert cfg.model.backbone == name and cfg.data.input_size == (256, 192) and cfg.data.heatmap_size == (64, 48)
+    assert meta["kind"] == "converted"
+    images = torch.randn(1, 3, 256, 192)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images).heatmaps, source(images), rtol=0, atol=0)
+
+
+def test_convert_refuses_a_file_that_is_not_the_whole_network(tmp_path, capsys):
+    state = {_official_name(k, "hrnet_w32"): v for k, v in build_backbone("hrnet_w32").state_dict().items()
+             if not k.startswith("final_layer")}  # an ImageNet file: no heatmap head
+    torch.save(state, tmp_path / "imagenet.pth")
+    assert main(["convert", str(tmp_path / "imagenet.pth"), str(tmp_path / "model.pt"), "--arch", "hrnet_w32"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("distpose: error: ")]
+    assert len(errors) == 1 and "does not hold a complete 'hrnet_w32' backbone (2 tensors missing" in errors[0], err
+    assert "Traceback" not in err
+    assert not (tmp_path / "model.pt").exists()
 
 
 def test_flip_back_is_exact_under_the_codec_alignment():

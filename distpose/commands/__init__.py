@@ -8,6 +8,7 @@
     distpose tune SWEEP [k=v ...]      Ray Tune sweep over the modes: leaderboard and best checkpoints
     distpose config                    print a resolved config (YAML + key=value overrides)
     distpose model-info NAME           parameters and GMACs of a pose network
+    distpose convert SRC OUT --arch A  a published HRNet/SimpleBaseline pose model as a distpose checkpoint
     distpose bench loader|train|crf|kernel|ablation   loader and training throughput; the CRF formulations;
                                              the kernel; the CRF modes' choices, one at a time
 

@@ -114,6 +114,19 @@ def _load_whole_backbone(backbone: nn.Module, name: str, path: str, source: str)
                           f"missing, {len(report.mismatched)} of another shape, e.g. {example})")
 
 
+def convert_pose_weights(source: str | Path, out: str | Path, backbone: str, input_size: tuple[int, int]) -> Config:
+    """A published pose model's weights file (HRNet's pose_hrnet_*, SimpleBaseline's pose_resnet_50, official
+    names) as a distpose inference checkpoint, for `eval` and `predict`. Every tensor of the network, heatmap
+    head included, must be in the file."""
+    height, width = input_size
+    cfg = config_from_dict({"model": {"backbone": backbone},
+                            "data": {"input_size": [height, width], "heatmap_size": [height // 4, width // 4]}},
+                           source="distpose convert")
+    model = build_pose_model(cfg.model, backbone_weights=source, weights_source="distpose convert")
+    save_checkpoint(out, model, cfg, {"kind": "converted", "source": str(Path(source).resolve())})
+    return cfg
+
+
 def save_checkpoint(path: str | Path, model: PoseModel, cfg: Config, meta: dict[str, Any] | None = None) -> None:
     save_pose_checkpoint(path, model.state_dict(), to_dict(cfg), meta)
 
