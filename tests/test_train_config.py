@@ -204,3 +204,16 @@ def test_crf_modes_train_on_narrower_targets_than_the_heatmaps():
                              "train.backbone_checkpoint=b.pt"])
     assert target_codec(backbone).sigma == 2.0 and target_codec(crf).sigma == 0.5
     assert target_codec(crf).heatmap_size == crf.data.heatmap_size
+
+
+def test_a_coco_recipe_refuses_to_start_without_its_imagenet_weights(tmp_path, capsys, no_ray, monkeypatch):
+    """The COCO configs start from ImageNet weights as the papers do: missing, the run stops before Ray and says
+    how to train from scratch instead; saying so explicitly gets past that check (to the next: the shards)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "coco/hrnet", f"train.storage={tmp_path / 'runs'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["distpose: error: config key 'model.pretrained': data/imagenet/hrnet_w32-36af842e.pth does not "
+                   "exist (a local weights file, docs/coco.md; model.pretrained='' trains from scratch)"]
+    assert main(["train", "coco/hrnet", "model.pretrained=''", f"train.storage={tmp_path / 'runs'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "config key 'data.shards'" in err[0], err
