@@ -6,7 +6,7 @@ import json
 import cv2
 import numpy as np
 import pytest
-from helpers import corrupt_jpeg_in_shard
+from helpers import corrupt_jpeg_in_shard, scramble_jpeg
 
 from distpose.commands import main
 from distpose.config import load_config
@@ -97,7 +97,7 @@ def test_predict_cli_draws_each_image_and_counts_unreadable_ones(coco_mini, untr
     out = tmp_path / "pred"
     assert main(["predict", "--checkpoint", str(untrained_checkpoint), *map(str, images), str(broken),
                  "--out", str(out)]) == 0
-    assert f"{len(images)} people in {len(images)} image(s), 1 unreadable image(s) skipped" in capsys.readouterr().out
+    assert f"{len(images)} people in {len(images)} images, 1 unreadable image skipped" in capsys.readouterr().out
     for image in images:
         drawing = cv2.imread(str(out / image.name))
         assert drawing.shape == cv2.imread(str(image)).shape
@@ -105,15 +105,30 @@ def test_predict_cli_draws_each_image_and_counts_unreadable_ones(coco_mini, untr
     assert sorted(r["image_id"] for r in results) == sorted(int(p.stem) for p in images)
 
 
-def test_predict_cli_with_boxes_keeps_one_result_per_person_after_nms(coco_mini, untrained_checkpoint, tmp_path):
+def test_predict_cli_with_boxes_keeps_one_result_per_person_after_nms(coco_mini, untrained_checkpoint, tmp_path,
+                                                                       capsys):
+    """A directory stands for its images; the count printed is the entries of results.json (after OKS-NMS)."""
     images = sorted((coco_mini / "val2017").glob("*.jpg"))
     boxes = coco_mini / "annotations" / "person_detections_val2017.json"
     out = tmp_path / "pred"
-    assert main(["predict", "--checkpoint", str(untrained_checkpoint), *map(str, images), "--boxes", str(boxes),
-                 "--out", str(out)]) == 0
+    assert main(["predict", "--checkpoint", str(untrained_checkpoint), str(coco_mini / "val2017"),
+                 "--boxes", str(boxes), "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert 0 < len(results) <= len(json.loads(boxes.read_text()))
     assert {r["image_id"] for r in results} <= {int(p.stem) for p in images}
+    assert f"{len(results)} people (" in capsys.readouterr().out
+    assert {p.name for p in out.glob("*.jpg")} == {p.name for p in images}
+
+
+def test_predict_cli_names_missing_and_scrambled_images(coco_mini, untrained_checkpoint, tmp_path, capsys):
+    scrambled = tmp_path / "000000040083.jpg"
+    scrambled.write_bytes(scramble_jpeg((coco_mini / "val2017" / "000000040083.jpg").read_bytes()))
+    assert main(["predict", "--checkpoint", str(untrained_checkpoint), str(tmp_path / "missing.jpg"),
+                 str(scrambled), "--out", str(tmp_path / "pred")]) == 1
+    captured = capsys.readouterr()
+    assert f"skipped {tmp_path / 'missing.jpg'}: no such file" in captured.err
+    assert f"skipped {scrambled}: JPEG data corrupt" in captured.err
+    assert "0 people in 0 images, 2 unreadable images skipped" in captured.out
 
 
 def test_mean_pose_by_hand():

@@ -1,5 +1,6 @@
 """The pose model factory, weights files (ours and official names), checkpoints, and flip test."""
 
+import argparse
 import re
 
 import numpy as np
@@ -106,6 +107,14 @@ def test_unreadable_weights_are_one_line_errors(tmp_path, content, message):
         load_checkpoint(path)
     with pytest.raises(UserError, match=message):
         load_backbone_weights(build_backbone("cnn_small"), "cnn_small", path)
+
+
+def test_a_file_with_pickled_objects_is_refused_without_advice_to_unpickle_it(tmp_path, capsys):
+    torch.save({"format": "distpose.pose/1", "config": argparse.Namespace(a=1)}, tmp_path / "objects.pt")
+    assert main(["eval", "--checkpoint", str(tmp_path / "objects.pt"), "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"distpose: error: weights file {tmp_path / 'objects.pt'}: holds Python objects besides tensors "
+                   "and plain containers; distpose loads weights only, never a file's pickled code"]
 
 
 def test_weights_file_that_is_not_a_checkpoint(tmp_path):

@@ -123,9 +123,11 @@ def test_malformed_annotations_fail_with_one_line(coco_mini, tmp_path, capsys, e
 
 
 def test_bad_paths_and_json(coco_mini, tmp_path, capsys):
+    """A path that does not exist is a mistake in the command (exit 2); data that is there but incomplete or
+    malformed exits 1."""
     code, _, err = run_cli(capsys, "data", "shard", "--coco-root", str(tmp_path / "nope"), "--split", "val2017",
                            "--out", str(tmp_path / "o"))
-    assert code == 1 and "is not a directory" in err
+    assert code == 2 and "is not a directory" in err
     root = copy_coco(coco_mini, tmp_path / "coco")
     code, _, err = run_cli(capsys, "data", "shard", "--coco-root", str(root), "--split", "train2017",
                            "--out", str(tmp_path / "o"))
@@ -139,7 +141,7 @@ def test_bad_paths_and_json(coco_mini, tmp_path, capsys):
                            "--out", str(tmp_path / "o"))
     assert code == 1 and "malformed JSON" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(capsys, "data", "verify", str(tmp_path / "missing"))
-    assert code == 1 and "shard directory not found" in err
+    assert code == 2 and "shard directory not found" in err
 
 
 def test_bad_boxes_and_outside_keypoints_are_repaired_and_counted(coco_mini, tmp_path):

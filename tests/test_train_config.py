@@ -40,7 +40,7 @@ def bad_cases(tmp: Path) -> list[tuple[str, list[str], int, str]]:
          f"config key 'model.pretrained': {tmp / 'w.pth'} does not exist"),
         ("pretrained_not_weights", [f"model.pretrained={QUICK}"], 2,
          f"weights file {QUICK}: not a readable torch file"),
-        ("boxes_missing", ["eval.every_epochs=1", f"eval.boxes={tmp / 'boxes.json'}"], 1,
+        ("boxes_missing", ["eval.every_epochs=1", f"eval.boxes={tmp / 'boxes.json'}"], 2,
          f"detections file {tmp / 'boxes.json'} does not exist"),
         ("more_cpus_than_the_machine", ["train.workers=64", "data.batch_size=64"], 2,
          "train.workers=64 x train.cpus_per_worker=1 needs 64 CPUs, but this machine has"),

@@ -23,9 +23,9 @@ def positive(text: str) -> int:
     return value
 
 
-def plural(count: int, noun: str) -> str:
-    """`1 shard`, `2 shards`, `1,024 images`."""
-    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+def plural(count: int, noun: str, nouns: str = "") -> str:
+    """`1 shard`, `2 shards`, `1,024 images`; `nouns` for an irregular plural."""
+    return f"{count:,} {noun if count == 1 else nouns or noun + 's'}"
 
 
 def output_path(out: str | None) -> Path | None:

@@ -5,14 +5,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from distpose.commands.arguments import plural
+
 
 def run_predict(args: argparse.Namespace) -> int:
     from distpose.eval.predict import predict_images
 
     out = Path(args.out)
     counts = predict_images(args.checkpoint, args.images, out, args.boxes, args.min_box_score)
-    skipped = f", {len(counts['skipped'])} unreadable image(s) skipped" if counts["skipped"] else ""
-    print(f"{counts['people']} people in {counts['images']} image(s){skipped}: drawings and results.json in {out}")
+    removed = f" ({counts['removed_by_nms']} duplicates removed by OKS-NMS)" if counts["removed_by_nms"] else ""
+    skipped = f", {plural(len(counts['skipped']), 'unreadable image')} skipped" if counts["skipped"] else ""
+    print(f"{plural(counts['people'], 'person', 'people')}{removed} in {plural(counts['images'], 'image')}{skipped}: "
+          f"drawings and results.json in {out}")
     return 1 if counts["skipped"] and not counts["images"] else 0
 
 
@@ -23,7 +27,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "detections; image ids are the files' numeric names) or the whole image as one person. Writes one "
         "drawing per image and results.json (COCO keypoint results) to --out.",
     )
-    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument("images", nargs="+", help="image files, or directories of them")
     predict.add_argument("--checkpoint", required=True, help="inference checkpoint (.pt)")
     predict.add_argument("--boxes", help="COCO-results JSON of person detections (default: whole image)")
     predict.add_argument("--min-box-score", type=float, default=0.0, help="drop detections below this score")

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from distpose.errors import DataError
+from distpose.errors import DataError, UserError
 from distpose.keypoints import NUM_JOINTS
 
 PERSON_CATEGORY_ID = 1
@@ -143,7 +143,7 @@ def load_split(root: str | Path, split: str) -> CocoSplit:
     """Read `root/annotations/person_keypoints_<split>.json`, validating every person annotation."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"COCO root {root} is not a directory")
+        raise UserError(f"COCO root {root} is not a directory")
     ann_file = annotation_path(root, split)
     image_dir = root / split
     if not ann_file.is_file():
@@ -202,7 +202,7 @@ def load_detections(path: str | Path, min_score: float = 0.0) -> dict[int, list[
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"detections file {path} does not exist")
+        raise UserError(f"detections file {path} does not exist")
     doc = _read_json(path)
     if not isinstance(doc, list):
         raise DataError(f"{path}: expected a list of detections (COCO results format), got {type(doc).__name__}")

@@ -428,7 +428,7 @@ def verify_shards(shard_dir: str | Path, workers: int = 1, progress: bool = True
     """Check every split in `shard_dir`. Returns per-split counts and the list of problems."""
     shard_dir = Path(shard_dir)
     if not shard_dir.is_dir():
-        raise DataError(f"{shard_dir}: shard directory not found")
+        raise UserError(f"{shard_dir}: shard directory not found")
     splits = sorted(p.name.removesuffix(".manifest.json") for p in shard_dir.glob("*.manifest.json"))
     if not splits:
         raise DataError(f"{shard_dir}: no *.manifest.json found; run `distpose data shard` first")

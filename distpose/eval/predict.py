@@ -18,6 +18,7 @@ import torch
 
 from distpose.data.coco import Detection, load_detections
 from distpose.data.codec import HeatmapCodec
+from distpose.data.shards import decode_jpeg, jpeg_problem
 from distpose.data.transforms import TopDownTransform
 from distpose.errors import UserError
 from distpose.eval.coco import coco_results
@@ -61,11 +62,11 @@ def predict_images(checkpoint: str, images: list[str], out_dir: Path, boxes_file
     maps = model_maps(model, cfg.eval.flip_test)
     out_dir.mkdir(parents=True, exist_ok=True)
     parts, skipped, people = [], [], 0
-    for number, name in enumerate(images):
-        path = Path(name)
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if image is None:
-            log.warning("skipped %s: not a readable image", path)
+    paths = image_files(images)
+    for number, path in enumerate(paths):
+        image, problem = read_image(path)
+        if problem:
+            log.warning("skipped %s: %s", path, problem)
             skipped.append(str(path))
             continue
         image_id = image_id_of(path)
@@ -88,5 +89,34 @@ def predict_images(checkpoint: str, images: list[str], out_dir: Path, boxes_file
         save_image(out_dir / f"{path.stem}.jpg", drawing)
     results = coco_results(Predictions.concat(parts), nms_threshold=0.9 if detections else None) if parts else []
     atomic_write_bytes(out_dir / "results.json", json.dumps(results).encode())
-    return {"images": len(images) - len(skipped), "people": people, "kept_after_nms": len(results),
+    return {"images": len(paths) - len(skipped), "people": len(results), "removed_by_nms": people - len(results),
             "skipped": skipped}
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def image_files(names: list[str]) -> list[Path]:
+    """The files named, a directory standing for the image files directly inside it."""
+    paths = []
+    for name in names:
+        path = Path(name)
+        paths += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
+    return paths
+
+
+def read_image(path: Path) -> tuple[np.ndarray | None, str | None]:
+    """(BGR image, None), or (None, why not): JPEGs decode strictly, as in training."""
+    if not path.is_file():
+        return None, "no such file" if not path.exists() else "not a file"
+    data = path.read_bytes()
+    if data.startswith(b"\xff\xd8\xff"):
+        problem = jpeg_problem(data)
+        if problem:
+            return None, problem
+        try:
+            return decode_jpeg(data), None
+        except ValueError as exc:
+            return None, f"JPEG data corrupt ({exc})"
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    return (None, "not a readable image") if image is None else (image, None)

@@ -89,6 +89,9 @@ def _read_torch_file(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as exc:
+        if "Unsupported global" in str(exc):  # torch's advice, weights_only=False, would run the file's code
+            raise UserError(f"weights file {path}: holds Python objects besides tensors and plain containers; "
+                            f"distpose loads weights only, never a file's pickled code") from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"weights file {path}: not a readable torch file ({first})") from None
 

@@ -10,7 +10,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distpose.config import Config, ConfigError, find_config, load_config, parse_override, read_yaml_file, score_names
+from distpose.config import (
+    PACKAGED_CONFIGS,
+    Config,
+    ConfigError,
+    find_config,
+    load_config,
+    parse_override,
+    read_yaml_file,
+    score_names,
+)
 from distpose.modes import NAMES, check_mode
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
@@ -49,9 +58,13 @@ def _sweep_error(source: str, key: str, problem: str) -> ConfigError:
 
 def find_sweep(name: str | Path) -> Path:
     """A sweep file by path, else by name among the packaged ones: `quick` is configs/tune/quick.yaml."""
-    if Path(name).exists() or "/" in str(name):
+    if Path(name).exists():
         return find_config(name)
-    return find_config(f"tune/{name}")
+    try:
+        return find_config(f"tune/{name}")
+    except ConfigError:
+        names = ", ".join(sorted(p.stem for p in (PACKAGED_CONFIGS / "tune").glob("*.yaml")))
+        raise ConfigError(f"sweep file {name} does not exist (not a path, nor a packaged sweep: {names})") from None
 
 
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
