@@ -1,4 +1,5 @@
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,37 @@ def ray_session():
              _system_config={"metrics_report_interval_ms": 1000})
     yield ray
     ray.shutdown()
+
+
+LEAK_GRACE_S = 30  # Ray Train's controller and its placement-group cleaner exit a few seconds after a run
+SESSION_ACTORS = {"_AutoscalingCoordinatorActor"}  # Ray's own, one per Ray session, holding no resources
+
+
+@pytest.fixture(autouse=True)
+def leaves_nothing_on_the_cluster(request):
+    """A test on the shared Ray must leave no actor and no placement group behind: a leaked reservation
+    makes every later fit wait for CPUs (a whole suite once hung on one). Leftover placement groups are
+    removed, so that the next test can run, and the test fails naming what it left."""
+    yield
+    if "ray_session" not in request.fixturenames:
+        return
+    import ray
+    from ray.util import state
+
+    if not ray.is_initialized():
+        return
+    deadline = time.monotonic() + LEAK_GRACE_S
+    while True:
+        actors = [f"{a.class_name} ({a.actor_id[:8]})" for a in state.list_actors(
+            filters=[("state", "!=", "DEAD")], limit=1000, raise_on_missing_output=False)
+            if a.class_name not in SESSION_ACTORS]
+        groups = [g for g in state.list_placement_groups(limit=1000, raise_on_missing_output=False)
+                  if g.state != "REMOVED"]
+        if not actors and not groups or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    for group in groups:
+        ray.util.remove_placement_group(
+            ray.util.placement_group.PlacementGroup(ray.PlacementGroupID.from_hex(group.placement_group_id)))
+    assert not actors and not groups, (f"left on the cluster after {LEAK_GRACE_S} s: actors {actors}, "
+                                       f"placement groups {[g.placement_group_id[:8] for g in groups]}")

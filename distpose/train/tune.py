@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 import zlib
 from pathlib import Path
@@ -29,10 +30,11 @@ from typing import Any
 
 from distpose.cluster import ray_cluster
 from distpose.config import Config, ConfigError, load_config
+from distpose.errors import UserError
 from distpose.files import atomic_write_bytes
 from distpose.modes import MODES, named_mode
 from distpose.train.checkpoints import BEST_MODEL, METRICS_LOG
-from distpose.train.driver import check_shards, train, with_absolute_paths
+from distpose.train.driver import check_model_files, check_shards, train, with_absolute_paths
 from distpose.train.leaderboard import best_trials, score_best, write_leaderboard
 from distpose.train.sweep_file import Sweep, base_config, dimensions_of, mode_config, sweep_dir
 
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 
 DONE_FILE = "done.json"
 TRIAL_MEMORY = 256 * 2**20  # bytes reserved for a trial's driver process
+TRIAL_CLEANUP_ENV, TRIAL_CLEANUP_S = "TUNE_FORCE_TRIAL_CLEANUP_S", 60
 ATTEMPTS_SUFFIX = ".attempts.jsonl"  # runs/<trial>.attempts.jsonl: one line per attempt, one per error
 
 
@@ -244,14 +247,19 @@ def run_sweep(sweep: Sweep, address: str | None = None, resume: bool = False) ->
     if directory.exists() and any(directory.iterdir()) and not resume:
         raise ConfigError(f"{sweep.source}: sweep directory {directory} already exists: add --resume to finish "
                           "that sweep, or choose another name (name=...)")
-    for mode in sweep.modes:  # missing shards would fail every trial, after Ray has started
+    for mode in sweep.modes:  # missing shards or weights would fail every trial, after Ray has started
         try:
-            check_shards(mode_config(sweep, mode, []))
-        except ConfigError as exc:
+            cfg = mode_config(sweep, mode, [])
+            check_shards(cfg)
+            check_model_files(cfg)
+        except UserError as exc:
             raise ConfigError(f"{sweep.source}: mode {mode!r}: {exc}") from None
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(directory / "sweep.json", json.dumps(dataclasses.asdict(sweep), indent=1).encode())
     order = [m.name for m in MODES if m.name in sweep.modes]  # every parent before its children
+    # Tune waits this long for a stopped trial's actor to exit before killing it (600 s by default): a trial
+    # stuck in its run's shutdown on a busy cluster held whole sweeps for that long.
+    os.environ.setdefault(TRIAL_CLEANUP_ENV, str(TRIAL_CLEANUP_S))
     records: list[dict[str, Any]] = []
     with ray_cluster(address, base_config(sweep, order[0]).monitor):
         for mode in order:
