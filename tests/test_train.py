@@ -344,6 +344,10 @@ def test_sigint_stops_the_run_and_rerun_resumes(ray_session, tmp_path):
     print(f"\n[sigint] SIGINT after step {interrupted_at}: exit code {code} after {stop_time:.1f} s; "
           f"'distpose: interrupted' printed: {'distpose: interrupted' in output}")
     assert not lingering, f"train worker processes outlived the interrupted driver: {lingering}"
+    # The console holds the driver's own lines; Ray's and DeepSpeed's go to the run's logs/.
+    assert "Reporting training result" not in output and "[distpose] interrupted: mode backbone" in output
+    assert "Checkpoint successfully created" in (directory / "logs" / "rank0.log").read_text()
+    assert "[distpose] interrupted: mode backbone" in (directory / "logs" / "driver.log").read_text()
     # Ray Train's own SIGINT handler aborts the run and exits through SystemExit; the driver reports it as an
     # interrupt, like any Ctrl-C: exit code 130 and one line.
     assert code == 130 and "distpose: interrupted" in output, f"exit code {code}:\n{output[-3000:]}"

@@ -76,8 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler.setFormatter(_Formatter())
     handler.setLevel(logging.WARNING if quiet else logging.DEBUG)  # a run's log file takes INFO regardless
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
-    if verbose:  # our debug messages, not every library's
-        logging.getLogger("distpose").setLevel(logging.DEBUG)
+    if verbose or quiet:  # our debug messages, not every library's; a run's log file still takes INFO
+        logging.getLogger("distpose").setLevel(logging.DEBUG if verbose else logging.WARNING)
     # Tune's TensorBoard logger renames every `pck@0.1`-style metric, one INFO line per name per trial.
     logging.getLogger("tensorboardX").setLevel(logging.WARNING)
     split_overrides(args)

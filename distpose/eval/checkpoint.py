@@ -87,7 +87,8 @@ def evaluate_to_directory(checkpoint: str, data: str | None, split: str | None, 
         if workers > 1:
             metrics, predictions = _evaluate_on_ray(checkpoint, cfg, detections, workers, address)
         else:
-            metrics, predictions = evaluate_model(model, cfg, boxes=detections)
+            metrics, predictions = evaluate_model(model, cfg, boxes=detections,
+                                                  progress=log.isEnabledFor(logging.INFO))
         write_results(out_dir, metrics, predictions, detections is None)
         draw_predictions(shards, split, predictions, out_dir)
     return metrics

@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from distpose.config import Config
 from distpose.data.coco import Detection
 from distpose.data.codec import HeatmapCodec
 from distpose.data.loader import eval_loader
-from distpose.data.shards import shard_ground_truth
+from distpose.data.shards import read_manifest, shard_ground_truth
 from distpose.eval.coco import coco_results, evaluate
 from distpose.eval.inference import MapsFn, Predictions, model_maps, predict
 from distpose.eval.metrics import hrnet_accuracy, pck
@@ -91,14 +92,25 @@ def gather_predictions(local: Predictions, accuracy: HeatmapAccuracy) -> tuple[P
     return merged, HeatmapAccuracy(sum(t for _, t, _ in parts), sum(c for _, _, c in parts))
 
 
+def _counted(batches: Iterable[dict[str, Any]], bar: tqdm) -> Iterator[dict[str, Any]]:
+    for batch in batches:
+        bar.update(len(batch["image_id"]))
+        yield batch
+
+
 def evaluate_model(model: PoseModel, cfg: Config, rank: int = 0, world_size: int = 1,
                    device: torch.device | str = "cpu", boxes: Mapping[int, list[Detection]] | None = None,
-                   ground_truth: dict[str, Any] | None = None) -> tuple[dict[str, Any], Predictions]:
+                   ground_truth: dict[str, Any] | None = None, progress: bool = False
+                   ) -> tuple[dict[str, Any], Predictions]:
     """Predict this rank's share of `cfg.data.val_split`, gather, and score; (metrics, all predictions).
-    Every rank of a process group must call it; rank 0 scores, the others get empty metrics."""
+    Every rank of a process group must call it; rank 0 scores, the others get empty metrics. `progress`: a
+    bar with the rate and ETA on stderr (the instance total is known with ground-truth boxes)."""
     codec = HeatmapCodec(cfg.data.input_size, cfg.data.heatmap_size, cfg.data.sigma)
     loader = eval_loader(cfg.data, rank, world_size, boxes=boxes)
-    local, accuracy = predict_with_accuracy(loader, model_maps(model, cfg.eval.flip_test, device), codec)
+    total = read_manifest(cfg.data.shards, cfg.data.val_split)["instances"] if boxes is None else None
+    with tqdm(total=total, unit="person", desc="eval", disable=not progress) as bar:
+        local, accuracy = predict_with_accuracy(_counted(loader, bar), model_maps(model, cfg.eval.flip_test, device),
+                                                codec)
     predictions, accuracy = gather_predictions(local, accuracy)
     if loader.skipped:
         log.warning("evaluation skipped bad samples: %s", dict(loader.skipped))

@@ -20,6 +20,7 @@ from distpose.files import atomic_write_bytes
 DEEPSPEED_TAG = "state"
 META_FILE = "meta.json"
 METRICS_LOG = "metrics.jsonl"
+PARTIAL_CHECKPOINT_PREFIX = ".partial-checkpoint-"  # a rank's save before Ray copies it into the run
 BEST_MODEL = "best.pt"
 FINAL_MODEL = "final.pt"
 

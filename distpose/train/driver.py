@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -29,7 +30,7 @@ from distpose.files import atomic_write_bytes
 from distpose.models.pose import build_pose_model
 from distpose.models.weights import read_pose_checkpoint
 from distpose.monitor.metrics import RunMetrics
-from distpose.train.checkpoints import FINAL_MODEL, META_FILE, METRICS_LOG
+from distpose.train.checkpoints import FINAL_MODEL, META_FILE, METRICS_LOG, PARTIAL_CHECKPOINT_PREFIX
 from distpose.train.crf_prior import PRIOR_FILE, with_crf_prior
 from distpose.train.engine import deepspeed_config
 from distpose.train.progress import FollowProgress
@@ -163,6 +164,8 @@ def train(cfg: Config, address: str | None = None, resume: str | None = None,
         log.info(f"[distpose] {cfg.train.run_name}: {prior.summary(cfg)}")
         atomic_write_bytes(directory / PRIOR_FILE, json.dumps(prior.record(), indent=1).encode())
     atomic_write_bytes(directory / "config.yaml", dump_yaml(cfg).encode())
+    for partial in directory.glob(PARTIAL_CHECKPOINT_PREFIX + "*"):  # of a rank killed while saving
+        shutil.rmtree(partial, ignore_errors=True)
     logs = directory / LOG_DIR
     with ray_cluster(address, cfg.monitor) as disconnects_from_cluster, log_file(logs / "driver.log"):
         warn_if_short(resources_of(cfg.train), cfg.train.start_timeout_s)

@@ -29,6 +29,7 @@ from distpose.train.checkpoints import (
     DEEPSPEED_TAG,
     FINAL_MODEL,
     METRICS_LOG,
+    PARTIAL_CHECKPOINT_PREFIX,
     TrainState,
     consolidated_state_dict,
     read_meta,
@@ -176,7 +177,7 @@ def train_worker(job: dict[str, Any]) -> None:
         state.metrics = metrics
         telemetry.epoch(state.epoch, loader.skipped if loader is not None else {})
         saving = time.perf_counter()
-        _save_and_report(engine, state, config_dict, metrics)
+        _save_and_report(engine, state, config_dict, metrics, run_dir)
         telemetry.checkpoint_saved(time.perf_counter() - saving)
 
     if export_final:
@@ -187,12 +188,14 @@ def train_worker(job: dict[str, Any]) -> None:
             log.write("final", epoch=state.epoch, step=state.step, path=str(run_dir / FINAL_MODEL))
 
 
-def _save_and_report(engine, state: TrainState, config: dict[str, Any], metrics: dict[str, float]) -> None:
+def _save_and_report(engine, state: TrainState, config: dict[str, Any], metrics: dict[str, float], run_dir: Path
+                     ) -> None:
     """Every rank saves its part of the DeepSpeed state and reports its directory; Ray merges them
-    into one checkpoint (reporting from rank 0 alone would lose the other ranks' ZeRO partitions)."""
+    into one checkpoint (reporting from rank 0 alone would lose the other ranks' ZeRO partitions).
+    The directory is under the run's (a rank killed mid-save leaves it there, for the driver to remove)."""
     import ray.train
 
-    with tempfile.TemporaryDirectory(prefix="distpose-ckpt-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=PARTIAL_CHECKPOINT_PREFIX, dir=run_dir) as tmp:
         engine.save_checkpoint(tmp, tag=DEEPSPEED_TAG)
         if engine.global_rank == 0:
             write_meta(Path(tmp), state, config)
