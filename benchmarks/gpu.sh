@@ -5,7 +5,7 @@
 #   3. `distpose bench train --plain-only`: bf16 hrnet_w32 at 256x192, the plain PyTorch loop on random data
 # Writes <out>/gpu-checks-<device>.json (what ran, how long, each step's exit status) next to each
 # benchmark's own JSON. Python packages the machine lacks are installed from wheels in $WHEELS, if set
-# (e.g. `pip download --no-deps -d .wheels webdataset braceexpand pytest pluggy iniconfig pytest-timeout`).
+# (e.g. `pip download --no-deps -d .wheels webdataset braceexpand simplejpeg pytest pluggy iniconfig pytest-timeout`).
 #
 #   benchmarks/gpu.sh [--dry-run] [OUT_DIR]      default OUT_DIR: benchmarks/results
 #

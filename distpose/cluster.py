@@ -6,10 +6,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from distpose.config import MonitorConfig
 from distpose.errors import UserError
@@ -154,3 +157,36 @@ def metrics_banner() -> str:
     return (f"[distpose] Prometheus metrics: {shown or 'no endpoint (is ray[default] installed?)'}; "
             f"a Prometheus server finds every node's through prom_metrics_service_discovery.json in "
             f"the head node's Ray session directory (launch/prometheus.yml)")
+
+
+def torch_trainer(*args: Any, **kwargs: Any) -> Any:
+    """A Ray TorchTrainer whose Ctrl-C stops the run now. Ray's own handler asks the controller to abort
+    and waits for its answer, which does not come while it waits for workers that cannot be placed
+    (minutes; two more Ctrl-C were ignored); killing it takes the workers with it, and the latest
+    checkpoint stays on storage for a rerun."""
+    import ray
+    from ray.train.torch import TorchTrainer
+
+    class Trainer(TorchTrainer):
+        def _register_sigint_handler(self, controller: Any) -> None:
+            def stop(signum: int, frame: Any) -> None:
+                ray.kill(controller, no_restart=True)
+                raise KeyboardInterrupt
+
+            signal.signal(signal.SIGINT, stop)
+
+    return Trainer(*args, **kwargs)
+
+
+def fit(trainer: Any) -> Any:
+    """`trainer.fit()`, with the caller's SIGINT handler back afterwards: fit() leaves its handler
+    installed, and the handler's reference keeps the finished run's controller actor alive."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main_thread else None
+    try:
+        return trainer.fit()
+    except SystemExit:  # Ray's own handler, were it installed, ends a third Ctrl-C this way
+        raise KeyboardInterrupt from None
+    finally:
+        if previous is not None:  # None: not the main thread, or a handler installed outside Python
+            signal.signal(signal.SIGINT, previous)

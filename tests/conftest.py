@@ -74,19 +74,24 @@ def leaves_nothing_on_the_cluster(request):
     """A test on the shared Ray must leave no actor and no placement group behind: a leaked reservation
     makes every later fit wait for CPUs (a whole suite once hung on one). Leftover placement groups are
     removed, so that the next test can run, and the test fails naming what it left."""
-    yield
     if "ray_session" not in request.fixturenames:
+        yield
         return
     import ray
     from ray.util import state
 
+    def alive() -> dict[str, str]:
+        return {a.actor_id: a.class_name for a in state.list_actors(
+            filters=[("state", "!=", "DEAD")], limit=1000, raise_on_missing_output=False)}
+
+    before = alive() if ray.is_initialized() else {}
+    yield
     if not ray.is_initialized():
         return
     deadline = time.monotonic() + LEAK_GRACE_S
     while True:
-        actors = [f"{a.class_name} ({a.actor_id[:8]})" for a in state.list_actors(
-            filters=[("state", "!=", "DEAD")], limit=1000, raise_on_missing_output=False)
-            if a.class_name not in SESSION_ACTORS]
+        actors = [f"{name} ({actor[:8]})" for actor, name in alive().items()
+                  if actor not in before and name not in SESSION_ACTORS]
         groups = [g for g in state.list_placement_groups(limit=1000, raise_on_missing_output=False)
                   if g.state != "REMOVED"]
         if not actors and not groups or time.monotonic() > deadline:

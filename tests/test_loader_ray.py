@@ -11,7 +11,8 @@ pytestmark = pytest.mark.integration
 
 def test_ray_train_ranks_split_eval_exactly(ray_session, synth_root, synth_shards, tmp_path):
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+
+    from distpose.cluster import fit, torch_trainer
 
     cfg = DataConfig(shards=str(synth_shards), input_size=(64, 48), heatmap_size=(16, 12), batch_size=3,
                      loader_workers=2)
@@ -29,12 +30,12 @@ def test_ray_train_ranks_split_eval_exactly(ray_session, synth_root, synth_shard
         ids = [i for batch in eval_loader(config["data"], rank, world) for i in batch["instance_id"].tolist()]
         (config["out"] / f"rank{rank}.json").write_text(json.dumps({"world": world, "ids": ids}))
 
-    trainer = TorchTrainer(
+    trainer = torch_trainer(
         per_worker, train_loop_config={"data": cfg, "out": out},
         scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name="loader_ranks", storage_path=str(tmp_path / "ray")),
     )
-    trainer.fit()
+    fit(trainer)  # and the SIGINT handler back: Ray's would keep the run's controller alive
 
     reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(r["world"] == 2 for r in reports)

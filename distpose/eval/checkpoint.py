@@ -99,9 +99,8 @@ def _evaluate_on_ray(checkpoint: str, cfg: Config, detections: Any, workers: int
     """The same evaluation split over `workers` Ray Train ranks; rank 0's result comes back."""
     import ray
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    from distpose.cluster import ray_cluster
+    from distpose.cluster import fit, ray_cluster, torch_trainer
 
     def per_rank(job: dict[str, Any]) -> None:
         import ray.train
@@ -117,10 +116,10 @@ def _evaluate_on_ray(checkpoint: str, cfg: Config, detections: Any, workers: int
 
     with ray_cluster(address, cfg.monitor), tempfile.TemporaryDirectory(prefix="distpose-eval-run-") as storage:
         inbox = ray.remote(_Inbox).remote()
-        TorchTrainer(per_rank, train_loop_config={"checkpoint": str(Path(checkpoint).resolve()), "cfg": cfg,
-                                                  "detections": detections, "inbox": inbox},
-                     scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
-                     run_config=RunConfig(name="eval", storage_path=storage)).fit()
+        fit(torch_trainer(per_rank, train_loop_config={"checkpoint": str(Path(checkpoint).resolve()), "cfg": cfg,
+                                                       "detections": detections, "inbox": inbox},
+                          scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
+                          run_config=RunConfig(name="eval", storage_path=storage)))
         return ray.get(inbox.get.remote())
 
 

@@ -8,20 +8,29 @@ Running the same run name again resumes it from its latest checkpoint; a finishe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import shutil
-import signal
-import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from distpose.cluster import check_reachable, check_resources, is_local, log_file, ray_cluster, verbose, warn_if_short
+from distpose.cluster import (
+    check_reachable,
+    check_resources,
+    fit,
+    is_local,
+    log_file,
+    ray_cluster,
+    torch_trainer,
+    verbose,
+    warn_if_short,
+)
 from distpose.config import Config, ConfigError, TrainConfig, dump_yaml, to_dict
 from distpose.data.coco import load_detections
 from distpose.data.shards import read_manifest
@@ -41,7 +50,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 # How long Ray Train waits for a worker group to be placed before that start counts as a failure.
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
-_START_TIMEOUT_SET_BY_USER = START_TIMEOUT_ENV in os.environ
 LOG_DIR = "logs"  # under the run directory: driver.log and each rank's output
 
 class TrainingFailed(UserError):
@@ -189,29 +197,29 @@ def train(cfg: Config, address: str | None = None, resume: str | None = None,
     return TrainOutcome(directory, directory / FINAL_MODEL, dict(result.metrics or {}), wall, True)
 
 
+@contextlib.contextmanager
+def start_timeout(seconds: float) -> Iterator[None]:
+    """Ray Train's worker-group start timeout for one fit() (which passes the environment on to its
+    controller), unless the user set it; the environment is left as it was (a child process inherits it)."""
+    if START_TIMEOUT_ENV in os.environ:
+        yield
+        return
+    os.environ[START_TIMEOUT_ENV] = str(seconds)
+    try:
+        yield
+    finally:
+        os.environ.pop(START_TIMEOUT_ENV, None)
+
+
 def _fit(cfg: Config, directory: Path, log_dir: Path | None, resume: str | None, callbacks: Sequence[Any],
          pairwise: torch.Tensor | None) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from distpose.monitor.callback import RunMetricsCallback
     from distpose.train.worker import train_worker
 
-    class Trainer(TorchTrainer):
-        def _register_sigint_handler(self, controller: Any) -> None:
-            """Ctrl-C stops the run now. Ray's handler waits for the controller to abort, which does not
-            answer while it waits for workers that cannot be placed (minutes); killing it takes the workers
-            with it, and the latest checkpoint stays on storage for a rerun."""
-            import ray
-
-            def stop(signum: int, frame: Any) -> None:
-                ray.kill(controller, no_restart=True)
-                raise KeyboardInterrupt
-
-            signal.signal(signal.SIGINT, stop)
-
     t = cfg.train
-    trainer = Trainer(
+    trainer = torch_trainer(
         train_worker,
         train_loop_config={"config": to_dict(cfg), "run_dir": str(directory), "resume": resume,
                            "log_dir": None if log_dir is None else str(log_dir),
@@ -226,13 +234,9 @@ def _fit(cfg: Config, directory: Path, log_dir: Path | None, resume: str | None,
             callbacks=[*callbacks, RunMetricsCallback(cfg.monitor.enabled, t.run_name, t.mode)],
         ),
     )
-    if not _START_TIMEOUT_SET_BY_USER:  # fit() passes it on to its controller
-        os.environ[START_TIMEOUT_ENV] = str(t.start_timeout_s)
-    # fit() installs a SIGINT handler (Trainer's, above) and leaves it installed: restore the caller's.
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous_sigint = signal.getsignal(signal.SIGINT) if main_thread else None
     try:
-        return trainer.fit()
+        with start_timeout(t.start_timeout_s):
+            return fit(trainer)
     except Exception as exc:  # Ray wraps the worker's error; keep its last line
         if type(exc).__name__ not in ("TrainingFailedError", "WorkerGroupError", "ControllerError"):
             raise
@@ -242,6 +246,3 @@ def _fit(cfg: Config, directory: Path, log_dir: Path | None, resume: str | None,
         where = "above" if log_dir is None else f"in {log_dir}"
         raise TrainingFailed(f"run {t.run_name} failed after {t.max_failures} restart(s): {cause} "
                              f"(full log {where}; the latest checkpoint in {directory} is kept)") from None
-    finally:
-        if previous_sigint is not None:  # None: not the main thread, or a handler installed outside Python
-            signal.signal(signal.SIGINT, previous_sigint)
