@@ -302,6 +302,20 @@ def _ray_train_processes(raylet: psutil.Process, since: float) -> list[psutil.Pr
     return found
 
 
+def _interrupt(process: subprocess.Popen, timeout: float) -> tuple[int, float]:
+    """Ctrl-C: (exit code, seconds until it exited)."""
+    start = time.perf_counter()
+    process.send_signal(signal.SIGINT)
+    code = process.wait(timeout=timeout)
+    return code, time.perf_counter() - start
+
+
+def _kill(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
 def _wait_gone(processes: list[psutil.Process], seconds: float) -> list[psutil.Process]:
     _, alive = psutil.wait_procs(processes, timeout=seconds)
     return alive
@@ -331,14 +345,9 @@ def test_sigint_stops_the_run_and_rerun_resumes(ray_session, tmp_path):
             raylet = worker.parent()
             processes = [worker, *worker.children(recursive=True)]
             interrupted_at = records(directory, "step")[-1]["step"]
-            start = time.perf_counter()
-            first.send_signal(signal.SIGINT)
-            code = first.wait(timeout=60)
-            stop_time = time.perf_counter() - start
+            code, stop_time = _interrupt(first, 60)
         finally:
-            if first.poll() is None:
-                first.kill()
-                first.wait()
+            _kill(first)
     output = (tmp_path / "first.log").read_text()
     lingering = _wait_gone(processes, 30)
     print(f"\n[sigint] SIGINT after step {interrupted_at}: exit code {code} after {stop_time:.1f} s; "
@@ -395,14 +404,9 @@ def test_unplaceable_workers_fail_after_max_failures_and_ctrl_c_stops_the_wait(r
             if "needs 1 GPU" in line:
                 break
         time.sleep(3)
-        start = time.perf_counter()
-        waiting.send_signal(signal.SIGINT)
-        code = waiting.wait(timeout=30)
-        stop_time = time.perf_counter() - start
+        code, stop_time = _interrupt(waiting, 30)
     finally:
-        if waiting.poll() is None:
-            waiting.kill()
-            waiting.wait()
+        _kill(waiting)
     rest = waiting.stderr.read()
     print(f"[no gpu] Ctrl-C during the wait: exit code {code} after {stop_time:.1f} s")
     assert code == 130 and "distpose: interrupted" in rest and stop_time < 10, rest
