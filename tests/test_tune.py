@@ -208,7 +208,7 @@ def test_asha_stops_a_trial_that_trails_at_the_first_rung(ray_session, synth_sha
     and records the first rung's score; the second barely leaves its initial weights (lr 1e-7), scores below
     that after its first epoch, and ASHA (grace 1 epoch, reduction factor 2) stops it there."""
     overrides = [*tiny_overrides(synth_shards), "train.cpus_per_worker=4", "data.input_size=[64,48]",
-                 "data.heatmap_size=[16,12]", "data.batch_size=8", "data.batches_per_epoch=100", "train.epochs=3"]
+                 "data.heatmap_size=[16,12]", "data.batch_size=8", "data.batches_per_epoch=60", "train.epochs=3"]
     path = write_sweep(tmp_path / "sweep.yaml", name="asha", modes=["cnn"], search="grid", overrides=overrides,
                        space={"train.lr": {"choice": [5.0e-3, 1.0e-7]}}, grace_period=1, reduction_factor=2,
                        max_failures=0)
