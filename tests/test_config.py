@@ -129,3 +129,17 @@ def test_a_built_wheel_ships_the_configs(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {f"distpose/configs/{p.relative_to(PACKAGED_CONFIGS)}" for p in PACKAGED_CONFIGS.rglob("*.yaml")}
     assert len(shipped) == 14 and shipped <= names
+
+
+def test_quiet_and_verbose_go_anywhere_on_the_line(capsys):
+    from distpose.commands import main
+
+    assert main(["config", "quick/cnn", "train.epochs=3", "-q"]) == 0
+    assert "epochs: 3" in capsys.readouterr().out
+    assert main(["-v", "config", "quick/cnn"]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # both after the subcommand: argparse's own exclusion
+        main(["config", "-q", "-v"])
+    assert exit_info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    assert main(["-q", "config", "-v"]) == 2  # one on each side
+    assert capsys.readouterr().err == "distpose: error: -q and -v exclude each other\n"

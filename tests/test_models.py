@@ -104,3 +104,9 @@ def test_model_info_cli(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["model-info", "resnet50", "--input", "250x190"])
     assert exit_info.value.code == 2
+    # The quick configs train cnn_small at 96x72: multiples of its stride 8, not 32.
+    assert main(["model-info", "cnn_small", "--input", "96x72"]) == 0
+    assert "0.08 GMACs at 96x72, heatmaps 17x24x18" in capsys.readouterr().out
+    assert main(["model-info", "hrnet_w32", "--input", "96x72"]) == 2
+    assert capsys.readouterr().err.strip() == ("distpose: error: --input 96x72: hrnet_w32 needs multiples of 32 "
+                                               "(its lowest-resolution stage is at stride 32)")
