@@ -65,7 +65,8 @@ def ray_session():
     ray.shutdown()
 
 
-LEAK_GRACE_S = 60  # Ray Train's controller and its placement-group cleaner exit seconds after a run (once, 30 s was too short)
+# Ray Train's controller and its placement-group cleaner exit seconds after a run (once, 30 s was too short).
+LEAK_GRACE_S = 60
 SESSION_ACTORS = {"_AutoscalingCoordinatorActor"}  # Ray's own, one per Ray session, holding no resources
 
 

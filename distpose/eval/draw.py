@@ -93,7 +93,7 @@ def draw_predictions(shards: str, split: str, predictions: Predictions, out_dir:
                 sample = parse_sample(raw)
                 if sample.image_id not in by_image:
                     continue
-                image = cv2.cvtColor(decode_image(sample), cv2.COLOR_RGB2BGR)
+                image = decode_image(sample)  # BGR, as drawing and saving expect
             except SampleError as exc:
                 log.warning("drawing: skipped %s", exc)
                 continue
