@@ -28,6 +28,7 @@ from distpose.eval.draw import draw_predictions
 from distpose.eval.evaluate import evaluate_checkpoint, flat_metrics, score
 from distpose.eval.mean_pose import fit_mean_pose, predict_mean_pose
 from distpose.eval.report import Comparison, ModeResult, compare, read_run_log, write_report
+from distpose.files import exists
 from distpose.modes import MODES, check_mode, crf_sibling, named_mode
 from distpose.train.checkpoints import METRICS_LOG
 from distpose.train.crf_prior import PRIOR_FILE
@@ -46,7 +47,7 @@ def prepare_data(root: Path, shards: Path, train_images: int, val_images: int) -
         _say(f"generating {train_images} + {val_images} synthetic images in {root}")
         generate_synthetic_coco(root, num_train=train_images, num_val=val_images, workers=2, progress=False)
     for split, per_shard in (("train", 100), ("val", 50)):
-        if not manifest_path(shards, split).is_file():
+        if not exists(manifest_path(shards, split)):
             _say(f"sharding {split} into {shards}")
             write_shards(root, split, shards, samples_per_shard=per_shard, workers=2, progress=False)
 

@@ -1,5 +1,9 @@
 import os
+import socket
+import subprocess
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -42,6 +46,66 @@ def synth_shards(tmp_path_factory, synth_root) -> Path:
     write_shards(synth_root, "train", out, samples_per_shard=5, progress=False)
     write_shards(synth_root, "val", out, samples_per_shard=4, progress=False)
     return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class ObjectStore:
+    endpoint: str
+    bucket: str
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint)
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "distpose-test", "AWS_SECRET_ACCESS_KEY": "distpose-test",
+          "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@pytest.fixture(scope="session")
+def object_store(tmp_path_factory):
+    """A real S3-compatible server (moto's, a separate process) on 127.0.0.1 with one bucket, and the standard
+    AWS environment variables pointing at it for the whole session (so Ray workers started later inherit
+    them)."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("s3") / "server.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                  stdout=out, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL"]}
+    os.environ.update(S3_ENV, AWS_ENDPOINT_URL=endpoint)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the S3 server did not start: {log.read_text()[-2000:]}") from None
+                time.sleep(0.1)
+        store = ObjectStore(endpoint, "distpose-test")
+        store.client().create_bucket(Bucket=store.bucket)
+        yield store
+    finally:
+        server.terminate()
+        server.wait(10)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def pytest_collection_modifyitems(items):

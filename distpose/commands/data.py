@@ -46,7 +46,7 @@ def run_data_shard(args: argparse.Namespace) -> int:
 def run_data_verify(args: argparse.Namespace) -> int:
     from distpose.data.shards import verify_shards
 
-    report = verify_shards(args.dir, workers=args.workers, progress=not args.quiet)
+    report = verify_shards(args.dir, workers=args.workers, progress=not args.quiet, splits=args.split)
     for split, counts in report["splits"].items():
         print(f"{split}: {plural(counts['shards'], 'shard')}, {plural(counts['samples'], 'sample')}, "
               f"{plural(counts['instances'], 'instance')} (manifest: {plural(counts['manifest_samples'], 'sample')}, "
@@ -88,7 +88,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     shard.add_argument("--coco-root", required=True, help="COCO root (annotations/ and <split>/ inside)")
     shard.add_argument("--split", required=True, help="split name, e.g. train2017, val2017, train, val")
-    shard.add_argument("--out", required=True, help="output directory for shards and manifest")
+    shard.add_argument("--out", required=True, help="output directory for shards and manifest: a local path or "
+                       "s3://bucket/prefix (AWS credentials and AWS_ENDPOINT_URL from the environment)")
     shard.add_argument("--samples-per-shard", type=positive, default=1000, help="images per shard (default 1000)")
     shard.add_argument("--workers", type=positive, default=1, help="processes writing shards (default 1)")
     shard.add_argument("--role", choices=("auto", "train", "eval"), default="auto",
@@ -103,6 +104,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         "annotation schema, JPEG crc32 and full decode at the annotated size. Exits 1 naming each bad "
         "shard and sample.",
     )
-    verify.add_argument("dir", help="directory written by `distpose data shard`")
+    verify.add_argument("dir", help="directory written by `distpose data shard`: a local path, s3://bucket/prefix "
+                        "or an http(s):// URL")
+    verify.add_argument("--split", action="append", help="check this split only (repeatable; default every "
+                        "split with a manifest; required for http(s), which cannot be listed)")
     verify.add_argument("--workers", type=positive, default=1, help="processes (default 1)")
     verify.set_defaults(func=run_data_verify)

@@ -39,6 +39,7 @@ from distpose.data.coco import Detection, Person
 from distpose.data.shards import DecodedSample, SampleError, decode_image, parse_sample, shard_paths
 from distpose.data.transforms import TopDownTransform
 from distpose.errors import DataError
+from distpose.files import open_input
 from distpose.keypoints import NUM_JOINTS
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,23 @@ def _resampled(urls: tuple[str, ...], rng: random.Random, progress: _Progress, s
                             "are the shards corrupt? run `distpose data verify`")
         progress.reads_since_person += 1
         yield {"url": rng.choice(urls)}
+
+
+def _opened(shards: Iterator[dict[str, str]], handler: CorruptSampleCounter) -> Iterator[dict[str, Any]]:
+    """Each shard with a stream reading it: local, s3:// or http(s):// (webdataset's own opener shells out
+    to curl for http and knows no s3)."""
+    for shard in shards:
+        try:
+            yield {**shard, "stream": open_input(shard["url"])}
+        except OSError as exc:
+            exc.args = (*exc.args, shard["url"])
+            if not handler(exc):
+                return
+
+
+def _tar_samples(shards: Iterator[dict[str, str]], handler: CorruptSampleCounter) -> Iterator[dict[str, Any]]:
+    files = wds.tariterators.tar_file_expander(_opened(shards, handler), handler=handler)
+    return wds.tariterators.group_by_keys(files, handler=handler)
 
 
 def _shuffled(stream: Iterator, buffer: int, rng: random.Random) -> Iterator:
@@ -226,7 +244,7 @@ class TopDownStream(IterableDataset):
         else:
             slot, slots = spec.rank * num_workers + worker, spec.world_size * num_workers
             shards = iter([{"url": u} for u in spec.urls[slot::slots]])
-        samples = wds.tarfile_samples(shards, handler=counter)
+        samples = _tar_samples(shards, counter)
         if spec.train:
             samples = _shuffled(samples, d.sample_shuffle, random.Random(f"{seed} samples"))
         persons = _persons(samples, counter, progress, spec.boxes)

@@ -4,6 +4,11 @@ A sample is `<key>.jpg` (the source JPEG's bytes, unchanged) and `<key>.json`:
     {"image_id", "file_name", "width", "height", "jpg_crc32", "persons": [COCO person annotations]}
 Each split gets `<split>-NNNNNN.tar` shards of equal size (they differ by at most one sample) and a
 `<split>.manifest.json` with per-shard sample, instance and byte counts and sha256 digests.
+
+The shard directory is a local path, an object-store prefix (`s3://bucket/prefix`) or, for reading, an
+`http(s)://` URL. Every shard is complete at its final name before the manifest that lists it is written;
+an overwrite removes the old manifest first, so a reader finds the old split whole, no split, or the new
+split whole.
 """
 
 from __future__ import annotations
@@ -14,13 +19,14 @@ import json
 import os
 import re
 import tarfile
+import tempfile
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import cv2
 import numpy as np
@@ -30,7 +36,18 @@ from tqdm import tqdm
 from distpose import __version__
 from distpose.data.coco import ImageRecord, Person, check_person, load_split
 from distpose.errors import DataError, UserError
-from distpose.files import atomic_write_bytes
+from distpose.files import (
+    exists,
+    file_sizes,
+    is_http,
+    is_uri,
+    join,
+    open_input,
+    read_bytes,
+    remove_file,
+    upload,
+    write_bytes,
+)
 from distpose.keypoints import person_category
 
 MANIFEST_FORMAT = "distpose.shards/v1"
@@ -47,8 +64,19 @@ class SampleError(ValueError):
         self.reason = reason
 
 
-def manifest_path(shard_dir: Path, split: str) -> Path:
-    return Path(shard_dir) / f"{split}.manifest.json"
+MANIFEST_SUFFIX = ".manifest.json"
+
+
+def manifest_path(shard_dir: str | Path, split: str) -> str:
+    return join(shard_dir, f"{split}{MANIFEST_SUFFIX}")
+
+
+def splits_in(shard_dir: str | Path) -> list[str]:
+    """The splits with a manifest in `shard_dir` (an http(s) location cannot be listed: none)."""
+    if is_http(shard_dir):
+        return []
+    return sorted(name.removesuffix(MANIFEST_SUFFIX) for name in file_sizes(shard_dir, recursive=False)
+                  if name.endswith(MANIFEST_SUFFIX))
 
 
 def shard_name(split: str, index: int) -> str:
@@ -157,9 +185,9 @@ def decode_image(sample: DecodedSample) -> np.ndarray:
 # Writing
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open_input(path) as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -219,11 +247,11 @@ def _source_image_problem(jpg: bytes, record: ImageRecord) -> str | None:
     return None
 
 
-def _existing_shards(out_dir: Path, split: str, prefix: str = "") -> list[Path]:
-    """This split's shard files (or, with prefix ".", its partial ones), and no other split's:
+def _existing_shards(out_dir: str | Path, split: str, prefix: str = "") -> list[str]:
+    """The names of this split's shard files (or, with prefix ".", its partial ones), and no other split's:
     `train-*.tar` would also match a split named `train-small`."""
     pattern = re.compile(rf"{re.escape(prefix + split)}-\d{{6}}\.tar{'.partial' if prefix else ''}")
-    return sorted(p for p in out_dir.iterdir() if pattern.fullmatch(p.name)) if out_dir.is_dir() else []
+    return sorted(name for name in file_sizes(out_dir, recursive=False) if pattern.fullmatch(name))
 
 
 def split_evenly(items: list, parts: int) -> list[list]:
@@ -250,13 +278,17 @@ def write_shards(coco_root: str | Path, split: str, out_dir: str | Path, samples
     if workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}")
     role = split_role(split) if role == "auto" else role
-    out_dir = Path(out_dir)
+    if is_http(out_dir):
+        raise UserError(f"--out {out_dir}: an http(s) location is read only (write to a local path or s3://)")
+    remote = is_uri(out_dir)
+    if not remote:
+        out_dir = Path(out_dir).resolve()
+        if out_dir.exists() and not out_dir.is_dir():
+            raise UserError(f"--out {out_dir} is a file, not a directory")
     manifest_file = manifest_path(out_dir, split)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} is a file, not a directory")
     old_shards = _existing_shards(out_dir, split)
-    if (manifest_file.exists() or old_shards) and not overwrite:
-        existing = manifest_file if manifest_file.exists() else old_shards[0]
+    if (exists(manifest_file) or old_shards) and not overwrite:
+        existing = manifest_file if exists(manifest_file) else join(out_dir, old_shards[0])
         raise UserError(f"{existing} already exists; pass --overwrite to replace split '{split}'")
 
     coco = load_split(coco_root, split)
@@ -278,25 +310,34 @@ def write_shards(coco_root: str | Path, split: str, out_dir: str | Path, samples
     if not records:
         raise DataError(f"{coco.annotation_file}: no usable images in split '{split}' (skipped: {dict(skipped)})")
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in _existing_shards(out_dir, split, prefix="."):  # from a run that was killed
-        leftover.unlink()
     chunks = split_evenly(records, -(-len(records) // samples_per_shard))
-    tasks = [(out_dir / shard_name(split, i), chunk, coco.image_dir) for i, chunk in enumerate(chunks)]
-    shards = []
-    try:
-        with tqdm(total=len(records), unit="img", desc=f"shard {split}", disable=not progress) as bar:
-            for info in _ordered_map(_write_one_shard, tasks, workers):
-                corrupt |= info.pop("corrupt")
-                shards.append(info)
-                bar.update(info["samples"])
-    except BaseException:
-        for path, _, _ in tasks:
-            _partial(path).unlink(missing_ok=True)
-        raise
-    # Every shard is complete: only now replace the old split, shards first and the manifest last.
-    for path, _, _ in tasks:
-        os.replace(_partial(path), path)
+    with tempfile.TemporaryDirectory(prefix="distpose-shards-") as staging:
+        # Local shards are written beside their final names and renamed at the end; shards for object
+        # storage are written to local staging and uploaded one by one, after the old manifest is gone.
+        local_dir = Path(staging) if remote else out_dir
+        local_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in _existing_shards(local_dir, split, prefix="."):  # from a run that was killed
+            (local_dir / leftover).unlink()
+        if remote:
+            remove_file(manifest_file)
+        tasks = [(local_dir / shard_name(split, i), chunk, coco.image_dir) for i, chunk in enumerate(chunks)]
+        shards = []
+        try:
+            with tqdm(total=len(records), unit="img", desc=f"shard {split}", disable=not progress) as bar:
+                for (path, _, _), info in zip(tasks, _ordered_map(_write_one_shard, tasks, workers)):
+                    corrupt |= info.pop("corrupt")
+                    shards.append(info)
+                    if remote:
+                        upload(_partial(path), join(out_dir, path.name))
+                        _partial(path).unlink()
+                    bar.update(info["samples"])
+        except BaseException:
+            for path, _, _ in tasks:
+                _partial(path).unlink(missing_ok=True)
+            raise
+        if not remote:  # every shard is complete: only now replace the old split, shards first
+            for path, _, _ in tasks:
+                os.replace(_partial(path), path)
 
     if corrupt:
         skipped[CORRUPT_SOURCE] += len(corrupt)
@@ -307,11 +348,11 @@ def write_shards(coco_root: str | Path, split: str, out_dir: str | Path, samples
         "skipped": dict(skipped), "corrupt_images": dict(sorted(corrupt.items())), "repairs": dict(coco.repairs),
         "shards": shards,
     }
-    atomic_write_bytes(manifest_file, json.dumps(manifest, indent=1).encode())
+    write_bytes(manifest_file, json.dumps(manifest, indent=1).encode())  # the manifest last
     fresh = {s["name"] for s in shards}
     for stale in old_shards:
-        if stale.name not in fresh:
-            stale.unlink()
+        if stale not in fresh:
+            remove_file(join(out_dir, stale))
     return manifest
 
 
@@ -320,13 +361,17 @@ def write_shards(coco_root: str | Path, split: str, out_dir: str | Path, samples
 
 
 def read_manifest(shard_dir: str | Path, split: str) -> dict[str, Any]:
-    path = manifest_path(Path(shard_dir), split)
-    if not path.is_file():
-        have = sorted(p.name.removesuffix(".manifest.json") for p in Path(shard_dir).glob("*.manifest.json"))
-        raise DataError(f"{path}: no manifest for split '{split}' (splits here: {', '.join(have) or 'none'}); "
-                        "run `distpose data shard` first")
+    path = manifest_path(shard_dir, split)
     try:
-        manifest = json.loads(path.read_bytes())
+        data = read_bytes(path)
+    except FileNotFoundError:
+        have = "cannot list an http(s) location" if is_http(shard_dir) else ", ".join(splits_in(shard_dir)) or "none"
+        raise DataError(f"{path}: no manifest for split '{split}' (splits here: {have}); "
+                        "run `distpose data shard` first") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the manifest ({exc})") from None
+    try:
+        manifest = json.loads(data)
         if manifest.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
         for key in ("samples", "instances"):
@@ -351,7 +396,7 @@ def _expect(record: dict[str, Any], key: str, kind: type) -> None:
 
 def shard_paths(shard_dir: str | Path, split: str) -> list[str]:
     manifest = read_manifest(shard_dir, split)
-    return [str(Path(shard_dir) / s["name"]) for s in manifest["shards"]]
+    return [join(shard_dir, s["name"]) for s in manifest["shards"]]
 
 
 @dataclass
@@ -362,10 +407,15 @@ class ShardCheck:
     problems: list[str] = field(default_factory=list)
 
 
-def iter_tar_samples(path: Path) -> Iterator[dict[str, Any]]:
+def iter_tar_samples(location: str | Path) -> Iterator[dict[str, Any]]:
     """Group a shard's members into samples by key, in order (tarfile errors propagate)."""
+    with open_input(location) as stream:
+        yield from _tar_samples(stream)
+
+
+def _tar_samples(stream: IO[bytes]) -> Iterator[dict[str, Any]]:
     current: dict[str, Any] = {}
-    with tarfile.open(path, mode="r|") as tar:
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
         for member in tar:
             if not member.isreg():
                 continue
@@ -384,7 +434,7 @@ def shard_ground_truth(shard_dir: str | Path, split: str, max_images: int | None
     its shards' JSON members."""
     images, annotations = [], []
     for shard in read_manifest(shard_dir, split)["shards"]:
-        for sample in iter_tar_samples(Path(shard_dir) / shard["name"]):
+        for sample in iter_tar_samples(join(shard_dir, shard["name"])):
             if max_images is not None and len(images) >= max_images:
                 break
             if "json" not in sample:
@@ -395,20 +445,25 @@ def shard_ground_truth(shard_dir: str | Path, split: str, max_images: int | None
     return {"images": images, "annotations": annotations, "categories": [person_category()]}
 
 
-def check_shard(path: Path, expected: dict[str, Any]) -> ShardCheck:
+def check_shard(location: str, expected: dict[str, Any]) -> ShardCheck:
     """Checksum, then every sample: format, crc32, full JPEG decode at the annotated size."""
-    check = ShardCheck(path.name)
-    if not path.is_file():
-        check.problems.append(f"shard {path.name}: file missing")
+    name = expected["name"]
+    check = ShardCheck(name)
+    try:
+        data = read_bytes(location)
+    except FileNotFoundError:
+        check.problems.append(f"shard {name}: file missing")
         return check
-    size = path.stat().st_size
-    if size != expected["bytes"]:
-        check.problems.append(f"shard {path.name}: {size} bytes, manifest says {expected['bytes']}")
-    if _sha256(path) != expected["sha256"]:
-        check.problems.append(f"shard {path.name}: sha256 differs from the manifest")
+    except OSError as exc:
+        check.problems.append(f"shard {name}: unreadable ({exc})")
+        return check
+    if len(data) != expected["bytes"]:
+        check.problems.append(f"shard {name}: {len(data)} bytes, manifest says {expected['bytes']}")
+    if hashlib.sha256(data).hexdigest() != expected["sha256"]:
+        check.problems.append(f"shard {name}: sha256 differs from the manifest")
     last_key = "(start)"
     try:
-        for raw in iter_tar_samples(path):
+        for raw in _tar_samples(io.BytesIO(data)):
             last_key = raw["__key__"]
             check.samples += 1
             try:
@@ -416,26 +471,30 @@ def check_shard(path: Path, expected: dict[str, Any]) -> ShardCheck:
                 decode_image(sample)
                 check.instances += sum(p.usable for p in sample.persons)
             except SampleError as exc:
-                check.problems.append(f"shard {path.name}: {exc}")
+                check.problems.append(f"shard {name}: {exc}")
     except (tarfile.TarError, OSError, EOFError) as exc:
-        check.problems.append(f"shard {path.name}: unreadable tar after sample {last_key} ({exc})")
+        check.problems.append(f"shard {name}: unreadable tar after sample {last_key} ({exc})")
     if check.samples != expected["samples"]:
-        check.problems.append(f"shard {path.name}: {check.samples} samples, manifest says {expected['samples']}")
+        check.problems.append(f"shard {name}: {check.samples} samples, manifest says {expected['samples']}")
     return check
 
 
-def verify_shards(shard_dir: str | Path, workers: int = 1, progress: bool = True) -> dict[str, Any]:
-    """Check every split in `shard_dir`. Returns per-split counts and the list of problems."""
-    shard_dir = Path(shard_dir)
-    if not shard_dir.is_dir():
+def verify_shards(shard_dir: str | Path, workers: int = 1, progress: bool = True,
+                  splits: list[str] | None = None) -> dict[str, Any]:
+    """Check every split in `shard_dir` (or the `splits` named: an http(s) location cannot be listed).
+    Returns per-split counts and the list of problems."""
+    if not is_uri(shard_dir) and not Path(shard_dir).is_dir():
         raise UserError(f"{shard_dir}: shard directory not found")
-    splits = sorted(p.name.removesuffix(".manifest.json") for p in shard_dir.glob("*.manifest.json"))
     if not splits:
-        raise DataError(f"{shard_dir}: no *.manifest.json found; run `distpose data shard` first")
+        if is_http(shard_dir):
+            raise UserError(f"{shard_dir}: an http(s) location cannot be listed; name its splits with --split")
+        splits = splits_in(shard_dir)
+        if not splits:
+            raise DataError(f"{shard_dir}: no *{MANIFEST_SUFFIX} found; run `distpose data shard` first")
     report: dict[str, Any] = {"splits": {}, "problems": []}
     for split in splits:
         manifest = read_manifest(shard_dir, split)
-        tasks = [(shard_dir / s["name"], s) for s in manifest["shards"]]
+        tasks = [(join(shard_dir, s["name"]), s) for s in manifest["shards"]]
         with tqdm(total=len(tasks), unit="shard", desc=f"verify {split}", disable=not progress) as bar:
             checks = []
             for check in _ordered_map(check_shard, tasks, workers):

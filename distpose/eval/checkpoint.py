@@ -23,7 +23,7 @@ from distpose.eval.coco import coco_results
 from distpose.eval.draw import draw_predictions
 from distpose.eval.evaluate import evaluate_model, flat_metrics
 from distpose.eval.inference import Predictions
-from distpose.files import atomic_write_bytes
+from distpose.files import atomic_write_bytes, is_uri
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,8 @@ def _evaluate_on_ray(checkpoint: str, cfg: Config, detections: Any, workers: int
 
     with ray_cluster(address, cfg.monitor), tempfile.TemporaryDirectory(prefix="distpose-eval-run-") as storage:
         inbox = ray.remote(_Inbox).remote()
-        fit(torch_trainer(per_rank, train_loop_config={"checkpoint": str(Path(checkpoint).resolve()), "cfg": cfg,
+        where = checkpoint if is_uri(checkpoint) else str(Path(checkpoint).resolve())
+        fit(torch_trainer(per_rank, train_loop_config={"checkpoint": where, "cfg": cfg,
                                                        "detections": detections, "inbox": inbox},
                           scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
                           run_config=RunConfig(name="eval", storage_path=storage)))

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from distpose.errors import UserError
-from distpose.files import atomic_write_bytes
+from distpose.files import read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
 POSE_CHECKPOINT_FORMAT = "distpose.pose/1"
@@ -83,11 +83,12 @@ class LoadReport:
 
 
 def _read_torch_file(path: str | Path) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"weights file {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        data = read_bytes(path)
+    except (FileNotFoundError, IsADirectoryError):
+        raise UserError(f"weights file {path} does not exist") from None
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as exc:
         if "Unsupported global" in str(exc):  # torch's advice, weights_only=False, would run the file's code
             raise UserError(f"weights file {path}: holds Python objects besides tensors and plain containers; "
@@ -139,7 +140,7 @@ def save_pose_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], 
     buffer = io.BytesIO()
     torch.save({"format": POSE_CHECKPOINT_FORMAT, "config": config, "state_dict": state, "meta": meta or {}},
                buffer)
-    atomic_write_bytes(Path(path), buffer.getvalue())
+    write_bytes(path, buffer.getvalue())
 
 
 def read_pose_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -1,24 +1,44 @@
 """Training checkpoints (DeepSpeed state of every rank + our metadata) and inference exports.
 
-A Ray checkpoint directory holds DeepSpeed's files under the tag `state` (each rank writes its own
-ZeRO partitions; Ray merges the ranks' directories) and `meta.json`: the config, the epoch and step
-reached, the metrics of that epoch and the best score so far. The inference checkpoints best.pt and
-final.pt (models/weights.py format: fp32 weights + config) load without Ray or DeepSpeed.
+A checkpoint directory (`checkpoint_step<N>` in the run directory, local or on object storage) holds
+DeepSpeed's files under the tag `state` (each rank writes its own ZeRO partitions; Ray merges the ranks'
+directories), `meta.json` (the config, the world size, the epoch and step reached, the metrics of that
+epoch, the best score so far) and, written last by each rank, `rank<r>.files.json`: the files that rank
+wrote, with their sizes. A checkpoint is complete when every rank's list is there and each file in it has
+its size. Resuming takes the newest complete checkpoint on storage, whether or not Ray registered it (a
+rank killed between its upload and Ray's registration would otherwise cost a checkpoint interval), and
+removes incomplete ones. ZeRO partitions written by another number of ranks are converted to DeepSpeed's
+universal checkpoint (per-parameter fp32 weights and optimizer state), which loads at any world size.
+
+The inference checkpoints best.pt and final.pt (models/weights.py format: fp32 weights + config) load
+without Ray or DeepSpeed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from distpose.files import atomic_write_bytes
+from distpose.errors import DataError
+from distpose.files import atomic_write_bytes, file_sizes, join, read_bytes, remove_tree, subdirectories
+
+log = logging.getLogger(__name__)
 
 DEEPSPEED_TAG = "state"
 META_FILE = "meta.json"
+CHECKPOINT_PREFIX = "checkpoint_"
+RANK_FILES = "rank{rank}.files.json"
+CONVERSION_TIMEOUT_S = 1800
 METRICS_LOG = "metrics.jsonl"
 PARTIAL_CHECKPOINT_PREFIX = ".partial-checkpoint-"  # a rank's save before Ray copies it into the run
 BEST_MODEL = "best.pt"
@@ -34,15 +54,138 @@ class TrainState:
     metrics: dict[str, float] = field(default_factory=dict)  # of the last completed epoch
 
 
-def write_meta(directory: Path, state: TrainState, config: dict[str, Any]) -> None:
-    doc = {"config": config, **asdict(state)}
+@dataclass
+class CheckpointMeta:
+    state: TrainState
+    config: dict[str, Any]
+    world_size: int  # of the run that wrote it: its ZeRO partitions are one per rank
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.config.get("train", {}).get("zero_stage", 0))
+
+
+def write_meta(directory: Path, state: TrainState, config: dict[str, Any], world_size: int) -> None:
+    doc = {"config": config, "world_size": world_size, "state": asdict(state)}
     atomic_write_bytes(directory / META_FILE, json.dumps(doc, indent=1).encode())
 
 
-def read_meta(directory: Path) -> tuple[TrainState, dict[str, Any]]:
-    doc = json.loads((Path(directory) / META_FILE).read_text())
-    config = doc.pop("config")
-    return TrainState(**doc), config
+def parse_meta(data: bytes) -> CheckpointMeta:
+    doc = json.loads(data)
+    return CheckpointMeta(TrainState(**doc["state"]), doc["config"], int(doc["world_size"]))
+
+
+def read_meta(directory: str | Path) -> CheckpointMeta:
+    """`directory`'s meta.json (local or on object storage)."""
+    return parse_meta(read_bytes(join(directory, META_FILE)))
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}step{step:08d}"
+
+
+def save_checkpoint(engine, directory: Path, state: TrainState, config: dict[str, Any]) -> None:
+    """This rank's part of the checkpoint, into its own `directory` (Ray merges the ranks' directories):
+    DeepSpeed's state, meta.json (rank 0), then the list of the files this rank wrote."""
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
+
+    rank, world = engine.global_rank, engine.world_size
+    # What DeepSpeed's universal conversion requires of a checkpoint (a client-state entry).
+    info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+    engine.save_checkpoint(str(directory), tag=DEEPSPEED_TAG, client_state=info)
+    if rank == 0:
+        write_meta(directory, state, config, world)
+    listing = {"world_size": world, "files": file_sizes(directory)}
+    atomic_write_bytes(directory / RANK_FILES.format(rank=rank), json.dumps(listing, indent=1).encode())
+
+
+def incomplete_reason(location: str | Path) -> str | None:
+    """Why the checkpoint at `location` is not complete (None when it is)."""
+    present = file_sizes(location)
+    try:
+        world = read_meta(location).world_size
+    except (FileNotFoundError, OSError, ValueError, KeyError, TypeError) as exc:
+        return f"no readable {META_FILE} ({type(exc).__name__})"
+    for rank in range(world):
+        name = RANK_FILES.format(rank=rank)
+        try:
+            listed = json.loads(read_bytes(join(location, name)))["files"]
+        except (FileNotFoundError, OSError, ValueError, KeyError) as exc:
+            return f"no readable {name} ({type(exc).__name__})"
+        for path, size in listed.items():
+            if present.get(path) != size:
+                return f"{path}: {present.get(path, 'missing')} bytes, rank {rank} wrote {size}"
+    return None
+
+
+def checkpoints_on_storage(run_dir: str | Path) -> list[str]:
+    """The checkpoint directories of a run (local or object storage), oldest first."""
+    return [join(run_dir, name) for name in subdirectories(run_dir) if name.startswith(CHECKPOINT_PREFIX)]
+
+
+def newest_complete_checkpoint(run_dir: str | Path, remove_incomplete: bool = False) -> str | None:
+    """The complete checkpoint with the most steps; with `remove_incomplete`, the incomplete ones are deleted
+    (nothing writes to a run's storage while its workers start)."""
+    best, best_step = None, -1
+    for location in checkpoints_on_storage(run_dir):
+        reason = incomplete_reason(location)
+        if reason is not None:
+            if remove_incomplete:
+                log.warning("removing incomplete checkpoint %s: %s", location, reason)
+                remove_tree(location)
+            continue
+        step = read_meta(location).state.step
+        if step > best_step:
+            best, best_step = location, step
+    return best
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> list[str]:
+    """Delete all but the `keep` newest complete checkpoints (Ray keeps count of the ones it registered only;
+    one written but never registered would stay forever). Returns what was deleted."""
+    complete = [c for c in checkpoints_on_storage(run_dir) if incomplete_reason(c) is None]
+    complete.sort(key=lambda c: read_meta(c).state.step)
+    surplus = complete[:-keep] if keep > 0 else []
+    for location in surplus:
+        remove_tree(location)
+    return surplus
+
+
+def needs_conversion(meta: CheckpointMeta, world_size: int) -> bool:
+    """ZeRO 1-3 partitions are one per rank of the run that wrote them; stage 0 state is whole on rank 0."""
+    return meta.zero_stage >= 1 and meta.world_size != world_size
+
+
+@contextlib.contextmanager
+def loadable_checkpoint(directory: Path, world_size: int) -> Iterator[tuple[Path, CheckpointMeta, bool]]:
+    """(the directory to give DeepSpeed's load_checkpoint, the checkpoint's meta, whether it is a universal
+    checkpoint). The conversion runs DeepSpeed's own converter on this rank, into a temporary directory
+    removed afterwards (each rank converts for itself: ranks on other nodes share no disk)."""
+    meta = read_meta(directory)
+    if not needs_conversion(meta, world_size):
+        yield directory, meta, False
+        return
+    with tempfile.TemporaryDirectory(prefix="distpose-universal-") as converted:
+        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                   "--input_folder", str(Path(directory) / DEEPSPEED_TAG),
+                   "--output_folder", str(Path(converted) / DEEPSPEED_TAG),
+                   "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        try:
+            done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=CONVERSION_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise DataError(f"checkpoint {directory}: converting {meta.world_size}-rank ZeRO state for "
+                            f"{world_size} ranks took over {CONVERSION_TIMEOUT_S} s") from None
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise DataError(f"checkpoint {directory}: DeepSpeed could not convert its {meta.world_size}-rank "
+                            f"ZeRO state for {world_size} ranks: {last}")
+        log.info("converted %s (%d ranks, ZeRO %d) to a universal checkpoint for %d ranks",
+                 directory, meta.world_size, meta.zero_stage, world_size)
+        yield Path(converted), meta, True
 
 
 def consolidated_state_dict(engine) -> dict[str, torch.Tensor]:

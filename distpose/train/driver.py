@@ -2,7 +2,9 @@
 
 Everything that can be wrong with what the user asked for is checked here, before Ray starts.
 The run directory is `train.storage/train.run_name`: Ray's checkpoints and state, and ours
-(config.yaml, metrics.jsonl, best.pt, final.pt). It must be on a filesystem every node sees.
+(config.yaml, metrics.jsonl, best.pt, final.pt). It must be on a filesystem every node sees, or on object
+storage (`s3://bucket/prefix`): then each node keeps the run's logs and partial checkpoints in a local
+scratch directory, and rank 0 uploads metrics.jsonl every few seconds.
 Running the same run name again resumes it from its latest checkpoint; a finished run is not retrained.
 """
 
@@ -14,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -35,11 +38,17 @@ from distpose.config import Config, ConfigError, TrainConfig, dump_yaml, to_dict
 from distpose.data.coco import load_detections
 from distpose.data.shards import read_manifest
 from distpose.errors import DataError, UserError
-from distpose.files import atomic_write_bytes
+from distpose.files import exists, is_uri, join, write_bytes
 from distpose.models.pose import build_pose_model
 from distpose.models.weights import read_pose_checkpoint
 from distpose.monitor.metrics import RunMetrics
-from distpose.train.checkpoints import FINAL_MODEL, META_FILE, METRICS_LOG, PARTIAL_CHECKPOINT_PREFIX
+from distpose.train.checkpoints import (
+    FINAL_MODEL,
+    META_FILE,
+    METRICS_LOG,
+    PARTIAL_CHECKPOINT_PREFIX,
+    prune_checkpoints,
+)
 from distpose.train.crf_prior import PRIOR_FILE, with_crf_prior
 from distpose.train.engine import deepspeed_config
 from distpose.train.progress import FollowProgress
@@ -50,7 +59,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 # How long Ray Train waits for a worker group to be placed before that start counts as a failure.
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
-LOG_DIR = "logs"  # under the run directory: driver.log and each rank's output
+LOG_DIR = "logs"  # under the run directory (scratch directory, for object storage): driver.log, each rank's output
 
 class TrainingFailed(UserError):
     """The run failed after its retries (exit code 1)."""
@@ -60,22 +69,32 @@ class TrainingFailed(UserError):
 
 @dataclass
 class TrainOutcome:
-    run_dir: Path
-    final_model: Path
+    run_dir: Path | str  # a URI for a run on object storage
+    final_model: Path | str
     metrics: dict[str, Any]  # of the last checkpoint
     wall_time: float  # seconds in fit() (0 when the run had already finished)
     trained: bool  # False when a finished run was found and left alone
 
 
-def run_dir(cfg: Config) -> Path:
+def run_dir(cfg: Config) -> Path | str:
+    """Where the run's checkpoints and results are: a local directory, or a URI on object storage."""
+    if is_uri(cfg.train.storage):
+        return join(cfg.train.storage, cfg.train.run_name)
     return Path(cfg.train.storage).resolve() / cfg.train.run_name
+
+
+def scratch_dir(cfg: Config) -> Path:
+    """Where this node keeps the run's logs and partial checkpoints: the run directory itself when it is
+    local, else the same path under the temporary directory of every node."""
+    directory = run_dir(cfg)
+    return directory if isinstance(directory, Path) else Path(tempfile.gettempdir()) / "distpose" / cfg.train.run_name
 
 
 def with_absolute_paths(cfg: Config, base: Path | None = None) -> Config:
     """The config with its file paths made absolute (relative ones taken from `base`, default the working
     directory): Ray workers, and Tune trials, run in other directories."""
     def absolute(path: str) -> str:
-        return str((base or Path.cwd()).joinpath(path).resolve()) if path else path
+        return str((base or Path.cwd()).joinpath(path).resolve()) if path and not is_uri(path) else path
 
     return dataclasses.replace(
         cfg,
@@ -131,22 +150,22 @@ def preflight(cfg: Config, resume: str | None = None, address: str | None = None
         check_reachable(address or os.environ["RAY_ADDRESS"])
     if cfg.train.mode != "backbone":
         path = cfg.train.backbone_checkpoint
-        if not Path(path).is_file():
+        if not exists(path):
             raise ConfigError(f"config key 'train.backbone_checkpoint': {path} does not exist "
                               f"(train.mode={cfg.train.mode!r} starts from a trained backbone)")
         trained = read_pose_checkpoint(path)["config"].get("model", {}).get("backbone")
         if trained not in (None, cfg.model.backbone):
             raise ConfigError(f"config key 'train.backbone_checkpoint': {path} holds a {trained!r} backbone, "
                               f"but model.backbone is {cfg.model.backbone!r}")
-    if resume is not None and not (Path(resume) / META_FILE).is_file():
+    if resume is not None and not exists(join(resume, META_FILE)):
         raise UserError(f"--resume {resume}: not a distpose training checkpoint (no {META_FILE} inside)")
     deepspeed_config(cfg)
 
 
 def finished_run(cfg: Config) -> dict[str, Any] | None:
     """final.pt's metadata if this run name already trained to train.epochs."""
-    final = run_dir(cfg) / FINAL_MODEL
-    if not final.is_file():
+    final = join(run_dir(cfg), FINAL_MODEL)
+    if not exists(final):
         return None
     meta = read_pose_checkpoint(final)["meta"]
     return meta if meta.get("epoch", 0) >= cfg.train.epochs else None
@@ -158,32 +177,36 @@ def train(cfg: Config, address: str | None = None, resume: str | None = None,
     `callbacks`: Ray Train UserCallbacks (a Tune trial passes TuneReportCallback)."""
     preflight(cfg, resume, address)
     cfg = with_absolute_paths(cfg)
-    resume = str(Path(resume).resolve()) if resume else None
+    resume = str(Path(resume).resolve()) if resume and not is_uri(resume) else resume
     directory = run_dir(cfg)
     done = finished_run(cfg) if resume is None else None
     if done is not None:
         log.info(f"[distpose] run {cfg.train.run_name} already finished ({done['epoch']} epochs): "
-              f"{directory / FINAL_MODEL}; not retraining (use another train.run_name to train again)")
-        return TrainOutcome(directory, directory / FINAL_MODEL, done, 0.0, False)
+              f"{join(directory, FINAL_MODEL)}; not retraining (use another train.run_name to train again)")
+        return TrainOutcome(directory, _within(directory, FINAL_MODEL), done, 0.0, False)
 
-    directory.mkdir(parents=True, exist_ok=True)
+    scratch = scratch_dir(cfg)
+    scratch.mkdir(parents=True, exist_ok=True)
     cfg, prior = with_crf_prior(cfg)
     if prior is not None:
         log.info(f"[distpose] {cfg.train.run_name}: {prior.summary(cfg)}")
-        atomic_write_bytes(directory / PRIOR_FILE, json.dumps(prior.record(), indent=1).encode())
-    atomic_write_bytes(directory / "config.yaml", dump_yaml(cfg).encode())
-    for partial in directory.glob(PARTIAL_CHECKPOINT_PREFIX + "*"):  # of a rank killed while saving
+        write_bytes(join(directory, PRIOR_FILE), json.dumps(prior.record(), indent=1).encode())
+    write_bytes(join(directory, "config.yaml"), dump_yaml(cfg).encode())
+    for partial in scratch.glob(PARTIAL_CHECKPOINT_PREFIX + "*"):  # of a rank killed while saving
         shutil.rmtree(partial, ignore_errors=True)
-    logs = directory / LOG_DIR
+    logs = scratch / LOG_DIR
     with ray_cluster(address, cfg.monitor) as disconnects_from_cluster, log_file(logs / "driver.log"):
         warn_if_short(resources_of(cfg.train), cfg.train.start_timeout_s)
         run_metrics = RunMetrics(cfg.monitor.enabled, cfg.train.run_name, cfg.train.mode)
         run_metrics.state("running")
         start, final = time.perf_counter(), "failed"
         try:
-            with FollowProgress(directory / METRICS_LOG, cfg):
-                result = _fit(cfg, directory, None if verbose() else logs, resume, callbacks,
+            with FollowProgress(join(directory, METRICS_LOG), cfg):
+                result = _fit(cfg, scratch, None if verbose() else logs, resume, callbacks,
                               prior.pairwise if prior else None)
+            for removed in prune_checkpoints(directory, cfg.train.keep_checkpoints):
+                log.debug("removed %s: older than the %d kept (train.keep_checkpoints)", removed,
+                          cfg.train.keep_checkpoints)
             final = "finished"
         except KeyboardInterrupt:
             final = "interrupted"
@@ -193,8 +216,12 @@ def train(cfg: Config, address: str | None = None, resume: str | None = None,
             if disconnects_from_cluster and final != "interrupted":  # Ctrl-C means leave now
                 run_metrics.wait_until_exported(final)
         wall = time.perf_counter() - start
-    log.info(f"[distpose] run {cfg.train.run_name} finished in {wall:.1f} s: {directory / FINAL_MODEL}")
-    return TrainOutcome(directory, directory / FINAL_MODEL, dict(result.metrics or {}), wall, True)
+    log.info(f"[distpose] run {cfg.train.run_name} finished in {wall:.1f} s: {join(directory, FINAL_MODEL)}")
+    return TrainOutcome(directory, _within(directory, FINAL_MODEL), dict(result.metrics or {}), wall, True)
+
+
+def _within(directory: Path | str, name: str) -> Path | str:
+    return directory / name if isinstance(directory, Path) else join(directory, name)
 
 
 @contextlib.contextmanager
@@ -211,7 +238,7 @@ def start_timeout(seconds: float) -> Iterator[None]:
         os.environ.pop(START_TIMEOUT_ENV, None)
 
 
-def _fit(cfg: Config, directory: Path, log_dir: Path | None, resume: str | None, callbacks: Sequence[Any],
+def _fit(cfg: Config, scratch: Path, log_dir: Path | None, resume: str | None, callbacks: Sequence[Any],
          pairwise: torch.Tensor | None) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
@@ -221,13 +248,14 @@ def _fit(cfg: Config, directory: Path, log_dir: Path | None, resume: str | None,
     t = cfg.train
     trainer = torch_trainer(
         train_worker,
-        train_loop_config={"config": to_dict(cfg), "run_dir": str(directory), "resume": resume,
+        train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir(cfg)), "scratch_dir": str(scratch),
+                           "resume": resume,
                            "log_dir": None if log_dir is None else str(log_dir),
                            "crf_pairwise": None if pairwise is None else pairwise.tolist()},
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=RunConfig(
-            name=t.run_name, storage_path=str(directory.parent),
+            name=t.run_name, storage_path=t.storage,
             # A worker group that cannot be placed is a controller failure: unbounded by default.
             failure_config=FailureConfig(max_failures=t.max_failures, controller_failure_limit=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
@@ -245,4 +273,4 @@ def _fit(cfg: Config, directory: Path, log_dir: Path | None, resume: str | None,
             cause = cause[: cause.index(". ") + 1]
         where = "above" if log_dir is None else f"in {log_dir}"
         raise TrainingFailed(f"run {t.run_name} failed after {t.max_failures} restart(s): {cause} "
-                             f"(full log {where}; the latest checkpoint in {directory} is kept)") from None
+                             f"(full log {where}; the latest checkpoint in {run_dir(cfg)} is kept)") from None

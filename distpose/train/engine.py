@@ -84,16 +84,20 @@ def lr_multiplier(step: int, cfg: Config) -> float:
     return warmup * t.lr_factor ** sum(epoch >= milestone for milestone in t.lr_steps)
 
 
-def build_engine(model: nn.Module, groups: list[dict], cfg: Config):
+def build_engine(model: nn.Module, groups: list[dict], cfg: Config, load_universal: bool = False):
     """deepspeed.initialize with our Adam over parameter `groups` (each with its own lr) and our schedule;
-    the process group must already exist (Ray made it)."""
+    the process group must already exist (Ray made it). `load_universal`: the checkpoint it will load is a
+    universal one (ZeRO state written at another world size, converted)."""
     import deepspeed
 
+    config = deepspeed_config(cfg)
+    if load_universal:
+        config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
     optimizer = torch.optim.Adam(groups, lr=cfg.train.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg))
     try:
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                               config=deepspeed_config(cfg), dist_init_required=False)
+                                               config=config, dist_init_required=False)
     except (AssertionError, ValueError) as exc:  # DeepSpeed's config checks
         raise UserError(f"DeepSpeed refused the config: {exc}") from None
     return engine

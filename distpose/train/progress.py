@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from distpose.config import Config
+from distpose.files import is_uri, read_bytes
 
 log = logging.getLogger(__name__)
 POLL_S = 0.5
@@ -68,9 +69,10 @@ class ProgressLines:
 class FollowProgress:
     """A thread that prints ProgressLines for the records appended to `path` after it started."""
 
-    def __init__(self, path: Path, cfg: Config):
+    def __init__(self, path: str | Path, cfg: Config):
         self.path, self.lines = path, ProgressLines(cfg)
-        self.offset = path.stat().st_size if path.is_file() else 0
+        self.offset = 0
+        self.offset = len(self._unread())
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="distpose-progress", daemon=True)
 
@@ -87,12 +89,23 @@ class FollowProgress:
             self._read()
         self._read()
 
-    def _read(self) -> None:
-        if not self.path.is_file():
-            return
-        with self.path.open("rb") as f:
+    def _unread(self) -> bytes:
+        """What was appended since the last read: a local file is read from there on; a copy on object
+        storage (rank 0 uploads it every few seconds) is read whole."""
+        if is_uri(self.path):
+            try:
+                return read_bytes(self.path)[self.offset:]
+            except FileNotFoundError:
+                return b""
+        path = Path(self.path)
+        if not path.is_file():
+            return b""
+        with path.open("rb") as f:
             f.seek(self.offset)
-            chunk = f.read()
+            return f.read()
+
+    def _read(self) -> None:
+        chunk = self._unread()
         complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits for the next poll
         self.offset += len(complete)
         for raw in complete.splitlines():

@@ -21,6 +21,7 @@ import torch
 
 from distpose.config import Config, config_from_dict, micro_batch_size
 from distpose.eval.evaluate import evaluate_model, flat_metrics
+from distpose.files import exists, is_uri, join, read_bytes, upload, write_bytes
 from distpose.models.weights import save_pose_checkpoint
 from distpose.monitor.metrics import WorkerMetrics
 from distpose.train.batches import training_batches
@@ -31,9 +32,11 @@ from distpose.train.checkpoints import (
     METRICS_LOG,
     PARTIAL_CHECKPOINT_PREFIX,
     TrainState,
+    checkpoint_name,
     consolidated_state_dict,
-    read_meta,
-    write_meta,
+    loadable_checkpoint,
+    newest_complete_checkpoint,
+    save_checkpoint,
 )
 from distpose.train.engine import build_engine
 from distpose.train.modes import parameter_groups, run_architecture, run_model, set_train_mode, target_codec
@@ -42,16 +45,29 @@ from distpose.train.step import micro_batch_loss, optimizer_step
 
 class MetricsLog:
     """Rank 0's record of the run: every step and event as a JSON line (the driver prints progress from it).
-    Appended across attempts, so a resumed run shows the steps it redid."""
+    Appended across attempts, so a resumed run shows the steps it redid. With the run on object storage
+    (`mirror`), the file is appended locally and uploaded whole: at every event other than a step, and
+    after steps at most every MIRROR_EVERY_S."""
 
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
+    MIRROR_EVERY_S = 5.0
+
+    def __init__(self, path: Path, enabled: bool, mirror: str | None = None):
+        self.path, self.enabled, self.mirror = path, enabled, mirror
+        self.mirrored = 0.0
+        if enabled and mirror is not None:  # a restarted rank 0 (maybe on another node) goes on from the copy
+            try:
+                write_bytes(path, read_bytes(mirror))
+            except FileNotFoundError:
+                path.unlink(missing_ok=True)
 
     def write(self, kind: str, **fields: Any) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps({"kind": kind, "time": time.time(), **fields}) + "\n")
+        if self.mirror is not None and (kind != "step" or time.monotonic() - self.mirrored > self.MIRROR_EVERY_S):
+            upload(self.path, self.mirror)
+            self.mirrored = time.monotonic()
 
 
 def _log_to(directory: str | None, rank: int) -> None:
@@ -76,20 +92,37 @@ def _mean_across_ranks(value: torch.Tensor) -> float:
     return float(value)
 
 
-def _resume(engine, job: dict[str, Any]) -> tuple[TrainState, str]:
-    """Load the latest checkpoint of this run (Ray's), else `--resume`'s, else start afresh."""
+def _checkpoint_to_resume(job: dict[str, Any], chief: bool) -> tuple[str | None, str]:
+    """(where the checkpoint to resume is, how it was chosen): the newest complete checkpoint of this run on
+    storage, else `--resume`'s, else none. Rank 0 chooses (removing incomplete checkpoints) and tells the
+    others, so that every rank loads the same one."""
+    choice: list[Any] = [None, "fresh start"]
+    if chief:
+        newest = newest_complete_checkpoint(job["run_dir"], remove_incomplete=True)
+        if newest is not None:
+            choice = [newest, "latest checkpoint of this run"]
+        elif job.get("resume"):
+            choice = [job["resume"], f"--resume {job['resume']}"]
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(choice, src=0)
+    return choice[0], choice[1]
+
+
+def _engine_resumed(model, groups: list[dict], cfg: Config, job: dict[str, Any], rank: int, world: int):
+    """The DeepSpeed engine with the state of the checkpoint to resume (if any) loaded: (engine, progress,
+    where it came from)."""
     import ray.train
 
-    checkpoint = ray.train.get_checkpoint()
-    origin = "latest checkpoint of this run"
-    if checkpoint is None and job.get("resume"):
-        checkpoint, origin = ray.train.Checkpoint(job["resume"]), f"--resume {job['resume']}"
-    if checkpoint is None:
-        return TrainState(), "fresh start"
-    with checkpoint.as_directory() as directory:
-        engine.load_checkpoint(directory, tag=DEEPSPEED_TAG)
-        state, _ = read_meta(Path(directory))
-    return state, f"{origin} ({checkpoint.path}, epoch {state.epoch}, step {state.step})"
+    location, origin = _checkpoint_to_resume(job, rank == 0)
+    if location is None:
+        return build_engine(model, groups, cfg), TrainState(), origin
+    with ray.train.Checkpoint(location).as_directory() as directory, \
+            loadable_checkpoint(Path(directory), world) as (source, meta, universal):
+        engine = build_engine(model, groups, cfg, load_universal=universal)
+        engine.load_checkpoint(str(source), tag=DEEPSPEED_TAG)
+    state = meta.state
+    converted = f", ZeRO state of {meta.world_size} ranks resharded for {world}" if universal else ""
+    return engine, state, f"{origin} ({location}, epoch {state.epoch}, step {state.step}{converted})"
 
 
 def _evaluate(engine, cfg: Config, rank: int, world: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
@@ -107,7 +140,7 @@ def train_worker(job: dict[str, Any]) -> None:
     import ray.train.torch
 
     cfg = config_from_dict(job["config"], source="job config")
-    config_dict, run_dir = job["config"], Path(job["run_dir"])
+    config_dict, run_dir, scratch = job["config"], job["run_dir"], Path(job["scratch_dir"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     chief = rank == 0
@@ -119,11 +152,12 @@ def train_worker(job: dict[str, Any]) -> None:
     pairwise = job.get("crf_pairwise")
     model = run_model(cfg, None if pairwise is None else torch.tensor(pairwise)).to(device)
     groups = parameter_groups(model, cfg.train.mode, cfg.train.lr, cfg.train.backbone_lr_scale)
-    engine = build_engine(model, groups, cfg)
-    state, origin = _resume(engine, job)
+    engine, state, origin = _engine_resumed(model, groups, cfg, job, rank, world)
     # Decided before anyone writes: every rank must agree on joining the (collective) export.
-    export_final = state.epoch < cfg.train.epochs or not (run_dir / FINAL_MODEL).exists()
-    log = MetricsLog(run_dir / METRICS_LOG, chief)
+    export_final = state.epoch < cfg.train.epochs or not exists(join(run_dir, FINAL_MODEL))
+    scratch.mkdir(parents=True, exist_ok=True)
+    local = not is_uri(run_dir)
+    log = MetricsLog(scratch / METRICS_LOG, chief, None if local else join(run_dir, METRICS_LOG))
     telemetry = WorkerMetrics(cfg.monitor.enabled, cfg.train.run_name, cfg.train.mode, rank)
     log.write("start", epoch=state.epoch, step=state.step, world_size=world, resumed_from=origin,
               host=socket.gethostname(), pid=os.getpid(), micro_batch=micro_batch_size(cfg),
@@ -172,31 +206,31 @@ def train_worker(job: dict[str, Any]) -> None:
             score = scores.get(f"val/{cfg.eval.best_metric}")  # rank 0 scores; only its state is checkpointed
             if chief and score is not None and (state.best_score is None or score > state.best_score):
                 state.best_score, state.best_epoch = score, state.epoch
-                save_pose_checkpoint(run_dir / BEST_MODEL, weights, config_dict, {**metrics, "kind": "best"})
+                save_pose_checkpoint(join(run_dir, BEST_MODEL), weights, config_dict, {**metrics, "kind": "best"})
             log.write("eval", **metrics)
         state.metrics = metrics
         telemetry.epoch(state.epoch, loader.skipped if loader is not None else {})
         saving = time.perf_counter()
-        _save_and_report(engine, state, config_dict, metrics, run_dir)
+        _save_and_report(engine, state, config_dict, metrics, scratch)
         telemetry.checkpoint_saved(time.perf_counter() - saving)
 
     if export_final:
         weights = consolidated_state_dict(engine)
         if chief:
-            save_pose_checkpoint(run_dir / FINAL_MODEL, weights, config_dict,
+            save_pose_checkpoint(join(run_dir, FINAL_MODEL), weights, config_dict,
                                  {**state.metrics, "kind": "final", "best_epoch": state.best_epoch})
-            log.write("final", epoch=state.epoch, step=state.step, path=str(run_dir / FINAL_MODEL))
+            log.write("final", epoch=state.epoch, step=state.step, path=join(run_dir, FINAL_MODEL))
 
 
-def _save_and_report(engine, state: TrainState, config: dict[str, Any], metrics: dict[str, float], run_dir: Path
+def _save_and_report(engine, state: TrainState, config: dict[str, Any], metrics: dict[str, float], scratch: Path
                      ) -> None:
-    """Every rank saves its part of the DeepSpeed state and reports its directory; Ray merges them
-    into one checkpoint (reporting from rank 0 alone would lose the other ranks' ZeRO partitions).
-    The directory is under the run's (a rank killed mid-save leaves it there, for the driver to remove)."""
+    """Every rank saves its part of the DeepSpeed state and reports its directory; Ray uploads them into one
+    checkpoint directory on the run's storage (reporting from rank 0 alone would lose the other ranks' ZeRO
+    partitions). The local directory is under the run's scratch directory (a rank killed mid-save leaves it
+    there, for the driver to remove)."""
     import ray.train
 
-    with tempfile.TemporaryDirectory(prefix=PARTIAL_CHECKPOINT_PREFIX, dir=run_dir) as tmp:
-        engine.save_checkpoint(tmp, tag=DEEPSPEED_TAG)
-        if engine.global_rank == 0:
-            write_meta(Path(tmp), state, config)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    with tempfile.TemporaryDirectory(prefix=PARTIAL_CHECKPOINT_PREFIX, dir=scratch) as tmp:
+        save_checkpoint(engine, Path(tmp), state, config)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=checkpoint_name(state.step))
