@@ -117,8 +117,9 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray instance for every integration test (starting Ray costs ~10 s here)."""
+def ray_session(object_store):
+    """One local Ray instance for every integration test (starting Ray costs ~10 s here). Its processes
+    inherit the object store's environment variables, as a cluster's nodes would have them set."""
     ray = pytest.importorskip("ray")
     # The dashboard serves the State API that Ray Train's PlacementGroupCleaner polls: without it a Tune
     # trial's placement group outlives the trial and later trials wait for CPUs forever.

@@ -5,15 +5,20 @@ a real S3-compatible server (moto's, started by the object_store fixture) and a 
 import functools
 import http.server
 import json
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 import torch
 
 from distpose.commands import main
-from distpose.config import DataConfig
+from distpose.config import DataConfig, load_config
 from distpose.data.loader import eval_loader, train_loader
 from distpose.data.shards import read_manifest, verify_shards
+from distpose.train.checkpoints import newest_complete_checkpoint, read_meta
+from distpose.train.driver import train
 
 
 def objects(store, prefix: str) -> dict[str, int]:
@@ -142,3 +147,59 @@ def test_shards_read_over_http(http_shards, synth_shards, capsys):
     assert "cannot be listed; name its splits with --split" in capsys.readouterr().err
     with pytest.raises(Exception, match="no manifest for split 'test'.*cannot list an http"):
         read_manifest(http_shards, "test")
+
+
+# ---------------------------------------------------------------------------------------------
+# a training run on object storage
+
+
+@pytest.mark.integration
+def test_a_run_on_s3_survives_a_killed_driver_and_its_final_model_evaluates_from_the_bucket(
+        ray_session, object_store, s3_shards, tmp_path, capsys):
+    """Shards and run storage in the bucket: SIGKILL the driver once a checkpoint is complete there, run the
+    same command again (it resumes from the bucket), then `distpose eval` the bucket's final.pt."""
+    epochs, per_epoch = 3, 4
+    overrides = ["model.backbone=cnn_small", "data.input_size=[64,48]", "data.heatmap_size=[16,12]",
+                 "data.loader_workers=0", "eval.every_epochs=0", "train.log_every=1000", "train.cpus_per_worker=1",
+                 "data.source=shards", f"data.shards={s3_shards}", "data.batch_size=8", "train.workers=2",
+                 f"train.epochs={epochs}", f"data.batches_per_epoch={per_epoch}",
+                 f"train.storage={object_store.uri('runs')}", "train.run_name=on_s3"]
+    run = object_store.uri("runs/on_s3")
+    address = ray_session.get_runtime_context().gcs_address
+    driver = subprocess.Popen([sys.executable, "-m", "distpose", "train", *overrides, "--address", address, "-q"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while newest_complete_checkpoint(run) is None:
+            assert driver.poll() is None, driver.stdout.read()
+            assert time.monotonic() < deadline, "no checkpoint reached the bucket in 240 s"
+            time.sleep(0.2)
+        driver.kill()
+        killed_at = time.time()
+        driver.wait(30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    uploaded = read_meta(newest_complete_checkpoint(run)).state
+
+    outcome = train(load_config(None, overrides))
+    assert outcome.trained and outcome.final_model == f"{run}/final.pt"
+    lines = [json.loads(line) for line in get(object_store, "runs/on_s3/metrics.jsonl").splitlines()]
+    starts = [r for r in lines if r["kind"] == "start"]
+    assert starts[0]["resumed_from"] == "fresh start" and len(starts) == 2
+    assert starts[1]["resumed_from"].startswith(f"latest checkpoint of this run ({run}/checkpoint_step")
+    assert starts[1]["step"] >= uploaded.step >= per_epoch
+    steps = [r["step"] for r in lines if r["kind"] == "step"]
+    assert sorted(set(steps)) == list(range(1, epochs * per_epoch + 1)) and steps[-1] == epochs * per_epoch
+    before = [r for r in lines[: lines.index(starts[1])] if r["kind"] == "step"]
+    first_after = next(r for r in lines[lines.index(starts[1]):] if r["kind"] == "step")
+    print(f"\n[s3] driver killed after step {before[-1]['step'] if before else 0} (epoch {uploaded.epoch} checkpoint "
+          f"in the bucket); the rerun resumed at step {starts[1]['step']}, its first step "
+          f"{first_after['time'] - killed_at:.1f} s after the kill; steps on record before the kill: {len(before)}")
+
+    out = tmp_path / "eval"
+    assert main(["eval", "--checkpoint", outcome.final_model, "--data", s3_shards, "--out", str(out), "-q"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["instances"] == read_manifest(s3_shards, "val")["instances"]
+    assert "wrote" in capsys.readouterr().out

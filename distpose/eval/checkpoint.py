@@ -17,13 +17,13 @@ from typing import Any
 
 from distpose.config import Config
 from distpose.data.coco import load_detections
-from distpose.data.shards import read_manifest, write_shards
+from distpose.data.shards import read_manifest, splits_in, write_shards
 from distpose.errors import UserError
 from distpose.eval.coco import coco_results
 from distpose.eval.draw import draw_predictions
 from distpose.eval.evaluate import evaluate_model, flat_metrics
 from distpose.eval.inference import Predictions
-from distpose.files import atomic_write_bytes, is_uri
+from distpose.files import atomic_write_bytes, is_http, is_uri
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +32,16 @@ log = logging.getLogger(__name__)
 def shards_for(data: str, split: str | None) -> Iterator[tuple[str, str]]:
     """(shard directory, split) for `data`: a shard directory as it is, or a COCO root sharded into a
     temporary directory for the duration."""
-    root = Path(data)
-    if any(root.glob("*.manifest.json")):
+    splits = splits_in(data)
+    if splits or is_http(data):  # shards (an http(s) location cannot be listed: it must name its split)
         if split is None:
-            splits = sorted(p.name.removesuffix(".manifest.json") for p in root.glob("*.manifest.json"))
+            if not splits:
+                raise UserError(f"--data {data}: an http(s) location cannot be listed; choose a split with --split")
             split = "val" if "val" in splits else splits[-1]
-        read_manifest(root, split)
-        yield str(root), split
+        read_manifest(data, split)
+        yield data, split
         return
+    root = Path(data)
     annotations = sorted((root / "annotations").glob("person_keypoints_*.json"))
     if not annotations:
         raise UserError(f"--data {data}: neither shards (*.manifest.json) nor a COCO root "

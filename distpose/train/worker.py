@@ -46,8 +46,8 @@ from distpose.train.step import micro_batch_loss, optimizer_step
 class MetricsLog:
     """Rank 0's record of the run: every step and event as a JSON line (the driver prints progress from it).
     Appended across attempts, so a resumed run shows the steps it redid. With the run on object storage
-    (`mirror`), the file is appended locally and uploaded whole: at every event other than a step, and
-    after steps at most every MIRROR_EVERY_S."""
+    (`mirror`), the file is appended locally and uploaded whole: at every event other than a step, before
+    every checkpoint, and after steps at most every MIRROR_EVERY_S."""
 
     MIRROR_EVERY_S = 5.0
 
@@ -65,7 +65,11 @@ class MetricsLog:
             return
         with self.path.open("a") as f:
             f.write(json.dumps({"kind": kind, "time": time.time(), **fields}) + "\n")
-        if self.mirror is not None and (kind != "step" or time.monotonic() - self.mirrored > self.MIRROR_EVERY_S):
+        if kind != "step" or time.monotonic() - self.mirrored > self.MIRROR_EVERY_S:
+            self.sync()
+
+    def sync(self) -> None:
+        if self.enabled and self.mirror is not None:
             upload(self.path, self.mirror)
             self.mirrored = time.monotonic()
 
@@ -211,6 +215,7 @@ def train_worker(job: dict[str, Any]) -> None:
         state.metrics = metrics
         telemetry.epoch(state.epoch, loader.skipped if loader is not None else {})
         saving = time.perf_counter()
+        log.sync()  # the record on storage covers every step the checkpoint holds
         _save_and_report(engine, state, config_dict, metrics, scratch)
         telemetry.checkpoint_saved(time.perf_counter() - saving)
 
