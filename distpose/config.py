@@ -57,7 +57,7 @@ class DataConfig:
     heatmap_size: tuple[int, int] = (32, 24)  # (height, width) of the predicted heatmaps
     sigma: float = 2.0  # Gaussian target sigma, in heatmap pixels
     box_padding: float = 1.25
-    # Global batch of one optimizer step: train.workers x train.grad_accum micro-batches. A loader
+    # Global batch of one optimizer step: workers x accumulated micro-batches, at any world size. A loader
     # given this config directly (one rank, no accumulation) reads batches of this size.
     batch_size: int = 32
     loader_workers: int = 2  # DataLoader processes per rank
@@ -101,7 +101,10 @@ class TrainConfig:
     mode: Mode = "backbone"
     run_name: str = "quick"
     storage: str = "runs"
-    workers: int = 1  # Ray Train workers
+    # Ray Train workers: a fixed count, or [min, max] for an elastic run that goes on with as few as min
+    # (nodes lost) and grows back to max. The micro-batch is data.batch_size / (max x grad_accum); fewer
+    # workers accumulate more micro-batches, so every step trains on data.batch_size samples.
+    workers: int | tuple[int, int] = 1
     cpus_per_worker: int = 1  # Ray CPUs reserved per worker; also its torch thread count
     use_gpu: bool = False
     epochs: int = 2
@@ -112,7 +115,7 @@ class TrainConfig:
     warmup_steps: int = 0
     precision: Precision = "fp32"
     zero_stage: Literal[0, 1, 2, 3] = 0
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step at the most workers
     grad_clip: float = 0.0  # 0 disables clipping
     backbone_checkpoint: str = ""  # pose checkpoint of the trained backbone: required by the crf and joint modes
     keep_checkpoints: int = 2  # the latest N DeepSpeed checkpoints; the best model is kept apart as best.pt
@@ -120,6 +123,9 @@ class TrainConfig:
     # Seconds a start of the worker group may wait for its CPUs/GPUs (nodes joining, an autoscaler) before
     # it counts as a failure.
     start_timeout_s: float = 120.0
+    # Elastic runs (train.workers: [min, max]) below max look for room to grow this often; growing restarts
+    # the workers from the latest checkpoint.
+    elastic_resize_interval_s: float = 60.0
     seed: int = 0
     log_every: int = 10  # steps between console lines (every step goes to metrics.jsonl)
     # Escape hatch: a DeepSpeed JSON whose keys override those derived from this config
@@ -390,8 +396,10 @@ def validate(cfg: Config) -> None:
     _require(0 < m.crf_window_coverage <= 1, "model.crf_window_coverage", m.crf_window_coverage, "a fraction in (0, 1]")
     _require(cfg.model.crf_unary_scale > 0, "model.crf_unary_scale", cfg.model.crf_unary_scale, "a number > 0")
     t = cfg.train
-    for key in ("workers", "cpus_per_worker", "epochs", "grad_accum", "keep_checkpoints", "log_every"):
+    for key in ("cpus_per_worker", "epochs", "grad_accum", "keep_checkpoints", "log_every"):
         _require(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "an integer >= 1")
+    fewest, most = worker_range(t)
+    _require(1 <= fewest <= most, "train.workers", t.workers, "an integer >= 1, or [min, max] with 1 <= min <= max")
     _require(t.lr > 0, "train.lr", t.lr, "a number > 0")
     _require(t.backbone_lr_scale > 0, "train.backbone_lr_scale", t.backbone_lr_scale, "a number > 0")
     _require(t.max_failures >= 0, "train.max_failures", t.max_failures, "an integer >= 0")
@@ -402,11 +410,18 @@ def validate(cfg: Config) -> None:
     _require(all(step >= 1 for step in t.lr_steps) and list(t.lr_steps) == sorted(set(t.lr_steps)),
              "train.lr_steps", list(t.lr_steps), "increasing epochs >= 1")
     _require(t.start_timeout_s > 0, "train.start_timeout_s", t.start_timeout_s, "a number of seconds > 0")
+    _require(t.elastic_resize_interval_s > 0, "train.elastic_resize_interval_s", t.elastic_resize_interval_s,
+             "a number of seconds > 0")
     _require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "an integer >= 0")
     _require(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "a number >= 0 (0 disables clipping)")
     _require(0 < t.lr_factor <= 1, "train.lr_factor", t.lr_factor, "a number in (0, 1]")
-    _require(d.batch_size % (t.workers * t.grad_accum) == 0, "data.batch_size", d.batch_size,
-             f"a multiple of train.workers x train.grad_accum = {t.workers * t.grad_accum}")
+    _require(d.batch_size % (most * t.grad_accum) == 0, "data.batch_size", d.batch_size,
+             f"a multiple of train.workers x train.grad_accum = {most * t.grad_accum}")
+    micro = d.batch_size // (most * t.grad_accum)
+    uneven = next((n for n in range(fewest, most + 1) if d.batch_size % (n * micro)), None)
+    _require(uneven is None, "data.batch_size", d.batch_size,
+             f"a multiple of n x {micro} (the micro-batch) for every n in train.workers={list(worker_range(t))}: "
+             f"{uneven} workers cannot share it in whole micro-batches")
     _require(t.precision != "fp16" or t.use_gpu, "train.precision", t.precision,
              "bf16 or fp32 on CPU (DeepSpeed has no fp16 on CPU; fp16 needs train.use_gpu=true)")
     _require(t.precision != "bf16" or t.zero_stage >= 1, "train.zero_stage", t.zero_stage,
@@ -431,9 +446,21 @@ def score_names(pck_thresholds: tuple[float, ...]) -> list[str]:
     return [*COCO_STATS, "accuracy", *(f"{kind}/pck@{t:g}" for kind in ("visible", "occluded") for t in pck_thresholds)]
 
 
+def worker_range(t: TrainConfig) -> tuple[int, int]:
+    """(fewest, most) Ray Train workers of a run: equal unless train.workers is [min, max] (elastic)."""
+    return (t.workers, t.workers) if isinstance(t.workers, int) else (t.workers[0], t.workers[1])
+
+
 def micro_batch_size(cfg: Config) -> int:
-    """Samples per rank per forward/backward: the global batch split over workers and accumulation steps."""
-    return cfg.data.batch_size // (cfg.train.workers * cfg.train.grad_accum)
+    """Samples per rank per forward/backward: the global batch split over the most workers and
+    train.grad_accum accumulation steps. The same at every world size of an elastic run."""
+    return cfg.data.batch_size // (worker_range(cfg.train)[1] * cfg.train.grad_accum)
+
+
+def grad_accum_at(cfg: Config, world_size: int) -> int:
+    """Micro-batches each of `world_size` ranks accumulates per optimizer step, so that a step trains on
+    data.batch_size samples (train.grad_accum at the most workers)."""
+    return cfg.data.batch_size // (world_size * micro_batch_size(cfg))
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -145,7 +145,7 @@ def _rank_main(rank: int, world: int, port: int, jobs: list[tuple[int, str, str]
             model = run_model(cfg)
             groups = parameter_groups(model, "backbone", cfg.train.lr, 1.0)
             if action == "save":
-                engine = build_engine(model, groups, cfg)
+                engine = build_engine(model, groups, cfg, world)
                 data = torch.Generator().manual_seed(rank)
                 for _ in range(3):
                     x = torch.randn(4 // world, 3, 64, 48, generator=data)
@@ -155,7 +155,7 @@ def _rank_main(rank: int, world: int, port: int, jobs: list[tuple[int, str, str]
                 state, name = _full_state(engine), "saved.pt"
             else:
                 with loadable_checkpoint(directory / "merged", world) as (source, meta, universal):
-                    engine = build_engine(model, groups, cfg, load_universal=universal)
+                    engine = build_engine(model, groups, cfg, world, load_universal=universal)
                     engine.load_checkpoint(str(source), tag=DEEPSPEED_TAG)
                 state, name = {**_full_state(engine), "universal": torch.tensor(universal),
                                "meta.world_size": torch.tensor(meta.world_size),

@@ -1,6 +1,7 @@
-"""A two-node Ray cluster on this machine (`ray start --head` and `ray start --address`, two raylets with
-one CPU each), one `distpose train --address` over both, and Prometheus-style discovery of both nodes'
-metrics endpoints through the head's service-discovery file."""
+"""A Ray cluster of several nodes on this machine (`ray start --head` with no CPUs, and `ray start --address`
+worker nodes of one CPU each): one `distpose train --address` over two nodes, Prometheus-style discovery of
+every node's metrics endpoint through the head's service-discovery file, and a node killed mid-run, with a
+fixed and with an elastic number of workers."""
 
 import contextlib
 import json
@@ -15,6 +16,7 @@ import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
+import psutil
 import pytest
 
 from distpose.monitor.metrics import scrape
@@ -36,43 +38,71 @@ def node_ip() -> str:
         return probe.getsockname()[0]
 
 
-@pytest.fixture
-def two_nodes(tmp_path):
-    """(GCS address, head temp dir, environment, the two nodes' metrics targets) of a head and a worker node,
-    returned once both nodes' metrics agents answer; both nodes are stopped afterwards."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
-    env["RAY_AUTH_MODE"] = "disabled"  # the same on every machine, whether or not ~/.ray holds a token
-    temp = Path("/tmp") / f"ray-distpose-{os.getpid()}-{tmp_path.name[-8:]}"  # socket paths must stay short
-    gcs_port, head_metrics, worker_metrics = free_port(), free_port(), free_port()
-    ip = node_ip()
-    address = f"{ip}:{gcs_port}"
-    targets = {f"{ip}:{head_metrics}", f"{ip}:{worker_metrics}"}
-    common = ["--block", "--num-cpus=1", "--disable-usage-stats", f"--temp-dir={temp}", f"--node-ip-address={ip}"]
-    head = [RAY, "start", "--head", f"--port={gcs_port}", f"--dashboard-port={free_port()}",
-            f"--metrics-export-port={head_metrics}", '--system-config={"metrics_report_interval_ms": 1000}', *common]
-    worker = [RAY, "start", f"--address={address}", f"--metrics-export-port={worker_metrics}", *common]
-    nodes = [subprocess.Popen(head, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.STDOUT)]
-    try:
-        nodes.append(subprocess.Popen(worker, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.STDOUT))  # it waits for the head's GCS by itself
+class Nodes:
+    """A head node with no CPUs (the GCS, the driver's node and so Ray Train's controller) and worker nodes
+    of one CPU each, every one a `ray start --block` in its own process group: killing the group kills the
+    node, its raylet and its workers, as a preempted machine would go."""
+
+    def __init__(self, temp: Path, env: dict[str, str]):
+        self.temp, self.env, self.ip = temp, env, node_ip()
+        self.address = f"{self.ip}:{free_port()}"
+        self.processes: list[subprocess.Popen] = []
+        self.targets: dict[int, str] = {}  # node pid -> its metrics endpoint
+        # A dead node is declared dead after 2 missed health checks 1 s apart (Ray's default: 5 x 3 s), and
+        # metrics reach the endpoints every second (Ray's default: 10 s).
+        config = ('--system-config={"health_check_period_ms": 1000, "health_check_failure_threshold": 2, '
+                  '"metrics_report_interval_ms": 1000}')
+        self.head = self._start(["--head", f"--port={self.address.rsplit(':', 1)[1]}", "--num-cpus=0",
+                                 f"--dashboard-port={free_port()}", config])
+
+    def _start(self, options: list[str]) -> subprocess.Popen:
+        metrics = free_port()
+        command = [RAY, "start", "--block", "--disable-usage-stats", f"--temp-dir={self.temp}",
+                   f"--node-ip-address={self.ip}", f"--metrics-export-port={metrics}", *options]
+        node = subprocess.Popen(command, env=self.env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.STDOUT)
+        self.processes.append(node)
+        self.targets[node.pid] = f"{self.ip}:{metrics}"
         deadline = time.monotonic() + 120
-        while not all(answers(target) for target in targets):
-            assert time.monotonic() < deadline, f"the nodes' metrics agents never answered: {targets}"
-            assert all(node.poll() is None for node in nodes), "a ray start exited"
-            time.sleep(1)
-        yield address, temp, env, targets
-    finally:
-        # SIGTERM to `ray start --block` alone: the worker node drains through the GCS and stops in about a second
-        # (sent to the whole group, it kills the GCS it is about to ask and waits 30 s for it). The head drains
-        # for 30 s after a run, which a test need not wait for: what is left of a group after 5 s is killed.
-        for node in reversed(nodes):
-            node.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                node.wait(timeout=5)
+        while not answers(f"{self.ip}:{metrics}"):
+            assert time.monotonic() < deadline and node.poll() is None, f"node {command} did not start"
+            time.sleep(0.5)
+        return node
+
+    def add_worker(self) -> subprocess.Popen:
+        return self._start([f"--address={self.address}", "--num-cpus=1"])
+
+    def kill(self, node: subprocess.Popen) -> None:
+        """SIGKILL the node's every process at once (its raylet starts workers in sessions of their own)."""
+        processes = [psutil.Process(node.pid), *psutil.Process(node.pid).children(recursive=True)]
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        psutil.wait_procs(processes, timeout=10)
+        node.wait()
+
+    def stop(self) -> None:
+        for node in reversed(self.processes):
+            if node.poll() is None:
+                node.send_signal(signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    node.wait(timeout=5)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(node.pid, signal.SIGKILL)
-        shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory):
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    env["RAY_AUTH_MODE"] = "disabled"
+    cluster = Nodes(Path("/tmp") / f"ray-distpose-nodes-{os.getpid()}", env)
+    try:
+        cluster.add_worker()
+        cluster.add_worker()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 def discovered_targets(temp: Path) -> list[str]:
@@ -102,8 +132,9 @@ def ranks_training_at(target: str, run: str) -> set[str]:
             if s.name == "ray_distpose_train_samples_total" and s.labels.get("run") == run and s.value > 0}
 
 
-def test_one_run_trains_on_both_nodes_and_both_are_discovered(two_nodes, synth_shards, tmp_path):
-    address, temp, env, node_targets = two_nodes
+def test_one_run_trains_on_both_nodes_and_all_are_discovered(nodes, synth_shards, tmp_path):
+    address, temp, env = nodes.address, nodes.temp, nodes.env
+    workers = {nodes.targets[n.pid] for n in nodes.processes[1:]}
     run = "two_nodes"
     command = [sys.executable, "-m", "distpose", "train", "model.backbone=cnn_small", "data.input_size=[64,48]",
                "data.heatmap_size=[16,12]", "data.loader_workers=0", f"data.shards={synth_shards}",
@@ -120,12 +151,113 @@ def test_one_run_trains_on_both_nodes_and_both_are_discovered(two_nodes, synth_s
         time.sleep(1)
     assert trainer.returncode == 0, log.read_text()[-3000:]
     # The driver left the cluster only once its node's endpoint showed the run finished.
-    finished = [t for t in node_targets if any(s.name == "ray_distpose_run_state" and s.labels.get("run") == run
-                                               and s.labels["state"] == "finished" and s.value == 1
-                                               for s in samples_at(t))]
-    assert len(finished) == 1, f"the finished state is not exported by the driver's node: {finished}"
+    finished = [t for t in nodes.targets.values()
+                if any(s.name == "ray_distpose_run_state" and s.labels.get("run") == run
+                       and s.labels["state"] == "finished" and s.value == 1 for s in samples_at(t))]
+    assert finished == [nodes.targets[nodes.head.pid]], f"not exported by the driver's node (the head): {finished}"
 
     print(f"\nendpoints discovered -> ranks seen training there: {dict(seen)}")
     training = {target: ranks for target, ranks in seen.items() if ranks}
-    assert set(training) == node_targets, f"expected the two nodes' endpoints to export one rank each: {dict(seen)}"
+    assert set(training) == workers, f"expected the two worker nodes' endpoints to export one rank each: {dict(seen)}"
+    assert set(nodes.targets.values()) <= set(seen), "a node's endpoint was never discovered"
     assert sorted(r for ranks in training.values() for r in ranks) == ["0", "1"]
+
+
+def metrics_records(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            out.append(json.loads(line))
+    return out
+
+
+def train_losing_a_node(nodes: Nodes, synth_shards: Path, tmp_path: Path, run: str, workers: str, *extra: str,
+                        join_when, epochs: int = 4, per_epoch: int = 10) -> dict:
+    """Train on the two worker nodes; once an epoch-1 checkpoint is registered and the next epoch is under way,
+    kill the node of a rank (not the head: it holds the controller); a replacement node joins once
+    `join_when(seconds since the kill, records since the kill)` says so. Returns what happened, from rank 0's
+    metrics.jsonl."""
+    command = [sys.executable, "-m", "distpose", "train", "model.backbone=cnn_small", "data.input_size=[64,48]",
+               "data.heatmap_size=[16,12]", "data.loader_workers=0", f"data.shards={synth_shards}",
+               f"train.storage={tmp_path}", f"train.run_name={run}", f"train.workers={workers}",
+               "train.cpus_per_worker=1", "data.batch_size=8", f"train.epochs={epochs}",
+               f"data.batches_per_epoch={per_epoch}", "eval.every_epochs=0", "train.max_failures=3",
+               "train.start_timeout_s=120", *extra, "--address", nodes.address]
+    log, records = tmp_path / "train.log", tmp_path / run / "metrics.jsonl"
+    with log.open("w") as out:
+        trainer = subprocess.Popen(command, env={**nodes.env, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"},
+                                   stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(r["kind"] == "step" and r["step"] >= per_epoch + 3 for r in metrics_records(records)):
+            assert trainer.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        alive = [n for n in nodes.processes[1:] if n.poll() is None]
+        victim = alive[0]
+        killed_after = max(r["step"] for r in metrics_records(records) if r["kind"] == "step")
+        killed_at, before = time.time(), len(metrics_records(records))
+        nodes.kill(victim)
+        while not join_when(time.time() - killed_at, metrics_records(records)[before:]):
+            assert trainer.poll() is None and time.time() - killed_at < 180, log.read_text()[-3000:]
+            time.sleep(0.2)
+        joined_at = time.time()
+        nodes.add_worker()
+        trainer.wait(timeout=300)
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+    assert trainer.returncode == 0, log.read_text()[-3000:]
+    lines = metrics_records(records)
+    starts = [i for i, r in enumerate(lines) if r["kind"] == "start"]
+    steps = [r for r in lines if r["kind"] == "step"]
+    assert sorted({r["step"] for r in steps}) == list(range(1, epochs * per_epoch + 1))
+    restart = lines[starts[1]]
+    first_after = next(r for r in lines[starts[1]:] if r["kind"] == "step")
+    return {"starts": [lines[i] for i in starts], "killed_after": killed_after, "killed_at": killed_at,
+            "joined_at": joined_at, "redone": len(steps) - epochs * per_epoch, "restart": restart,
+            "recovery_s": first_after["time"] - killed_at, "steps": steps, "lines": lines}
+
+
+def test_a_fixed_size_run_waits_for_a_replacement_node_and_resumes(nodes, synth_shards, tmp_path):
+    """~50 s."""
+    seen = train_losing_a_node(nodes, synth_shards, tmp_path, "fixed", "2", join_when=lambda s, _: s > 8)
+    worlds = [s["world_size"] for s in seen["starts"]]
+    print(f"\n[node lost, train.workers=2] killed a node after step {seen['killed_after']}; world sizes {worlds}; "
+          f"resumed at step {seen['restart']['step']} when the replacement joined "
+          f"({seen['joined_at'] - seen['killed_at']:.1f} s after the kill); steps redone: {seen['redone']}; "
+          f"recovery (kill -> first step after): {seen['recovery_s']:.1f} s")
+    assert worlds == [2, 2]
+    assert seen["restart"]["resumed_from"].startswith("latest checkpoint of this run")
+    # It waited for the replacement: no step ran between the kill and the join.
+    assert seen["recovery_s"] > seen["joined_at"] - seen["killed_at"]
+    assert 0 <= seen["redone"] <= seen["killed_after"] - seen["restart"]["step"]
+
+
+def test_an_elastic_run_goes_on_without_the_lost_node_and_grows_back(nodes, synth_shards, tmp_path):
+    """ZeRO 2, train.workers=[1, 2]: on the surviving node without waiting for a replacement (its state
+    resharded 2 -> 1 rank, 2 micro-batches accumulated per step), then back on two nodes (1 -> 2) once a node
+    joins. Ray Train sizes an elastic group from its autoscaling coordinator's view of the nodes, refreshed
+    every 20 s: until then a start may ask for the lost node and wait train.start_timeout_s. ~100 s."""
+
+    def on_one_rank(_, since_kill: list[dict]) -> bool:
+        return any(r["kind"] == "step" for r in since_kill) and any(
+            r["kind"] == "start" and r["world_size"] == 1 for r in since_kill)
+
+    seen = train_losing_a_node(nodes, synth_shards, tmp_path, "elastic", "[1,2]", "train.zero_stage=2",
+                               "train.elastic_resize_interval_s=3", "train.start_timeout_s=10",
+                               "train.max_failures=6", join_when=on_one_rank, epochs=10, per_epoch=40)
+    starts = seen["starts"]
+    worlds = [(s["world_size"], s["grad_accum"], s["micro_batch"]) for s in starts]
+    shrink_s = next(r["time"] for r in seen["lines"][seen["lines"].index(starts[1]):] if r["kind"] == "step") \
+        - seen["killed_at"]
+    print(f"\n[node lost, train.workers=[1,2]] killed a node after step {seen['killed_after']}; (world size, "
+          f"accumulation, micro-batch) per start {worlds}; first step on 1 rank {shrink_s:.1f} s after the kill; "
+          f"steps redone: {seen['redone']}; resumed from: {[s['resumed_from'] for s in starts[1:]]}")
+    assert worlds[:3] == [(2, 1, 4), (1, 2, 4), (2, 1, 4)], worlds  # 8 samples a step at every size
+    assert shrink_s < seen["joined_at"] - seen["killed_at"]  # it went on before any node joined
+    print(f"[node lost, train.workers=[1,2]] the replacement joined {seen['joined_at'] - seen['killed_at']:.1f} s "
+          f"after the kill; back on 2 ranks at step {starts[2]['step']}")
+    assert "resharded for 1" in starts[1]["resumed_from"] and "resharded for 2" in starts[2]["resumed_from"]
+    assert all(r["samples_per_s"] > 0 for r in seen["steps"])

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from distpose.bench import machine
-from distpose.config import Config, micro_batch_size
+from distpose.config import Config, ConfigError, micro_batch_size
 from distpose.errors import UserError
 from distpose.models.factory import count_macs
 from distpose.models.pose import build_pose_model
@@ -116,6 +116,9 @@ def run(cfg: Config, warmup: int, steps: int, address: str | None = None, plain_
     """Both paths, or with `plain_only` the plain loop alone (no Ray, no DeepSpeed: what a GPU node without
     them can measure)."""
     t = cfg.train
+    if not isinstance(t.workers, int):
+        raise ConfigError(f"config key 'train.workers': got {list(t.workers)}; `bench train` measures one world "
+                          "size, a number")
     if t.use_gpu and not torch.cuda.is_available():
         raise UserError("train.use_gpu=true, but this machine has no CUDA device: `distpose bench train` runs its "
                         "plain loop in its own process, so run it on a GPU node (with --address for the cluster)")

@@ -1,6 +1,6 @@
 """Training micro-batches for one rank: the shard stream, or seeded random batches.
 
-Both are endless iterators; the loop takes train.grad_accum micro-batches per optimizer step.
+Both are endless iterators; the loop takes grad_accum_at(cfg, world size) micro-batches per optimizer step.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import torch
 
-from distpose.config import Config, micro_batch_size
+from distpose.config import Config, grad_accum_at, micro_batch_size
 from distpose.data.loader import StreamingLoader, train_loader
 from distpose.keypoints import NUM_JOINTS
 
@@ -19,7 +19,7 @@ def rank_loader(cfg: Config, rank: int, world_size: int, start_step: int) -> Str
     """This rank's shard stream, in micro-batches. The stream is reseeded by the step it starts at,
     so an attempt resumed from a checkpoint does not replay the batches its predecessor drew."""
     data = dataclasses.replace(cfg.data, batch_size=micro_batch_size(cfg),
-                               batches_per_epoch=cfg.data.batches_per_epoch * cfg.train.grad_accum,
+                               batches_per_epoch=cfg.data.batches_per_epoch * grad_accum_at(cfg, world_size),
                                seed=cfg.data.seed + 7919 * start_step)
     return train_loader(data, rank, world_size)
 
@@ -31,9 +31,9 @@ def endless(loader: StreamingLoader) -> Iterator[dict[str, torch.Tensor]]:
 
 def random_batches(cfg: Config, rank: int, world_size: int, start_step: int) -> Iterator[dict[str, torch.Tensor]]:
     """Seeded random crops and joints. Step s's global batch depends on (data.seed, s) only and is
-    cut into workers x grad_accum micro-batches, rank r taking chunks r*grad_accum ... : the same
-    samples are trained on whatever the number of workers, which is what data-parallel checks need."""
-    d, accum, micro = cfg.data, cfg.train.grad_accum, micro_batch_size(cfg)
+    cut into micro-batches, rank r of W taking chunks r*A ... (A = grad_accum_at(cfg, W)): the same samples
+    are trained on whatever the number of workers, which is what data-parallel checks need."""
+    d, accum, micro = cfg.data, grad_accum_at(cfg, world_size), micro_batch_size(cfg)
     (h, w), n = d.input_size, d.batch_size
     step = start_step
     while True:

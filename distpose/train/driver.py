@@ -34,7 +34,7 @@ from distpose.cluster import (
     verbose,
     warn_if_short,
 )
-from distpose.config import Config, ConfigError, TrainConfig, dump_yaml, to_dict
+from distpose.config import Config, ConfigError, TrainConfig, dump_yaml, to_dict, worker_range
 from distpose.data.coco import load_detections
 from distpose.data.shards import read_manifest
 from distpose.errors import DataError, UserError
@@ -119,11 +119,13 @@ def check_shards(cfg: Config) -> None:
 
 
 def resources_of(t: TrainConfig) -> dict[str, tuple[float, str]]:
-    """What the run's worker group reserves, each with the settings that ask for it."""
-    cpus = f"train.workers={t.workers} x train.cpus_per_worker={t.cpus_per_worker}"
-    need = {"CPU": (t.workers * t.cpus_per_worker, cpus)}
+    """What the run's worker group reserves to start (an elastic run: its fewest workers), each with the
+    settings that ask for it."""
+    fewest, most = worker_range(t)
+    workers = f"train.workers={t.workers}" if fewest == most else f"train.workers={list(t.workers)} (at least {fewest})"
+    need = {"CPU": (fewest * t.cpus_per_worker, f"{workers} x train.cpus_per_worker={t.cpus_per_worker}")}
     if t.use_gpu:
-        need["GPU"] = (t.workers, f"train.use_gpu=true with train.workers={t.workers}")
+        need["GPU"] = (fewest, f"train.use_gpu=true with {workers}")
     return need
 
 
@@ -253,6 +255,7 @@ def _fit(cfg: Config, scratch: Path, log_dir: Path | None, resume: str | None, c
                            "log_dir": None if log_dir is None else str(log_dir),
                            "crf_pairwise": None if pairwise is None else pairwise.tolist()},
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
+                                     elastic_resize_monitor_interval_s=t.elastic_resize_interval_s,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=RunConfig(
             name=t.run_name, storage_path=t.storage,

@@ -14,19 +14,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from distpose.config import Config, ConfigError, micro_batch_size
+from distpose.config import Config, ConfigError, grad_accum_at, micro_batch_size, worker_range
 from distpose.errors import UserError
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
-def deepspeed_config(cfg: Config) -> dict[str, Any]:
-    """The DeepSpeed JSON for `cfg`, with `train.deepspeed_config`'s keys (if any) merged over it."""
+def deepspeed_config(cfg: Config, world_size: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON for `cfg` at `world_size` ranks (default: the most workers), with
+    `train.deepspeed_config`'s keys (if any) merged over it."""
     t = cfg.train
     ds: dict[str, Any] = {
         "train_batch_size": cfg.data.batch_size,
         "train_micro_batch_size_per_gpu": micro_batch_size(cfg),
-        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_accumulation_steps": grad_accum_at(cfg, world_size or worker_range(t)[1]),
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": t.zero_stage},
         "zero_allow_untested_optimizer": True,  # our client Adam
@@ -84,13 +85,13 @@ def lr_multiplier(step: int, cfg: Config) -> float:
     return warmup * t.lr_factor ** sum(epoch >= milestone for milestone in t.lr_steps)
 
 
-def build_engine(model: nn.Module, groups: list[dict], cfg: Config, load_universal: bool = False):
+def build_engine(model: nn.Module, groups: list[dict], cfg: Config, world_size: int, load_universal: bool = False):
     """deepspeed.initialize with our Adam over parameter `groups` (each with its own lr) and our schedule;
     the process group must already exist (Ray made it). `load_universal`: the checkpoint it will load is a
     universal one (ZeRO state written at another world size, converted)."""
     import deepspeed
 
-    config = deepspeed_config(cfg)
+    config = deepspeed_config(cfg, world_size)
     if load_universal:
         config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
     optimizer = torch.optim.Adam(groups, lr=cfg.train.lr)

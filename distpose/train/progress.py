@@ -42,7 +42,8 @@ class ProgressLines:
             return (f"[distpose] {c.train.run_name}: mode {c.train.mode}, {c.model.backbone}, "
                     f"{record['world_size']} worker(s) on {record.get('device', '?')}, "
                     f"global batch {c.data.batch_size} "
-                    f"({record.get('micro_batch', '?')} x {record['world_size']} x {c.train.grad_accum}), "
+                    f"({record.get('micro_batch', '?')} x {record['world_size']} x "
+                    f"{record.get('grad_accum', c.train.grad_accum)}), "
                     f"{c.train.precision}, ZeRO {c.train.zero_stage}; {record['resumed_from']}")
         if kind == "step":
             step, now = record["step"], record["time"]

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from distpose.cluster import ray_cluster
-from distpose.config import Config, ConfigError, load_config
+from distpose.config import Config, ConfigError, load_config, worker_range
 from distpose.errors import UserError
 from distpose.files import atomic_write_bytes
 from distpose.modes import MODES, named_mode
@@ -126,11 +126,12 @@ def trials_that_fit(cfg: Config) -> int:
     import ray
 
     total = ray.cluster_resources()
-    fits = int(total.get("CPU", 0) // (cfg.train.workers * cfg.train.cpus_per_worker))
+    workers = worker_range(cfg.train)[1]  # an elastic trial at its most
+    fits = int(total.get("CPU", 0) // (workers * cfg.train.cpus_per_worker))
     if cfg.train.use_gpu:
-        fits = min(fits, int(total.get("GPU", 0) // cfg.train.workers))
+        fits = min(fits, int(total.get("GPU", 0) // workers))
     if fits < 1:
-        raise ConfigError(f"config key 'train.workers': one trial needs {cfg.train.workers} workers x "
+        raise ConfigError(f"config key 'train.workers': one trial needs {workers} workers x "
                           f"{cfg.train.cpus_per_worker} CPUs{' and a GPU each' if cfg.train.use_gpu else ''}, "
                           f"more than the cluster's {total.get('CPU', 0):g} CPUs / {total.get('GPU', 0):g} GPUs")
     return fits

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from distpose.config import Config, config_from_dict, micro_batch_size
+from distpose.config import Config, config_from_dict, grad_accum_at, micro_batch_size
 from distpose.eval.evaluate import evaluate_model, flat_metrics
 from distpose.files import exists, is_uri, join, read_bytes, upload, write_bytes
 from distpose.models.weights import save_pose_checkpoint
@@ -119,10 +119,10 @@ def _engine_resumed(model, groups: list[dict], cfg: Config, job: dict[str, Any],
 
     location, origin = _checkpoint_to_resume(job, rank == 0)
     if location is None:
-        return build_engine(model, groups, cfg), TrainState(), origin
+        return build_engine(model, groups, cfg, world), TrainState(), origin
     with ray.train.Checkpoint(location).as_directory() as directory, \
             loadable_checkpoint(Path(directory), world) as (source, meta, universal):
-        engine = build_engine(model, groups, cfg, load_universal=universal)
+        engine = build_engine(model, groups, cfg, world, load_universal=universal)
         engine.load_checkpoint(str(source), tag=DEEPSPEED_TAG)
     state = meta.state
     converted = f", ZeRO state of {meta.world_size} ranks resharded for {world}" if universal else ""
@@ -163,15 +163,16 @@ def train_worker(job: dict[str, Any]) -> None:
     local = not is_uri(run_dir)
     log = MetricsLog(scratch / METRICS_LOG, chief, None if local else join(run_dir, METRICS_LOG))
     telemetry = WorkerMetrics(cfg.monitor.enabled, cfg.train.run_name, cfg.train.mode, rank)
+    accum = grad_accum_at(cfg, world)
     log.write("start", epoch=state.epoch, step=state.step, world_size=world, resumed_from=origin,
-              host=socket.gethostname(), pid=os.getpid(), micro_batch=micro_batch_size(cfg),
+              host=socket.gethostname(), pid=os.getpid(), micro_batch=micro_batch_size(cfg), grad_accum=accum,
               device=str(device))
 
     codec = target_codec(cfg)
     batches, loader = training_batches(cfg, rank, world, state.step)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16 if cfg.train.precision == "fp16" \
         else torch.float32
-    steps, accum, mode = cfg.data.batches_per_epoch, cfg.train.grad_accum, cfg.train.mode
+    steps, mode = cfg.data.batches_per_epoch, cfg.train.mode
 
     def loss_of(batch: dict[str, Any]) -> torch.Tensor:
         return micro_batch_loss(engine, batch, codec, mode, device, dtype)
