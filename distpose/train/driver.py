@@ -87,7 +87,9 @@ def scratch_dir(cfg: Config) -> Path:
     """Where this node keeps the run's logs and partial checkpoints: the run directory itself when it is
     local, else the same path under the temporary directory of every node."""
     directory = run_dir(cfg)
-    return directory if isinstance(directory, Path) else Path(tempfile.gettempdir()) / "distpose" / cfg.train.run_name
+    if isinstance(directory, Path):
+        return directory
+    return Path(tempfile.gettempdir()) / "distpose-runs" / cfg.train.run_name
 
 
 def with_absolute_paths(cfg: Config, base: Path | None = None) -> Config:
