@@ -17,9 +17,9 @@ without Ray or DeepSpeed.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -38,7 +38,6 @@ DEEPSPEED_TAG = "state"
 META_FILE = "meta.json"
 CHECKPOINT_PREFIX = "checkpoint_"
 RANK_FILES = "rank{rank}.files.json"
-CONVERSION_TIMEOUT_S = 1800
 METRICS_LOG = "metrics.jsonl"
 PARTIAL_CHECKPOINT_PREFIX = ".partial-checkpoint-"  # a rank's save before Ray copies it into the run
 BEST_MODEL = "best.pt"
@@ -160,6 +159,23 @@ def needs_conversion(meta: CheckpointMeta, world_size: int) -> bool:
     return meta.zero_stage >= 1 and meta.world_size != world_size
 
 
+def convert_to_universal(source: Path, target: Path) -> None:
+    """DeepSpeed's ds_to_universal on one tag directory, in this process (DeepSpeed is imported already; a
+    subprocess would spend seconds importing it again), one worker each for extracting and merging (its
+    process pools do not belong in a Ray worker), its console output kept out of the rank's log."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    argv = ["--input_folder", str(source), "--output_folder", str(target),
+            "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    saved, sys.argv = sys.argv, ["ds_to_universal", *argv]
+    try:
+        args = ds_to_universal.parse_arguments()  # its defaults for the options not given, whatever the version
+    finally:
+        sys.argv = saved
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        ds_to_universal.main(args)
+
+
 @contextlib.contextmanager
 def loadable_checkpoint(directory: Path, world_size: int) -> Iterator[tuple[Path, CheckpointMeta, bool]]:
     """(the directory to give DeepSpeed's load_checkpoint, the checkpoint's meta, whether it is a universal
@@ -170,19 +186,12 @@ def loadable_checkpoint(directory: Path, world_size: int) -> Iterator[tuple[Path
         yield directory, meta, False
         return
     with tempfile.TemporaryDirectory(prefix="distpose-universal-") as converted:
-        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-                   "--input_folder", str(Path(directory) / DEEPSPEED_TAG),
-                   "--output_folder", str(Path(converted) / DEEPSPEED_TAG),
-                   "--num_extract_workers", "1", "--num_merge_workers", "1"]
         try:
-            done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=CONVERSION_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            raise DataError(f"checkpoint {directory}: converting {meta.world_size}-rank ZeRO state for "
-                            f"{world_size} ranks took over {CONVERSION_TIMEOUT_S} s") from None
-        if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            convert_to_universal(Path(directory) / DEEPSPEED_TAG, Path(converted) / DEEPSPEED_TAG)
+        except Exception as exc:  # the converter's own assertions and errors, whatever their type
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             raise DataError(f"checkpoint {directory}: DeepSpeed could not convert its {meta.world_size}-rank "
-                            f"ZeRO state for {world_size} ranks: {last}")
+                            f"ZeRO state for {world_size} ranks: {reason}") from None
         log.info("converted %s (%d ranks, ZeRO %d) to a universal checkpoint for %d ranks",
                  directory, meta.world_size, meta.zero_stage, world_size)
         yield Path(converted), meta, True
