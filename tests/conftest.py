@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 try:
     import torch
@@ -46,12 +47,6 @@ def synth_shards(tmp_path_factory, synth_root) -> Path:
     write_shards(synth_root, "train", out, samples_per_shard=5, progress=False)
     write_shards(synth_root, "val", out, samples_per_shard=4, progress=False)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 import io
 import json
+import socket
 import tarfile
 import zlib
 from pathlib import Path
@@ -75,3 +76,10 @@ def records(directory: Path, kind: str | None = None) -> list[dict]:
         if kind is None or record["kind"] == kind:
             out.append(record)
     return out
+
+
+def free_port() -> int:
+    """A TCP port free on every interface now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]

@@ -4,13 +4,13 @@ written by N ranks resumed on M (DeepSpeed's universal conversion), compared exa
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 
 from distpose.config import load_config, to_dict
 from distpose.train.checkpoints import (
@@ -167,14 +167,8 @@ def _rank_main(rank: int, world: int, port: int, jobs: list[tuple[int, str, str]
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_ranks(world: int, jobs: list[tuple[int, str, str]]) -> None:
-    mp.spawn(_rank_main, (world, _free_port(), jobs), nprocs=world, join=True)
+    mp.spawn(_rank_main, (world, free_port(), jobs), nprocs=world, join=True)
 
 
 @pytest.mark.integration

@@ -19,18 +19,13 @@ from pathlib import Path
 
 import psutil
 import pytest
+from helpers import free_port
 
 from distpose.monitor.metrics import scrape
 
 pytestmark = pytest.mark.integration
 
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def node_ip() -> str:
