@@ -155,9 +155,10 @@ def test_shards_read_over_http(http_shards, synth_shards, capsys):
 
 @pytest.mark.integration
 def test_a_run_on_s3_survives_a_killed_driver_and_its_final_model_evaluates_from_the_bucket(
-        ray_session, object_store, s3_shards, tmp_path, capsys):
+        ray_session, object_store, s3_shards, synth_root, tmp_path, capsys):
     """Shards and run storage in the bucket: SIGKILL the driver once a checkpoint is complete there, run the
-    same command again (it resumes from the bucket), then `distpose eval` the bucket's final.pt."""
+    same command again (it resumes from the bucket), then `distpose eval` and `distpose predict` the bucket's
+    final.pt. (~65 s: a driver process of its own, then the rerun.)"""
     epochs, per_epoch = 3, 4
     overrides = ["model.backbone=cnn_small", "data.input_size=[64,48]", "data.heatmap_size=[16,12]",
                  "data.loader_workers=0", "eval.every_epochs=0", "train.log_every=1000", "train.cpus_per_worker=1",
@@ -203,3 +204,7 @@ def test_a_run_on_s3_survives_a_killed_driver_and_its_final_model_evaluates_from
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["instances"] == read_manifest(s3_shards, "val")["instances"]
     assert "wrote" in capsys.readouterr().out
+    image = sorted((synth_root / "val").glob("*.jpg"))[0]
+    assert main(["predict", "--checkpoint", outcome.final_model, str(image), "--out", str(tmp_path / "pred"),
+                 "-q"]) == 0
+    assert "1 person in 1 image" in capsys.readouterr().out  # one whole-image box: one person

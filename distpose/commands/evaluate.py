@@ -27,8 +27,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         "visible and occluded joints, HRNet's heatmap accuracy, COCO AP/AR via pycocotools. Writes "
         "metrics.json, results.json (COCO results) and skeletons.jpg (+ images/) to --out.",
     )
-    evaluate.add_argument("--checkpoint", required=True, help="inference checkpoint (.pt)")
-    evaluate.add_argument("--data", help="shard directory or COCO root (default: the checkpoint's data.shards)")
+    evaluate.add_argument("--checkpoint", required=True, help="inference checkpoint (.pt): a local path or s3://")
+    evaluate.add_argument("--data", help="shard directory (local, s3:// or http(s)://) or COCO root (default: the "
+                          "checkpoint's data.shards)")
     evaluate.add_argument("--split", help="split name (default: the checkpoint's val split, or the only one)")
     evaluate.add_argument("--boxes", default="gt",
                           help="'gt' for ground-truth boxes (default) or a COCO-results JSON of person detections")

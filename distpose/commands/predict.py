@@ -28,7 +28,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "drawing per image and results.json (COCO keypoint results) to --out.",
     )
     predict.add_argument("images", nargs="+", help="image files, or directories of them")
-    predict.add_argument("--checkpoint", required=True, help="inference checkpoint (.pt)")
+    predict.add_argument("--checkpoint", required=True, help="inference checkpoint (.pt): a local path or s3://")
     predict.add_argument("--boxes", help="COCO-results JSON of person detections (default: whole image)")
     predict.add_argument("--min-box-score", type=float, default=0.0, help="drop detections below this score")
     predict.add_argument("--out", required=True, help="output directory")
