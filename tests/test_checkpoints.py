@@ -83,6 +83,16 @@ def test_resume_takes_the_newest_complete_checkpoint_and_removes_the_incomplete(
     assert newest_complete_checkpoint(tmp_path / "no-such-run") is None
 
 
+def test_a_checkpoint_of_an_older_distpose_is_neither_resumed_nor_removed(tmp_path):
+    fake_checkpoint(tmp_path, 10)
+    older = tmp_path / "checkpoint_2026-11-01_10-00-00.000000"  # Ray's own name, our old meta.json
+    (older / "state").mkdir(parents=True)
+    (older / "meta.json").write_text(json.dumps({"config": {}, "epoch": 9, "step": 90}))
+    assert newest_complete_checkpoint(tmp_path, remove_incomplete=True) == str(tmp_path / checkpoint_name(10))
+    assert (older / "meta.json").is_file()
+    assert prune_checkpoints(tmp_path, keep=1) == []
+
+
 def test_pruning_keeps_the_newest_complete_checkpoints(tmp_path):
     for step in (5, 10, 15, 20):
         fake_checkpoint(tmp_path, step)

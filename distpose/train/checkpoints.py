@@ -69,14 +69,13 @@ def write_meta(directory: Path, state: TrainState, config: dict[str, Any], world
     atomic_write_bytes(directory / META_FILE, json.dumps(doc, indent=1).encode())
 
 
-def parse_meta(data: bytes) -> CheckpointMeta:
-    doc = json.loads(data)
+def _meta_of(doc: dict[str, Any]) -> CheckpointMeta:
     return CheckpointMeta(TrainState(**doc["state"]), doc["config"], int(doc["world_size"]))
 
 
 def read_meta(directory: str | Path) -> CheckpointMeta:
     """`directory`'s meta.json (local or on object storage)."""
-    return parse_meta(read_bytes(join(directory, META_FILE)))
+    return _meta_of(json.loads(read_bytes(join(directory, META_FILE))))
 
 
 def checkpoint_name(step: int) -> str:
@@ -102,12 +101,23 @@ def save_checkpoint(engine, directory: Path, state: TrainState, config: dict[str
     atomic_write_bytes(directory / RANK_FILES.format(rank=rank), json.dumps(listing, indent=1).encode())
 
 
+class OlderCheckpoint(Exception):
+    """A checkpoint whose meta.json an older distpose wrote (no world size, no rank file lists)."""
+
+
 def incomplete_reason(location: str | Path) -> str | None:
-    """Why the checkpoint at `location` is not complete (None when it is)."""
+    """Why the checkpoint at `location` is not complete (None when it is). Raises OlderCheckpoint for one
+    written by an older distpose: complete or not, it cannot be told, and it is not ours to remove."""
     present = file_sizes(location)
     try:
-        world = read_meta(location).world_size
-    except (FileNotFoundError, OSError, ValueError, KeyError, TypeError) as exc:
+        doc = json.loads(read_bytes(join(location, META_FILE)))
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        return f"no readable {META_FILE} ({type(exc).__name__})"
+    if isinstance(doc, dict) and "epoch" in doc and "state" not in doc:
+        raise OlderCheckpoint(location)
+    try:
+        world = _meta_of(doc).world_size
+    except (ValueError, KeyError, TypeError) as exc:
         return f"no readable {META_FILE} ({type(exc).__name__})"
     for rank in range(world):
         name = RANK_FILES.format(rank=rank)
@@ -131,7 +141,11 @@ def newest_complete_checkpoint(run_dir: str | Path, remove_incomplete: bool = Fa
     (nothing writes to a run's storage while its workers start)."""
     best, best_step = None, -1
     for location in checkpoints_on_storage(run_dir):
-        reason = incomplete_reason(location)
+        try:
+            reason = incomplete_reason(location)
+        except OlderCheckpoint:
+            log.warning("left alone: %s, written by an older distpose (resume from it is not supported)", location)
+            continue
         if reason is not None:
             if remove_incomplete:
                 log.warning("removing incomplete checkpoint %s: %s", location, reason)
@@ -146,12 +160,19 @@ def newest_complete_checkpoint(run_dir: str | Path, remove_incomplete: bool = Fa
 def prune_checkpoints(run_dir: str | Path, keep: int) -> list[str]:
     """Delete all but the `keep` newest complete checkpoints (Ray keeps count of the ones it registered only;
     one written but never registered would stay forever). Returns what was deleted."""
-    complete = [c for c in checkpoints_on_storage(run_dir) if incomplete_reason(c) is None]
+    complete = [c for c in checkpoints_on_storage(run_dir) if _complete(c)]
     complete.sort(key=lambda c: read_meta(c).state.step)
     surplus = complete[:-keep] if keep > 0 else []
     for location in surplus:
         remove_tree(location)
     return surplus
+
+
+def _complete(location: str) -> bool:
+    try:
+        return incomplete_reason(location) is None
+    except OlderCheckpoint:
+        return False
 
 
 def needs_conversion(meta: CheckpointMeta, world_size: int) -> bool:
