@@ -99,6 +99,10 @@ def test_resume_dir_without_meta_refused(tmp_path, capsys, no_ray):
     assert main(["train", QUICK, *NO_DATA, f"train.storage={tmp_path}", "--resume", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--resume {tmp_path}: not a distpose training checkpoint" in err[0]
+    (tmp_path / "meta.json").write_text(json.dumps({"config": {}, "epoch": 2, "step": 20}))  # an older version's
+    assert main(["train", QUICK, *NO_DATA, f"train.storage={tmp_path}", "--resume", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "meta.json is not one this distpose writes" in err[0]
 
 
 # ---------------------------------------------------------------------------------------------

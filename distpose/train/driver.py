@@ -48,6 +48,7 @@ from distpose.train.checkpoints import (
     METRICS_LOG,
     PARTIAL_CHECKPOINT_PREFIX,
     prune_checkpoints,
+    read_meta,
 )
 from distpose.train.crf_prior import PRIOR_FILE, with_crf_prior
 from distpose.train.engine import deepspeed_config
@@ -161,8 +162,14 @@ def preflight(cfg: Config, resume: str | None = None, address: str | None = None
         if trained not in (None, cfg.model.backbone):
             raise ConfigError(f"config key 'train.backbone_checkpoint': {path} holds a {trained!r} backbone, "
                               f"but model.backbone is {cfg.model.backbone!r}")
-    if resume is not None and not exists(join(resume, META_FILE)):
-        raise UserError(f"--resume {resume}: not a distpose training checkpoint (no {META_FILE} inside)")
+    if resume is not None:
+        try:
+            read_meta(resume)
+        except FileNotFoundError:
+            raise UserError(f"--resume {resume}: not a distpose training checkpoint (no {META_FILE} inside)") from None
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"--resume {resume}: its {META_FILE} is not one this distpose writes (a checkpoint of "
+                            f"an older version?)") from None
     deepspeed_config(cfg)
 
 
