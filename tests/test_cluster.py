@@ -205,7 +205,7 @@ def test_a_run_over_two_nodes_is_discovered_and_waits_for_a_replacement_of_a_los
     resumes from the latest checkpoint; once it is done, the driver's node (the head) exports the finished
     state. ~70 s."""
     seen = train_losing_a_node(nodes, synth_shards, tmp_path, "fixed", "2", join_when=lambda s, _: s > 8,
-                               per_epoch=40, epochs=3, discover=True)
+                               per_epoch=40, epochs=8, discover=True)  # long enough to be seen on both nodes
     print(f"\nendpoints discovered -> ranks seen training there: {seen['seen']}")
     training = {target: ranks for target, ranks in seen["seen"].items() if ranks}
     assert set(training) == seen["workers"], seen["seen"]
