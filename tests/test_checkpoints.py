@@ -18,7 +18,7 @@ from distpose.train.checkpoints import (
     RANK_FILES,
     TrainState,
     checkpoint_name,
-    incomplete_reason,
+    inspect_checkpoint,
     loadable_checkpoint,
     newest_complete_checkpoint,
     prune_checkpoints,
@@ -54,19 +54,19 @@ def _mkdir(path: Path) -> Path:
 
 def test_a_complete_checkpoint_has_every_ranks_files_at_their_sizes(tmp_path):
     directory = fake_checkpoint(tmp_path, 10)
-    assert incomplete_reason(directory) is None
+    assert inspect_checkpoint(directory)[1] is None
 
     (directory / "state/part1.pt").write_bytes(bytes(50))  # an upload cut short
-    assert incomplete_reason(directory) == "state/part1.pt: 50 bytes, rank 1 wrote 101"
+    assert inspect_checkpoint(directory)[1] == "state/part1.pt: 50 bytes, rank 1 wrote 101"
     (directory / "state/part1.pt").unlink()
-    assert incomplete_reason(directory) == "state/part1.pt: missing bytes, rank 1 wrote 101"
+    assert inspect_checkpoint(directory)[1] == "state/part1.pt: missing bytes, rank 1 wrote 101"
 
     directory = fake_checkpoint(tmp_path, 20)
     (directory / "rank1.files.json").unlink()  # rank 1 never finished its part
-    assert incomplete_reason(directory) == "no readable rank1.files.json (FileNotFoundError)"
+    assert inspect_checkpoint(directory)[1] == "no readable rank1.files.json (FileNotFoundError)"
     directory = fake_checkpoint(tmp_path, 30)
     (directory / "meta.json").write_text('{"config": {')
-    assert incomplete_reason(directory) == "no readable meta.json (JSONDecodeError)"
+    assert inspect_checkpoint(directory)[1] == "no readable meta.json (JSONDecodeError)"
 
 
 def test_resume_takes_the_newest_complete_checkpoint_and_removes_the_incomplete(tmp_path):
@@ -191,7 +191,7 @@ def test_zero_checkpoint_resumes_at_another_world_size_with_the_same_state(tmp_p
     for d in directories.values():  # what Ray does with the ranks' directories
         for part in sorted(d.glob("rank*")):
             shutil.copytree(part, d / "merged", dirs_exist_ok=True)
-        assert incomplete_reason(d / "merged") is None
+        assert inspect_checkpoint(d / "merged")[1] is None
     _run_ranks(loaded, [(stage, str(d), "load") for stage, d in directories.items()])
 
     for stage, d in directories.items():

@@ -105,30 +105,31 @@ class OlderCheckpoint(Exception):
     """A checkpoint whose meta.json an older distpose wrote (no world size, no rank file lists)."""
 
 
-def incomplete_reason(location: str | Path) -> str | None:
-    """Why the checkpoint at `location` is not complete (None when it is). Raises OlderCheckpoint for one
-    written by an older distpose: complete or not, it cannot be told, and it is not ours to remove."""
+def inspect_checkpoint(location: str | Path) -> tuple[CheckpointMeta | None, str | None]:
+    """(its meta, None) for a complete checkpoint at `location`, else (None, why it is not complete). Raises
+    OlderCheckpoint for one written by an older distpose: complete or not, it cannot be told, and it is not
+    ours to remove."""
     present = file_sizes(location)
     try:
         doc = json.loads(read_bytes(join(location, META_FILE)))
     except (FileNotFoundError, OSError, ValueError) as exc:
-        return f"no readable {META_FILE} ({type(exc).__name__})"
+        return None, f"no readable {META_FILE} ({type(exc).__name__})"
     if isinstance(doc, dict) and "epoch" in doc and "state" not in doc:
         raise OlderCheckpoint(location)
     try:
-        world = _meta_of(doc).world_size
+        meta = _meta_of(doc)
     except (ValueError, KeyError, TypeError) as exc:
-        return f"no readable {META_FILE} ({type(exc).__name__})"
-    for rank in range(world):
+        return None, f"no readable {META_FILE} ({type(exc).__name__})"
+    for rank in range(meta.world_size):
         name = RANK_FILES.format(rank=rank)
         try:
             listed = json.loads(read_bytes(join(location, name)))["files"]
         except (FileNotFoundError, OSError, ValueError, KeyError) as exc:
-            return f"no readable {name} ({type(exc).__name__})"
+            return None, f"no readable {name} ({type(exc).__name__})"
         for path, size in listed.items():
             if present.get(path) != size:
-                return f"{path}: {present.get(path, 'missing')} bytes, rank {rank} wrote {size}"
-    return None
+                return None, f"{path}: {present.get(path, 'missing')} bytes, rank {rank} wrote {size}"
+    return meta, None
 
 
 def checkpoints_on_storage(run_dir: str | Path) -> list[str]:
@@ -136,43 +137,39 @@ def checkpoints_on_storage(run_dir: str | Path) -> list[str]:
     return [join(run_dir, name) for name in subdirectories(run_dir) if name.startswith(CHECKPOINT_PREFIX)]
 
 
-def newest_complete_checkpoint(run_dir: str | Path, remove_incomplete: bool = False) -> str | None:
-    """The complete checkpoint with the most steps; with `remove_incomplete`, the incomplete ones are deleted
-    (nothing writes to a run's storage while its workers start)."""
-    best, best_step = None, -1
+def complete_checkpoints(run_dir: str | Path, remove_incomplete: bool = False) -> list[tuple[str, CheckpointMeta]]:
+    """The run's complete checkpoints with their meta, fewest steps first; with `remove_incomplete`, the
+    incomplete ones are deleted (nothing writes to a run's storage while its workers start). Checkpoints of
+    an older distpose are left alone."""
+    complete = []
     for location in checkpoints_on_storage(run_dir):
         try:
-            reason = incomplete_reason(location)
+            meta, reason = inspect_checkpoint(location)
         except OlderCheckpoint:
             log.warning("left alone: %s, written by an older distpose (resume from it is not supported)", location)
             continue
-        if reason is not None:
-            if remove_incomplete:
-                log.warning("removing incomplete checkpoint %s: %s", location, reason)
-                remove_tree(location)
-            continue
-        step = read_meta(location).state.step
-        if step > best_step:
-            best, best_step = location, step
-    return best
+        if meta is not None:
+            complete.append((location, meta))
+        elif remove_incomplete:
+            log.warning("removing incomplete checkpoint %s: %s", location, reason)
+            remove_tree(location)
+    return sorted(complete, key=lambda found: found[1].state.step)
+
+
+def newest_complete_checkpoint(run_dir: str | Path, remove_incomplete: bool = False) -> str | None:
+    """The complete checkpoint with the most steps (see complete_checkpoints)."""
+    complete = complete_checkpoints(run_dir, remove_incomplete)
+    return complete[-1][0] if complete else None
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int) -> list[str]:
     """Delete all but the `keep` newest complete checkpoints (Ray keeps count of the ones it registered only;
     one written but never registered would stay forever). Returns what was deleted."""
-    complete = [c for c in checkpoints_on_storage(run_dir) if _complete(c)]
-    complete.sort(key=lambda c: read_meta(c).state.step)
+    complete = [location for location, _ in complete_checkpoints(run_dir)]
     surplus = complete[:-keep] if keep > 0 else []
     for location in surplus:
         remove_tree(location)
     return surplus
-
-
-def _complete(location: str) -> bool:
-    try:
-        return incomplete_reason(location) is None
-    except OlderCheckpoint:
-        return False
 
 
 def needs_conversion(meta: CheckpointMeta, world_size: int) -> bool:
