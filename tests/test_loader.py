@@ -1,7 +1,9 @@
 """Streaming loader: exact evaluation passes, equal training epochs, augmentation, corrupt samples."""
 
 import dataclasses
+import gc
 import json
+import multiprocessing
 import time
 
 import cv2
@@ -90,6 +92,26 @@ def test_train_stream_is_reproducible(synth_shards):
     a, b = next(iter(train_loader(cfg))), next(iter(train_loader(cfg)))
     assert a["instance_id"].tolist() == b["instance_id"].tolist()
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["joints"], b["joints"])
+
+
+def test_dropped_train_loader_stops_its_workers(synth_shards):
+    """A training stream never ends, so its workers stop only when the loader is dropped. Dropping it
+    must shut them down at once: left to the garbage collector (a reference cycle), the DataLoader's
+    queues are closed before its shutdown runs, the workers never get the stop signal, and each
+    costs the shutdown's 5-s join timeout."""
+    before = set(multiprocessing.active_children())
+    loader = train_loader(data_cfg(synth_shards, loader_workers=2))
+    assert len(list(loader)) == 3
+    workers = [p for p in multiprocessing.active_children() if p not in before]
+    assert len(workers) == 2
+    gc.disable()  # so only reference counting can release the loader
+    try:
+        del loader
+        for worker in workers:
+            worker.join(timeout=60)
+    finally:
+        gc.enable()
+    assert [w.exitcode for w in workers] == [0, 0]
 
 
 def test_eval_batch_is_the_plain_crop_with_consistent_targets(synth_shards):

@@ -259,6 +259,21 @@ class TopDownStream(IterableDataset):
         yield {STATS_KEY: (worker, dict(counter.counts))}
 
 
+def _counted(stream: Iterator[dict[str, Any]], skips: dict[int, dict[str, int]]
+             ) -> Iterator[dict[str, torch.Tensor]]:
+    """The batches of a DataLoader stream, with each worker's skip counts taken out into `skips`.
+
+    Not a method: kept on its loader, a generator holding the loader would be a reference cycle.
+    The garbage collector frees a cycle's multiprocessing queues before the DataLoader iterator's
+    shutdown runs, so its workers never got the stop signal and were killed after a 5-s join
+    timeout each."""
+    for message in stream:
+        worker, counts = message.pop(STATS_KEY)
+        skips[worker] = counts
+        if message:
+            yield message
+
+
 class StreamingLoader:
     """Batches for one rank. Training: an endless stream cut into epochs of `batches_per_epoch`.
     Evaluation: each iteration is one full pass over this rank's shards."""
@@ -286,13 +301,6 @@ class StreamingLoader:
             total.update(counts)
         return total
 
-    def _batches(self, stream: Iterator[dict[str, Any]]) -> Iterator[dict[str, torch.Tensor]]:
-        for message in stream:
-            worker, counts = message.pop(STATS_KEY)
-            self._skips[worker] = counts
-            if message:
-                yield message
-
     def __len__(self) -> int:
         if self.batches_per_epoch is None:
             raise TypeError("an evaluation loader has no fixed length")
@@ -301,10 +309,10 @@ class StreamingLoader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if not self.spec.train:
             self._skips = {}
-            yield from self._batches(iter(self.dataloader))
+            yield from _counted(iter(self.dataloader), self._skips)
             return
         if self._stream is None:
-            self._stream = self._batches(iter(self.dataloader))
+            self._stream = _counted(iter(self.dataloader), self._skips)
         for _ in range(len(self)):
             yield next(self._stream)
 
