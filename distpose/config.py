@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from distpose.errors import UserError
+from distpose.files import is_uri, read_bytes
 
 RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -329,14 +330,15 @@ def find_config(name: str | Path, directory: bool = False) -> Path:
     raise ConfigError(f"config {name} does not exist (not a path, nor a packaged config: {', '.join(names)})")
 
 
-def read_yaml_file(path: Path, what: str) -> Any:
-    """A YAML file's content, or one line saying why it cannot be read: missing, not text, not YAML."""
+def read_yaml_file(path: str | Path, what: str) -> Any:
+    """A YAML file's content (a local path or a URI), or one line saying why it cannot be read: missing,
+    not text, not YAML."""
     try:
-        return read_yaml(path.read_bytes().decode("utf-8"))
+        return read_yaml(read_bytes(path).decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{what} {path} does not exist") from None
     except OSError as exc:
-        raise ConfigError(f"{what} {path}: cannot be read ({exc.strerror})") from None
+        raise ConfigError(f"{what} {path}: cannot be read ({exc.strerror or exc})") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{what} {path}: not a text file (byte 0x{exc.object[exc.start]:02x} at offset "
                           f"{exc.start} is not UTF-8)") from None
@@ -345,11 +347,11 @@ def read_yaml_file(path: Path, what: str) -> Any:
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """The defaults, updated by the YAML file at `path` (a path or a packaged config's name, if any),
-    then by `key.sub=value` overrides."""
+    """The defaults, updated by the YAML file at `path` (a path, a URI or a packaged config's name, if
+    any), then by `key.sub=value` overrides."""
     data: dict[str, Any] = {}
     if path is not None:
-        path = find_config(path)
+        path = path if is_uri(path) else find_config(path)
         data = read_yaml_file(path, "config file") or {}
     cfg = _apply(Config(), data, f"config file {path}")
     for text in overrides:

@@ -30,6 +30,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 HTTP_TIMEOUT_S = 60.0  # per connection attempt and per read
+READ_BUFFER_BYTES = 4 << 20
 
 
 def is_uri(location: str | Path) -> bool:
@@ -44,6 +45,11 @@ def join(location: str | Path, *parts: str) -> str:
     if is_uri(location):
         return "/".join([str(location).rstrip("/"), *parts])
     return str(Path(location).joinpath(*parts))
+
+
+def within(directory: str | Path, *parts: str) -> str | Path:
+    """A location under `directory`, of the same kind: a Path under a local Path, a URI under a URI."""
+    return Path(directory).joinpath(*parts) if isinstance(directory, Path) else join(directory, *parts)
 
 
 def filesystem(location: str | Path) -> tuple[pyarrow.fs.FileSystem, str]:
@@ -69,7 +75,9 @@ def open_input(location: str | Path) -> IO[bytes]:
     if not is_uri(location):
         return open(location, "rb")  # noqa: SIM115 (the caller closes it)
     fs, path = filesystem(location)
-    return fs.open_input_stream(path)
+    # Unbuffered, pyarrow sends a ranged GET per read() call: a tar read 10 KiB at a time took 40x as long.
+    # And no compression guessed from the name: the bytes read are the bytes stored, as for a local file.
+    return fs.open_input_stream(path, compression=None, buffer_size=READ_BUFFER_BYTES)
 
 
 def read_bytes(location: str | Path) -> bytes:
@@ -87,6 +95,21 @@ def write_bytes(location: str | Path, data: bytes) -> None:
     fs, path = filesystem(location)
     with fs.open_output_stream(path) as stream:
         stream.write(data)
+
+
+def append_bytes(location: str | Path, data: bytes) -> None:
+    """Add `data` at the end of a file (creating it). An object cannot grow: it is rewritten whole, so keep
+    such files small and written by one process at a time."""
+    if not is_uri(location):
+        Path(location).parent.mkdir(parents=True, exist_ok=True)
+        with open(location, "ab") as out:
+            out.write(data)
+        return
+    try:
+        before = read_bytes(location)
+    except FileNotFoundError:
+        before = b""
+    write_bytes(location, before + data)
 
 
 def upload(local: Path, location: str | Path) -> None:
@@ -122,6 +145,14 @@ def file_sizes(location: str | Path, recursive: bool = True) -> dict[str, int]:
     selector = pyarrow.fs.FileSelector(root, recursive=recursive, allow_not_found=True)
     return {info.path[len(root):].lstrip("/"): info.size for info in fs.get_file_info(selector)
             if info.type == pyarrow.fs.FileType.File}
+
+
+def holds_anything(location: str | Path) -> bool:
+    """Whether the directory `location` exists and has a file or directory in it."""
+    import pyarrow.fs
+
+    fs, root = filesystem(location)
+    return bool(fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True)))
 
 
 def subdirectories(location: str | Path) -> list[str]:

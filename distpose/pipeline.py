@@ -28,7 +28,7 @@ from distpose.eval.draw import draw_predictions
 from distpose.eval.evaluate import evaluate_checkpoint, flat_metrics, score
 from distpose.eval.mean_pose import fit_mean_pose, predict_mean_pose
 from distpose.eval.report import Comparison, ModeResult, compare, read_run_log, write_report
-from distpose.files import exists
+from distpose.files import exists, is_uri, read_bytes, within
 from distpose.modes import MODES, check_mode, crf_sibling, named_mode
 from distpose.train.checkpoints import METRICS_LOG
 from distpose.train.crf_prior import PRIOR_FILE
@@ -41,8 +41,9 @@ def _say(text: str) -> None:
     log.info("[pipeline] %s", text)
 
 
-def prepare_data(root: Path, shards: Path, train_images: int, val_images: int) -> None:
-    """Synthetic COCO and its shards, unless already there (generation is deterministic)."""
+def prepare_data(root: Path, shards: str, train_images: int, val_images: int) -> None:
+    """Synthetic COCO in `root` and its shards in `shards` (a directory or an object-store URI), unless
+    already there (generation is deterministic)."""
     if not (root / "annotations" / "person_keypoints_val.json").is_file():
         _say(f"generating {train_images} + {val_images} synthetic images in {root}")
         generate_synthetic_coco(root, num_train=train_images, num_val=val_images, workers=2, progress=False)
@@ -59,7 +60,7 @@ def ground_truth_reader() -> GroundTruth:
     """shard_ground_truth read once per (shard directory, split): every run of a pipeline is scored
     against the same validation split."""
     read = functools.cache(shard_ground_truth)
-    return lambda shards, split: read(str(Path(shards).resolve()), split)
+    return lambda shards, split: read(shards if is_uri(shards) else str(Path(shards).resolve()), split)
 
 
 def mean_pose_floor(cfg: Config, truth: GroundTruth) -> ModeResult:
@@ -89,7 +90,7 @@ def crf_notes(results: list[ModeResult], configs: dict[str, Config]) -> list[str
     for name, cfg in configs.items():
         if cfg.train.mode == "backbone" or name not in by_name:
             continue
-        prior = json.loads((run_dir(cfg) / PRIOR_FILE).read_text())
+        prior = json.loads(read_bytes(within(run_dir(cfg), PRIOR_FILE)))
         held = "" if prior["coverage"] is None else \
             f" holds {prior['coverage']:.1%} of {prior['limbs']:,} training limbs (augmented)"
         base = by_name.get(named_mode(name).parent)
@@ -101,7 +102,7 @@ def crf_notes(results: list[ModeResult], configs: dict[str, Config]) -> list[str
     return notes
 
 
-def run_config(config_dir: Path, name: str, overrides: list[str], parent: Path | None) -> Config:
+def run_config(config_dir: Path, name: str, overrides: list[str], parent: Path | str | None) -> Config:
     path = config_dir / f"{name}.yaml"
     if not path.is_file():
         raise UserError(f"pipeline config directory {config_dir} lacks {name}.yaml")
@@ -121,7 +122,7 @@ def run_pipeline(config_dir: str | Path = "quick", overrides: tuple[str, ...] = 
     config_dir, report_dir = find_config(config_dir, directory=True), Path(report_dir)
     # Every config read and checked now, not after the data and the first fits.
     first, *_ = [run_config(config_dir, m.name, list(overrides), None) for m in MODES]
-    prepare_data(Path(data_root), Path(first.data.shards), train_images, val_images)
+    prepare_data(Path(data_root), first.data.shards, train_images, val_images)
     truth = ground_truth_reader()
     floor = mean_pose_floor(first, truth)
     _say(f"mean-pose floor: visible PCK@0.1 {floor.metrics.get('visible/pck@0.1', 0):.3f}")
@@ -148,11 +149,10 @@ def run_pipeline(config_dir: str | Path = "quick", overrides: tuple[str, ...] = 
 def _evaluate_run(name: str, description: str, outcome: TrainOutcome, report_dir: Path, truth: GroundTruth
                   ) -> ModeResult:
     """Score the run's final.pt in this process (the table's figures) and draw its skeleton grid."""
-    final = outcome.final_model
-    data = load_config(final.parent / "config.yaml").data
-    metrics, predictions, cfg = evaluate_checkpoint(final, truth(data.shards, data.val_split))
+    data = load_config(within(outcome.run_dir, "config.yaml")).data
+    metrics, predictions, cfg = evaluate_checkpoint(outcome.final_model, truth(data.shards, data.val_split))
     grid_path = draw_predictions(cfg.data.shards, cfg.data.val_split, predictions, report_dir / name, max_images=8)
-    steps, evals = read_run_log(final.parent / METRICS_LOG)
+    steps, evals = read_run_log(within(outcome.run_dir, METRICS_LOG))
     throughput = statistics.median(s["samples_per_s"] for s in steps) if steps else None
     return ModeResult(name, description, flat_metrics(metrics), outcome.wall_time or None, throughput, steps, evals,
                       str(grid_path.relative_to(report_dir)) if grid_path else None, predictions)

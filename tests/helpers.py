@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from distpose.data.shards import iter_tar_samples
+from distpose.files import read_bytes, within
 
 
 def corrupt_jpeg_in_shard(shard: Path) -> str:
@@ -62,13 +63,15 @@ def scramble_jpeg_in_shard(shard: Path) -> str:
     return damage_first_jpeg_in_shard(shard, scramble_jpeg)
 
 
-def records(directory: Path, kind: str | None = None) -> list[dict]:
-    """metrics.jsonl's complete lines (a line being appended is left out), of `kind` if given."""
-    path = directory / "metrics.jsonl"
-    if not path.is_file():
+def records(directory: Path | str, kind: str | None = None) -> list[dict]:
+    """metrics.jsonl's complete lines (a line being appended is left out), of `kind` if given; the run
+    directory is a path or a URI."""
+    try:
+        text = read_bytes(within(directory, "metrics.jsonl")).decode()
+    except FileNotFoundError:
         return []
     out = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:

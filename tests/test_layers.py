@@ -14,7 +14,7 @@ ALLOWED = {
     "errors": set(),
     "files": set(),
     "keypoints": set(),
-    "config": {"errors"},
+    "config": {"errors", "files"},
     "kernels": set(),
     "data": BASE,
     "models": BASE | {"kernels"},

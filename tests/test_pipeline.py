@@ -1,5 +1,7 @@
 """`distpose pipeline` end to end on the session's Ray, shrunk to 2 steps per run: synthetic data, shards,
-the six runs of the five modes in dependency order, evaluation and the report; a rerun retrains nothing."""
+the six runs of the five modes in dependency order, evaluation and the report; a rerun retrains nothing.
+The shards and the runs are in the S3 bucket (the object_store fixture), as on a cluster without a shared
+filesystem; the report is written locally."""
 
 import json
 from pathlib import Path
@@ -11,6 +13,7 @@ from helpers import records
 
 from distpose.config import load_config
 from distpose.eval.report import PCK_COLUMNS
+from distpose.files import read_bytes
 from distpose.models.weights import read_pose_checkpoint
 from distpose.modes import MODES
 from distpose.pipeline import run_pipeline
@@ -21,20 +24,21 @@ pytestmark = pytest.mark.integration
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "quick"
 
 
-def starts(run: Path) -> int:
+def starts(run: str) -> int:
     return len(records(run, "start"))
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(ray_session, tmp_path_factory):
+def pipeline_run(ray_session, object_store, tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
-    overrides = (f"data.shards={root / 'shards'}", f"train.storage={root / 'runs'}", "data.batch_size=4",
+    runs = object_store.uri("pipeline/runs")
+    overrides = (f"data.shards={object_store.uri('pipeline/shards')}", f"train.storage={runs}", "data.batch_size=4",
                  "train.epochs=1", "data.batches_per_epoch=2", "train.lr_steps=[]", "train.warmup_steps=0",
                  "eval.every_epochs=1")
     kwargs = dict(overrides=overrides, data_root=root / "synth", report_dir=root / "report", train_images=12,
                   val_images=6)
     report = run_pipeline(CONFIGS, **kwargs)
-    return root, report, kwargs
+    return runs, report, kwargs
 
 
 def test_report_has_every_mode_and_the_floor(pipeline_run):
@@ -71,20 +75,19 @@ def test_report_has_every_mode_and_the_floor(pipeline_run):
 
 
 def test_crf_runs_start_from_their_backbones_final_model(pipeline_run):
-    root, _, _ = pipeline_run
-    runs = root / "runs"
+    runs, _, _ = pipeline_run
     for name, _, _, parent, _ in MODES:
         if parent is None:
             continue
-        cfg = load_config(runs / f"pipeline_{name}" / "config.yaml")
-        assert Path(cfg.train.backbone_checkpoint) == runs / f"pipeline_{parent}" / FINAL_MODEL
-        base = read_pose_checkpoint(runs / f"pipeline_{parent}" / FINAL_MODEL)["state_dict"]
-        ours = read_pose_checkpoint(runs / f"pipeline_{name}" / FINAL_MODEL)["state_dict"]
+        cfg = load_config(f"{runs}/pipeline_{name}/config.yaml")
+        assert cfg.train.backbone_checkpoint == f"{runs}/pipeline_{parent}/{FINAL_MODEL}"
+        base = read_pose_checkpoint(f"{runs}/pipeline_{parent}/{FINAL_MODEL}")["state_dict"]
+        ours = read_pose_checkpoint(f"{runs}/pipeline_{name}/{FINAL_MODEL}")["state_dict"]
         backbone = [k for k in base if k.startswith("backbone.")]
         assert backbone
         moved = [k for k in backbone if not torch.equal(ours[k], base[k])]
         # The window and the pairwise tables came from the training split's limbs (crf_prior.json).
-        prior = json.loads((runs / f"pipeline_{name}" / "crf_prior.json").read_text())
+        prior = json.loads(read_bytes(f"{runs}/pipeline_{name}/crf_prior.json"))
         assert prior["pairwise_init"] == "data" and cfg.model.crf_window == prior["radius"] >= 1
         assert prior["limbs"] > 0 and prior["coverage"] >= cfg.model.crf_window_coverage
         if cfg.train.mode == "crf":  # weights and BatchNorm statistics alike
@@ -95,11 +98,11 @@ def test_crf_runs_start_from_their_backbones_final_model(pipeline_run):
 
 
 def test_rerun_retrains_nothing(pipeline_run):
-    root, report, kwargs = pipeline_run
-    before = {name: starts(root / "runs" / f"pipeline_{name}") for name, *_ in MODES}
+    runs, report, kwargs = pipeline_run
+    before = {name: starts(f"{runs}/pipeline_{name}") for name, *_ in MODES}
     first = json.loads((report.parent / "results.json").read_text())
     assert run_pipeline(CONFIGS, **kwargs) == report
-    assert {name: starts(root / "runs" / f"pipeline_{name}") for name, *_ in MODES} == before
+    assert {name: starts(f"{runs}/pipeline_{name}") for name, *_ in MODES} == before
     again = json.loads((report.parent / "results.json").read_text())
     # Same final models, same validation set: the same scores.
     assert [r["metrics"] for r in again["runs"]] == [r["metrics"] for r in first["runs"]]

@@ -4,6 +4,7 @@ recorded, and a sweep whose driver is killed finished by --resume without repeat
 
 import csv
 import dataclasses
+import io
 import json
 import shutil
 import signal
@@ -20,6 +21,7 @@ from helpers import records
 from distpose.commands import main
 from distpose.config import ConfigError
 from distpose.eval.evaluate import evaluate_model, flat_metrics
+from distpose.files import read_bytes
 from distpose.models.pose import load_checkpoint
 from distpose.train.sweep_file import base_config, load_sweep, mode_config, sweep_dir
 from distpose.train.tune import ATTEMPTS_SUFFIX, _search_space, _searcher, run_sweep
@@ -128,9 +130,12 @@ def test_a_finished_sweep_name_is_not_overwritten(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def swept(ray_session, synth_shards, tmp_path_factory):
+def swept(ray_session, object_store, synth_shards, tmp_path_factory):
+    """The sweep with its storage in the S3 bucket: Tune's experiments, the trials' runs, the crf modes' start
+    from the best backbone there, the leaderboard and best/ (the other sweeps here keep theirs on local disk)."""
     root = tmp_path_factory.mktemp("tune")
     path = write_sweep(root / "sweep.yaml", name="swept", modes=SWEPT, overrides=tiny_overrides(synth_shards),
+                       storage=object_store.uri("sweeps"),
                        space={"train.lr": {"loguniform": [1.0e-3, 1.0e-2]},
                               "model.crf_window": {"choice": [2, 3], "modes": CRF_MODES}},
                        trials_per_mode=2, grace_period=1, reduction_factor=2, max_failures=0)
@@ -141,15 +146,20 @@ def swept(ray_session, synth_shards, tmp_path_factory):
     return sweep, leaderboard
 
 
+def read_csv(location: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(read_bytes(location).decode())))
+
+
 def test_leaderboard_has_a_row_per_mode_scored_by_real_evaluation(swept):
     sweep, leaderboard = swept
     directory = sweep_dir(sweep)
-    rows = list(csv.DictReader((directory / "leaderboard.csv").open()))
+    assert directory == f"{sweep.storage}/swept" == leaderboard.removesuffix("/leaderboard.md")
+    rows = read_csv(f"{directory}/leaderboard.csv")
     assert [r["mode"] for r in rows] == SWEPT
     for row in rows:
         # The exported checkpoint, evaluated again on the validation shards, gives the leaderboard's score.
         model, cfg, meta = load_checkpoint(row["checkpoint"])
-        assert Path(row["checkpoint"]) == directory / "best" / f"{row['mode']}.pt"
+        assert row["checkpoint"] == f"{directory}/best/{row['mode']}.pt"
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # the trial's arithmetic (1 CPU per worker), so the scores match exactly
         try:
@@ -159,16 +169,16 @@ def test_leaderboard_has_a_row_per_mode_scored_by_real_evaluation(swept):
         assert float(row[sweep.metric]) == pytest.approx(again[sweep.metric], abs=1e-6), row["mode"]
         assert 0 <= again[sweep.metric] <= 1 and again["instances"] > 0
         assert meta["kind"] == "best" and cfg.eval.best_metric == sweep.metric
-    text = leaderboard.read_text()
+    text = read_bytes(leaderboard).decode()
     assert sum(line.startswith("| ") for line in text.splitlines()) == 1 + len(SWEPT)
 
 
 def test_trials_ran_as_sampled_and_crf_modes_started_from_the_best_backbone(swept):
     sweep, _ = swept
     directory = sweep_dir(sweep)
-    trials = list(csv.DictReader((directory / "trials.csv").open()))
+    trials = read_csv(f"{directory}/trials.csv")
     assert len(trials) == 2 * len(SWEPT)
-    best = {r["mode"]: r for r in csv.DictReader((directory / "leaderboard.csv").open())}
+    best = {r["mode"]: r for r in read_csv(f"{directory}/leaderboard.csv")}
     for t in trials:
         params = json.loads(t["params"])
         assert 1e-3 <= params["train.lr"] <= 1e-2
@@ -176,6 +186,7 @@ def test_trials_ran_as_sampled_and_crf_modes_started_from_the_best_backbone(swep
         assert t["status"] in ("completed", "early-stopped") and t["attempts"] == "1", t
         # ASHA (grace 1 epoch) stops a trial only after its first evaluation, never at the end.
         assert int(t["epochs"]) == 2 if t["status"] == "completed" else int(t["epochs"]) == 1
+        assert t["checkpoint"] == f"{directory}/{t['mode']}/runs/{t['trial']}/best.pt"
         _, cfg, _ = load_checkpoint(t["checkpoint"])
         assert cfg.train.lr == pytest.approx(params["train.lr"])
         if t["mode"] in CRF_MODES:
@@ -199,7 +210,7 @@ def resampled(sweep, mode: str, storage: Path) -> list[dict]:
 
 def test_the_same_seed_samples_the_same_trials(swept, tmp_path):
     sweep, _ = swept
-    trials = list(csv.DictReader((sweep_dir(sweep) / "trials.csv").open()))
+    trials = read_csv(f"{sweep_dir(sweep)}/trials.csv")
     for mode in ("cnn", "cnn_crf"):
         ran = sorted((json.loads(t["params"]) for t in trials if t["mode"] == mode), key=json.dumps)
         assert resampled(sweep, mode, tmp_path / "again") == ran

@@ -25,6 +25,7 @@ from distpose.errors import UserError
 from distpose.eval.bootstrap import Interval
 from distpose.eval.evaluate import evaluate_checkpoint, flat_metrics
 from distpose.eval.report import HEADLINE, KINDS, ModeResult, compare
+from distpose.files import exists, read_bytes, within
 from distpose.train.checkpoints import METRICS_LOG
 from distpose.train.crf_prior import PRIOR_FILE
 from distpose.train.driver import run_dir, train
@@ -69,7 +70,7 @@ def run(config_dir: str | Path = "quick", network: str = "cnn", overrides: tuple
         address: str | None = None) -> dict[str, Any]:
     variants = variant_configs(find_config(config_dir, directory=True), network, overrides)
     backbone = variants[0][1].train.backbone_checkpoint
-    if not Path(backbone).is_file():
+    if not exists(backbone):
         raise UserError(f"ablation: the backbone checkpoint {backbone} does not exist: train it first (`make demo` "
                         "writes runs/pipeline_<network>/final.pt) or name one with train.backbone_checkpoint=...")
     _say(f"{len(variants)} CRF runs from {backbone}")
@@ -88,7 +89,8 @@ def run(config_dir: str | Path = "quick", network: str = "cnn", overrides: tuple
         references.setdefault(cfg.train.mode, result)  # each mode's first variant
     rows = []
     for name, cfg, result in results:
-        prior = (run_dir(cfg) / PRIOR_FILE).read_text() if (run_dir(cfg) / PRIOR_FILE).is_file() else "{}"
+        prior_file = within(run_dir(cfg), PRIOR_FILE)
+        prior = read_bytes(prior_file) if exists(prior_file) else b"{}"
         reference = references[cfg.train.mode]
         rows.append({
             "variant": name, "mode": cfg.train.mode, "run": cfg.train.run_name, "wall_time": result.wall_time,
@@ -104,10 +106,10 @@ def run(config_dir: str | Path = "quick", network: str = "cnn", overrides: tuple
             "table": table(rows)}
 
 
-def training_seconds(directory: Path) -> float:
+def training_seconds(directory: Path | str) -> float:
     """From the run's first start to its final.pt, in its metrics.jsonl: the same figure for a run trained
     now and for a finished run found again."""
-    records = [json.loads(line) for line in (directory / METRICS_LOG).read_text().splitlines()]
+    records = [json.loads(line) for line in read_bytes(within(directory, METRICS_LOG)).decode().splitlines()]
     start = min(r["time"] for r in records if r["kind"] == "start")
     return max(r["time"] for r in records if r["kind"] == "final") - start
 

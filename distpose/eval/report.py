@@ -9,7 +9,7 @@ from typing import Any
 
 from distpose.eval.bootstrap import RESAMPLES, Interval, instance_pck, paired_difference, pck_interval
 from distpose.eval.inference import Predictions
-from distpose.files import atomic_write_bytes
+from distpose.files import atomic_write_bytes, read_bytes
 
 PCK_COLUMNS = ("pck@0.05", "pck@0.1", "pck@0.2")
 # The score every interval and comparison is about.
@@ -50,12 +50,12 @@ def compare(run: ModeResult, against: ModeResult) -> Comparison:
                                 instance_pck(against.predictions, kind, HEADLINE_THRESHOLD)) for kind in KINDS})
 
 
-def read_run_log(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(step records, eval records) of a run's metrics.jsonl, the last attempt's record kept for a
-    step or epoch that a resumed attempt redid."""
+def read_run_log(location: Path | str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(step records, eval records) of a run's metrics.jsonl (a path or a URI), the last attempt's record
+    kept for a step or epoch that a resumed attempt redid."""
     steps: dict[int, dict[str, Any]] = {}
     evals: dict[int, dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
+    for line in read_bytes(location).decode().splitlines():
         record = json.loads(line)
         if record["kind"] == "step":
             steps[record["step"]] = record

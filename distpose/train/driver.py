@@ -38,7 +38,7 @@ from distpose.config import Config, ConfigError, TrainConfig, dump_yaml, to_dict
 from distpose.data.coco import load_detections
 from distpose.data.shards import read_manifest
 from distpose.errors import DataError, UserError
-from distpose.files import exists, is_uri, join, write_bytes
+from distpose.files import exists, is_uri, join, within, write_bytes
 from distpose.models.pose import build_pose_model
 from distpose.models.weights import read_pose_checkpoint
 from distpose.monitor.metrics import RunMetrics
@@ -194,7 +194,7 @@ def train(cfg: Config, address: str | None = None, resume: str | None = None,
     if done is not None:
         log.info(f"[distpose] run {cfg.train.run_name} already finished ({done['epoch']} epochs): "
               f"{join(directory, FINAL_MODEL)}; not retraining (use another train.run_name to train again)")
-        return TrainOutcome(directory, _within(directory, FINAL_MODEL), done, 0.0, False)
+        return TrainOutcome(directory, within(directory, FINAL_MODEL), done, 0.0, False)
 
     scratch = scratch_dir(cfg)
     scratch.mkdir(parents=True, exist_ok=True)
@@ -228,11 +228,7 @@ def train(cfg: Config, address: str | None = None, resume: str | None = None,
                 run_metrics.wait_until_exported(final)
         wall = time.perf_counter() - start
     log.info(f"[distpose] run {cfg.train.run_name} finished in {wall:.1f} s: {join(directory, FINAL_MODEL)}")
-    return TrainOutcome(directory, _within(directory, FINAL_MODEL), dict(result.metrics or {}), wall, True)
-
-
-def _within(directory: Path | str, name: str) -> Path | str:
-    return directory / name if isinstance(directory, Path) else join(directory, name)
+    return TrainOutcome(directory, within(directory, FINAL_MODEL), dict(result.metrics or {}), wall, True)
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from typing import Any
 from distpose.eval.bootstrap import RESAMPLES
 from distpose.eval.evaluate import evaluate_checkpoint, flat_metrics
 from distpose.eval.report import HEADLINE, KINDS, ModeResult, compare
-from distpose.files import atomic_write_bytes
+from distpose.files import read_bytes, within, write_bytes
 from distpose.train.sweep_file import Sweep, sweep_dir
 
 
@@ -36,12 +36,11 @@ def score_best(best: dict[str, dict[str, Any]]) -> dict[str, ModeResult]:
 
 
 def write_leaderboard(sweep: Sweep, records: list[dict[str, Any]], scored: dict[str, ModeResult],
-                      parents: dict[str, str | None]) -> Path:
+                      parents: dict[str, str | None]) -> Path | str:
     """leaderboard.md/.csv (the best trial per mode, with 95% intervals and each crf/joint mode's paired
     difference from its backbone), trials.csv (every trial), best/<mode>.pt."""
     directory = sweep_dir(sweep)
     best = best_trials(records)
-    (directory / "best").mkdir(exist_ok=True)
     shown = [sweep.metric] + [m for m in ("visible/pck@0.1", "occluded/pck@0.1", "AP") if m != sweep.metric]
     intervals = [f"{kind}/{HEADLINE} [95%]" for kind in KINDS]
     against = [f"{kind}/{HEADLINE} minus its backbone's [95%]" for kind in KINDS]
@@ -54,8 +53,8 @@ def write_leaderboard(sweep: Sweep, records: list[dict[str, Any]], scored: dict[
         if r is None:
             rows.append({"mode": mode, "trials": counts, "trial": "-", "params": "no trial produced a checkpoint"})
             continue
-        exported = directory / "best" / f"{mode}.pt"
-        atomic_write_bytes(exported, Path(r["checkpoint"]).read_bytes())
+        exported = within(directory, "best", f"{mode}.pt")
+        write_bytes(exported, read_bytes(r["checkpoint"]))
         cells = {column: interval.format() for column, interval in zip(intervals, scored[mode].intervals().values())}
         parent = parents.get(mode)
         if parent in scored:
@@ -66,10 +65,10 @@ def write_leaderboard(sweep: Sweep, records: list[dict[str, Any]], scored: dict[
                      "params": " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                         for k, v in sorted(r["params"].items())),
                      "checkpoint": str(exported)})
-    atomic_write_bytes(directory / "leaderboard.csv", _csv(columns, rows))
+    write_bytes(within(directory, "leaderboard.csv"), _csv(columns, rows))
     trial_columns = ["mode", "trial", "status", "attempts", "epochs", "score", "best_epoch", "params", "checkpoint",
                      "error"]
-    atomic_write_bytes(directory / "trials.csv", _csv(trial_columns, [
+    write_bytes(within(directory, "trials.csv"), _csv(trial_columns, [
         {**r, "params": json.dumps(r["params"], sort_keys=True)} for r in records]))
 
     def cell(value: Any) -> str:
@@ -85,8 +84,8 @@ def write_leaderboard(sweep: Sweep, records: list[dict[str, Any]], scored: dict[
              "zero.", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
-    path = directory / "leaderboard.md"
-    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+    path = within(directory, "leaderboard.md")
+    write_bytes(path, ("\n".join(lines) + "\n").encode())
     return path
 
 

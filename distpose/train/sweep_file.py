@@ -20,6 +20,7 @@ from distpose.config import (
     read_yaml_file,
     score_names,
 )
+from distpose.files import is_uri, join
 from distpose.modes import NAMES, check_mode
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
@@ -215,5 +216,8 @@ def mode_config(sweep: Sweep, mode: str, extra: list[str], backbone: str | None 
     return load_config(Path(sweep.configs) / f"{mode}.yaml", [*_overrides_of(sweep, mode), *forced, *extra])
 
 
-def sweep_dir(sweep: Sweep) -> Path:
+def sweep_dir(sweep: Sweep) -> Path | str:
+    """Where the sweep's results go: a local directory, or a URI on object storage."""
+    if is_uri(sweep.storage):
+        return join(sweep.storage, sweep.name)
     return (Path(sweep.storage) / sweep.name).resolve()

@@ -31,7 +31,7 @@ from typing import Any
 from distpose.cluster import ray_cluster
 from distpose.config import Config, ConfigError, load_config, worker_range
 from distpose.errors import UserError
-from distpose.files import atomic_write_bytes
+from distpose.files import append_bytes, exists, file_sizes, holds_anything, read_bytes, within, write_bytes
 from distpose.modes import MODES, named_mode
 from distpose.train.checkpoints import BEST_MODEL, METRICS_LOG
 from distpose.train.driver import check_model_files, check_shards, train, with_absolute_paths
@@ -92,7 +92,7 @@ def _searcher(sweep: Sweep, mode: str, concurrent: int = 0):
     return ConcurrencyLimiter(searcher, max_concurrent=concurrent) if concurrent else searcher
 
 
-def _make_trial(sweep: Sweep, mode: str, runs: Path, backbone: str | None):
+def _make_trial(sweep: Sweep, mode: str, runs: Path | str, backbone: str | None):
     cwd = Path.cwd()  # Tune runs each trial in its own directory: relative config paths mean the driver's
 
     def run_trial(values: dict[str, Any]) -> None:
@@ -100,7 +100,7 @@ def _make_trial(sweep: Sweep, mode: str, runs: Path, backbone: str | None):
         from ray.tune.integration.ray_train import TuneReportCallback
 
         trial = tune.get_context().get_trial_id()
-        attempts = runs / f"{trial}{ATTEMPTS_SUFFIX}"
+        attempts = within(runs, f"{trial}{ATTEMPTS_SUFFIX}")
         _append_json_line(attempts, {"start": time.time()})
         try:
             extra = [f"{key}={json.dumps(value)}" for key, value in values.items()]
@@ -115,10 +115,16 @@ def _make_trial(sweep: Sweep, mode: str, runs: Path, backbone: str | None):
     return run_trial
 
 
-def _append_json_line(path: Path, record: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as log:
-        log.write(json.dumps(record) + "\n")
+def _append_json_line(location: Path | str, record: dict[str, Any]) -> None:
+    append_bytes(location, (json.dumps(record) + "\n").encode())
+
+
+def _json_lines(location: Path | str) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file; none if there is no such file."""
+    try:
+        return [json.loads(line) for line in read_bytes(location).decode().splitlines()]
+    except FileNotFoundError:
+        return []
 
 
 def trials_that_fit(cfg: Config) -> int:
@@ -142,13 +148,13 @@ def run_mode(sweep: Sweep, mode: str, backbone: str | None, resume: bool) -> lis
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    directory = sweep_dir(sweep) / mode
-    runs = directory / "runs"
+    directory = within(sweep_dir(sweep), mode)
+    runs = within(directory, "runs")
     cfg = mode_config(sweep, mode, [], backbone)
     # The trial's own process only drives the TorchTrainer: it reserves no CPU (Tune needs some resource
     # in its bundle, so a little memory), leaving every CPU to the trial's workers.
     trainable = tune.with_resources(_make_trial(sweep, mode, runs, backbone), {"CPU": 0, "memory": TRIAL_MEMORY})
-    experiment = directory / "experiment"
+    experiment = within(directory, "experiment")
     if resume and tune.Tuner.can_restore(str(experiment)):
         _say(f"{mode}: resuming the experiment in {experiment} (finished trials are not rerun)")
         tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=False,
@@ -175,32 +181,30 @@ def run_mode(sweep: Sweep, mode: str, backbone: str | None, resume: bool) -> lis
         )
     results = tuner.fit()
     records = [_trial_record(sweep, mode, runs, result, cfg.train.epochs) for result in results]
-    atomic_write_bytes(directory / DONE_FILE, json.dumps(records, indent=1).encode())
+    write_bytes(within(directory, DONE_FILE), json.dumps(records, indent=1).encode())
     return records
 
 
-def _trial_record(sweep: Sweep, mode: str, runs: Path, result: Any, epochs: int) -> dict[str, Any]:
+def _trial_record(sweep: Sweep, mode: str, runs: Path | str, result: Any, epochs: int) -> dict[str, Any]:
     """What the leaderboard says of one trial. The scores are best.pt's, i.e. the trial's best epoch."""
     trial = _trial_id(runs, result)
-    run = runs / trial
-    attempts_log = runs / f"{trial}{ATTEMPTS_SUFFIX}"
-    log = [json.loads(line) for line in attempts_log.read_text().splitlines()] if attempts_log.is_file() else []
-    if (run / "config.yaml").is_file():  # the trial's own epochs: the space may set train.epochs
-        epochs = load_config(run / "config.yaml").train.epochs
+    run = within(runs, trial)
+    log = _json_lines(within(runs, f"{trial}{ATTEMPTS_SUFFIX}"))
+    if exists(within(run, "config.yaml")):  # the trial's own epochs: the space may set train.epochs
+        epochs = load_config(within(run, "config.yaml")).train.epochs
     # Epochs the run itself finished (ASHA's stop can reach a trial after its last epoch).
-    log_lines = (run / METRICS_LOG).read_text().splitlines() if (run / METRICS_LOG).is_file() else []
-    evaluated = [r["epoch"] for r in map(json.loads, log_lines) if r["kind"] == "eval"]
+    evaluated = [r["epoch"] for r in _json_lines(within(run, METRICS_LOG)) if r["kind"] == "eval"]
     record: dict[str, Any] = {"mode": mode, "trial": trial, "params": dict(result.config or {}),
                               "epochs": max(evaluated, default=0), "max_epochs": epochs,
                               "attempts": sum("start" in line for line in log)}
-    best = run / BEST_MODEL
+    best = within(run, BEST_MODEL)
     if result.error is not None:
         errors = [line["error"] for line in log if "error" in line]
         record |= {"status": "failed",
                    "error": errors[-1] if errors else str(result.error).strip().splitlines()[-1][:500]}
     else:
         record["status"] = "completed" if record["epochs"] >= epochs else "early-stopped"
-    if best.is_file():
+    if exists(best):
         from distpose.models.weights import read_pose_checkpoint
 
         meta = read_pose_checkpoint(best)["meta"]
@@ -210,14 +214,15 @@ def _trial_record(sweep: Sweep, mode: str, runs: Path, result: Any, epochs: int)
     return record
 
 
-def _trial_id(runs: Path, result: Any) -> str:
+def _trial_id(runs: Path | str, result: Any) -> str:
     """The Tune trial id of a result, which names its distpose run (runs/<id>/, runs/<id>.attempts.jsonl)."""
     trial_id = (result.metrics or {}).get("trial_id")
     if trial_id:
         return trial_id
     # A trial that never reported: Tune's directory for it is named <trainable>_<trial id>_<params>.
     name = Path(result.path or "").name
-    known = [p.name.removesuffix(ATTEMPTS_SUFFIX) for p in runs.glob(f"*{ATTEMPTS_SUFFIX}")] if runs.is_dir() else []
+    known = [name.removesuffix(ATTEMPTS_SUFFIX) for name in file_sizes(runs, recursive=False)
+             if name.endswith(ATTEMPTS_SUFFIX)]
     return next((t for t in known if f"_{t}_" in f"{name}_"), name or "?")
 
 
@@ -243,9 +248,9 @@ def parent_backbone(sweep: Sweep, mode: str, best: dict[str, dict[str, Any]]) ->
     return best[other]["checkpoint"]
 
 
-def run_sweep(sweep: Sweep, address: str | None = None, resume: bool = False) -> Path:
+def run_sweep(sweep: Sweep, address: str | None = None, resume: bool = False) -> Path | str:
     directory = sweep_dir(sweep)
-    if directory.exists() and any(directory.iterdir()) and not resume:
+    if not resume and holds_anything(directory):
         raise ConfigError(f"{sweep.source}: sweep directory {directory} already exists: add --resume to finish "
                           "that sweep, or choose another name (name=...)")
     for mode in sweep.modes:  # missing shards or weights would fail every trial, after Ray has started
@@ -255,8 +260,7 @@ def run_sweep(sweep: Sweep, address: str | None = None, resume: bool = False) ->
             check_model_files(cfg)
         except UserError as exc:
             raise ConfigError(f"{sweep.source}: mode {mode!r}: {exc}") from None
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(directory / "sweep.json", json.dumps(dataclasses.asdict(sweep), indent=1).encode())
+    write_bytes(within(directory, "sweep.json"), json.dumps(dataclasses.asdict(sweep), indent=1).encode())
     order = [m.name for m in MODES if m.name in sweep.modes]  # every parent before its children
     # Tune waits this long for a stopped trial's actor to exit before killing it (600 s by default): a trial
     # stuck in its run's shutdown on a busy cluster held whole sweeps for that long.
@@ -264,10 +268,10 @@ def run_sweep(sweep: Sweep, address: str | None = None, resume: bool = False) ->
     records: list[dict[str, Any]] = []
     with ray_cluster(address, base_config(sweep, order[0]).monitor):
         for mode in order:
-            done = directory / mode / DONE_FILE
-            if resume and done.is_file():
+            done = within(directory, mode, DONE_FILE)
+            if resume and exists(done):
                 _say(f"{mode}: finished earlier ({done})")
-                mode_records = json.loads(done.read_text())
+                mode_records = json.loads(read_bytes(done))
             else:
                 backbone = parent_backbone(sweep, mode, best_trials(records))
                 if backbone:
