@@ -1,7 +1,9 @@
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +103,17 @@ def object_store(tmp_path_factory):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@pytest.fixture(scope="session", autouse=True)
+def object_store_scratch_removed():
+    """Runs on object storage keep their logs in $TMPDIR/distpose-runs/<run name>/ on each node (here, one):
+    the suite removes those its runs made."""
+    scratch = Path(tempfile.gettempdir()) / "distpose-runs"
+    before = set(scratch.iterdir()) if scratch.is_dir() else set()
+    yield
+    for made in (set(scratch.iterdir()) if scratch.is_dir() else set()) - before:
+        shutil.rmtree(made, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):

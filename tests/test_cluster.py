@@ -174,7 +174,6 @@ def train_losing_a_node(nodes: Nodes, synth_shards: Path, tmp_path: Path, run: s
             time.sleep(0.1)
         alive = [n for n in nodes.processes[1:] if n.poll() is None]
         victim = alive[0]
-        killed_after = max(r["step"] for r in metrics_records(records) if r["kind"] == "step")
         killed_at, before = time.time(), len(metrics_records(records))
         nodes.kill(victim)
         while not join_when(time.time() - killed_at, metrics_records(records)[before:]):
@@ -192,6 +191,8 @@ def train_losing_a_node(nodes: Nodes, synth_shards: Path, tmp_path: Path, run: s
     steps = [r for r in lines if r["kind"] == "step"]
     assert sorted({r["step"] for r in steps}) == list(range(1, epochs * per_epoch + 1))
     restart = lines[starts[1]]
+    # The last step on record before the restart: a step can still finish between a look at the log and the kill.
+    killed_after = max(r["step"] for r in lines[: starts[1]] if r["kind"] == "step")
     first_after = next(r for r in lines[starts[1]:] if r["kind"] == "step")
     return {"starts": [lines[i] for i in starts], "killed_after": killed_after, "killed_at": killed_at,
             "joined_at": joined_at, "redone": len(steps) - epochs * per_epoch, "restart": restart,
