@@ -18,6 +18,7 @@ from distpose.config import Config, ConfigError, grad_accum_at, micro_batch_size
 from distpose.errors import UserError
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+SHM_COMM_OP = "deepspeed_shm_comm"  # DeepSpeed's ShareMemCommBuilder.NAME
 
 
 def deepspeed_config(cfg: Config, world_size: int | None = None) -> dict[str, Any]:
@@ -91,6 +92,9 @@ def build_engine(model: nn.Module, groups: list[dict], cfg: Config, world_size: 
     universal one (ZeRO state written at another world size, converted)."""
     import deepspeed
 
+    # On CPU DeepSpeed's communication setup JIT-compiles a shared-memory all-reduce op that only its
+    # inference all-reduce uses: a C++ compile on each node's first run (~50 s here), a load on every start.
+    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
     config = deepspeed_config(cfg, world_size)
     if load_universal:
         config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
