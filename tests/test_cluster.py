@@ -139,12 +139,15 @@ def metrics_records(path: Path) -> list[dict]:
 
 
 def train_losing_a_node(nodes: Nodes, synth_shards: Path, tmp_path: Path, run: str, workers: str, *extra: str,
-                        join_when, epochs: int = 4, per_epoch: int = 10, discover: bool = False) -> dict:
+                        join_when, epochs: int = 4, per_epoch: int = 10, discover: bool = False,
+                        stop_when=None) -> dict:
     """Train on the two worker nodes; once an epoch-1 checkpoint is registered and the next epoch is under way
     (and, with `discover`, once every node's endpoint has been found through the head's discovery file and
     each worker node's exports a rank's samples), kill the node of a rank (not the head: it holds the
     controller); a replacement node joins once `join_when(seconds since the kill, records since the kill)`
-    says so. Returns what happened, from rank 0's metrics.jsonl and the endpoints."""
+    says so. With `stop_when(records since the kill)`, the run is stopped by Ctrl-C (SIGINT) once that holds,
+    instead of training to its end: its length then need not outlast Ray's resize decisions. Returns what
+    happened, from rank 0's metrics.jsonl and the endpoints."""
     command = [sys.executable, "-m", "distpose", "train", "model.backbone=cnn_small", "data.input_size=[64,48]",
                "data.heatmap_size=[16,12]", "data.loader_workers=0", f"data.shards={synth_shards}",
                f"train.storage={tmp_path}", f"train.run_name={run}", f"train.workers={workers}",
@@ -181,21 +184,27 @@ def train_losing_a_node(nodes: Nodes, synth_shards: Path, tmp_path: Path, run: s
             time.sleep(0.2)
         joined_at = time.time()
         nodes.add_worker()
+        if stop_when is not None:
+            while not stop_when(metrics_records(records)[before:]):
+                assert trainer.poll() is None and time.time() - joined_at < 300, log.read_text()[-3000:]
+                time.sleep(0.2)
+            trainer.send_signal(signal.SIGINT)
         trainer.wait(timeout=300)
     finally:
         if trainer.poll() is None:
             trainer.kill()
-    assert trainer.returncode == 0, log.read_text()[-3000:]
+    assert trainer.returncode == (0 if stop_when is None else 130), log.read_text()[-3000:]
     lines = metrics_records(records)
     starts = [i for i, r in enumerate(lines) if r["kind"] == "start"]
     steps = [r for r in lines if r["kind"] == "step"]
-    assert sorted({r["step"] for r in steps}) == list(range(1, epochs * per_epoch + 1))
+    last = epochs * per_epoch if stop_when is None else max(r["step"] for r in steps)
+    assert sorted({r["step"] for r in steps}) == list(range(1, last + 1))
     restart = lines[starts[1]]
     # The last step on record before the restart: a step can still finish between a look at the log and the kill.
     killed_after = max(r["step"] for r in lines[: starts[1]] if r["kind"] == "step")
     first_after = next(r for r in lines[starts[1]:] if r["kind"] == "step")
     return {"starts": [lines[i] for i in starts], "killed_after": killed_after, "killed_at": killed_at,
-            "joined_at": joined_at, "redone": len(steps) - epochs * per_epoch, "restart": restart,
+            "joined_at": joined_at, "redone": len(steps) - last, "restart": restart,
             "recovery_s": first_after["time"] - killed_at, "steps": steps, "lines": lines, "seen": dict(seen),
             "workers": workers_of}
 
@@ -239,9 +248,17 @@ def test_an_elastic_run_goes_on_without_the_lost_node_and_grows_back(nodes, synt
         return any(r["kind"] == "step" for r in since_kill) and any(
             r["kind"] == "start" and r["world_size"] == 1 for r in since_kill)
 
+    def back_on_two_ranks(since_kill: list[dict]) -> bool:
+        starts = [i for i, r in enumerate(since_kill) if r["kind"] == "start"]
+        return len(starts) >= 2 and since_kill[starts[-1]]["world_size"] == 2 and any(
+            r["kind"] == "step" for r in since_kill[starts[-1]:])
+
+    # Long enough for any resize delay (a 400-step run once ended on 1 rank before Ray grew it back); stopped by
+    # Ctrl-C once it has stepped on 2 ranks again.
     seen = train_losing_a_node(nodes, synth_shards, tmp_path, "elastic", "[1,2]", "train.zero_stage=2",
                                "train.elastic_resize_interval_s=3", "train.start_timeout_s=10",
-                               "train.max_failures=6", join_when=on_one_rank, epochs=10, per_epoch=40)
+                               "train.max_failures=6", join_when=on_one_rank, epochs=100, per_epoch=40,
+                               stop_when=back_on_two_ranks)
     starts = seen["starts"]
     worlds = [(s["world_size"], s["grad_accum"], s["micro_batch"]) for s in starts]
     shrink_s = next(r["time"] for r in seen["lines"][seen["lines"].index(starts[1]):] if r["kind"] == "step") \
