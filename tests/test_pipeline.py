@@ -1,4 +1,4 @@
-"""`distpose pipeline` end to end on the session's Ray, shrunk to 2 steps per run: synthetic data, shards,
+"""`distpose pipeline` end to end on the session's Ray, shrunk to 2 steps per run on one worker: synthetic data, shards,
 the six runs of the five modes in dependency order, evaluation and the report; a rerun retrains nothing.
 The shards and the runs are in the S3 bucket (the object_store fixture), as on a cluster without a shared
 filesystem; the report is written locally."""
@@ -34,7 +34,7 @@ def pipeline_run(ray_session, object_store, tmp_path_factory):
     runs = object_store.uri("pipeline/runs")
     overrides = (f"data.shards={object_store.uri('pipeline/shards')}", f"train.storage={runs}", "data.batch_size=4",
                  "train.epochs=1", "data.batches_per_epoch=2", "train.lr_steps=[]", "train.warmup_steps=0",
-                 "eval.every_epochs=1")
+                 "eval.every_epochs=1", "train.workers=1")  # one worker: each of its worker processes costs ~3 s
     kwargs = dict(overrides=overrides, data_root=root / "synth", report_dir=root / "report", train_images=12,
                   val_images=6)
     report = run_pipeline(CONFIGS, **kwargs)
