@@ -1,5 +1,6 @@
 """Config schema: YAML files, overrides, and one-line errors with exit code 2."""
 
+import io
 import subprocess
 import sys
 import zipfile
@@ -143,3 +144,20 @@ def test_quiet_and_verbose_go_anywhere_on_the_line(capsys):
     assert exit_info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
     assert main(["-q", "config", "-v"]) == 2  # one on each side
     assert capsys.readouterr().err == "distpose: error: -q and -v exclude each other\n"
+
+
+def test_console_log_goes_to_the_stderr_of_the_moment(monkeypatch):
+    """The console handler follows sys.stderr: a stream swapped in for one call (a test's capture, a notebook's)
+    and closed after it never receives the next call's records."""
+    import logging
+
+    from distpose.commands import main
+
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    assert main(["config", "quick/cnn", "-q"]) == 0
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", second)
+    logging.getLogger("distpose").warning("after the first call")
+    assert second.getvalue() == "distpose: warning: after the first call\n"

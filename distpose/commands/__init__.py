@@ -39,6 +39,18 @@ class _Formatter(logging.Formatter):
         return text if record.levelno <= logging.INFO else f"distpose: {record.levelname.lower()}: {text}"
 
 
+class _ConsoleHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is at each record, not as it was when main() ran: a stream swapped in for one
+    call (a test's capture) may be closed before the next call logs."""
+
+    def __init__(self):
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+
 def _add_verbosity(parser: argparse.ArgumentParser) -> None:
     """-q/-v on `parser` and every subcommand under it, so that they may come anywhere on the line."""
     verbosity = parser.add_mutually_exclusive_group()
@@ -72,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if quiet and verbose:
         print("distpose: error: -q and -v exclude each other", file=sys.stderr)
         return 2
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _ConsoleHandler()
     handler.setFormatter(_Formatter())
     handler.setLevel(logging.WARNING if quiet else logging.DEBUG)  # a run's log file takes INFO regardless
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
