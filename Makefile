@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-tools lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,15 @@ install: | $(BIN)/python
 demo: $(VENV)/.installed
 	$(BIN)/distpose pipeline configs/quick
 
-test: $(VENV)/.installed
+# The tests run a real Prometheus server and promtool (tests/test_monitor.py, tests/test_cluster.py). As root on
+# Debian or Ubuntu the distribution's package is installed when they are missing; elsewhere put both on PATH.
+test-tools:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null || { \
+	    echo "make: prometheus and promtool are missing: install them (Debian: apt-get install prometheus)"; exit 1; }; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+
+test: $(VENV)/.installed test-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed

@@ -1,8 +1,8 @@
 """A Ray cluster of several nodes on this machine (`ray start --head` with no CPUs, and `ray start --address`
-worker nodes of one CPU each): one `distpose train --address` over two nodes, Prometheus-style discovery of
-every node's metrics endpoint through the head's service-discovery file, and a node killed mid-run, with a
-fixed and with an elastic number of workers. (~3.5 min: the cluster 20 s, the fixed run 70 s, the elastic
-run 120 s.)"""
+worker nodes of one CPU each): one `distpose train --address` over two nodes, scraped by a real Prometheus
+server that finds every node's metrics endpoint through the head's service-discovery file, and a node killed
+mid-run, with a fixed and with an elastic number of workers. (~3.5 min: the cluster 20 s, the fixed run 70 s,
+the elastic run 120 s.)"""
 
 import contextlib
 import json
@@ -20,8 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 from helpers import free_port
-
-from distpose.monitor.metrics import scrape
+from prometheus_server import Prometheus
 
 pytestmark = pytest.mark.integration
 
@@ -101,13 +100,6 @@ def nodes(tmp_path_factory):
         cluster.stop()
 
 
-def discovered_targets(temp: Path) -> list[str]:
-    path = temp / "prom_metrics_service_discovery.json"  # where launch/prometheus.yml points, for this temp dir
-    if not path.is_file():
-        return []
-    return [t for group in json.loads(path.read_text()) for t in group["targets"]]
-
-
 def answers(target: str) -> bool:
     try:
         with urllib.request.urlopen(f"http://{target}/metrics", timeout=5):
@@ -116,16 +108,12 @@ def answers(target: str) -> bool:
         return False
 
 
-def samples_at(target: str) -> list:
-    try:
-        return scrape(f"http://{target}/metrics", timeout=5)
-    except OSError:  # the dashboard's own target, or a node going away
-        return []
-
-
-def ranks_training_at(target: str, run: str) -> set[str]:
-    return {s.labels["rank"] for s in samples_at(target)
-            if s.name == "ray_distpose_train_samples_total" and s.labels.get("run") == run and s.value > 0}
+def ranks_training(prometheus: Prometheus, run: str) -> dict[str, set[str]]:
+    """Endpoint (Prometheus's instance label) -> the ranks whose samples it exports."""
+    out: dict[str, set[str]] = defaultdict(set)
+    for r in prometheus.query(f'ray_distpose_train_samples_total{{run="{run}"}} > 0'):
+        out[r["metric"]["instance"]].add(r["metric"]["rank"])
+    return out
 
 
 def metrics_records(path: Path) -> list[dict]:
@@ -139,15 +127,14 @@ def metrics_records(path: Path) -> list[dict]:
 
 
 def train_losing_a_node(nodes: Nodes, synth_shards: Path, tmp_path: Path, run: str, workers: str, *extra: str,
-                        join_when, epochs: int = 4, per_epoch: int = 10, discover: bool = False,
+                        join_when, epochs: int = 4, per_epoch: int = 10, prometheus: Prometheus | None = None,
                         stop_when=None) -> dict:
     """Train on the two worker nodes; once an epoch-1 checkpoint is registered and the next epoch is under way
-    (and, with `discover`, once every node's endpoint has been found through the head's discovery file and
-    each worker node's exports a rank's samples), kill the node of a rank (not the head: it holds the
-    controller); a replacement node joins once `join_when(seconds since the kill, records since the kill)`
-    says so. With `stop_when(records since the kill)`, the run is stopped by Ctrl-C (SIGINT) once that holds,
-    instead of training to its end: its length then need not outlast Ray's resize decisions. Returns what
-    happened, from rank 0's metrics.jsonl and the endpoints."""
+    (and, with `prometheus`, once it has scraped a rank's samples from each worker node's endpoint), kill the
+    node of a rank (not the head: it holds the controller); a replacement node joins once
+    `join_when(seconds since the kill, records since the kill)` says so. With `stop_when(records since the kill)`,
+    the run is stopped by Ctrl-C (SIGINT) once that holds, instead of training to its end: its length then need
+    not outlast Ray's resize decisions. Returns what happened, from rank 0's metrics.jsonl and the endpoints."""
     command = [sys.executable, "-m", "distpose", "train", "model.backbone=cnn_small", "data.input_size=[64,48]",
                "data.heatmap_size=[16,12]", "data.loader_workers=0", f"data.shards={synth_shards}",
                f"train.storage={tmp_path}", f"train.run_name={run}", f"train.workers={workers}",
@@ -158,16 +145,16 @@ def train_losing_a_node(nodes: Nodes, synth_shards: Path, tmp_path: Path, run: s
     with log.open("w") as out:
         trainer = subprocess.Popen(command, env={**nodes.env, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"},
                                    stdout=out, stderr=subprocess.STDOUT)
-    seen: dict[str, set[str]] = defaultdict(set)  # discovered endpoint -> ranks whose samples it exported
+    seen: dict[str, set[str]] = defaultdict(set)  # scraped endpoint -> ranks whose samples it exported
     workers_of = {nodes.targets[n.pid] for n in nodes.processes[1:] if n.poll() is None}
 
     def ready() -> bool:
         if not any(r["kind"] == "step" and r["step"] >= per_epoch + 3 for r in metrics_records(records)):
             return False
-        if discover:
-            for target in discovered_targets(nodes.temp):
-                seen[target] |= ranks_training_at(target, run)
-            return {t for t, ranks in seen.items() if ranks} == workers_of
+        if prometheus is not None:
+            for target, ranks in ranks_training(prometheus, run).items():
+                seen[target] |= ranks
+            return set(seen) == workers_of
         return True
 
     try:
@@ -210,21 +197,28 @@ def train_losing_a_node(nodes: Nodes, synth_shards: Path, tmp_path: Path, run: s
 
 
 def test_a_run_over_two_nodes_is_discovered_and_waits_for_a_replacement_of_a_lost_node(nodes, synth_shards, tmp_path):
-    """Two ranks on two worker nodes: each node's endpoint, found through the head's discovery file, exports
-    one rank's samples. A fixed-size run (train.workers=2) that loses a node waits for a replacement and
-    resumes from the latest checkpoint; once it is done, the driver's node (the head) exports the finished
-    state. ~70 s."""
-    seen = train_losing_a_node(nodes, synth_shards, tmp_path, "fixed", "2", join_when=lambda s, _: s > 8,
-                               per_epoch=40, epochs=8, discover=True)  # long enough to be seen on both nodes
-    print(f"\nendpoints discovered -> ranks seen training there: {seen['seen']}")
-    training = {target: ranks for target, ranks in seen["seen"].items() if ranks}
-    assert set(training) == seen["workers"], seen["seen"]
-    assert sorted(r for ranks in training.values() for r in ranks) == ["0", "1"]
-    assert nodes.targets[nodes.head.pid] in seen["seen"], "the head's endpoint was never discovered"
-    finished = [t for t in nodes.targets.values()
-                if any(s.name == "ray_distpose_run_state" and s.labels.get("run") == "fixed"
-                       and s.labels["state"] == "finished" and s.value == 1 for s in samples_at(t))]
-    assert finished == [nodes.targets[nodes.head.pid]], f"not exported by the driver's node (the head): {finished}"
+    """Two ranks on two worker nodes, scraped by a Prometheus server that follows the head's discovery file: each
+    worker node's endpoint exports one rank's samples. A fixed-size run (train.workers=2) that loses a node waits
+    for a replacement and resumes from the latest checkpoint; once it is done, the driver's node (the head)
+    exports the finished state. ~70 s."""
+    discovery = (nodes.temp / "session_latest").resolve() / "prom_metrics_service_discovery.json"
+    prometheus = Prometheus(tmp_path / "prometheus", discovery)
+    try:
+        seen = train_losing_a_node(nodes, synth_shards, tmp_path, "fixed", "2", join_when=lambda s, _: s > 8,
+                                   per_epoch=40, epochs=4, prometheus=prometheus)
+        deadline = time.monotonic() + 30
+        while not (finished := prometheus.query('ray_distpose_run_state{run="fixed", state="finished"} == 1')):
+            assert time.monotonic() < deadline, "the finished state never reached Prometheus"
+            time.sleep(0.5)
+        targets = {t["labels"]["instance"]: t["health"] for t in prometheus.targets()}
+    finally:
+        prometheus.stop()
+    print(f"\n[prometheus] targets discovered: {targets}; endpoint -> ranks seen training there: {seen['seen']}")
+    assert set(seen["seen"]) == seen["workers"], seen["seen"]
+    assert sorted(r for ranks in seen["seen"].values() for r in ranks) == ["0", "1"]
+    assert nodes.targets[nodes.head.pid] in targets, "the head's endpoint was never discovered"
+    exported_by = [r["metric"]["instance"] for r in finished]
+    assert exported_by == [nodes.targets[nodes.head.pid]], f"not exported by the driver's node: {exported_by}"
 
     worlds = [s["world_size"] for s in seen["starts"]]
     print(f"\n[node lost, train.workers=2] killed a node after step {seen['killed_after']}; world sizes {worlds}; "

@@ -1,20 +1,24 @@
-"""Prometheus metrics, scraped over HTTP from the real endpoints while a real run trains, and the shipped
-Grafana dashboard checked against what the project exports."""
+"""Monitoring end to end: a real Prometheus server, with the shipped scrape config and alert rules, follows the
+session's Ray discovery file and scrapes a real 2-rank run; its HTTP API then answers for each rank's series, the
+run's final state and scores, every Grafana panel over the run, and the stalled-rank alert a frozen rank fires.
+The alert rules' promtool unit tests, and the dashboard's expressions checked against the exported names."""
 
 import json
+import math
 import re
 import shutil
 import subprocess
 import sys
 import time
-from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pytest
 from helpers import corrupt_jpeg_in_shard
+from prometheus_server import Prometheus, scaled_rule
 
-from distpose.monitor.metrics import EXPORTED_NAMES, RUN_STATES, metrics_endpoints, scrape
+from distpose.monitor.metrics import EXPORTED_NAMES, RUN_STATES
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD = REPO / "launch" / "grafana" / "distpose.json"
@@ -23,94 +27,221 @@ TINY = ["model.backbone=cnn_small", "data.input_size=[64,48]", "data.heatmap_siz
         "train.log_every=1000", "train.cpus_per_worker=1", "eval.flip_test=false"]
 
 
-def series(samples: list, name: str, **labels: str) -> dict[tuple, float]:
-    """Values of metric `name` whose labels include `labels`, summed per rank (over worker processes)."""
-    out: dict[tuple, float] = defaultdict(float)
-    for s in samples:
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-            out[s.labels.get("rank"), s.labels.get("le")] += s.value
-    return dict(out)
+# ---------------------------------------------------------------------------------- a real Prometheus server
+
+RUN = "monitored"
+STALL_AFTER_STEP = 50  # in epoch 2 of 3 x 40 steps
+# The stalled-rank alert as shipped, with 600 s and 1 minute shortened: the healthy run's longest pause between
+# progress reports (an evaluation, a checkpoint) is a few seconds here.
+STALL_RULE = scaled_rule("DistposeRankStalled", {"> 600": "> 10", "for: 1m": "for: 2s"})
+CUDA_ONLY_PANELS = {"GPU memory per rank"}  # its series exist only on CUDA devices
 
 
-def run_states(samples: list, run: str) -> dict[str, float]:
-    """The run's state gauge, by state."""
-    return {s.labels["state"]: s.value for s in samples
-            if s.name == "ray_distpose_run_state" and s.labels["run"] == run}
+def run_records(directory: Path, kind: str) -> list[dict]:
+    path = directory / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
-# ---------------------------------------------------------------------------------------------- endpoint
+def firing(prometheus: Prometheus, alert: str) -> list[dict]:
+    return [a for a in prometheus.alerts()
+            if a["labels"]["alertname"] == alert and a["labels"].get("run") == RUN and a["state"] == "firing"]
+
+
+@dataclass
+class MonitoredRun:
+    prometheus: Prometheus
+    start: float
+    end: float
+    stalled_at: float
+    fired: list[dict]  # the stalled-rank alerts firing when first seen
+    fired_after: float  # seconds from the stall
+    broken_sample: str
+
+
+@pytest.fixture(scope="module")
+def monitored(ray_session, synth_shards, tmp_path_factory):
+    """Prometheus (the shipped config and alerts, on this Ray's discovery file) scrapes a 2-rank run with a corrupt
+    JPEG in its shards. In epoch 2, rank 0 is frozen (SIGSTOP) until the stalled-rank alert fires, then thawed: the
+    run goes on to its end. ~60 s."""
+    import ray
+
+    root = tmp_path_factory.mktemp("monitored")
+    discovery = Path(ray._private.worker._global_node.get_session_dir_path()) / "prom_metrics_service_discovery.json"
+    prometheus = Prometheus(root / "prometheus", discovery, extra_rules=[STALL_RULE])
+    try:
+        deadline = time.monotonic() + 60
+        while not any(t["health"] == "up" for t in prometheus.targets()):
+            assert time.monotonic() < deadline, f"no target of {discovery} is up: {prometheus.targets()}"
+            time.sleep(0.5)
+        shards = root / "shards"
+        shutil.copytree(synth_shards, shards)
+        broken = corrupt_jpeg_in_shard(sorted(shards.glob("train-*.tar"))[0])
+        overrides = [*TINY, f"data.shards={shards}", f"train.storage={root / 'runs'}", f"train.run_name={RUN}",
+                     "train.workers=2", "data.batch_size=8", "train.epochs=3", "data.batches_per_epoch=40"]
+        # `distpose train --address` in its own process, as on a cluster.
+        command = [sys.executable, "-m", "distpose", "train", *overrides,
+                   "--address", ray_session.get_runtime_context().gcs_address]
+        directory, log_path = root / "runs" / RUN, root / "driver.log"
+        start = time.time()
+        with open(log_path, "w") as log:
+            driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        try:
+            deadline = time.monotonic() + 240
+            while not any(r["step"] >= STALL_AFTER_STEP for r in run_records(directory, "step")):
+                assert driver.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.1)
+            rank0 = psutil.Process(run_records(directory, "start")[0]["pid"])
+            stalled_at = time.time()
+            rank0.suspend()
+            try:
+                while not (fired := firing(prometheus, "DistposeRankStalled")):
+                    assert time.time() - stalled_at < 90, f"no stalled-rank alert: {prometheus.alerts()}"
+                    time.sleep(0.5)
+                fired_after = time.time() - stalled_at
+            finally:
+                rank0.resume()
+            assert driver.wait(timeout=300) == 0, log_path.read_text()[-3000:]
+        finally:
+            if driver.poll() is None:  # the test failed: do not leave a run training on the session's cluster
+                driver.kill()
+        # The driver waits for its final state to reach the endpoint; one more scrape brings it to Prometheus.
+        deadline = time.monotonic() + 30
+        while not prometheus.query(f'ray_distpose_run_state{{run="{RUN}", state="finished"}} == 1'):
+            assert time.monotonic() < deadline, "the final state never reached Prometheus"
+            time.sleep(0.5)
+        yield MonitoredRun(prometheus, start, time.time(), stalled_at, fired, fired_after, broken)
+    finally:
+        prometheus.stop()
 
 
 @pytest.mark.integration
-def test_scraped_metrics_grow_per_rank_while_training(ray_session, synth_shards, tmp_path):
-    shards = tmp_path / "shards"
-    shutil.copytree(synth_shards, shards)
-    broken = corrupt_jpeg_in_shard(sorted(shards.glob("train-*.tar"))[0])
-    run = "monitored"
-    overrides = [*TINY, f"data.shards={shards}", f"train.storage={tmp_path / 'runs'}", f"train.run_name={run}",
-                 "train.workers=2", "data.batch_size=8", "train.epochs=3", "data.batches_per_epoch=40"]
-    # `distpose train --address` in its own process, as on a cluster. (A driver thread in this process hung in
-    # CI on a logging lock that an earlier test's aborted loader worker had left held.)
-    command = [sys.executable, "-m", "distpose", "train", *overrides,
-               "--address", ray_session.get_runtime_context().gcs_address]
-    log_path = tmp_path / "driver.log"
-    with open(log_path, "w") as log:
-        driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    try:
-        endpoints = metrics_endpoints()
-        assert endpoints, "no node reports a metrics endpoint"
-        samples_seen: dict[str, list[float]] = defaultdict(list)  # rank -> counter values, scrape by scrape
-        states_seen: list[dict[str, float]] = []
-        last: list = []
-        while driver.poll() is None:
-            scraped = [s for url in endpoints for s in scrape(url)]
-            counters = series(scraped, "ray_distpose_train_samples_total", run=run)
-            if counters:
-                last = scraped
-                for (rank, _), value in counters.items():
-                    samples_seen[rank].append(value)
-                states_seen.append(run_states(scraped, run))
-            time.sleep(0.5)
-    finally:
-        if driver.poll() is None:  # the test failed: do not leave a run training on the session's cluster
-            driver.kill()
-    assert driver.wait() == 0, log_path.read_text()[-3000:]
-    # The driver waited for its final state to reach the endpoint before it disconnected (the series then
-    # lingers there for about 20 s).
-    final = run_states([s for url in endpoints for s in scrape(url)], run)
-    assert final == {state: float(state == "finished") for state in RUN_STATES}, final
-
-    print(f"\nsample counter per rank, scrape by scrape: { {r: sorted(set(v)) for r, v in samples_seen.items()} }")
-    assert set(samples_seen) == {"0", "1"}
-    for rank, values in samples_seen.items():
-        assert len(set(values)) >= 2 and values == sorted(values), f"rank {rank}'s sample counter did not grow"
+def test_prometheus_has_each_ranks_training_series_and_its_counters_only_grow(monitored):
+    prometheus = monitored.prometheus
+    selector = f'{{run="{RUN}"}}'
+    samples = prometheus.query_range(f"ray_distpose_train_samples_total{selector}", monitored.start, monitored.end)
+    per_rank = {s["metric"]["rank"]: [v for _, v in s["values"]] for s in samples}
+    print(f"\n[prometheus] sample counter per rank: { {r: (len(v), v[0], v[-1]) for r, v in per_rank.items()} } "
+          "(points, first, last)")
+    assert sorted(per_rank) == ["0", "1"]
+    for s in samples:
+        labels = s["metric"]
+        assert labels["job"] == "ray" and labels["mode"] == "backbone" and labels["instance"], labels
+        values = per_rank[labels["rank"]]
+        assert values == sorted(values) and len(set(values)) >= 3, f"rank {labels['rank']}: {values}"
         assert all(v % 4 == 0 for v in values), "each step adds the rank's micro-batch of 4"
+    # No counter of the run ever went down (a reset would show a process restarted or a series mixed up).
+    window = f"{int(monitored.end - monitored.start) + 1}s"
+    for name in ("ray_distpose_train_samples_total", "ray_distpose_train_step_seconds_count",
+                 "ray_distpose_train_data_wait_seconds_count", "ray_distpose_train_skipped_samples_total"):
+        resets = prometheus.query(f"resets({name}{selector}[{window}])", at=monitored.end)
+        assert resets and all(r["value"] == 0 for r in resets), (name, resets)
+    for gauge in ("ray_distpose_train_loss", "ray_distpose_train_lr", "ray_distpose_train_epoch",
+                  "ray_distpose_train_progress_timestamp_seconds", "ray_distpose_train_checkpoint_timestamp_seconds"):
+        ranks = {s["metric"]["rank"] for s in prometheus.query_range(f"{gauge}{selector}", monitored.start,
+                                                                      monitored.end)}
+        assert ranks == {"0", "1"}, gauge
 
-    for name in ("ray_distpose_train_step_seconds", "ray_distpose_train_data_wait_seconds"):
-        buckets = series(last, f"{name}_bucket", run=run)
-        counts = series(last, f"{name}_count", run=run)
-        for rank in ("0", "1"):
-            count = counts[rank, None]
-            assert count > 0, f"{name} is empty for rank {rank}"
-            cumulative = [v for (r, le), v in sorted(buckets.items(), key=lambda kv: float(kv[0][1]))
-                          if r == rank]
-            assert cumulative == sorted(cumulative) and cumulative[-1] == count, f"{name} buckets, rank {rank}"
-            assert cumulative[0] < count or name.endswith("data_wait_seconds"), f"{name}: all in the first bucket"
-    for gauge in ("ray_distpose_train_loss", "ray_distpose_train_lr"):
-        assert set(r for r, _ in series(last, gauge, run=run)) == {"0", "1"}, gauge
 
-    # The corrupt JPEG is skipped by whichever rank reads that shard, and counted by reason.
-    skipped = [s for s in last if s.name == "ray_distpose_train_skipped_samples_total" and s.labels["run"] == run]
-    assert skipped and sum(s.value for s in skipped) >= 1, f"sample {broken} was not counted as skipped"
-    # The controller exports the evaluation, the driver the run state.
-    evals = {s.labels["metric"]: s.value for s in last if s.name == "ray_distpose_eval" and s.labels["run"] == run}
-    assert 0.0 <= evals["visible/pck@0.1"] <= 1.0 and "AP" in evals, sorted(evals)
-    assert {state: float(state == "running") for state in RUN_STATES} in states_seen, states_seen
+@pytest.mark.integration
+def test_prometheus_has_the_final_state_the_scores_and_the_skipped_sample(monitored):
+    prometheus, at = monitored.prometheus, monitored.end
+    states = {r["metric"]["state"]: r["value"] for r in prometheus.query(
+        f'max by (state) (ray_distpose_run_state{{run="{RUN}"}})', at=at)}
+    assert states == {state: float(state == "finished") for state in RUN_STATES}, states
+    scores = {r["metric"]["metric"]: r["value"] for r in prometheus.query(
+        f'max by (metric) (ray_distpose_eval{{run="{RUN}"}})', at=at)}
+    print(f"\n[prometheus] evaluation: { {k: round(v, 3) for k, v in sorted(scores.items())} }")
+    assert 0.0 <= scores["visible/pck@0.1"] <= 1.0 and "AP" in scores, sorted(scores)
+    skipped = prometheus.query(f'sum by (reason) (ray_distpose_train_skipped_samples_total{{run="{RUN}"}})', at=at)
+    print(f"[prometheus] skipped samples: {[(r['metric']['reason'], r['value']) for r in skipped]}")
+    assert sum(r["value"] for r in skipped) >= 1, f"sample {monitored.broken_sample} was not counted as skipped"
+    # Every series the project declares reached Prometheus, but those only a GPU or a failure brings.
+    names = {r["metric"]["__name__"] for r in prometheus.query_range(
+        f'{{__name__=~"ray_distpose_.+", run="{RUN}"}}', monitored.start, at, step=5)}
+    missing = EXPORTED_NAMES - {"ray_distpose_gpu_memory_bytes"} - names
+    assert not missing, f"declared but never scraped: {sorted(missing)}"
+    failures = prometheus.query(f'max by (run) (ray_distpose_worker_group_failures{{run="{RUN}"}})', at=at)
+    assert [r["value"] for r in failures] == [0.0]
 
-    # CUDA only; after a worker failure
-    optional = {"ray_distpose_gpu_memory_bytes", "ray_distpose_worker_group_failures_total"}
-    missing = EXPORTED_NAMES - optional - {s.name for s in last}
-    assert not missing, f"declared but never exported: {sorted(missing)}"
+
+def grafana_expression(expression: str, seconds: float) -> str:
+    """A panel's PromQL as Grafana sends it for this run: $run and $eval_metric as the run and All, the rate
+    window at 4 scrape intervals (Grafana's $__rate_interval at a 1-s scrape), $__range the run's length."""
+    return (expression.replace("$run", RUN).replace("$eval_metric", ".+").replace("$__rate_interval", "4s")
+            .replace("$__range", f"{int(seconds)}s"))
+
+
+@pytest.mark.integration
+def test_every_dashboard_panel_answers_over_the_run(monitored):
+    prometheus = monitored.prometheus
+    dashboard = json.loads(DASHBOARD.read_text())
+    seconds = monitored.end - monitored.start
+    answered, failed = {}, []
+    for panel in dashboard["panels"]:
+        if panel["title"] in CUDA_ONLY_PANELS:  # the run trains on CPU
+            answered[panel["title"]] = "not evaluated: CUDA runs only"
+            continue
+        for target in panel["targets"]:
+            result = prometheus.query_range(grafana_expression(target["expr"], seconds), monitored.start,
+                                            monitored.end)
+            values = [v for s in result for _, v in s["values"]]
+            good = [v for v in values if math.isfinite(v)]
+            name = f"{panel['title']} [{target['refId']}]"
+            answered[name] = f"{len(result)} series, {len(good)}/{len(values)} values finite"
+            if not good or any(math.isinf(v) for v in values):
+                failed.append(f"panel {panel['title']!r} ({target['expr']}): {len(result)} series, "
+                              f"{len(good)} finite of {len(values)} values")
+    print("\n[prometheus] panels over the run:\n  " + "\n  ".join(f"{k}: {v}" for k, v in answered.items()))
+    assert not failed, "\n".join(failed)
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":
+            metric, label = re.fullmatch(r"label_values\((\w+), (\w+)\)", variable["query"]["query"]).groups()
+            values = prometheus.api(f"label/{label}/values", **{"match[]": metric})
+            assert values, f"variable {variable['name']}: no values"
+            assert variable["name"] != "run" or RUN in values, values
+
+
+@pytest.mark.integration
+def test_a_stalled_rank_fires_its_alert_and_the_shipped_rules_evaluate(monitored):
+    prometheus = monitored.prometheus
+    ranks = sorted(a["labels"]["rank"] for a in monitored.fired)
+    print(f"\n[prometheus] rank 0 frozen: DistposeRankStalled firing for ranks {ranks} "
+          f"{monitored.fired_after:.1f} s after the freeze (rule: {STALL_RULE['expr']} for {STALL_RULE['for']})")
+    # Rank 1, alive and waiting in a collective for rank 0, reports its progress time getting older.
+    assert "1" in ranks, monitored.fired
+    # Before the freeze the rule was never even pending: the healthy run does not trip it.
+    early = prometheus.query_range(f'ALERTS{{alertname="DistposeRankStalled", run="{RUN}"}}', monitored.start,
+                                   monitored.stalled_at)
+    assert not early, early
+    rules = prometheus.rules()
+    print("[prometheus] rules: " + ", ".join(f"{r['group']}/{r['name']} {r['health']}" for r in rules))
+    shipped = {r["name"] for r in rules if r["group"] == "distpose"}
+    assert shipped == {"DistposeRankStalled", "DistposeRunWithoutWorkers", "DistposeDataWaitHigh",
+                       "DistposeNoCheckpoint", "DistposeRestartsClimbing", "DistposeLossNotFinite"}, shipped
+    assert all(r["health"] == "ok" and not r.get("lastError") for r in rules), rules
+    # The loss stayed finite, the run checkpointed every epoch and never failed.
+    never = prometheus.query_range('ALERTS{alertname=~"DistposeLossNotFinite|DistposeNoCheckpoint|'
+                                   f'DistposeRestartsClimbing", run="{RUN}"}}', monitored.start, monitored.end)
+    assert not never, never
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess:
+    binary = shutil.which("promtool") or pytest.fail("promtool is not installed: `make test` installs it")
+    return subprocess.run([binary, *args], capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_the_shipped_alert_rules_pass_their_promtool_unit_tests():
+    """tests/alerts_test.yml: each alert fires on the series it is about, at the time it should, and not on a
+    healthy run's."""
+    result = promtool("test", "rules", str(Path(__file__).parent / "alerts_test.yml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_shipped_scrape_config_is_valid_as_it_is():
+    """launch/prometheus.yml as a user runs it, its rule file found beside it."""
+    result = promtool("check", "config", str(REPO / "launch" / "prometheus.yml"))
+    assert result.returncode == 0 and "1 rule files found" in result.stdout, result.stdout + result.stderr
 
 
 @pytest.mark.integration

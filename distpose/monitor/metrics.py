@@ -11,9 +11,14 @@ discovery mechanism of our own. The price: a value reaches the endpoint within R
 Exported series (names as Prometheus sees them are in EXPORTED_NAMES):
 - per worker, labelled run, mode, rank: samples (counter), step time and data-wait time (histograms),
   loss, lr, epoch (gauges), skipped corrupt samples (counter, by reason), checkpoint save time
-  (histogram), GPU memory allocated and its peak (gauges, CUDA only);
-- per run, from the driver and the Ray Train controller: run state (gauge, 1 for the current state)
-  and the latest evaluation results (gauge, by metric), and worker-group failures (counter).
+  (histogram), the times of the rank's latest progress and latest checkpoint (gauges, Unix seconds),
+  GPU memory allocated and its peak (gauges, CUDA only);
+- per run, from the driver and the Ray Train controller: run state (gauge, 1 for the current state),
+  the latest evaluation results (gauge, by metric), and worker-group failures so far (gauge).
+
+Timestamps rather than counters for progress and checkpoints: `time() - gauge` is the age alerts and panels
+need, and a rank blocked in a collective keeps re-sending its last value (the held-gauge thread runs while
+the main thread waits), so a stalled run shows up as a growing age instead of a vanished series.
 """
 
 from __future__ import annotations
@@ -46,14 +51,19 @@ WORKER_METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] 
     "distpose_train_epoch": ("gauge", "Epochs completed", (), None),
     "distpose_train_skipped_samples": ("counter", "Corrupt or unusable samples skipped", ("reason",), None),
     "distpose_checkpoint_save_seconds": ("histogram", "Time to save and report a checkpoint", (), SAVE_SECONDS),
+    "distpose_train_progress_timestamp_seconds": ("gauge", "Unix time of this rank's latest progress: its start, "
+                                                  "a step, an evaluation or a checkpoint", (), None),
+    "distpose_train_checkpoint_timestamp_seconds": ("gauge", "Unix time of this rank's latest checkpoint (of its "
+                                                    "start, before the first)", (), None),
     "distpose_gpu_memory_bytes": ("gauge", "CUDA memory allocated by this rank (kind: current, peak)",
                                   ("kind",), None),
 }
 RUN_METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
     "distpose_run_state": ("gauge", "1 for the run's current state, 0 for the others", ("state",), None),
     "distpose_eval": ("gauge", "Latest validation result, by metric name", ("metric",), None),
-    "distpose_worker_group_failures": ("counter", "Worker-group failures; each restarts the group from the latest "
-                                       "checkpoint while train.max_failures allows", (), None),
+    "distpose_worker_group_failures": ("gauge", "Worker-group failures so far (0 from the start); each restarts "
+                                       "the group from the latest checkpoint while train.max_failures allows",
+                                       (), None),
 }
 
 
@@ -124,6 +134,17 @@ class WorkerMetrics:
         self.tags = {"run": run, "mode": mode, "rank": str(rank)}
         self._metrics = _build(WORKER_METRICS, WORKER_TAGS) if enabled else None
         self._skipped_seen: Counter = Counter()
+        now = time.time()
+        self._set("distpose_train_progress_timestamp_seconds", now)
+        self._set("distpose_train_checkpoint_timestamp_seconds", now)
+
+    def _set(self, gauge: str, value: float, **extra_tags: str) -> None:
+        if self._metrics is not None:
+            _GAUGES.set(self._metrics[gauge], value, {**self.tags, **extra_tags})
+
+    def progressed(self) -> None:
+        """An evaluation (or anything else long that is not a step) has finished."""
+        self._set("distpose_train_progress_timestamp_seconds", time.time())
 
     def step(self, samples: int, step_time: float, data_wait: float, loss: float, lr: float) -> None:
         if self._metrics is None:
@@ -132,14 +153,15 @@ class WorkerMetrics:
         m["distpose_train_samples"].inc(samples, tags)
         m["distpose_train_step_seconds"].observe(step_time, tags)
         m["distpose_train_data_wait_seconds"].observe(data_wait, tags)
-        _GAUGES.set(m["distpose_train_loss"], loss, tags)
-        _GAUGES.set(m["distpose_train_lr"], lr, tags)
+        self._set("distpose_train_loss", loss)
+        self._set("distpose_train_lr", lr)
+        self.progressed()
 
     def epoch(self, epoch: int, skipped: Mapping[str, int]) -> None:
         """After an epoch: the epoch count, and the loader's running skip counts (only the increase is added)."""
         if self._metrics is None:
             return
-        _GAUGES.set(self._metrics["distpose_train_epoch"], epoch, self.tags)
+        self._set("distpose_train_epoch", epoch)
         for reason, count in skipped.items():
             new = count - self._skipped_seen[reason]
             if new > 0:
@@ -147,25 +169,31 @@ class WorkerMetrics:
                 self._skipped_seen[reason] = count
 
     def checkpoint_saved(self, seconds: float) -> None:
-        if self._metrics is not None:
-            self._metrics["distpose_checkpoint_save_seconds"].observe(seconds, self.tags)
+        if self._metrics is None:
+            return
+        self._metrics["distpose_checkpoint_save_seconds"].observe(seconds, self.tags)
+        now = time.time()
+        self._set("distpose_train_checkpoint_timestamp_seconds", now)
+        self._set("distpose_train_progress_timestamp_seconds", now)
 
     def gpu_memory(self, device) -> None:
         import torch
 
         if self._metrics is None or device.type != "cuda":
             return
-        gauge = self._metrics["distpose_gpu_memory_bytes"]
-        _GAUGES.set(gauge, torch.cuda.memory_allocated(device), {**self.tags, "kind": "current"})
-        _GAUGES.set(gauge, torch.cuda.max_memory_allocated(device), {**self.tags, "kind": "peak"})
+        self._set("distpose_gpu_memory_bytes", torch.cuda.memory_allocated(device), kind="current")
+        self._set("distpose_gpu_memory_bytes", torch.cuda.max_memory_allocated(device), kind="peak")
 
 
 class RunMetrics:
-    """A run's state and evaluation results, set from the driver and the Ray Train controller."""
+    """A run's state and evaluation results, set from the driver and the Ray Train controller. Dashboards and
+    alerts take the max over the processes that set a series (the driver sets the failure count to 0 at the
+    start, the controller, which sees the failures, raises it)."""
 
     def __init__(self, enabled: bool, run: str, mode: str):
         self.tags = {"run": run, "mode": mode}
         self._metrics = _build(RUN_METRICS, RUN_TAGS) if enabled else None
+        self._failures = 0
 
     def state(self, current: str) -> None:
         if self._metrics is None:
@@ -181,9 +209,13 @@ class RunMetrics:
             if key.startswith("val/") and isinstance(value, (int, float)):
                 _GAUGES.set(self._metrics["distpose_eval"], float(value), {**self.tags, "metric": key[4:]})
 
-    def worker_group_failed(self) -> None:
+    def failures(self, count: int) -> None:
         if self._metrics is not None:
-            self._metrics["distpose_worker_group_failures"].inc(1, self.tags)
+            _GAUGES.set(self._metrics["distpose_worker_group_failures"], count, self.tags)
+
+    def worker_group_failed(self) -> None:
+        self._failures += 1
+        self.failures(self._failures)
 
     def wait_until_exported(self, current: str, timeout: float = 20.0) -> bool:
         """Block until this node's endpoint shows `current` as the run's state (at most `timeout` s). A driver

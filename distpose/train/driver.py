@@ -210,6 +210,7 @@ def train(cfg: Config, address: str | None = None, resume: str | None = None,
         warn_if_short(resources_of(cfg.train), cfg.train.start_timeout_s)
         run_metrics = RunMetrics(cfg.monitor.enabled, cfg.train.run_name, cfg.train.mode)
         run_metrics.state("running")
+        run_metrics.failures(0)
         start, final = time.perf_counter(), "failed"
         try:
             with FollowProgress(join(directory, METRICS_LOG), cfg):

@@ -207,6 +207,7 @@ def train_worker(job: dict[str, Any]) -> None:
         every = cfg.eval.every_epochs
         if every and (state.epoch % every == 0 or state.epoch == cfg.train.epochs):
             scores, weights = _evaluate(engine, cfg, rank, world)
+            telemetry.progressed()
             metrics |= scores
             score = scores.get(f"val/{cfg.eval.best_metric}")  # rank 0 scores; only its state is checkpointed
             if chief and score is not None and (state.best_score is None or score > state.best_score):
