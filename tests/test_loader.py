@@ -4,6 +4,7 @@ import dataclasses
 import gc
 import json
 import multiprocessing
+import os
 import time
 
 import cv2
@@ -112,6 +113,50 @@ def test_dropped_train_loader_stops_its_workers(synth_shards):
     finally:
         gc.enable()
     assert [w.exitcode for w in workers] == [0, 0]
+
+
+def test_loader_workers_are_not_forks_of_a_threaded_caller(synth_shards):
+    """A fork copies every other thread's locks and native state as they are at that instant (a Ray driver's gRPC
+    threads, the S3 client's, OpenCV's pool), and loader workers forked from the test process died of SIGABRT in
+    CI. With the caller running a second thread, each worker must come from a process that runs one thread."""
+    import threading
+
+    import psutil
+
+    release = threading.Event()
+    busy = threading.Thread(target=release.wait, daemon=True)
+    busy.start()
+    try:
+        batches = iter(eval_loader(data_cfg(synth_shards)).dataloader)
+        workers = list(batches._workers)
+        parents = {psutil.Process(w.pid).parent() for w in workers}
+        del batches  # shuts the workers down
+        for worker in workers:
+            worker.join(timeout=60)
+    finally:
+        release.set()
+    assert len(workers) == 2
+    print(f"\nloader workers' parent: {[(p.pid, p.num_threads()) for p in parents]}, this process: "
+          f"{psutil.Process().pid} with {psutil.Process().num_threads()} threads")
+    assert all(p.pid != psutil.Process().pid and p.num_threads() == 1 for p in parents), parents
+
+
+class _EnvironmentProbe(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield os.environ.get("DISTPOSE_PROBE", "unset")
+
+
+def test_loader_workers_see_the_environment_of_the_moment_the_loader_is_made(synth_shards, monkeypatch):
+    """The forkserver keeps the environment it started with; workers must see the caller's as it is when the
+    loader is made, as forks would (the S3 endpoint and keys set after a first loader were missing once, and every
+    shard of the bucket was skipped as unreadable)."""
+    list(eval_loader(data_cfg(synth_shards)))  # a first loader: the forkserver is up with the environment of now
+    monkeypatch.setenv("DISTPOSE_PROBE", "set after the first loader")
+    made = eval_loader(data_cfg(synth_shards)).dataloader
+    probe = torch.utils.data.DataLoader(_EnvironmentProbe(), batch_size=None, num_workers=1,
+                                        multiprocessing_context=made.multiprocessing_context,
+                                        worker_init_fn=made.worker_init_fn)
+    assert list(probe) == ["set after the first loader"]
 
 
 def test_eval_batch_is_the_plain_crop_with_consistent_targets(synth_shards):

@@ -18,9 +18,11 @@ consumed (on the accelerator in training).
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import math
 import mmap
+import os
 import random
 import sys
 from collections import Counter
@@ -76,6 +78,27 @@ class StreamSpec:
     batch_size: int
     data: DataConfig
     boxes: Mapping[int, list[Detection]] | None = None  # evaluation on detector boxes instead of the labels
+
+
+def _workers_context():
+    """Loader workers are forked from a forkserver, not from this process. This process runs other threads
+    (a Ray driver's or worker's gRPC and core-worker threads, the S3 client's, OpenCV's and torch's pools), and a
+    fork copies their locks and native state as they were at that instant: loader workers forked from the test
+    process (a Ray driver with S3 shards) died of SIGABRT in CI, twice in many runs. The server is a fresh
+    single-threaded interpreter that imports this module once; each worker then forks from it in milliseconds."""
+    context = torch.multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
+def _init_worker(environment: dict[str, str], worker_id: int) -> None:
+    """A worker takes this process's environment as it was when the loader was made, as a fork would: the
+    forkserver keeps the one it started with (object-store credentials and endpoint set since would be missing).
+    And one OpenCV thread: loader workers are the parallelism, OpenCV's own threads would only fight them for
+    cores (safe to set here: the forkserver never started OpenCV's pool)."""
+    os.environ.clear()
+    os.environ.update(environment)
+    cv2.setNumThreads(1)
 
 
 def _worker() -> tuple[int, int]:
@@ -284,12 +307,9 @@ class StreamingLoader:
         self.dataloader = DataLoader(
             TopDownStream(spec), batch_size=None, num_workers=num_workers,
             pin_memory=torch.cuda.is_available(), prefetch_factor=4 if num_workers else None,
+            multiprocessing_context=_workers_context() if num_workers else None,
+            worker_init_fn=functools.partial(_init_worker, dict(os.environ)) if num_workers else None,
         )
-        if num_workers:
-            # Loader workers are the parallelism: OpenCV's own threads would only fight them for
-            # cores. Set here, before the workers fork, because setting it inside a forked worker
-            # deadlocks once this process has used OpenCV's thread pool.
-            cv2.setNumThreads(1)
         self._stream: Iterator[dict[str, Any]] | None = None
         self._skips: dict[int, dict[str, int]] = {}
 
