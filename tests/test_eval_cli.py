@@ -6,7 +6,7 @@ import json
 import cv2
 import numpy as np
 import pytest
-from helpers import corrupt_jpeg_in_shard, scramble_jpeg
+from helpers import corrupt_jpeg_in_shard, scramble_jpeg, truncate_shard
 
 from distpose.commands import main
 from distpose.config import load_config
@@ -80,6 +80,38 @@ def test_eval_cli_skips_a_corrupt_sample_when_scoring_and_drawing(coco_mini, unt
     assert "Traceback" not in err
     drawn = {p.stem for p in (out / "images").glob("*.jpg")}
     assert drawn and key not in drawn and (out / "skeletons.jpg").is_file()
+
+
+def test_eval_cli_scores_the_readable_part_of_a_truncated_shard(coco_mini, untrained_checkpoint, tmp_path, capsys):
+    """A shard cut short: the loader and the ground truth both keep the samples before the cut and name the shard
+    (the ground truth once died on it with a traceback)."""
+    shards = tmp_path / "shards"
+    write_shards(coco_mini, "val2017", shards, samples_per_shard=3, role="eval", progress=False)
+    shard = shards / "val2017-000000.tar"
+    truncate_shard(shard)
+    out = tmp_path / "eval"
+    assert main(["eval", "--checkpoint", str(untrained_checkpoint), "--data", str(shards), "--split", "val2017",
+                 "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"ground truth: shard {shard} is unreadable after" in err and f"drawing: shard {shard}" in err, err
+    assert "Traceback" not in err
+    usable = [a for a in json.loads(annotation_path(coco_mini, "val2017").read_text())["annotations"]
+              if a["num_keypoints"] > 0 and not a["iscrowd"]]
+    assert 0 < json.loads((out / "metrics.json").read_text())["instances"] < len(usable)
+
+
+def test_eval_cli_fails_in_one_line_when_no_shard_can_be_read(coco_mini, untrained_checkpoint, tmp_path, capsys):
+    """Every shard of the split unreadable: each is skipped and counted, then the evaluation stops with one line
+    instead of scoring nothing (it once died in the report with an IndexError)."""
+    shards = tmp_path / "shards"
+    write_shards(coco_mini, "val2017", shards, samples_per_shard=50, role="eval", progress=False)
+    for shard in shards.glob("val2017-*.tar"):
+        shard.write_bytes(b"not a tar")
+    assert main(["eval", "--checkpoint", str(untrained_checkpoint), "--data", str(shards), "--split", "val2017",
+                 "--out", str(tmp_path / "eval")]) == 1
+    err = capsys.readouterr().err
+    assert f"distpose: error: {shards}: no val2017 instance could be evaluated (skipped: " in err, err
+    assert "Traceback" not in err
 
 
 def test_eval_cli_with_detector_boxes(coco_mini, untrained_checkpoint, tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import tarfile
@@ -49,6 +50,8 @@ from distpose.files import (
     write_bytes,
 )
 from distpose.keypoints import person_category
+
+log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "distpose.shards/v1"
 NO_KEYPOINTS = "image without usable keypoint annotations"
@@ -413,6 +416,19 @@ def iter_tar_samples(location: str | Path) -> Iterator[dict[str, Any]]:
         yield from _tar_samples(stream)
 
 
+def readable_samples(location: str | Path, reader: str) -> Iterator[dict[str, Any]]:
+    """iter_tar_samples, ending at a damaged or unreadable shard with a warning that names it: what `reader`
+    (the ground truth, the drawing) sees is what the loaders see, which keep the samples before the damage."""
+    read = 0
+    try:
+        for sample in iter_tar_samples(location):
+            read += 1
+            yield sample
+    except (OSError, EOFError, tarfile.TarError) as exc:
+        log.warning("%s: shard %s is unreadable after %d samples (%s): the rest is skipped", reader, location,
+                    read, exc)
+
+
 def _tar_samples(stream: IO[bytes]) -> Iterator[dict[str, Any]]:
     current: dict[str, Any] = {}
     with tarfile.open(fileobj=stream, mode="r|") as tar:
@@ -431,10 +447,10 @@ def _tar_samples(stream: IO[bytes]) -> Iterator[dict[str, Any]]:
 
 def shard_ground_truth(shard_dir: str | Path, split: str, max_images: int | None = None) -> dict[str, Any]:
     """The COCO annotation content of a split (its first `max_images` images, if given), read back from
-    its shards' JSON members."""
+    its shards' JSON members (a damaged shard's up to the damage, as the loaders read it)."""
     images, annotations = [], []
     for shard in read_manifest(shard_dir, split)["shards"]:
-        for sample in iter_tar_samples(join(shard_dir, shard["name"])):
+        for sample in readable_samples(join(shard_dir, shard["name"]), "ground truth"):
             if max_images is not None and len(images) >= max_images:
                 break
             if "json" not in sample:

@@ -10,7 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from distpose.data.shards import SampleError, decode_image, iter_tar_samples, parse_sample, read_manifest
+from distpose.data.shards import SampleError, decode_image, parse_sample, read_manifest, readable_samples
 from distpose.errors import UserError
 from distpose.eval.inference import Predictions
 from distpose.files import atomic_write_bytes, join
@@ -88,7 +88,7 @@ def draw_predictions(shards: str, split: str, predictions: Predictions, out_dir:
     drawn = []
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     for shard in read_manifest(shards, split)["shards"]:
-        for raw in iter_tar_samples(join(shards, shard["name"])):
+        for raw in readable_samples(join(shards, shard["name"]), "drawing"):
             try:  # a corrupt sample is skipped here as the evaluation skipped it
                 sample = parse_sample(raw)
                 if sample.image_id not in by_image:

@@ -23,6 +23,7 @@ from distpose.data.coco import Detection
 from distpose.data.codec import HeatmapCodec
 from distpose.data.loader import eval_loader
 from distpose.data.shards import read_manifest, shard_ground_truth
+from distpose.errors import DataError
 from distpose.eval.coco import coco_results, evaluate
 from distpose.eval.inference import MapsFn, Predictions, model_maps, predict
 from distpose.eval.metrics import hrnet_accuracy, pck
@@ -114,6 +115,9 @@ def evaluate_model(model: PoseModel, cfg: Config, rank: int = 0, world_size: int
     predictions, accuracy = gather_predictions(local, accuracy)
     if loader.skipped:
         log.warning("evaluation skipped bad samples: %s", dict(loader.skipped))
+    if not len(predictions):  # the same count on every rank: they all stop
+        skipped = f" (skipped: {dict(loader.skipped)})" if loader.skipped else ""
+        raise DataError(f"{cfg.data.shards}: no {cfg.data.val_split} instance could be evaluated{skipped}")
     if rank != 0:
         return {}, predictions
     if ground_truth is None:
