@@ -34,7 +34,8 @@ def pipeline_run(ray_session, object_store, tmp_path_factory):
     runs = object_store.uri("pipeline/runs")
     overrides = (f"data.shards={object_store.uri('pipeline/shards')}", f"train.storage={runs}", "data.batch_size=4",
                  "train.epochs=1", "data.batches_per_epoch=2", "train.lr_steps=[]", "train.warmup_steps=0",
-                 "eval.every_epochs=1", "train.workers=1")  # one worker: each of its worker processes costs ~3 s
+                 "eval.every_epochs=1", "train.workers=1",  # one worker: each of its processes costs ~3 s
+                 "data.loader_workers=0")  # and no loader's forkserver (~2 s) in each (tests/test_loader.py has them)
     kwargs = dict(overrides=overrides, data_root=root / "synth", report_dir=root / "report", train_images=12,
                   val_images=6)
     report = run_pipeline(CONFIGS, **kwargs)
