@@ -53,7 +53,7 @@ WORKER_METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] 
     "distpose_checkpoint_save_seconds": ("histogram", "Time to save and report a checkpoint", (), SAVE_SECONDS),
     "distpose_train_progress_timestamp_seconds": ("gauge", "Unix time of this rank's latest progress: its start, "
                                                   "a step, an evaluation or a checkpoint", (), None),
-    "distpose_train_checkpoint_timestamp_seconds": ("gauge", "Unix time of this rank's latest checkpoint (of its "
+    "distpose_train_checkpoint_timestamp_seconds": ("gauge", "Unix time of this rank's latest checkpoint (its "
                                                     "start, before the first)", (), None),
     "distpose_gpu_memory_bytes": ("gauge", "CUDA memory allocated by this rank (kind: current, peak)",
                                   ("kind",), None),
