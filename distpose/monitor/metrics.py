@@ -33,8 +33,6 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-RUN_TAGS = ("run", "mode")
-WORKER_TAGS = (*RUN_TAGS, "rank")
 RUN_STATES = ("running", "finished", "failed", "interrupted")
 
 STEP_SECONDS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
@@ -127,20 +125,29 @@ def _build(definitions, base_tags: tuple[str, ...]) -> dict[str, Any]:
     return built
 
 
-class WorkerMetrics:
-    """One rank's training metrics. Disabled (monitor.enabled false), every method does nothing."""
+class _Series:
+    """Metrics built from `definitions` for one set of tags (their keys are the metrics' tag keys). Disabled
+    (monitor.enabled false), none are built and every method does nothing."""
+
+    def __init__(self, enabled: bool, definitions, tags: dict[str, str]):
+        self.tags = tags
+        self._metrics = _build(definitions, tuple(tags)) if enabled else None
+
+    def _set(self, gauge: str, value: float, **extra_tags: str) -> None:
+        """A gauge, held (re-sent every second) at `value`."""
+        if self._metrics is not None:
+            _GAUGES.set(self._metrics[gauge], value, {**self.tags, **extra_tags})
+
+
+class WorkerMetrics(_Series):
+    """One rank's training metrics."""
 
     def __init__(self, enabled: bool, run: str, mode: str, rank: int):
-        self.tags = {"run": run, "mode": mode, "rank": str(rank)}
-        self._metrics = _build(WORKER_METRICS, WORKER_TAGS) if enabled else None
+        super().__init__(enabled, WORKER_METRICS, {"run": run, "mode": mode, "rank": str(rank)})
         self._skipped_seen: Counter = Counter()
         now = time.time()
         self._set("distpose_train_progress_timestamp_seconds", now)
         self._set("distpose_train_checkpoint_timestamp_seconds", now)
-
-    def _set(self, gauge: str, value: float, **extra_tags: str) -> None:
-        if self._metrics is not None:
-            _GAUGES.set(self._metrics[gauge], value, {**self.tags, **extra_tags})
 
     def progressed(self) -> None:
         """An evaluation (or anything else long that is not a step) has finished."""
@@ -185,33 +192,27 @@ class WorkerMetrics:
         self._set("distpose_gpu_memory_bytes", torch.cuda.max_memory_allocated(device), kind="peak")
 
 
-class RunMetrics:
+class RunMetrics(_Series):
     """A run's state and evaluation results, set from the driver and the Ray Train controller. Dashboards and
     alerts take the max over the processes that set a series (the driver sets the failure count to 0 at the
     start, the controller, which sees the failures, raises it)."""
 
     def __init__(self, enabled: bool, run: str, mode: str):
-        self.tags = {"run": run, "mode": mode}
-        self._metrics = _build(RUN_METRICS, RUN_TAGS) if enabled else None
+        super().__init__(enabled, RUN_METRICS, {"run": run, "mode": mode})
         self._failures = 0
 
     def state(self, current: str) -> None:
-        if self._metrics is None:
-            return
         for state in RUN_STATES:
-            _GAUGES.set(self._metrics["distpose_run_state"], float(state == current), {**self.tags, "state": state})
+            self._set("distpose_run_state", float(state == current), state=state)
 
     def evaluation(self, results: Mapping[str, float]) -> None:
         """`results`: metrics as reported by rank 0; the `val/...` ones are exported, without the prefix."""
-        if self._metrics is None:
-            return
         for key, value in results.items():
             if key.startswith("val/") and isinstance(value, (int, float)):
-                _GAUGES.set(self._metrics["distpose_eval"], float(value), {**self.tags, "metric": key[4:]})
+                self._set("distpose_eval", float(value), metric=key[4:])
 
     def failures(self, count: int) -> None:
-        if self._metrics is not None:
-            _GAUGES.set(self._metrics["distpose_worker_group_failures"], count, self.tags)
+        self._set("distpose_worker_group_failures", count)
 
     def worker_group_failed(self) -> None:
         self._failures += 1
