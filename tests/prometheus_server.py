@@ -4,7 +4,6 @@ test cluster's service-discovery file, scraping and evaluating every second, on 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import subprocess
 import time
@@ -115,7 +114,3 @@ class Prometheus:
 
     def alerts(self) -> list[dict]:
         return self.api("alerts")["alerts"]
-
-
-def finite(values: list[tuple[float, float]]) -> list[float]:
-    return [v for _, v in values if math.isfinite(v)]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import corrupt_jpeg_in_shard
+from helpers import corrupt_jpeg_in_shard, records
 from prometheus_server import Prometheus, scaled_rule
 
 from distpose.monitor.metrics import EXPORTED_NAMES, RUN_STATES
@@ -35,12 +35,6 @@ STALL_AFTER_STEP = 50  # in epoch 2 of 3 x 40 steps
 # progress reports (an evaluation, a checkpoint) is a few seconds here.
 STALL_RULE = scaled_rule("DistposeRankStalled", {"> 600": "> 10", "for: 1m": "for: 2s"})
 CUDA_ONLY_PANELS = {"GPU memory per rank"}  # its series exist only on CUDA devices
-
-
-def run_records(directory: Path, kind: str) -> list[dict]:
-    path = directory / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.is_file() else []
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
 def firing(prometheus: Prometheus, alert: str) -> list[dict]:
@@ -88,10 +82,10 @@ def monitored(ray_session, synth_shards, tmp_path_factory):
             driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         try:
             deadline = time.monotonic() + 240
-            while not any(r["step"] >= STALL_AFTER_STEP for r in run_records(directory, "step")):
+            while not any(r["step"] >= STALL_AFTER_STEP for r in records(directory, "step")):
                 assert driver.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
                 time.sleep(0.1)
-            rank0 = psutil.Process(run_records(directory, "start")[0]["pid"])
+            rank0 = psutil.Process(records(directory, "start")[0]["pid"])
             stalled_at = time.time()
             rank0.suspend()
             try:
@@ -183,7 +177,7 @@ def test_every_dashboard_panel_answers_over_the_run(monitored):
     dashboard = json.loads(DASHBOARD.read_text())
     seconds = monitored.end - monitored.start
     answered, failed = {}, []
-    for panel in dashboard["panels"]:
+    for panel in dashboard_panels(dashboard):
         if panel["title"] in CUDA_ONLY_PANELS:  # the run trains on CPU
             answered[panel["title"]] = "not evaluated: CUDA runs only"
             continue
@@ -297,10 +291,14 @@ def test_promql_metric_names_reads_what_an_expression_queries():
     assert promql_metric_names(expression) == {"ray_distpose_train_step_seconds_bucket", "ray_distpose_train_lr"}
 
 
+def dashboard_panels(dashboard: dict) -> list[dict]:
+    """Every panel with queries, those inside collapsed rows included."""
+    return [p for row in dashboard["panels"] for p in [row, *row.get("panels", [])] if p.get("targets")]
+
+
 def dashboard_expressions() -> list[str]:
     dashboard = json.loads(DASHBOARD.read_text())
-    panels = [p for row in dashboard["panels"] for p in [row, *row.get("panels", [])]]
-    expressions = [t["expr"] for p in panels for t in p.get("targets", [])]
+    expressions = [t["expr"] for p in dashboard_panels(dashboard) for t in p["targets"]]
     expressions += [v["query"]["query"] if isinstance(v.get("query"), dict) else v.get("query", "")
                     for v in dashboard.get("templating", {}).get("list", []) if v.get("type") == "query"]
     return expressions
