@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import io
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -318,8 +319,11 @@ def test_killed_sweep_resumes_without_repeating_finished_trials(ray_session, syn
     address = ray_session.get_runtime_context().gcs_address
     argv = [sys.executable, "-m", "distpose", "tune", str(path), "--address", address]
     directory = tmp_path / "sweeps" / "killed"
+    # Tune saves its experiment state at most every 10 s by default: the long trial could finish in that time,
+    # before the state shows the short one finished. Every second leaves the long trial 5 epochs to spare.
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     with (tmp_path / "first.log").open("w") as log:
-        first = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        first = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             deadline = time.monotonic() + 240
             while time.monotonic() < deadline and first.poll() is None and not _ready_to_kill(directory):
@@ -332,6 +336,10 @@ def test_killed_sweep_resumes_without_repeating_finished_trials(ray_session, syn
             if first.poll() is None:
                 first.kill()
     assert not (directory / "leaderboard.md").exists()
+    finished = list(directory.glob("cnn/runs/*/final.pt"))
+    assert len(finished) == 1, f"killed too late to test a resume: the long trial had finished too: {finished}"
+    reached = max(r["epoch"] for log in directory.glob("cnn/runs/*/metrics.jsonl") for r in records(log.parent, "step"))
+    print(f"[tune resume] killed in epoch {reached + 1} of {LONG_TRIAL_EPOCHS}")
 
     second = subprocess.run([*argv, "--resume"], capture_output=True, text=True, timeout=400, check=False)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]

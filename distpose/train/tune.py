@@ -107,7 +107,9 @@ def _make_trial(sweep: Sweep, mode: str, runs: Path | str, backbone: str | None)
             # JSON-quoted: YAML would read a trial id such as 87919_00000 as the integer 8791900000.
             names = [f"train.run_name={json.dumps(trial)}", f"train.storage={json.dumps(str(runs))}"]
             cfg = mode_config(sweep, mode, [*extra, *names], backbone)
-            train(with_absolute_paths(cfg, cwd), callbacks=[TuneReportCallback()])
+            outcome = train(with_absolute_paths(cfg, cwd), callbacks=[TuneReportCallback()])
+            if not outcome.trained:  # a driver killed after the run finished, before Tune recorded the trial
+                tune.report({key: value for key, value in outcome.metrics.items() if isinstance(value, (int, float))})
         except Exception as exc:
             _append_json_line(attempts, {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]})
             raise
