@@ -140,7 +140,10 @@ def ray_session(object_store):
 
 # Ray Train's controller and its placement-group cleaner exit seconds after a run (once, 30 s was too short).
 LEAK_GRACE_S = 60
-SESSION_ACTORS = {"_AutoscalingCoordinatorActor"}  # Ray's own, one per Ray session, holding no resources
+# Ray's own helpers, holding no resources: one autoscaling coordinator per session, and Ray Train's detached
+# placement-group cleaner, which once outlived by over a minute a controller killed by Ctrl-C while it was starting
+# (once in about ten suite runs; the placement groups themselves are still checked).
+RAY_HELPERS = {"_AutoscalingCoordinatorActor", "PlacementGroupCleaner"}
 
 
 @pytest.fixture(autouse=True)
@@ -165,7 +168,7 @@ def leaves_nothing_on_the_cluster(request):
     deadline = time.monotonic() + LEAK_GRACE_S
     while True:
         actors = [f"{name} ({actor[:8]})" for actor, name in alive().items()
-                  if actor not in before and name not in SESSION_ACTORS]
+                  if actor not in before and name not in RAY_HELPERS]
         groups = [g for g in state.list_placement_groups(limit=1000, raise_on_missing_output=False)
                   if g.state != "REMOVED"]
         if not actors and not groups or time.monotonic() > deadline:
