@@ -25,7 +25,7 @@ from distpose.eval.evaluate import evaluate_model, flat_metrics
 from distpose.files import read_bytes
 from distpose.models.pose import load_checkpoint
 from distpose.train.sweep_file import base_config, load_sweep, mode_config, sweep_dir
-from distpose.train.tune import ATTEMPTS_SUFFIX, _search_space, _searcher, run_sweep
+from distpose.train.tune import ATTEMPTS_SUFFIX, DONE_FILE, _search_space, _searcher, run_sweep
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "quick"
 ALL_MODES = ["cnn", "hrnet", "cnn_crf", "cnn_joint", "hrnet_crf", "hrnet_joint"]
@@ -264,7 +264,9 @@ def test_failing_trial_is_retried_then_recorded_and_the_sweep_completes(ray_sess
     assert [r["mode"] for r in rows] == ["cnn"] and rows[0]["trials"] == "1/0/1"
 
 
-LONG_TRIAL_EPOCHS = 8  # the killed sweep's trial under way at the kill, which happens after its third epoch
+# The killed sweep's trial under way at the kill, which comes once its fourth epoch has begun and Tune has saved
+# the short trial as done: in its epochs 4 to 6 here.
+LONG_TRIAL_EPOCHS = 10
 
 
 def _ready_to_kill(directory: Path) -> bool:
@@ -309,9 +311,10 @@ def test_a_sweep_file_that_is_not_yaml_text_fails_in_one_line(tmp_path, capsys, 
 
 
 def test_killed_sweep_resumes_without_repeating_finished_trials(ray_session, synth_shards, tmp_path):
-    """A 1-epoch and an 8-epoch trial; the driver is SIGKILLed once Tune has recorded the first as finished
+    """A 1-epoch and a 10-epoch trial; the driver is SIGKILLed once Tune has recorded the first as finished
     and the second is under way. `--resume` must finish the second (its run resuming from its checkpoint)
-    and leave the first alone."""
+    and leave the first alone. Then `--resume` once more, on Tune's state of the kill: the second trial's run
+    is found finished, and its scores reach Tune."""
     path = write_sweep(tmp_path / "sweep.yaml", name="killed", modes=["cnn"], search="grid",
                        overrides=[*tiny_overrides(synth_shards), f"train.epochs={LONG_TRIAL_EPOCHS}"],
                        space={"train.epochs": {"choice": [1, LONG_TRIAL_EPOCHS]}}, max_failures=0,
@@ -320,7 +323,7 @@ def test_killed_sweep_resumes_without_repeating_finished_trials(ray_session, syn
     argv = [sys.executable, "-m", "distpose", "tune", str(path), "--address", address]
     directory = tmp_path / "sweeps" / "killed"
     # Tune saves its experiment state at most every 10 s by default: the long trial could finish in that time,
-    # before the state shows the short one finished. Every second leaves the long trial 5 epochs to spare.
+    # before the state showed the short one finished.
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     with (tmp_path / "first.log").open("w") as log:
         first = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -340,6 +343,8 @@ def test_killed_sweep_resumes_without_repeating_finished_trials(ray_session, syn
     assert len(finished) == 1, f"killed too late to test a resume: the long trial had finished too: {finished}"
     reached = max(r["epoch"] for log in directory.glob("cnn/runs/*/metrics.jsonl") for r in records(log.parent, "step"))
     print(f"[tune resume] killed in epoch {reached + 1} of {LONG_TRIAL_EPOCHS}")
+    experiment = directory / "cnn" / "experiment"
+    shutil.copytree(experiment, tmp_path / "experiment_at_the_kill")
 
     second = subprocess.run([*argv, "--resume"], capture_output=True, text=True, timeout=400, check=False)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
@@ -359,3 +364,21 @@ def test_killed_sweep_resumes_without_repeating_finished_trials(ray_session, syn
             assert len(attempts) == 2 and len(starts) == 2
             assert starts[1]["resumed_from"].startswith("latest checkpoint of this run"), starts[1]
     assert (directory / "leaderboard.md").is_file()
+
+    # Tune's state as the kill left it, though the long run has finished since: as if the driver had died after
+    # the run's last epoch, before Tune saved the trial as done. The trial runs again, trains nothing, and
+    # reports the finished run's scores to Tune.
+    from ray.tune import ExperimentAnalysis
+
+    long_trial = next(t["trial"] for t in trials if json.loads(t["params"])["train.epochs"] == LONG_TRIAL_EPOCHS)
+    shutil.rmtree(experiment)
+    shutil.copytree(tmp_path / "experiment_at_the_kill", experiment)
+    (directory / "cnn" / DONE_FILE).unlink()
+    third = subprocess.run([*argv, "--resume"], capture_output=True, text=True, timeout=400, check=False)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    attempts = (runs / f"{long_trial}{ATTEMPTS_SUFFIX}").read_text().splitlines()
+    last = next(t.last_result for t in ExperimentAnalysis(str(experiment)).trials if t.trial_id == long_trial)
+    print(f"[tune resume] with Tune's state of the kill: {len(attempts)} attempts, "
+          f"{len(records(runs / long_trial, 'start'))} run starts, Tune's last result is of epoch {last['epoch']}")
+    assert len(attempts) == 3 and len(records(runs / long_trial, "start")) == 2
+    assert last["epoch"] == LONG_TRIAL_EPOCHS and "val/visible/pck@0.1" in last
