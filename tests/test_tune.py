@@ -25,7 +25,7 @@ from distpose.eval.evaluate import evaluate_model, flat_metrics
 from distpose.files import read_bytes
 from distpose.models.pose import load_checkpoint
 from distpose.train.sweep_file import base_config, load_sweep, mode_config, sweep_dir
-from distpose.train.tune import ATTEMPTS_SUFFIX, DONE_FILE, _search_space, _searcher, run_sweep
+from distpose.train.tune import DONE_FILE, _search_space, _searcher, run_sweep
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "quick"
 ALL_MODES = ["cnn", "hrnet", "cnn_crf", "cnn_joint", "hrnet_crf", "hrnet_joint"]
@@ -354,14 +354,13 @@ def test_killed_sweep_resumes_without_repeating_finished_trials(ray_session, syn
     for t in trials:
         assert t["status"] == "completed", t
         starts = records(runs / t["trial"], "start")
-        attempts = (runs / f"{t['trial']}{ATTEMPTS_SUFFIX}").read_text().splitlines()
         epochs = json.loads(t["params"])["train.epochs"]
-        print(f"[tune resume] {epochs}-epoch trial: {len(attempts)} attempt(s), starts "
+        print(f"[tune resume] {epochs}-epoch trial: {t['attempts']} attempt(s), starts "
               f"{[s['resumed_from'].split(' (')[0] for s in starts]}")
         if epochs == 1:  # finished before the kill: not run again
-            assert len(attempts) == 1 and len(starts) == 1
+            assert t["attempts"] == "1" and len(starts) == 1
         else:  # killed mid-run: run again, picking up from its own latest checkpoint
-            assert len(attempts) == 2 and len(starts) == 2
+            assert t["attempts"] == "2" and len(starts) == 2
             assert starts[1]["resumed_from"].startswith("latest checkpoint of this run"), starts[1]
     assert (directory / "leaderboard.md").is_file()
 
@@ -376,9 +375,10 @@ def test_killed_sweep_resumes_without_repeating_finished_trials(ray_session, syn
     (directory / "cnn" / DONE_FILE).unlink()
     third = subprocess.run([*argv, "--resume"], capture_output=True, text=True, timeout=400, check=False)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
-    attempts = (runs / f"{long_trial}{ATTEMPTS_SUFFIX}").read_text().splitlines()
+    attempts = next(t["attempts"] for t in read_csv(str(directory / "trials.csv")) if t["trial"] == long_trial)
+    starts = records(runs / long_trial, "start")
     last = next(t.last_result for t in ExperimentAnalysis(str(experiment)).trials if t.trial_id == long_trial)
-    print(f"[tune resume] with Tune's state of the kill: {len(attempts)} attempts, "
-          f"{len(records(runs / long_trial, 'start'))} run starts, Tune's last result is of epoch {last['epoch']}")
-    assert len(attempts) == 3 and len(records(runs / long_trial, "start")) == 2
+    print(f"[tune resume] with Tune's state of the kill: {attempts} attempts, {len(starts)} run starts, "
+          f"Tune's last result is of epoch {last['epoch']}")
+    assert attempts == "3" and len(starts) == 2
     assert last["epoch"] == LONG_TRIAL_EPOCHS and "val/visible/pck@0.1" in last
