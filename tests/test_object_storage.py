@@ -43,7 +43,7 @@ def s3_shards(object_store, synth_root):
     out = object_store.uri("shards")
     for split, per_shard in (("train", 5), ("val", 4)):
         assert main(["data", "shard", "--coco-root", str(synth_root), "--split", split, "--out", out,
-                     "--samples-per-shard", str(per_shard), "-q"]) == 0
+                     "--samples-per-shard", str(per_shard)]) == 0
     return out
 
 
@@ -65,7 +65,7 @@ def test_shards_written_to_s3_are_the_local_shards(object_store, s3_shards, synt
             assert get(object_store, f"shards/{name}") == (synth_shards / name).read_bytes(), name
     assert read_manifest(s3_shards, "val")["shards"] == read_manifest(synth_shards, "val")["shards"]
 
-    assert main(["data", "verify", s3_shards, "-q"]) == 0
+    assert main(["data", "verify", s3_shards]) == 0
     out = capsys.readouterr().out
     print(out)
     assert "train: 5 shards" in out and "val: 5 shards" in out and "verify ok" in out
@@ -81,7 +81,7 @@ def test_the_loaders_read_s3_as_they_read_local_files(s3_shards, synth_shards):
 
 def test_overwriting_a_split_on_s3_removes_its_stale_shards(object_store, synth_root, capsys):
     out = object_store.uri("resharded")
-    args = ["data", "shard", "--coco-root", str(synth_root), "--split", "val", "--out", out, "-q"]
+    args = ["data", "shard", "--coco-root", str(synth_root), "--split", "val", "--out", out]
     assert main([*args, "--samples-per-shard", "4"]) == 0
     assert main([*args, "--samples-per-shard", "9"]) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err
@@ -93,14 +93,14 @@ def test_corrupt_and_missing_objects_are_named_by_verify_and_skipped_by_the_load
                                                                                    capsys):
     out = object_store.uri("damaged")
     assert main(["data", "shard", "--coco-root", str(synth_root), "--split", "val", "--out", out,
-                 "--samples-per-shard", "4", "-q"]) == 0
+                 "--samples-per-shard", "4"]) == 0
     manifest = json.loads(get(object_store, "damaged/val.manifest.json"))
     first, second = (s["name"] for s in manifest["shards"][:2])
     data = get(object_store, f"damaged/{first}")
     put(object_store, f"damaged/{first}", data[: len(data) // 2])  # an upload cut short
     object_store.client().delete_object(Bucket=object_store.bucket, Key=f"damaged/{second}")
 
-    assert main(["data", "verify", out, "-q"]) == 1
+    assert main(["data", "verify", out]) == 1
     report = capsys.readouterr()
     print(report.out)
     assert f"BAD val: shard {first}: {len(data) // 2} bytes, manifest says {len(data)}" in report.out
@@ -116,7 +116,7 @@ def test_corrupt_and_missing_objects_are_named_by_verify_and_skipped_by_the_load
 
 
 def test_a_missing_split_or_bucket_is_one_line(object_store, capsys):
-    assert main(["data", "verify", object_store.uri("nothing-here"), "-q"]) == 1
+    assert main(["data", "verify", object_store.uri("nothing-here")]) == 1
     assert capsys.readouterr().err.strip().endswith("no *.manifest.json found; run `distpose data shard` first")
     with pytest.raises(Exception, match="no manifest for split 'val'"):
         read_manifest(object_store.uri("nothing-here"), "val")
@@ -143,7 +143,7 @@ def test_shards_read_over_http(http_shards, synth_shards, capsys):
     remote, local = eval_batches(http_shards), eval_batches(str(synth_shards))
     assert [b["instance_id"].tolist() for b in remote] == [b["instance_id"].tolist() for b in local]
     assert verify_shards(http_shards, splits=["val"], progress=False)["problems"] == []
-    assert main(["data", "verify", http_shards, "-q"]) == 2
+    assert main(["data", "verify", http_shards]) == 2
     assert "cannot be listed; name its splits with --split" in capsys.readouterr().err
     with pytest.raises(Exception, match="no manifest for split 'test'.*cannot list an http"):
         read_manifest(http_shards, "test")
@@ -167,7 +167,7 @@ def test_a_run_on_s3_survives_a_killed_driver_and_its_final_model_evaluates_from
                  f"train.storage={object_store.uri('runs')}", "train.run_name=on_s3"]
     run = object_store.uri("runs/on_s3")
     address = ray_session.get_runtime_context().gcs_address
-    driver = subprocess.Popen([sys.executable, "-m", "distpose", "train", *overrides, "--address", address, "-q"],
+    driver = subprocess.Popen([sys.executable, "-m", "distpose", "train", *overrides, "--address", address],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 240
@@ -200,11 +200,10 @@ def test_a_run_on_s3_survives_a_killed_driver_and_its_final_model_evaluates_from
           f"{first_after['time'] - killed_at:.1f} s after the kill; steps on record before the kill: {len(before)}")
 
     out = tmp_path / "eval"
-    assert main(["eval", "--checkpoint", outcome.final_model, "--data", s3_shards, "--out", str(out), "-q"]) == 0
+    assert main(["eval", "--checkpoint", outcome.final_model, "--data", s3_shards, "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["instances"] == read_manifest(s3_shards, "val")["instances"]
     assert "wrote" in capsys.readouterr().out
     image = sorted((synth_root / "val").glob("*.jpg"))[0]
-    assert main(["predict", "--checkpoint", outcome.final_model, str(image), "--out", str(tmp_path / "pred"),
-                 "-q"]) == 0
+    assert main(["predict", "--checkpoint", outcome.final_model, str(image), "--out", str(tmp_path / "pred")]) == 0
     assert "1 person in 1 image" in capsys.readouterr().out  # one whole-image box: one person

@@ -16,7 +16,7 @@ from distpose.data.shards import iter_tar_samples, read_manifest, write_shards
 
 
 def run_cli(capsys, *argv):
-    code = main(["-q", *argv])
+    code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -80,7 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
+    # The flags' default is SUPPRESS (so that a subcommand's parser does not reset what an outer one set):
+    # the namespace has them only where given, and every command reads them from here on.
+    args.quiet, args.verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
+    quiet, verbose = args.quiet, args.verbose
     if quiet and verbose:
         print("distpose: error: -q and -v exclude each other", file=sys.stderr)
         return 2

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
-from distpose.commands.arguments import plural, positive
+from distpose.commands.arguments import log, plural, positive
 
 SHOWN_CORRUPT = 10  # corrupt source images named on the console; the manifest names all
+
+
+def _progress() -> bool:
+    """Progress bars follow the console's level (-q turns them off), as every other progress line does."""
+    return log.isEnabledFor(logging.INFO)
 
 
 def run_data_synth(args: argparse.Namespace) -> int:
@@ -17,7 +23,7 @@ def run_data_synth(args: argparse.Namespace) -> int:
 
     summary = generate_synthetic_coco(
         Path(args.out), num_train=args.train, num_val=args.val, seed=args.seed,
-        workers=args.workers, progress=not args.quiet, overwrite=args.overwrite,
+        workers=args.workers, progress=_progress(), overwrite=args.overwrite,
     )
     print(json.dumps(summary, indent=2))
     return 0
@@ -28,7 +34,7 @@ def run_data_shard(args: argparse.Namespace) -> int:
 
     manifest = write_shards(
         args.coco_root, args.split, args.out, samples_per_shard=args.samples_per_shard,
-        workers=args.workers, role=args.role, overwrite=args.overwrite, progress=not args.quiet,
+        workers=args.workers, role=args.role, overwrite=args.overwrite, progress=_progress(),
     )
     skipped = ", ".join(f"{n} {why}" for why, n in manifest["skipped"].items()) or "none"
     repairs = ", ".join(f"{n} x {why}" for why, n in manifest["repairs"].items()) or "none"
@@ -46,7 +52,7 @@ def run_data_shard(args: argparse.Namespace) -> int:
 def run_data_verify(args: argparse.Namespace) -> int:
     from distpose.data.shards import verify_shards
 
-    report = verify_shards(args.dir, workers=args.workers, progress=not args.quiet, splits=args.split)
+    report = verify_shards(args.dir, workers=args.workers, progress=_progress(), splits=args.split)
     for split, counts in report["splits"].items():
         print(f"{split}: {plural(counts['shards'], 'shard')}, {plural(counts['samples'], 'sample')}, "
               f"{plural(counts['instances'], 'instance')} (manifest: {plural(counts['manifest_samples'], 'sample')}, "

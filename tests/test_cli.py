@@ -1,0 +1,74 @@
+"""Every `distpose` subcommand, found by walking the argument parser, runs without -q or -v, and takes either
+anywhere on the line."""
+
+import argparse
+
+import pytest
+
+from distpose.commands import build_parser, main
+
+
+def leaves(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], argparse.ArgumentParser]:
+    """Every runnable subcommand of `parser`, by its words: ('data', 'synth') for `distpose data synth`."""
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subparsers:
+        return {path: parser}
+    found = {}
+    for action in subparsers:
+        for name, sub in action.choices.items():
+            found.update(leaves(sub, (*path, name)))
+    return found
+
+
+# The rest of each command line after its words (T is the test's scratch directory), and the exit code it must
+# end with. Each leaf gets only what gets it past argument handling: a real run where that takes a second, else a
+# missing or unusable path that the command must name in one line.
+ARGUMENTS = {
+    ("data", "synth"): (["--out", "T/synth", "--train", "2", "--val", "1"], 0),
+    ("data", "shard"): (["--coco-root", "T/synth", "--split", "train", "--out", "T/shards"], 0),
+    ("data", "verify"): (["T/shards"], 0),
+    ("train",): (["T/missing.yaml"], 2),
+    ("tune",): (["T/missing.yaml"], 2),
+    ("eval",): (["--checkpoint", "T/missing.pt"], 2),
+    ("predict",): (["--checkpoint", "T/missing.pt", "T/synth/val", "--out", "T/predictions"], 2),
+    ("pipeline",): (["T/missing"], 2),
+    ("config",): (["quick/cnn"], 0),
+    ("model-info",): (["cnn_small", "--input", "64x48"], 0),
+    ("convert",): (["T/missing.pth", "T/converted.pt", "--arch", "resnet50"], 2),
+    ("bench", "loader"): (["--out", "T"], 2),
+    ("bench", "train"): (["data.shards=T/missing"], 2),
+    ("bench", "crf"): (["--out", "T"], 2),
+    ("bench", "kernel"): (["--out", "T"], 2),
+    ("bench", "ablation"): (["T/missing"], 2),
+}
+
+
+def test_every_leaf_has_arguments_here():
+    assert set(leaves(build_parser())) == set(ARGUMENTS)
+
+
+def _argv(words: tuple[str, ...], scratch) -> list[str]:
+    rest, _ = ARGUMENTS[words]
+    return [*words, *(str(scratch) if a == "T" else a.replace("T/", f"{scratch}/") for a in rest)]
+
+
+def test_every_leaf_runs_without_quiet_or_verbose(tmp_path, capsys):
+    """The README's data commands once died of `'Namespace' object has no attribute 'quiet'` unless given -q."""
+    for words in ARGUMENTS:  # in order: shard reads what synth wrote, verify what shard wrote
+        code = main(_argv(words, tmp_path))
+        out, err = capsys.readouterr()
+        expected = ARGUMENTS[words][1]
+        assert code == expected, f"distpose {' '.join(words)} exited {code}, expected {expected}: {err[-2000:]}"
+        assert "Traceback" not in err, f"distpose {' '.join(words)}: {err[-2000:]}"
+        if code:
+            errors = [line for line in err.splitlines() if line.startswith("distpose: error:")]
+            assert len(errors) == 1 and str(tmp_path) in errors[0], f"distpose {' '.join(words)}: {err[-2000:]}"
+
+
+@pytest.mark.parametrize("words", list(ARGUMENTS), ids=" ".join)
+@pytest.mark.parametrize("where", ["first", "last"])
+@pytest.mark.parametrize("flag", ["-q", "-v"])
+def test_every_leaf_takes_quiet_and_verbose_anywhere(words, where, flag, tmp_path):
+    argv = _argv(words, tmp_path)
+    args = build_parser().parse_args([flag, *argv] if where == "first" else [*argv, flag])
+    assert getattr(args, "quiet" if flag == "-q" else "verbose") is True
