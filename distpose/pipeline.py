@@ -1,11 +1,11 @@
-"""`distpose pipeline`: data, the six runs of the five modes in dependency order, evaluation, report.
+"""`distpose pipeline`: data, the six recipes trained in dependency order, evaluation, report.
 
     synthetic COCO -> shards -> mean-pose floor
     cnn -> cnn_crf, cnn_joint        (the CRF runs start from cnn's final.pt)
     hrnet -> hrnet_crf, hrnet_joint
-    -> report.md: comparison table, loss and PCK curves, skeleton grid per mode
+    -> report.md: comparison table, loss and PCK curves, skeleton grid per run
 
-One Ray cluster serves every run. Runs are named `pipeline_<mode>` under the storage directory, so
+One Ray cluster serves every run. Runs are named `pipeline_<recipe>` under the storage directory, so
 rerunning the pipeline resumes an interrupted run and skips finished ones.
 """
 
@@ -27,10 +27,10 @@ from distpose.errors import UserError
 from distpose.eval.draw import draw_predictions
 from distpose.eval.evaluate import evaluate_checkpoint, flat_metrics, score
 from distpose.eval.mean_pose import fit_mean_pose, predict_mean_pose
-from distpose.eval.report import Comparison, ModeResult, compare, read_run_log, write_report
+from distpose.eval.report import Comparison, RunResult, compare, write_report
 from distpose.files import exists, is_uri, read_bytes, within
-from distpose.modes import MODES, check_mode, crf_sibling, named_mode
-from distpose.train.checkpoints import METRICS_LOG
+from distpose.metrics_log import run_history
+from distpose.recipes import RECIPES, check_recipe_mode, crf_sibling, recipe
 from distpose.train.crf_prior import PRIOR_FILE
 from distpose.train.driver import TrainOutcome, run_dir, train
 
@@ -63,26 +63,26 @@ def ground_truth_reader() -> GroundTruth:
     return lambda shards, split: read(shards if is_uri(shards) else str(Path(shards).resolve()), split)
 
 
-def mean_pose_floor(cfg: Config, truth: GroundTruth) -> ModeResult:
+def mean_pose_floor(cfg: Config, truth: GroundTruth) -> RunResult:
     d = cfg.data
     mean = fit_mean_pose(truth(d.shards, d.train_split), d.aspect_ratio, d.box_padding)
     val = truth(d.shards, d.val_split)
     predictions = predict_mean_pose(mean, val, d.aspect_ratio, d.box_padding)
     metrics = score(predictions, val, cfg.eval.pck_thresholds)
-    return ModeResult("mean pose", "floor: the training set's mean pose in every box", flat_metrics(metrics),
+    return RunResult("mean pose", "floor: the training set's mean pose in every box", flat_metrics(metrics),
                       predictions=predictions)
 
 
-def comparisons(results: list[ModeResult], configs: dict[str, Config]) -> list[Comparison]:
+def comparisons(results: list[RunResult], configs: dict[str, Config]) -> list[Comparison]:
     """HRNet against the CNN, each CRF run against the backbone it started from, and each joint run against
-    the crf run on the same backbone: the comparisons the five modes exist for."""
+    the crf run on the same backbone: the comparisons the recipes exist for."""
     by_name = {r.name: r for r in results}
-    pairs = [("hrnet", "cnn")] + [(name, named_mode(name).parent) for name in configs]
+    pairs = [("hrnet", "cnn")] + [(name, recipe(name).parent) for name in configs]
     pairs += [(name, crf_sibling(name)) for name in configs]
     return [compare(by_name[a], by_name[b]) for a, b in pairs if a in by_name and b in by_name]
 
 
-def crf_notes(results: list[ModeResult], configs: dict[str, Config]) -> list[str]:
+def crf_notes(results: list[RunResult], configs: dict[str, Config]) -> list[str]:
     """How each CRF run started (its window and pairwise tables, from crf_prior.json) and its training
     budget next to its backbone's."""
     by_name = {r.name: r for r in results}
@@ -93,7 +93,7 @@ def crf_notes(results: list[ModeResult], configs: dict[str, Config]) -> list[str
         prior = json.loads(read_bytes(within(run_dir(cfg), PRIOR_FILE)))
         held = "" if prior["coverage"] is None else \
             f" holds {prior['coverage']:.1%} of {prior['limbs']:,} training limbs (augmented)"
-        base = by_name.get(named_mode(name).parent)
+        base = by_name.get(recipe(name).parent)
         notes.append(f"- {name}: window R={prior['radius']} at heatmap {cfg.data.heatmap_size[0]}x"
                      f"{cfg.data.heatmap_size[1]}{held}; {prior['how']}; trained {len(by_name[name].steps)} steps "
                      f"from a backbone trained {len(base.steps) if base else 0} steps.")
@@ -105,13 +105,13 @@ def crf_notes(results: list[ModeResult], configs: dict[str, Config]) -> list[str
 def run_config(config_dir: Path, name: str, overrides: list[str], parent: Path | str | None) -> Config:
     path = config_dir / f"{name}.yaml"
     if not path.is_file():
-        raise UserError(f"pipeline config directory {config_dir} lacks {name}.yaml")
+        raise UserError(f"pipeline config directory {config_dir} lacks {name}.yaml (recipe {name!r})")
     extra = [f"train.run_name=pipeline_{name}"]
     if parent is not None:
         # The report scores every final.pt itself; a CRF run's own evaluation would only repeat the last one.
         extra += [f"train.backbone_checkpoint={parent}", "eval.every_epochs=0"]
     cfg = load_config(path, [*overrides, *extra])
-    check_mode(name, cfg.train.mode, str(path))
+    check_recipe_mode(name, cfg.train.mode, str(path))
     return cfg
 
 
@@ -121,22 +121,22 @@ def run_pipeline(config_dir: str | Path = "quick", overrides: tuple[str, ...] = 
     start = time.perf_counter()
     config_dir, report_dir = find_config(config_dir, directory=True), Path(report_dir)
     # Every config read and checked now, not after the data and the first fits.
-    first, *_ = [run_config(config_dir, m.name, list(overrides), None) for m in MODES]
+    first, *_ = [run_config(config_dir, r.name, list(overrides), None) for r in RECIPES]
     prepare_data(Path(data_root), first.data.shards, train_images, val_images)
     truth = ground_truth_reader()
     floor = mean_pose_floor(first, truth)
     _say(f"mean-pose floor: visible PCK@0.1 {floor.metrics.get('visible/pck@0.1', 0):.3f}")
     results, finals, configs = [floor], {}, {}
     with ray_cluster(address, first.monitor):
-        for name, _, _, parent, description in MODES:
-            cfg = run_config(config_dir, name, list(overrides), finals.get(parent))
-            configs[name] = cfg
-            _say(f"{name}: {description} ({cfg.model.backbone}, mode {cfg.train.mode})")
+        for r in RECIPES:
+            cfg = run_config(config_dir, r.name, list(overrides), finals.get(r.parent))
+            configs[r.name] = cfg
+            _say(f"{r.name}: {r.description} ({cfg.model.backbone}, mode {cfg.train.mode})")
             outcome = train(cfg)
-            finals[name] = outcome.final_model
-            results.append(_evaluate_run(name, description, outcome, report_dir, truth))
+            finals[r.name] = outcome.final_model
+            results.append(_evaluate_run(r.name, r.description, outcome, report_dir, truth))
             m = results[-1].metrics
-            _say(f"{name}: visible PCK@0.1 {m.get('visible/pck@0.1', 0):.3f}, occluded "
+            _say(f"{r.name}: visible PCK@0.1 {m.get('visible/pck@0.1', 0):.3f}, occluded "
                  f"{m.get('occluded/pck@0.1', 0):.3f}, AP {m.get('AP', 0):.3f} ({outcome.wall_time:.0f} s)")
     header = [f"Configs: `{config_dir}` (overrides: {' '.join(overrides) or 'none'}); data: `{data_root}` "
               f"({train_images} training, {val_images} validation images); total pipeline time "
@@ -147,12 +147,12 @@ def run_pipeline(config_dir: str | Path = "quick", overrides: tuple[str, ...] = 
 
 
 def _evaluate_run(name: str, description: str, outcome: TrainOutcome, report_dir: Path, truth: GroundTruth
-                  ) -> ModeResult:
+                  ) -> RunResult:
     """Score the run's final.pt in this process (the table's figures) and draw its skeleton grid."""
     data = load_config(within(outcome.run_dir, "config.yaml")).data
     metrics, predictions, cfg = evaluate_checkpoint(outcome.final_model, truth(data.shards, data.val_split))
     grid_path = draw_predictions(cfg.data.shards, cfg.data.val_split, predictions, report_dir / name, max_images=8)
-    steps, evals = read_run_log(within(outcome.run_dir, METRICS_LOG))
+    steps, evals = run_history(outcome.run_dir)
     throughput = statistics.median(s["samples_per_s"] for s in steps) if steps else None
-    return ModeResult(name, description, flat_metrics(metrics), outcome.wall_time or None, throughput, steps, evals,
+    return RunResult(name, description, flat_metrics(metrics), outcome.wall_time or None, throughput, steps, evals,
                       str(grid_path.relative_to(report_dir)) if grid_path else None, predictions)

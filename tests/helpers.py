@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 
 from distpose.data.shards import iter_tar_samples
-from distpose.files import read_bytes, within
 
 
 def corrupt_jpeg_in_shard(shard: Path) -> str:
@@ -61,24 +60,6 @@ def truncate_jpeg_in_shard(shard: Path) -> str:
 
 def scramble_jpeg_in_shard(shard: Path) -> str:
     return damage_first_jpeg_in_shard(shard, scramble_jpeg)
-
-
-def records(directory: Path | str, kind: str | None = None) -> list[dict]:
-    """metrics.jsonl's complete lines (a line being appended is left out), of `kind` if given; the run
-    directory is a path or a URI."""
-    try:
-        text = read_bytes(within(directory, "metrics.jsonl")).decode()
-    except FileNotFoundError:
-        return []
-    out = []
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if kind is None or record["kind"] == kind:
-            out.append(record)
-    return out
 
 
 def free_port() -> int:

@@ -8,7 +8,7 @@ import pytest
 from distpose.commands import build_parser, main
 
 
-def leaves(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], argparse.ArgumentParser]:
+def leaves(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
     """Every runnable subcommand of `parser`, by its words: ('data', 'synth') for `distpose data synth`."""
     subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     if not subparsers:
@@ -56,7 +56,7 @@ def test_every_leaf_runs_without_quiet_or_verbose(tmp_path, capsys):
     """The README's data commands once died of `'Namespace' object has no attribute 'quiet'` unless given -q."""
     for words in ARGUMENTS:  # in order: shard reads what synth wrote, verify what shard wrote
         code = main(_argv(words, tmp_path))
-        out, err = capsys.readouterr()
+        err = capsys.readouterr().err
         expected = ARGUMENTS[words][1]
         assert code == expected, f"distpose {' '.join(words)} exited {code}, expected {expected}: {err[-2000:]}"
         assert "Traceback" not in err, f"distpose {' '.join(words)}: {err[-2000:]}"

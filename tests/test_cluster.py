@@ -5,7 +5,6 @@ mid-run, with a fixed and with an elastic number of workers. (~3.5 min: the clus
 the elastic run 120 s.)"""
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -21,6 +20,8 @@ import psutil
 import pytest
 from helpers import free_port
 from prometheus_server import Prometheus
+
+from distpose.metrics_log import read_records
 
 pytestmark = pytest.mark.integration
 
@@ -116,16 +117,6 @@ def ranks_training(prometheus: Prometheus, run: str) -> dict[str, set[str]]:
     return out
 
 
-def metrics_records(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            out.append(json.loads(line))
-    return out
-
-
 def train_losing_a_node(nodes: Nodes, synth_shards: Path, tmp_path: Path, run: str, workers: str, *extra: str,
                         join_when, epochs: int = 4, per_epoch: int = 10, prometheus: Prometheus | None = None,
                         stop_when=None) -> dict:
@@ -141,7 +132,7 @@ def train_losing_a_node(nodes: Nodes, synth_shards: Path, tmp_path: Path, run: s
                "train.cpus_per_worker=1", "data.batch_size=8", f"train.epochs={epochs}",
                f"data.batches_per_epoch={per_epoch}", "eval.every_epochs=0", "train.max_failures=3",
                "train.start_timeout_s=120", *extra, "--address", nodes.address]
-    log, records = tmp_path / "train.log", tmp_path / run / "metrics.jsonl"
+    log, run_dir = tmp_path / "train.log", tmp_path / run
     with log.open("w") as out:
         trainer = subprocess.Popen(command, env={**nodes.env, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"},
                                    stdout=out, stderr=subprocess.STDOUT)
@@ -149,7 +140,7 @@ def train_losing_a_node(nodes: Nodes, synth_shards: Path, tmp_path: Path, run: s
     workers_of = {nodes.targets[n.pid] for n in nodes.processes[1:] if n.poll() is None}
 
     def ready() -> bool:
-        if not any(r["kind"] == "step" and r["step"] >= per_epoch + 3 for r in metrics_records(records)):
+        if not any(r["kind"] == "step" and r["step"] >= per_epoch + 3 for r in read_records(run_dir)):
             return False
         if prometheus is not None:
             for target, ranks in ranks_training(prometheus, run).items():
@@ -164,15 +155,15 @@ def train_losing_a_node(nodes: Nodes, synth_shards: Path, tmp_path: Path, run: s
             time.sleep(0.1)
         alive = [n for n in nodes.processes[1:] if n.poll() is None]
         victim = alive[0]
-        killed_at, before = time.time(), len(metrics_records(records))
+        killed_at, before = time.time(), len(read_records(run_dir))
         nodes.kill(victim)
-        while not join_when(time.time() - killed_at, metrics_records(records)[before:]):
+        while not join_when(time.time() - killed_at, read_records(run_dir)[before:]):
             assert trainer.poll() is None and time.time() - killed_at < 180, log.read_text()[-3000:]
             time.sleep(0.2)
         joined_at = time.time()
         nodes.add_worker()
         if stop_when is not None:
-            while not stop_when(metrics_records(records)[before:]):
+            while not stop_when(read_records(run_dir)[before:]):
                 assert trainer.poll() is None and time.time() - joined_at < 300, log.read_text()[-3000:]
                 time.sleep(0.2)
             trainer.send_signal(signal.SIGINT)
@@ -181,7 +172,7 @@ def train_losing_a_node(nodes: Nodes, synth_shards: Path, tmp_path: Path, run: s
         if trainer.poll() is None:
             trainer.kill()
     assert trainer.returncode == (0 if stop_when is None else 130), log.read_text()[-3000:]
-    lines = metrics_records(records)
+    lines = read_records(run_dir)
     starts = [i for i, r in enumerate(lines) if r["kind"] == "start"]
     steps = [r for r in lines if r["kind"] == "step"]
     last = epochs * per_epoch if stop_when is None else max(r["step"] for r in steps)

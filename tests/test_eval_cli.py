@@ -15,7 +15,7 @@ from distpose.data.shards import shard_ground_truth, write_shards
 from distpose.eval.bootstrap import instance_pck, paired_difference, pck_interval
 from distpose.eval.inference import Predictions
 from distpose.eval.mean_pose import fit_mean_pose, predict_mean_pose
-from distpose.eval.report import ModeResult, compare, write_report
+from distpose.eval.report import RunResult, compare, write_report
 from distpose.models.pose import save_checkpoint
 from distpose.train.modes import run_model
 
@@ -204,9 +204,9 @@ def test_report_has_the_table_intervals_comparisons_and_curves(tmp_path):
     metrics = {"visible/pck@0.05": 0.2, "visible/pck@0.1": 0.6, "visible/pck@0.2": 0.8, "occluded/pck@0.1": 0.4,
                "AP": 0.1, "AR": 0.2}
     results = [
-        ModeResult("mean pose", "floor", {"visible/pck@0.1": 0.25}),
-        ModeResult("cnn", "backbone", metrics, 12.5, 100.0, steps, evals, predictions=backbone),
-        ModeResult("cnn_crf", "crf", metrics, 8.0, 50.0, steps, evals, predictions=crf),
+        RunResult("mean pose", "floor", {"visible/pck@0.1": 0.25}),
+        RunResult("cnn", "backbone", metrics, 12.5, 100.0, steps, evals, predictions=backbone),
+        RunResult("cnn_crf", "crf", metrics, 8.0, 50.0, steps, evals, predictions=crf),
     ]
     comparison = compare(results[2], results[1])
     report = write_report(tmp_path, results, ["header line"], [comparison], []).read_text()

@@ -9,29 +9,30 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "distpose"
 
 # What each part of the package may import from distpose. Anything not listed is not allowed.
-BASE = {"errors", "files", "keypoints", "config"}
+BASE = {"errors", "files", "keypoints", "config", "metrics_log"}
 ALLOWED = {
     "errors": set(),
     "files": set(),
     "keypoints": set(),
     "config": {"errors", "files"},
+    "metrics_log": {"files"},
     "kernels": set(),
     "data": BASE,
     "models": BASE | {"kernels"},
     "monitor": BASE,
-    "modes": BASE,
+    "recipes": BASE,
     "cluster": BASE | {"monitor"},
     "eval": BASE | {"data", "models", "cluster"},
-    "train": BASE | {"data", "models", "kernels", "eval", "monitor", "cluster", "modes"},
-    "pipeline": BASE | {"data", "models", "eval", "train", "cluster", "modes"},
-    "bench": BASE | {"data", "models", "kernels", "eval", "train", "cluster", "modes"},
-    "commands": BASE | {"__init__", "data", "models", "eval", "train", "pipeline", "bench", "modes"},
+    "train": BASE | {"data", "models", "kernels", "eval", "monitor", "cluster", "recipes"},
+    "pipeline": BASE | {"data", "models", "eval", "train", "cluster", "recipes"},
+    "bench": BASE | {"data", "models", "kernels", "eval", "train", "cluster", "recipes"},
+    "commands": BASE | {"__init__", "data", "models", "eval", "train", "pipeline", "bench", "recipes"},
     "__main__": {"commands"},
     "__init__": set(),
 }
 # Ray and DeepSpeed belong to the distributed layers; the model, data and kernel code runs without them.
 DISTRIBUTED = {"ray", "deepspeed"}
-WITHOUT_DISTRIBUTION = {"errors", "files", "keypoints", "config", "kernels", "data", "models", "modes"}
+WITHOUT_DISTRIBUTION = {"errors", "files", "keypoints", "config", "metrics_log", "kernels", "data", "models", "recipes"}
 
 
 def part_of(path: Path) -> str:

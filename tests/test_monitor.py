@@ -15,9 +15,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import corrupt_jpeg_in_shard, records
+from helpers import corrupt_jpeg_in_shard
 from prometheus_server import Prometheus, scaled_rule
 
+from distpose.metrics_log import read_records
 from distpose.monitor.metrics import EXPORTED_NAMES, RUN_STATES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,10 +83,10 @@ def monitored(ray_session, synth_shards, tmp_path_factory):
             driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         try:
             deadline = time.monotonic() + 240
-            while not any(r["step"] >= STALL_AFTER_STEP for r in records(directory, "step")):
+            while not any(r["step"] >= STALL_AFTER_STEP for r in read_records(directory, "step")):
                 assert driver.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
                 time.sleep(0.1)
-            rank0 = psutil.Process(records(directory, "start")[0]["pid"])
+            rank0 = psutil.Process(read_records(directory, "start")[0]["pid"])
             stalled_at = time.time()
             rank0.suspend()
             try:

@@ -1,5 +1,5 @@
 """`distpose pipeline` end to end on the session's Ray, shrunk to 2 steps per run on one worker: synthetic data, shards,
-the six runs of the five modes in dependency order, evaluation and the report; a rerun retrains nothing.
+the six recipes in dependency order, evaluation and the report; a rerun retrains nothing.
 The shards and the runs are in the S3 bucket (the object_store fixture), as on a cluster without a shared
 filesystem; the report is written locally."""
 
@@ -9,14 +9,14 @@ from pathlib import Path
 import cv2
 import pytest
 import torch
-from helpers import records
 
 from distpose.config import load_config
 from distpose.eval.report import PCK_COLUMNS
 from distpose.files import read_bytes
+from distpose.metrics_log import read_records
 from distpose.models.weights import read_pose_checkpoint
-from distpose.modes import MODES
 from distpose.pipeline import run_pipeline
+from distpose.recipes import RECIPE_NAMES, RECIPES
 from distpose.train.checkpoints import FINAL_MODEL
 
 pytestmark = pytest.mark.integration
@@ -25,7 +25,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "quick"
 
 
 def starts(run: str) -> int:
-    return len(records(run, "start"))
+    return len(read_records(run, "start"))
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +42,11 @@ def pipeline_run(ray_session, object_store, tmp_path_factory):
     return runs, report, kwargs
 
 
-def test_report_has_every_mode_and_the_floor(pipeline_run):
+def test_report_has_every_recipe_and_the_floor(pipeline_run):
     _, report, _ = pipeline_run
     saved = json.loads((report.parent / "results.json").read_text())
     results = saved["runs"]
-    assert [r["name"] for r in results] == ["mean pose", *(name for name, *_ in MODES)]
+    assert [r["name"] for r in results] == ["mean pose", *RECIPE_NAMES]
     for r in results:  # every score with its interval, the estimate inside it
         for kind in ("visible", "occluded"):
             estimate, low, high = r["intervals"][f"{kind}/pck@0.1"]
@@ -65,21 +65,19 @@ def test_report_has_every_mode_and_the_floor(pipeline_run):
         assert -1 <= r["metrics"]["AP"] <= 1
     text = report.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| ")]
-    assert sum(line.startswith(("| mean pose (", *(f"| {name} (" for name, *_ in MODES))) for line in rows) == 7
+    assert sum(line.startswith(("| mean pose (", *(f"| {name} (" for name in RECIPE_NAMES))) for line in rows) == 7
     for c in saved["comparisons"]:
         assert sum(line.startswith(f"| {c['run']} | {c['against']} |") for line in rows) == 1, text
-    for name, *_ in MODES:
+    for name in RECIPE_NAMES:
         assert f"![{name}]({name}/" in text
-    for picture in ["loss.png", "pck.png", *(f"{name}/skeletons.jpg" for name, *_ in MODES)]:
+    for picture in ["loss.png", "pck.png", *(f"{name}/skeletons.jpg" for name in RECIPE_NAMES)]:
         image = cv2.imread(str(report.parent / picture))
         assert image is not None and image.shape[0] > 100 and image.std() > 0, picture
 
 
 def test_crf_runs_start_from_their_backbones_final_model(pipeline_run):
     runs, _, _ = pipeline_run
-    for name, _, _, parent, _ in MODES:
-        if parent is None:
-            continue
+    for name, parent in ((r.name, r.parent) for r in RECIPES if r.parent is not None):
         cfg = load_config(f"{runs}/pipeline_{name}/config.yaml")
         assert cfg.train.backbone_checkpoint == f"{runs}/pipeline_{parent}/{FINAL_MODEL}"
         base = read_pose_checkpoint(f"{runs}/pipeline_{parent}/{FINAL_MODEL}")["state_dict"]
@@ -100,10 +98,10 @@ def test_crf_runs_start_from_their_backbones_final_model(pipeline_run):
 
 def test_rerun_retrains_nothing(pipeline_run):
     runs, report, kwargs = pipeline_run
-    before = {name: starts(f"{runs}/pipeline_{name}") for name, *_ in MODES}
+    before = {name: starts(f"{runs}/pipeline_{name}") for name in RECIPE_NAMES}
     first = json.loads((report.parent / "results.json").read_text())
     assert run_pipeline(CONFIGS, **kwargs) == report
-    assert {name: starts(f"{runs}/pipeline_{name}") for name, *_ in MODES} == before
+    assert {name: starts(f"{runs}/pipeline_{name}") for name in RECIPE_NAMES} == before
     again = json.loads((report.parent / "results.json").read_text())
     # Same final models, same validation set: the same scores.
     assert [r["metrics"] for r in again["runs"]] == [r["metrics"] for r in first["runs"]]

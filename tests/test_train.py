@@ -20,9 +20,9 @@ from types import SimpleNamespace
 import psutil
 import pytest
 import torch
-from helpers import records
 
 from distpose.config import Config, load_config
+from distpose.metrics_log import read_records
 from distpose.models.pose import save_checkpoint
 from distpose.models.weights import read_pose_checkpoint
 from distpose.train.checkpoints import checkpoint_name, newest_complete_checkpoint, read_meta
@@ -119,7 +119,7 @@ def test_two_workers_match_accumulation(reference, tmp_path, stage):
     outcome = train(cfg)
     print(f"\n[zero {stage}] 2 workers: {time.perf_counter() - start:.1f} s")
 
-    ref_steps, steps = records(ref_dir, "step"), records(outcome.run_dir, "step")
+    ref_steps, steps = read_records(ref_dir, "step"), read_records(outcome.run_dir, "step")
     assert [r["step"] for r in steps] == [r["step"] for r in ref_steps] == list(range(1, 21))
     ref_loss = torch.tensor([r["loss"] for r in ref_steps], dtype=torch.float64)
     loss = torch.tensor([r["loss"] for r in steps], dtype=torch.float64)
@@ -142,7 +142,7 @@ def test_two_workers_match_accumulation(reference, tmp_path, stage):
 def test_logged_lr_is_the_rate_each_step_trained_at(reference):
     """lr_steps=[2]: steps 1-20 (epochs 1 and 2) train at train.lr, the last one included, although
     its engine.step() has already moved the schedule on to the decayed rate."""
-    steps = records(reference.run_dir, "step")
+    steps = read_records(reference.run_dir, "step")
     assert [r["step"] for r in steps] == list(range(1, 21))
     assert all(r["lr"] == pytest.approx(reference.cfg.train.lr) for r in steps)
 
@@ -176,8 +176,8 @@ def test_crf_mode_two_workers_match_one_big_batch(ray_session, tmp_path, backbon
     one = train(config(tmp_path, "crf_one", *common, "train.workers=1"))
     two = train(config(tmp_path, "crf_two", *common, "train.workers=2"))
     print(f"\n[crf] two fits: {time.perf_counter() - start:.1f} s")
-    one_loss = torch.tensor([r["loss"] for r in records(one.run_dir, "step")], dtype=torch.float64)
-    two_loss = torch.tensor([r["loss"] for r in records(two.run_dir, "step")], dtype=torch.float64)
+    one_loss = torch.tensor([r["loss"] for r in read_records(one.run_dir, "step")], dtype=torch.float64)
+    two_loss = torch.tensor([r["loss"] for r in read_records(two.run_dir, "step")], dtype=torch.float64)
     a, b = final_weights(two.run_dir), final_weights(one.run_dir)
     assert a.keys() == b.keys()
     compared = [n for n in b if b[n].is_floating_point() and n != "crf.unary_head.bias"]
@@ -231,14 +231,14 @@ def test_worker_killed_before_ray_registers_a_checkpoint_resumes_from_that_check
     def killer() -> None:
         deadline = time.monotonic() + 300
         while not finished.is_set() and time.monotonic() < deadline:
-            starts, newest = records(directory, "start"), newest_complete_checkpoint(directory)
+            starts, newest = read_records(directory, "start"), newest_complete_checkpoint(directory)
             uploaded = read_meta(newest).state.epoch if newest else 0
             committed = committed_epoch(directory)
             if starts and uploaded >= 2 and committed < uploaded:
                 pid = starts[0]["pid"]
                 name = " ".join(psutil.Process(pid).cmdline())
                 os.kill(pid, signal.SIGKILL)
-                killed.append({"pid": pid, "cmdline": name, "after_step": records(directory, "step")[-1]["step"],
+                killed.append({"pid": pid, "cmdline": name, "after_step": read_records(directory, "step")[-1]["step"],
                                "uploaded_epoch": uploaded, "committed_epoch": committed})
                 return
             time.sleep(0.005)
@@ -255,7 +255,7 @@ def test_worker_killed_before_ray_registers_a_checkpoint_resumes_from_that_check
     assert killed, "the killer never fired"
     assert "RayTrainWorker" in killed[0]["cmdline"], killed[0]
 
-    lines = records(directory)
+    lines = read_records(directory)
     starts = [r for r in lines if r["kind"] == "start"]
     assert len(starts) == 2, starts
     assert starts[0]["resumed_from"] == "fresh start"
@@ -345,14 +345,14 @@ def test_sigint_stops_the_run_and_rerun_resumes(ray_session, tmp_path):
         try:
             deadline = time.monotonic() + 180
             while time.monotonic() < deadline and first.poll() is None:
-                if any(r["epoch"] >= 2 for r in records(directory, "step")) and committed_epoch(directory) >= 1:
+                if any(r["epoch"] >= 2 for r in read_records(directory, "step")) and committed_epoch(directory) >= 1:
                     break
                 time.sleep(0.01)
             assert first.poll() is None, "the run ended before it could be interrupted"
-            worker = psutil.Process(records(directory, "start")[0]["pid"])
+            worker = psutil.Process(read_records(directory, "start")[0]["pid"])
             raylet = worker.parent()
             processes = [worker, *worker.children(recursive=True)]
-            interrupted_at = records(directory, "step")[-1]["step"]
+            interrupted_at = read_records(directory, "step")[-1]["step"]
             code, stop_time = _interrupt(first, 60)
         finally:
             _kill(first)
@@ -368,18 +368,18 @@ def test_sigint_stops_the_run_and_rerun_resumes(ray_session, tmp_path):
     # Ray Train's own SIGINT handler aborts the run and exits through SystemExit; the driver reports it as an
     # interrupt, like any Ctrl-C: exit code 130 and one line.
     assert code == 130 and "distpose: interrupted" in output, f"exit code {code}:\n{output[-3000:]}"
-    assert records(directory, "step")[-1]["step"] < epochs * per_epoch, "the interrupted run went on to the end"
+    assert read_records(directory, "step")[-1]["step"] < epochs * per_epoch, "the interrupted run went on to the end"
     assert not (directory / "final.pt").exists()
 
     second = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    starts = records(directory, "start")
+    starts = read_records(directory, "start")
     assert len(starts) == 2
     resumed = starts[1]
     print(f"[sigint] rerun: {resumed['resumed_from']}")
     assert resumed["resumed_from"].startswith("latest checkpoint of this run"), resumed
     assert resumed["epoch"] >= 1 and resumed["step"] == resumed["epoch"] * per_epoch
-    assert records(directory, "step")[-1]["step"] == epochs * per_epoch
+    assert read_records(directory, "step")[-1]["step"] == epochs * per_epoch
     assert read_pose_checkpoint(directory / "final.pt")["meta"]["epoch"] == epochs
     # Nothing of either run is left on the cluster (processes started by this test; other tests share the Ray).
     assert not _wait_gone(_ray_train_processes(raylet, since=test_start - 1), 30)
@@ -429,7 +429,7 @@ def test_bf16_on_cpu_exports_fp32_master_weights(ray_session, tmp_path, precisio
     cfg = config(tmp_path, precision, f"train.precision={precision}", f"train.zero_stage={stage}", "data.source=random",
                  "data.batch_size=4", "train.epochs=1", "data.batches_per_epoch=2")
     outcome = train(cfg)
-    steps = records(outcome.run_dir, "step")
+    steps = read_records(outcome.run_dir, "step")
     assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
     torch.manual_seed(cfg.train.seed)  # what every worker does before building the model
     init = run_model(cfg).state_dict()
@@ -449,11 +449,11 @@ def test_resume_from_another_runs_checkpoint(reference, tmp_path):
     assert (meta.state.epoch, meta.state.step, meta.world_size) == (2, 20, 1)
     cfg = config(tmp_path, "continued", *DP, "train.workers=1", "train.grad_accum=2", "train.epochs=3")
     outcome = train(cfg, resume=str(checkpoint))
-    start = records(outcome.run_dir, "start")
+    start = read_records(outcome.run_dir, "start")
     assert len(start) == 1
     assert start[0]["resumed_from"] == f"--resume {checkpoint} ({checkpoint}, epoch 2, step 20)"
     assert (start[0]["epoch"], start[0]["step"]) == (2, 20)
-    steps = records(outcome.run_dir, "step")
+    steps = read_records(outcome.run_dir, "step")
     assert [r["step"] for r in steps] == list(range(21, 31)) and all(r["epoch"] == 3 for r in steps)
     # The schedule resumed too: lr_steps=[2] puts the 3rd epoch at lr x 0.1 (a fresh LambdaLR would say 1e-3).
     assert all(r["lr"] == pytest.approx(cfg.train.lr * 0.1) for r in steps)

@@ -1,4 +1,4 @@
-"""`distpose tune`: sweep-file errors before Ray, a sweep over every mode on the session's Ray (its
+"""`distpose tune`: sweep-file errors before Ray, a sweep over two recipes on the session's Ray (its
 leaderboard's scores checked by evaluating the exported checkpoints again), a failing trial retried then
 recorded, and a sweep whose driver is killed finished by --resume without repeating finished trials."""
 
@@ -17,23 +17,23 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import records
 
 from distpose.commands import main
 from distpose.config import ConfigError
 from distpose.eval.evaluate import evaluate_model, flat_metrics
 from distpose.files import read_bytes
+from distpose.metrics_log import read_records
 from distpose.models.pose import load_checkpoint
-from distpose.train.sweep_file import base_config, load_sweep, mode_config, sweep_dir
+from distpose.train.sweep_file import base_config, load_sweep, sweep_dir, trial_config
 from distpose.train.tune import DONE_FILE, _search_space, _searcher, run_sweep
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "quick"
-ALL_MODES = ["cnn", "hrnet", "cnn_crf", "cnn_joint", "hrnet_crf", "hrnet_joint"]
-# The sweep the tests run: a backbone and a mode that starts from its best trial. The other modes train the same
-# way (tests/test_pipeline.py trains all six) and a joint mode finds its parent as a crf mode does; each mode swept
-# here costs two more fits.
+ALL_RECIPES = ["cnn", "hrnet", "cnn_crf", "cnn_joint", "hrnet_crf", "hrnet_joint"]
+# The sweep the tests run: a backbone and a recipe that starts from its best trial. The other recipes train the
+# same way (tests/test_pipeline.py trains all six) and a joint recipe finds its parent as a crf recipe does; each
+# recipe swept here costs two more fits.
 SWEPT = ["cnn", "cnn_crf"]
-CRF_MODES = ["cnn_crf"]
+CRF_RECIPES = ["cnn_crf"]
 
 
 def tiny_overrides(shards: Path) -> list[str]:
@@ -53,23 +53,24 @@ def write_sweep(path: Path, **fields) -> Path:
 
 
 @pytest.mark.parametrize(("fields", "message"), [
-    ({"modes": ["cnn"], "colour": 1}, "sweep key 'colour': unknown"),
-    ({"modes": ["cnn", "vit"]}, "sweep key 'modes': 'vit' has no config"),
-    ({"modes": ["cnn"], "space": {"train.lr": {"gaussian": [0, 1]}}}, "sweep key 'space.train.lr'"),
-    ({"modes": ["cnn"], "space": {"train.lr": {"uniform": [0.1, 0.01]}}}, "expected [low, high] with low < high"),
-    ({"modes": ["cnn"], "space": {"train.lrr": {"choice": [0.1]}}}, "config key 'train.lrr'"),
-    ({"modes": ["cnn"], "space": {"train.lr": {"choice": [-1.0]}}}, "config key 'train.lr': got -1.0"),
-    ({"modes": ["cnn"], "search": "grid", "space": {"train.lr": {"uniform": [0.01, 0.1]}}},
+    ({"recipes": ["cnn"], "colour": 1}, "sweep key 'colour': unknown"),
+    ({"recipes": ["cnn", "vit"]}, "sweep key 'recipes': 'vit' has no config"),
+    ({"recipes": ["cnn"], "space": {"train.lr": {"gaussian": [0, 1]}}}, "sweep key 'space.train.lr'"),
+    ({"recipes": ["cnn"], "space": {"train.lr": {"uniform": [0.1, 0.01]}}}, "expected [low, high] with low < high"),
+    ({"recipes": ["cnn"], "space": {"train.lrr": {"choice": [0.1]}}}, "config key 'train.lrr'"),
+    ({"recipes": ["cnn"], "space": {"train.lr": {"choice": [-1.0]}}}, "config key 'train.lr': got -1.0"),
+    ({"recipes": ["cnn"], "search": "grid", "space": {"train.lr": {"uniform": [0.01, 0.1]}}},
      "only choice dimensions"),
-    ({"modes": ["cnn"], "metric": "loss"}, "sweep key 'metric': got 'loss'"),
-    ({"modes": ["cnn"], "space": {"model.crf_window": {"choice": [3], "modes": ["cnn_crff"]}}},
+    ({"recipes": ["cnn"], "metric": "loss"}, "sweep key 'metric': got 'loss'"),
+    ({"recipes": ["cnn"], "space": {"model.crf_window": {"choice": [3], "recipes": ["cnn_crff"]}}},
      "['cnn_crff'] have no config in"),
-    ({"modes": ["cnn"], "overrides": {"train.lr": 0.1}}, "sweep key 'overrides': got {'train.lr': 0.1}, expected"),
-    ({"modes": ["cnn"], "mode_overrides": {"vit": ["train.lr=0.1"]}}, "sweep key 'mode_overrides.vit': no config"),
-    ({"modes": ["cnn"], "mode_overrides": {"cnn": "train.lr=0.1"}}, "sweep key 'mode_overrides.cnn': got"),
-    ({"modes": ["cnn"], "mode_overrides": {"cnn": ["train.lrr=0.1"]}}, "config key 'train.lrr'"),
-    ({"modes": ["cnn_crf"], "mode_overrides": {"cnn_crf": ["train.mode=joint"]}},
-     "mode 'cnn_crf': config key 'train.mode' is 'joint', but the 'cnn_crf' mode trains in mode 'crf'"),
+    ({"recipes": ["cnn"], "overrides": {"train.lr": 0.1}}, "sweep key 'overrides': got {'train.lr': 0.1}, expected"),
+    ({"recipes": ["cnn"], "recipe_overrides": {"vit": ["train.lr=0.1"]}},
+     "sweep key 'recipe_overrides.vit': no config"),
+    ({"recipes": ["cnn"], "recipe_overrides": {"cnn": "train.lr=0.1"}}, "sweep key 'recipe_overrides.cnn': got"),
+    ({"recipes": ["cnn"], "recipe_overrides": {"cnn": ["train.lrr=0.1"]}}, "config key 'train.lrr'"),
+    ({"recipes": ["cnn_crf"], "recipe_overrides": {"cnn_crf": ["train.mode=joint"]}},
+     "recipe 'cnn_crf': config key 'train.mode' is 'joint', but recipe 'cnn_crf' trains in mode 'crf'"),
 ])
 def test_bad_sweep_files_fail_in_one_line(tmp_path, capsys, fields, message):
     sweep = write_sweep(tmp_path / "sweep.yaml", name="bad", **fields)
@@ -82,7 +83,7 @@ def test_bad_sweep_files_fail_in_one_line(tmp_path, capsys, fields, message):
 
 def test_a_key_given_twice_fails_in_one_line(tmp_path, capsys):
     sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(f"name: twice\nconfigs: {CONFIGS}\nmodes: [cnn]\nspace:\n  train.lr: {{choice: [0.1]}}\n"
+    sweep.write_text(f"name: twice\nconfigs: {CONFIGS}\nrecipes: [cnn]\nspace:\n  train.lr: {{choice: [0.1]}}\n"
                      "  train.lr: {choice: [0.2]}\n")
     assert main(["tune", str(sweep)]) == 2
     assert capsys.readouterr().err == (f"distpose: error: sweep file {sweep}: not valid YAML "
@@ -92,59 +93,59 @@ def test_a_key_given_twice_fails_in_one_line(tmp_path, capsys):
 def test_an_override_that_is_not_yaml_is_a_string_as_in_a_config_override(tmp_path, capsys):
     """Sweep overrides parse as config overrides do: a value that is not YAML is taken as a string, and a
     string where the key wants a list fails in one line naming the key."""
-    sweep = write_sweep(tmp_path / "sweep.yaml", name="bad", modes=["cnn"])
+    sweep = write_sweep(tmp_path / "sweep.yaml", name="bad", recipes=["cnn"])
     assert load_sweep(sweep, ["name=[x"]).name == "[x"
     assert main(["tune", str(sweep), "overrides=[train.lr_steps=[3],x"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "sweep key 'overrides': got '[train.lr_steps=[3],x', expected a list" in err
 
 
-def test_mode_overrides_apply_after_the_common_ones_to_their_mode_only(tmp_path):
-    path = write_sweep(tmp_path / "sweep.yaml", name="lengths", modes=["cnn", "cnn_crf"],
+def test_recipe_overrides_apply_after_the_common_ones_to_their_recipe_only(tmp_path):
+    path = write_sweep(tmp_path / "sweep.yaml", name="lengths", recipes=["cnn", "cnn_crf"],
                        overrides=["train.epochs=4", "data.batch_size=16"],
-                       mode_overrides={"cnn": ["train.epochs=6", "train.lr_steps=[5]"]})
+                       recipe_overrides={"cnn": ["train.epochs=6", "train.lr_steps=[5]"]})
     sweep = load_sweep(path)
     cnn, crf = base_config(sweep, "cnn"), base_config(sweep, "cnn_crf")
     assert (cnn.train.epochs, cnn.train.lr_steps, cnn.data.batch_size) == (6, (5,), 16)
     assert (crf.train.epochs, crf.data.batch_size) == (4, 16)
-    assert mode_config(sweep, "cnn", ["train.lr=0.002"]).train.epochs == 6
+    assert trial_config(sweep, "cnn", ["train.lr=0.002"]).train.epochs == 6
 
 
 def test_missing_shards_fail_in_one_line_before_ray(tmp_path, capsys):
     missing = tmp_path / "no_shards"
-    sweep = write_sweep(tmp_path / "sweep.yaml", name="unsharded", modes=["cnn"],
+    sweep = write_sweep(tmp_path / "sweep.yaml", name="unsharded", recipes=["cnn"],
                         overrides=[f"data.shards={missing}"])
     assert main(["tune", str(sweep)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"mode 'cnn': config key 'data.shards': {missing}" in err, err
+    assert err.count("\n") == 1 and f"recipe 'cnn': config key 'data.shards': {missing}" in err, err
     assert not (tmp_path / "sweeps").exists()
 
 
 def test_a_finished_sweep_name_is_not_overwritten(tmp_path, capsys):
-    sweep = write_sweep(tmp_path / "sweep.yaml", name="taken", modes=["cnn"])
+    sweep = write_sweep(tmp_path / "sweep.yaml", name="taken", recipes=["cnn"])
     (tmp_path / "sweeps" / "taken" / "cnn").mkdir(parents=True)
     assert main(["tune", str(sweep)]) == 2
     assert "add --resume" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------
-# a sweep over every mode
+# a sweep over two recipes
 
 
 @pytest.fixture(scope="module")
 def swept(ray_session, object_store, synth_shards, tmp_path_factory):
-    """The sweep with its storage in the S3 bucket: Tune's experiments, the trials' runs, the crf modes' start
+    """The sweep with its storage in the S3 bucket: Tune's experiments, the trials' runs, the crf recipe's start
     from the best backbone there, the leaderboard and best/ (the other sweeps here keep theirs on local disk)."""
     root = tmp_path_factory.mktemp("tune")
-    path = write_sweep(root / "sweep.yaml", name="swept", modes=SWEPT, overrides=tiny_overrides(synth_shards),
+    path = write_sweep(root / "sweep.yaml", name="swept", recipes=SWEPT, overrides=tiny_overrides(synth_shards),
                        storage=object_store.uri("sweeps"),
                        space={"train.lr": {"loguniform": [1.0e-3, 1.0e-2]},
-                              "model.crf_window": {"choice": [2, 3], "modes": CRF_MODES}},
-                       trials_per_mode=2, grace_period=1, reduction_factor=2, max_failures=0)
+                              "model.crf_window": {"choice": [2, 3], "recipes": CRF_RECIPES}},
+                       trials_per_recipe=2, grace_period=1, reduction_factor=2, max_failures=0)
     sweep = load_sweep(path)
     start = time.perf_counter()
     leaderboard = run_sweep(sweep)
-    print(f"\n[tune] {len(SWEPT)} modes x 2 trials: {time.perf_counter() - start:.1f} s")
+    print(f"\n[tune] {len(SWEPT)} recipes x 2 trials: {time.perf_counter() - start:.1f} s")
     return sweep, leaderboard
 
 
@@ -152,60 +153,60 @@ def read_csv(location: str) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(read_bytes(location).decode())))
 
 
-def test_leaderboard_has_a_row_per_mode_scored_by_real_evaluation(swept):
+def test_leaderboard_has_a_row_per_recipe_scored_by_real_evaluation(swept):
     sweep, leaderboard = swept
     directory = sweep_dir(sweep)
     assert directory == f"{sweep.storage}/swept" == leaderboard.removesuffix("/leaderboard.md")
     rows = read_csv(f"{directory}/leaderboard.csv")
-    assert [r["mode"] for r in rows] == SWEPT
+    assert [r["recipe"] for r in rows] == SWEPT
     for row in rows:
         # The exported checkpoint, evaluated again on the validation shards, gives the leaderboard's score.
         model, cfg, meta = load_checkpoint(row["checkpoint"])
-        assert row["checkpoint"] == f"{directory}/best/{row['mode']}.pt"
+        assert row["checkpoint"] == f"{directory}/best/{row['recipe']}.pt"
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # the trial's arithmetic (1 CPU per worker), so the scores match exactly
         try:
             again = flat_metrics(evaluate_model(model, cfg)[0])
         finally:
             torch.set_num_threads(threads)
-        assert float(row[sweep.metric]) == pytest.approx(again[sweep.metric], abs=1e-6), row["mode"]
+        assert float(row[sweep.metric]) == pytest.approx(again[sweep.metric], abs=1e-6), row["recipe"]
         assert 0 <= again[sweep.metric] <= 1 and again["instances"] > 0
         assert meta["kind"] == "best" and cfg.eval.best_metric == sweep.metric
     text = read_bytes(leaderboard).decode()
     assert sum(line.startswith("| ") for line in text.splitlines()) == 1 + len(SWEPT)
 
 
-def test_trials_ran_as_sampled_and_crf_modes_started_from_the_best_backbone(swept):
+def test_trials_ran_as_sampled_and_crf_recipes_started_from_the_best_backbone(swept):
     sweep, _ = swept
     directory = sweep_dir(sweep)
     trials = read_csv(f"{directory}/trials.csv")
     assert len(trials) == 2 * len(SWEPT)
-    best = {r["mode"]: r for r in read_csv(f"{directory}/leaderboard.csv")}
+    best = {r["recipe"]: r for r in read_csv(f"{directory}/leaderboard.csv")}
     for t in trials:
         params = json.loads(t["params"])
         assert 1e-3 <= params["train.lr"] <= 1e-2
-        assert ("model.crf_window" in params) == (t["mode"] in CRF_MODES)
+        assert ("model.crf_window" in params) == (t["recipe"] in CRF_RECIPES)
         assert t["status"] in ("completed", "early-stopped") and t["attempts"] == "1", t
         # ASHA (grace 1 epoch) stops a trial only after its first evaluation, never at the end.
         assert int(t["epochs"]) == 2 if t["status"] == "completed" else int(t["epochs"]) == 1
-        assert t["checkpoint"] == f"{directory}/{t['mode']}/runs/{t['trial']}/best.pt"
+        assert t["checkpoint"] == f"{directory}/{t['recipe']}/runs/{t['trial']}/best.pt"
         _, cfg, _ = load_checkpoint(t["checkpoint"])
         assert cfg.train.lr == pytest.approx(params["train.lr"])
-        if t["mode"] in CRF_MODES:
+        if t["recipe"] in CRF_RECIPES:
             parent = "cnn"
-            parent_best = next(x for x in trials if x["mode"] == parent and x["trial"] == best[parent]["trial"])
+            parent_best = next(x for x in trials if x["recipe"] == parent and x["trial"] == best[parent]["trial"])
             assert cfg.train.backbone_checkpoint == parent_best["checkpoint"]
             assert cfg.model.crf_window == params["model.crf_window"]
     stopped = sum(t["status"] == "early-stopped" for t in trials)
     print(f"[tune] ASHA stopped {stopped} of {len(trials)} trials")
 
 
-def resampled(sweep, mode: str, storage: Path) -> list[dict]:
-    """The trials Tune samples for `mode` with the sweep's space and searcher, on a trainable that does nothing."""
+def resampled(sweep, recipe: str, storage: Path) -> list[dict]:
+    """The trials Tune samples for `recipe` with the sweep's space and searcher, on a trainable that does nothing."""
     from ray import tune
 
-    config = tune.TuneConfig(search_alg=_searcher(sweep, mode), num_samples=sweep.trials_per_mode)
-    tuner = tune.Tuner(lambda config: None, param_space=_search_space(sweep, mode), tune_config=config,
+    config = tune.TuneConfig(search_alg=_searcher(sweep, recipe), num_samples=sweep.trials_per_recipe)
+    tuner = tune.Tuner(lambda config: None, param_space=_search_space(sweep, recipe), tune_config=config,
                        run_config=tune.RunConfig(storage_path=str(storage), verbose=0))
     return sorted((r.config for r in tuner.fit()), key=json.dumps)
 
@@ -213,9 +214,9 @@ def resampled(sweep, mode: str, storage: Path) -> list[dict]:
 def test_the_same_seed_samples_the_same_trials(swept, tmp_path):
     sweep, _ = swept
     trials = read_csv(f"{sweep_dir(sweep)}/trials.csv")
-    for mode in ("cnn", "cnn_crf"):
-        ran = sorted((json.loads(t["params"]) for t in trials if t["mode"] == mode), key=json.dumps)
-        assert resampled(sweep, mode, tmp_path / "again") == ran
+    for recipe in ("cnn", "cnn_crf"):
+        ran = sorted((json.loads(t["params"]) for t in trials if t["recipe"] == recipe), key=json.dumps)
+        assert resampled(sweep, recipe, tmp_path / "again") == ran
     other = dataclasses.replace(sweep, seed=sweep.seed + 1)
     assert resampled(other, "cnn", tmp_path / "other") != resampled(sweep, "cnn", tmp_path / "same")
 
@@ -226,13 +227,13 @@ def test_asha_stops_a_trial_that_trails_at_the_first_rung(ray_session, synth_sha
     that after its first epoch, and ASHA (grace 1 epoch, reduction factor 2) stops it there."""
     overrides = [*tiny_overrides(synth_shards), "train.cpus_per_worker=4", "data.input_size=[64,48]",
                  "data.heatmap_size=[16,12]", "data.batch_size=8", "data.batches_per_epoch=30", "train.epochs=2"]
-    path = write_sweep(tmp_path / "sweep.yaml", name="asha", modes=["cnn"], search="grid", overrides=overrides,
+    path = write_sweep(tmp_path / "sweep.yaml", name="asha", recipes=["cnn"], search="grid", overrides=overrides,
                        space={"train.lr": {"choice": [5.0e-3, 1.0e-7]}}, grace_period=1, reduction_factor=2,
                        max_failures=0)
     run_sweep(load_sweep(path))
     directory = sweep_dir(load_sweep(path))
     trials = {json.loads(t["params"])["train.lr"]: t for t in csv.DictReader((directory / "trials.csv").open())}
-    first_rung = {lr: next(r["val/visible/pck@0.1"] for r in records(directory / "cnn" / "runs" / t["trial"], "eval"))
+    first_rung = {lr: read_records(directory / "cnn" / "runs" / t["trial"], "eval")[0]["val/visible/pck@0.1"]
                   for lr, t in trials.items()}
     print(f"\n[tune asha] visible PCK@0.1 after epoch 1: {first_rung}; "
           f"statuses: { {lr: (t['status'], t['epochs']) for lr, t in trials.items()} }")
@@ -250,7 +251,7 @@ def test_asha_stops_a_trial_that_trails_at_the_first_rung(ray_session, synth_sha
 
 def test_failing_trial_is_retried_then_recorded_and_the_sweep_completes(ray_session, synth_shards, tmp_path):
     missing = tmp_path / "no_shards"
-    path = write_sweep(tmp_path / "sweep.yaml", name="failing", modes=["cnn"], search="grid",
+    path = write_sweep(tmp_path / "sweep.yaml", name="failing", recipes=["cnn"], search="grid",
                        overrides=tiny_overrides(synth_shards),
                        space={"data.shards": {"choice": [str(synth_shards), str(missing)]}}, max_failures=1)
     run_sweep(load_sweep(path))
@@ -261,7 +262,7 @@ def test_failing_trial_is_retried_then_recorded_and_the_sweep_completes(ray_sess
     assert failed["status"] == "failed" and failed["attempts"] == "2", failed  # 1 try + max_failures=1 retry
     assert "data.shards" in failed["error"] and str(missing) in failed["error"]
     rows = list(csv.DictReader((directory / "leaderboard.csv").open()))
-    assert [r["mode"] for r in rows] == ["cnn"] and rows[0]["trials"] == "1/0/1"
+    assert [r["recipe"] for r in rows] == ["cnn"] and rows[0]["trials"] == "1/0/1"
 
 
 # The killed sweep's trial under way at the kill, which comes once its fourth epoch has begun and Tune has saved
@@ -274,7 +275,7 @@ def _ready_to_kill(directory: Path) -> bool:
     finished = any("TERMINATED" in p.read_text() for p in directory.glob("cnn/experiment/experiment_state-*.json"))
     for log in directory.glob("cnn/runs/*/metrics.jsonl"):
         if yaml.safe_load((log.parent / "config.yaml").read_text())["train"]["epochs"] == LONG_TRIAL_EPOCHS:
-            return finished and any(r["epoch"] >= 3 for r in records(log.parent, "step"))
+            return finished and any(r["epoch"] >= 3 for r in read_records(log.parent, "step"))
     return False
 
 
@@ -286,7 +287,7 @@ def test_shipped_sweeps_load_by_path_and_by_name_from_any_directory(tmp_path, mo
     assert [p.stem for p in paths] == ["coco", "quick"]
     for path in paths:
         sweep = load_sweep(path)
-        assert set(sweep.modes) == set(ALL_MODES) and sweep.trials_per_mode >= 2, path
+        assert set(sweep.recipes) == set(ALL_RECIPES) and sweep.trials_per_recipe >= 2, path
         assert Path(sweep.configs) == (CONFIGS.parent / path.stem).resolve()
         assert load_sweep(path.stem) == sweep
 
@@ -294,7 +295,7 @@ def test_shipped_sweeps_load_by_path_and_by_name_from_any_directory(tmp_path, mo
 def test_sweep_configs_relative_to_the_file_and_a_missing_one_named(tmp_path, monkeypatch):
     monkeypatch.chdir(CONFIGS.parent)  # where `configs: quick` would resolve against the working directory
     (tmp_path / "sweeps").mkdir()
-    path = write_sweep(tmp_path / "sweeps" / "s.yaml", name="relative", modes=["cnn"], configs="../quick")
+    path = write_sweep(tmp_path / "sweeps" / "s.yaml", name="relative", recipes=["cnn"], configs="../quick")
     with pytest.raises(ConfigError, match=rf"sweep key 'configs': {tmp_path / 'quick'} is not a directory"):
         load_sweep(path)
     shutil.copytree(CONFIGS, tmp_path / "quick")
@@ -315,7 +316,7 @@ def test_killed_sweep_resumes_without_repeating_finished_trials(ray_session, syn
     and the second is under way. `--resume` must finish the second (its run resuming from its checkpoint)
     and leave the first alone. Then `--resume` once more, on Tune's state of the kill: the second trial's run
     is found finished, and its scores reach Tune."""
-    path = write_sweep(tmp_path / "sweep.yaml", name="killed", modes=["cnn"], search="grid",
+    path = write_sweep(tmp_path / "sweep.yaml", name="killed", recipes=["cnn"], search="grid",
                        overrides=[*tiny_overrides(synth_shards), f"train.epochs={LONG_TRIAL_EPOCHS}"],
                        space={"train.epochs": {"choice": [1, LONG_TRIAL_EPOCHS]}}, max_failures=0,
                        grace_period=LONG_TRIAL_EPOCHS)
@@ -341,7 +342,7 @@ def test_killed_sweep_resumes_without_repeating_finished_trials(ray_session, syn
     assert not (directory / "leaderboard.md").exists()
     finished = list(directory.glob("cnn/runs/*/final.pt"))
     assert len(finished) == 1, f"killed too late to test a resume: the long trial had finished too: {finished}"
-    reached = max(r["epoch"] for log in directory.glob("cnn/runs/*/metrics.jsonl") for r in records(log.parent, "step"))
+    reached = max(r["epoch"] for run in directory.glob("cnn/runs/*/") for r in read_records(run, "step"))
     print(f"[tune resume] killed in epoch {reached + 1} of {LONG_TRIAL_EPOCHS}")
     experiment = directory / "cnn" / "experiment"
     shutil.copytree(experiment, tmp_path / "experiment_at_the_kill")
@@ -353,7 +354,7 @@ def test_killed_sweep_resumes_without_repeating_finished_trials(ray_session, syn
     runs = directory / "cnn" / "runs"
     for t in trials:
         assert t["status"] == "completed", t
-        starts = records(runs / t["trial"], "start")
+        starts = read_records(runs / t["trial"], "start")
         epochs = json.loads(t["params"])["train.epochs"]
         print(f"[tune resume] {epochs}-epoch trial: {t['attempts']} attempt(s), starts "
               f"{[s['resumed_from'].split(' (')[0] for s in starts]}")
@@ -376,7 +377,7 @@ def test_killed_sweep_resumes_without_repeating_finished_trials(ray_session, syn
     third = subprocess.run([*argv, "--resume"], capture_output=True, text=True, timeout=400, check=False)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     attempts = next(t["attempts"] for t in read_csv(str(directory / "trials.csv")) if t["trial"] == long_trial)
-    starts = records(runs / long_trial, "start")
+    starts = read_records(runs / long_trial, "start")
     last = next(t.last_result for t in ExperimentAnalysis(str(experiment)).trials if t.trial_id == long_trial)
     print(f"[tune resume] with Tune's state of the kill: {attempts} attempts, {len(starts)} run starts, "
           f"Tune's last result is of epoch {last['epoch']}")

@@ -24,9 +24,9 @@ from distpose.config import Config, find_config, load_config
 from distpose.errors import UserError
 from distpose.eval.bootstrap import Interval
 from distpose.eval.evaluate import evaluate_checkpoint, flat_metrics
-from distpose.eval.report import HEADLINE, KINDS, ModeResult, compare
+from distpose.eval.report import HEADLINE, KINDS, RunResult, compare
 from distpose.files import exists, read_bytes, within
-from distpose.train.checkpoints import METRICS_LOG
+from distpose.metrics_log import read_records
 from distpose.train.crf_prior import PRIOR_FILE
 from distpose.train.driver import run_dir, train
 
@@ -75,16 +75,16 @@ def run(config_dir: str | Path = "quick", network: str = "cnn", overrides: tuple
                         "writes runs/pipeline_<network>/final.pt) or name one with train.backbone_checkpoint=...")
     _say(f"{len(variants)} CRF runs from {backbone}")
     _, base_predictions, _ = evaluate_checkpoint(backbone)
-    base = ModeResult(network, "the backbone", {}, predictions=base_predictions)
-    results: list[tuple[str, Config, ModeResult]] = []
+    base = RunResult(network, "the backbone", {}, predictions=base_predictions)
+    results: list[tuple[str, Config, RunResult]] = []
     with ray_cluster(address, variants[0][1].monitor):
         for name, cfg in variants:
             _say(f"{name}: training {cfg.train.run_name}")
             outcome = train(cfg)
             metrics, predictions, _ = evaluate_checkpoint(outcome.final_model)
-            results.append((name, cfg, ModeResult(name, cfg.train.mode, flat_metrics(metrics),
+            results.append((name, cfg, RunResult(name, cfg.train.mode, flat_metrics(metrics),
                                                   training_seconds(outcome.run_dir), predictions=predictions)))
-    references: dict[str, ModeResult] = {}
+    references: dict[str, RunResult] = {}
     for _, cfg, result in results:
         references.setdefault(cfg.train.mode, result)  # each mode's first variant
     rows = []
@@ -109,9 +109,8 @@ def run(config_dir: str | Path = "quick", network: str = "cnn", overrides: tuple
 def training_seconds(directory: Path | str) -> float:
     """From the run's first start to its final.pt, in its metrics.jsonl: the same figure for a run trained
     now and for a finished run found again."""
-    records = [json.loads(line) for line in read_bytes(within(directory, METRICS_LOG)).decode().splitlines()]
-    start = min(r["time"] for r in records if r["kind"] == "start")
-    return max(r["time"] for r in records if r["kind"] == "final") - start
+    start = min(r["time"] for r in read_records(directory, "start"))
+    return max(r["time"] for r in read_records(directory, "final")) - start
 
 
 def _record(interval: Interval) -> list[float]:

@@ -11,7 +11,6 @@ state: the first `warmup` steps of each are left out.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import tempfile
 import time
@@ -22,6 +21,7 @@ import torch
 from distpose.bench import machine
 from distpose.config import Config, ConfigError, micro_batch_size
 from distpose.errors import UserError
+from distpose.metrics_log import read_records
 from distpose.models.factory import count_macs
 from distpose.models.pose import build_pose_model
 from distpose.train.batches import training_batches
@@ -87,8 +87,7 @@ def distributed_run(cfg: Config, warmup: int, steps: int, address: str | None) -
             data=dataclasses.replace(cfg.data, batches_per_epoch=warmup + steps),
             eval=dataclasses.replace(cfg.eval, every_epochs=0))
         outcome = train(run, address)
-        lines = (outcome.run_dir / "metrics.jsonl").read_text().splitlines()
-    records = [r for r in map(json.loads, lines) if r["kind"] == "step"][warmup - 1:]
+        records = read_records(outcome.run_dir, "step")[warmup - 1:]
     timed, elapsed = records[1:], records[-1]["time"] - records[0]["time"]
     return {"samples_per_s": len(timed) * cfg.data.batch_size / elapsed,
             "data_wait_share": sum(r["data_wait"] for r in timed) / elapsed,

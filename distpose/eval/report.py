@@ -1,4 +1,4 @@
-"""The pipeline report: a comparison table, loss and PCK curves, and a skeleton grid per mode."""
+"""The pipeline report: a comparison table, loss and PCK curves, and a skeleton grid per run."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 from distpose.eval.bootstrap import RESAMPLES, Interval, instance_pck, paired_difference, pck_interval
 from distpose.eval.inference import Predictions
-from distpose.files import atomic_write_bytes, read_bytes
+from distpose.files import atomic_write_bytes
 
 PCK_COLUMNS = ("pck@0.05", "pck@0.1", "pck@0.2")
 # The score every interval and comparison is about.
@@ -18,14 +18,14 @@ KINDS = ("visible", "occluded")
 
 
 @dataclass
-class ModeResult:
+class RunResult:
     name: str  # cnn, hrnet, cnn_crf, ...
     description: str
     metrics: dict[str, float]  # flat metrics of the final model
     wall_time: float | None = None  # seconds of training (fit), None for the floor
     samples_per_s: float | None = None  # median over the run's steps
-    steps: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl step records
-    evals: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl eval records
+    steps: list[dict[str, Any]] = field(default_factory=list)  # step records (metrics_log.run_history)
+    evals: list[dict[str, Any]] = field(default_factory=list)  # eval records
     skeletons: str | None = None  # grid image, relative to the report directory
     predictions: Predictions | None = None  # per validation instance, for intervals and paired comparisons
 
@@ -43,33 +43,19 @@ class Comparison:
     differences: dict[str, Interval]  # run minus against, per kind of joint
 
 
-def compare(run: ModeResult, against: ModeResult) -> Comparison:
+def compare(run: RunResult, against: RunResult) -> Comparison:
     """The headline PCK of `run` minus that of `against`, paired over the validation instances both scored."""
     return Comparison(run.name, against.name, {
         kind: paired_difference(instance_pck(run.predictions, kind, HEADLINE_THRESHOLD),
                                 instance_pck(against.predictions, kind, HEADLINE_THRESHOLD)) for kind in KINDS})
 
 
-def read_run_log(location: Path | str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(step records, eval records) of a run's metrics.jsonl (a path or a URI), the last attempt's record
-    kept for a step or epoch that a resumed attempt redid."""
-    steps: dict[int, dict[str, Any]] = {}
-    evals: dict[int, dict[str, Any]] = {}
-    for line in read_bytes(location).decode().splitlines():
-        record = json.loads(line)
-        if record["kind"] == "step":
-            steps[record["step"]] = record
-        elif record["kind"] == "eval":
-            evals[record["epoch"]] = record
-    return [steps[k] for k in sorted(steps)], [evals[k] for k in sorted(evals)]
-
-
 def _cell(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def comparison_table(results: list[ModeResult]) -> str:
-    head = ["mode"] + [f"{kind} {HEADLINE} [95% interval]" for kind in KINDS] + \
+def comparison_table(results: list[RunResult]) -> str:
+    head = ["run"] + [f"{kind} {HEADLINE} [95% interval]" for kind in KINDS] + \
         [f"{kind} {c}" for kind in KINDS for c in PCK_COLUMNS if c != HEADLINE] + \
         ["AP", "AR", "samples/s", "wall time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -95,8 +81,8 @@ def comparisons_table(comparisons: list[Comparison]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(results: list[ModeResult], out_dir: Path) -> list[str]:
-    """loss.png (training loss per step; the CRF modes' cross-entropy on its own axis) and pck.png
+def plot_curves(results: list[RunResult], out_dir: Path) -> list[str]:
+    """loss.png (training loss per step; the CRF runs' cross-entropy on its own axis) and pck.png
     (validation PCK@0.1 of visible joints per epoch). Returns the file names."""
     import matplotlib
 
@@ -105,8 +91,8 @@ def plot_curves(results: list[ModeResult], out_dir: Path) -> list[str]:
 
     trained = [r for r in results if r.steps]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    for ax, crf, title in ((axes[0], False, "heatmap MSE (backbone modes)"),
-                           (axes[1], True, "CRF marginal cross-entropy (crf, joint modes)")):
+    for ax, crf, title in ((axes[0], False, "heatmap MSE (backbone mode)"),
+                           (axes[1], True, "CRF marginal cross-entropy (crf and joint modes)")):
         for r in trained:
             if ("crf" in r.name or "joint" in r.name) == crf:
                 ax.plot([s["step"] for s in r.steps], [s["loss"] for s in r.steps], label=r.name, linewidth=1)
@@ -139,7 +125,7 @@ def _save_figure(fig: Any, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def write_report(out_dir: Path, results: list[ModeResult], header: list[str], comparisons: list[Comparison],
+def write_report(out_dir: Path, results: list[RunResult], header: list[str], comparisons: list[Comparison],
                  notes: list[str]) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = plot_curves(results, out_dir)

@@ -38,7 +38,6 @@ DEEPSPEED_TAG = "state"
 META_FILE = "meta.json"
 CHECKPOINT_PREFIX = "checkpoint_"
 RANK_FILES = "rank{rank}.files.json"
-METRICS_LOG = "metrics.jsonl"
 PARTIAL_CHECKPOINT_PREFIX = ".partial-checkpoint-"  # a rank's save before Ray copies it into the run
 BEST_MODEL = "best.pt"
 FINAL_MODEL = "final.pt"

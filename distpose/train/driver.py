@@ -39,13 +39,13 @@ from distpose.data.coco import load_detections
 from distpose.data.shards import read_manifest
 from distpose.errors import DataError, UserError
 from distpose.files import exists, is_uri, join, within, write_bytes
+from distpose.metrics_log import METRICS_LOG
 from distpose.models.pose import build_pose_model
 from distpose.models.weights import read_pose_checkpoint
 from distpose.monitor.metrics import RunMetrics
 from distpose.train.checkpoints import (
     FINAL_MODEL,
     META_FILE,
-    METRICS_LOG,
     PARTIAL_CHECKPOINT_PREFIX,
     prune_checkpoints,
     read_meta,

@@ -1,5 +1,5 @@
-"""A sweep's results: the best trial per mode scored again with 95% intervals and compared with its parent's,
-as leaderboard.md/.csv, every trial as trials.csv, and each mode's best checkpoint as best/<mode>.pt."""
+"""A sweep's results: the best trial per recipe scored again with 95% intervals and compared with its parent's,
+as leaderboard.md/.csv, every trial as trials.csv, and each recipe's best model as best/<recipe>.pt."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 from distpose.eval.bootstrap import RESAMPLES
 from distpose.eval.evaluate import evaluate_checkpoint, flat_metrics
-from distpose.eval.report import HEADLINE, KINDS, ModeResult, compare
+from distpose.eval.report import HEADLINE, KINDS, RunResult, compare
 from distpose.files import read_bytes, within, write_bytes
 from distpose.train.sweep_file import Sweep, sweep_dir
 
@@ -21,52 +21,52 @@ def best_trials(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     best: dict[str, dict[str, Any]] = {}
     for r in records:
         if r.get("score") is not None and not math.isnan(r["score"]) and \
-                (r["mode"] not in best or r["score"] > best[r["mode"]]["score"]):
-            best[r["mode"]] = r
+                (r["recipe"] not in best or r["score"] > best[r["recipe"]]["score"]):
+            best[r["recipe"]] = r
     return best
 
 
-def score_best(best: dict[str, dict[str, Any]]) -> dict[str, ModeResult]:
-    """Each mode's best checkpoint evaluated again on its validation split, for intervals and paired comparisons."""
+def score_best(best: dict[str, dict[str, Any]]) -> dict[str, RunResult]:
+    """Each recipe's best model scored again on its validation split, for intervals and paired comparisons."""
     scored = {}
-    for mode, record in best.items():
+    for name, record in best.items():
         metrics, predictions, _ = evaluate_checkpoint(record["checkpoint"])
-        scored[mode] = ModeResult(mode, "", flat_metrics(metrics), predictions=predictions)
+        scored[name] = RunResult(name, "", flat_metrics(metrics), predictions=predictions)
     return scored
 
 
-def write_leaderboard(sweep: Sweep, records: list[dict[str, Any]], scored: dict[str, ModeResult],
+def write_leaderboard(sweep: Sweep, records: list[dict[str, Any]], scored: dict[str, RunResult],
                       parents: dict[str, str | None]) -> Path | str:
-    """leaderboard.md/.csv (the best trial per mode, with 95% intervals and each crf/joint mode's paired
-    difference from its backbone), trials.csv (every trial), best/<mode>.pt."""
+    """leaderboard.md/.csv (the best trial per recipe, with 95% intervals and each crf/joint recipe's paired
+    difference from its backbone), trials.csv (every trial), best/<recipe>.pt."""
     directory = sweep_dir(sweep)
     best = best_trials(records)
     shown = [sweep.metric] + [m for m in ("visible/pck@0.1", "occluded/pck@0.1", "AP") if m != sweep.metric]
     intervals = [f"{kind}/{HEADLINE} [95%]" for kind in KINDS]
     against = [f"{kind}/{HEADLINE} minus its backbone's [95%]" for kind in KINDS]
-    columns = ["mode", "trial", *shown, *intervals, *against, "best_epoch", "trials", "params", "checkpoint"]
+    columns = ["recipe", "trial", *shown, *intervals, *against, "best_epoch", "trials", "params", "checkpoint"]
     rows = []
-    for mode in sweep.modes:
-        ours = [r for r in records if r["mode"] == mode]
+    for name in sweep.recipes:
+        ours = [r for r in records if r["recipe"] == name]
         counts = "/".join(str(sum(r["status"] == s for r in ours)) for s in ("completed", "early-stopped", "failed"))
-        r = best.get(mode)
+        r = best.get(name)
         if r is None:
-            rows.append({"mode": mode, "trials": counts, "trial": "-", "params": "no trial produced a checkpoint"})
+            rows.append({"recipe": name, "trials": counts, "trial": "-", "params": "no trial produced a model file"})
             continue
-        exported = within(directory, "best", f"{mode}.pt")
+        exported = within(directory, "best", f"{name}.pt")
         write_bytes(exported, read_bytes(r["checkpoint"]))
-        cells = {column: interval.format() for column, interval in zip(intervals, scored[mode].intervals().values())}
-        parent = parents.get(mode)
+        cells = {column: interval.format() for column, interval in zip(intervals, scored[name].intervals().values())}
+        parent = parents.get(name)
         if parent in scored:
-            differences = compare(scored[mode], scored[parent]).differences.values()
+            differences = compare(scored[name], scored[parent]).differences.values()
             cells |= {column: f"{d.format(signed=True)} ({d.verdict()})" for column, d in zip(against, differences)}
-        rows.append({"mode": mode, "trial": r["trial"], **{m: r["scores"].get(m) for m in shown}, **cells,
+        rows.append({"recipe": name, "trial": r["trial"], **{m: r["scores"].get(m) for m in shown}, **cells,
                      "best_epoch": r["best_epoch"], "trials": counts,
                      "params": " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                         for k, v in sorted(r["params"].items())),
                      "checkpoint": str(exported)})
     write_bytes(within(directory, "leaderboard.csv"), _csv(columns, rows))
-    trial_columns = ["mode", "trial", "status", "attempts", "epochs", "score", "best_epoch", "params", "checkpoint",
+    trial_columns = ["recipe", "trial", "status", "attempts", "epochs", "score", "best_epoch", "params", "checkpoint",
                      "error"]
     write_bytes(within(directory, "trials.csv"), _csv(trial_columns, [
         {**r, "params": json.dumps(r["params"], sort_keys=True)} for r in records]))
@@ -77,9 +77,9 @@ def write_leaderboard(sweep: Sweep, records: list[dict[str, Any]], scored: dict[
     lines = [f"# Sweep {sweep.name}", "",
              f"`{sweep.source}`: {len(records)} trials, {sweep.search} search, ASHA on val/{sweep.metric} "
              f"(grace {sweep.grace_period} epoch(s), reduction factor {sweep.reduction_factor}), seed {sweep.seed}. "
-             "Best trial per mode, scored on the validation split at its best epoch; trials = "
+             "Best trial per recipe, scored on the validation split at its best epoch; trials = "
              "completed/early-stopped/failed. Every trial: `trials.csv`. Intervals: 95% bootstrap over the "
-             f"validation instances ({RESAMPLES} resamples); a crf/joint mode's difference from its backbone's best "
+             f"validation instances ({RESAMPLES} resamples); a crf/joint recipe's difference from its backbone's best "
              "trial is paired over the same instances and called beats/trails only where its interval excludes "
              "zero.", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

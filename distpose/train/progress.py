@@ -7,7 +7,6 @@ that these lines are the console (`-v` streams the workers' output too).
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 from distpose.config import Config
 from distpose.files import is_uri, read_bytes
+from distpose.metrics_log import complete_lines, parse_records
 
 log = logging.getLogger(__name__)
 POLL_S = 0.5
@@ -106,13 +106,12 @@ class FollowProgress:
             return f.read()
 
     def _read(self) -> None:
-        chunk = self._unread()
-        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits for the next poll
+        complete = complete_lines(self._unread())  # a line still being written waits for the next poll
         self.offset += len(complete)
-        for raw in complete.splitlines():
+        for record in parse_records(complete):
             try:
-                text = self.lines.line(json.loads(raw))
-            except (ValueError, KeyError, TypeError, ZeroDivisionError):
+                text = self.lines.line(record)
+            except (KeyError, TypeError, ZeroDivisionError):
                 continue  # a record of another version: the file is the record, this only a view of it
             if text:
                 log.info(text)

@@ -1,4 +1,4 @@
-"""A sweep file: the mode configs, the modes, the overrides and the search space of a `distpose tune` run,
+"""A sweep file: the recipes' configs, the recipes, the overrides and the search space of a `distpose tune` run,
 read and checked before Ray starts, and the config each trial trains with."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from distpose.config import (
     score_names,
 )
 from distpose.files import is_uri, join
-from distpose.modes import NAMES, check_mode
+from distpose.recipes import RECIPE_NAMES, check_recipe_mode
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
 SEARCHES = ("random", "grid", "optuna", "hyperopt")
@@ -31,25 +31,25 @@ class Dimension:
     key: str  # a config key, e.g. train.lr
     kind: str  # one of DISTRIBUTIONS
     values: tuple[Any, ...]  # choice: the values; the others: (low, high)
-    modes: tuple[str, ...] = ()  # the modes it applies to; () = all
+    recipes: tuple[str, ...] = ()  # the recipes it applies to; () = all
 
 
 @dataclass(frozen=True)
 class Sweep:
     name: str
-    configs: str  # directory holding <mode>.yaml for each mode
-    modes: tuple[str, ...]
+    configs: str  # directory holding <recipe>.yaml for each recipe
+    recipes: tuple[str, ...]
     space: tuple[Dimension, ...] = ()
     overrides: tuple[str, ...] = ()  # applied to every trial, before the sampled values
-    mode_overrides: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # per mode, after `overrides`
-    trials_per_mode: int = 2  # samples per mode (grid: every combination once)
+    recipe_overrides: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # per recipe, after `overrides`
+    trials_per_recipe: int = 2  # samples per recipe (grid: every combination once)
     search: str = "random"
     metric: str = "visible/pck@0.1"  # validation score to maximise; ASHA stops on it, best.pt keeps its best
     grace_period: int = 1  # ASHA: epochs every trial gets
     reduction_factor: int = 2  # ASHA: keep the top 1/reduction_factor at each rung
     max_failures: int = 1  # Tune retries of a failed trial before it is recorded as failed
     storage: str = "sweeps"
-    seed: int = 0  # random, optuna and hyperopt sample the same trials for the same seed (each mode its own)
+    seed: int = 0  # random, optuna and hyperopt sample the same trials for the same seed (each recipe its own)
     source: str = field(default="", compare=False)  # the file it came from, for error messages
 
 
@@ -69,7 +69,7 @@ def find_sweep(name: str | Path) -> Path:
 
 
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
-    """The sweep file with `key=value` overrides of its top-level keys (e.g. trials_per_mode=3)."""
+    """The sweep file with `key=value` overrides of its top-level keys (e.g. trials_per_recipe=3)."""
     path = find_sweep(path)
     raw = read_yaml_file(path, "sweep file") or {}
     if not isinstance(raw, dict):
@@ -82,7 +82,7 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
     for key in raw:
         if key not in known:
             raise _sweep_error(source, key, f"unknown (known: {', '.join(sorted(known))})")
-    for key in ("name", "configs", "modes"):
+    for key in ("name", "configs", "recipes"):
         if key not in raw:
             raise _sweep_error(source, key, "missing")
     if not isinstance(raw["configs"], str):
@@ -91,35 +91,36 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
     # to the working directory.
     configs = (path.parent / raw["configs"]).resolve()
     if not configs.is_dir():
-        raise _sweep_error(source, "configs", f"{configs} is not a directory of mode configs (it is taken "
+        raise _sweep_error(source, "configs", f"{configs} is not a directory of recipe configs (it is taken "
                                               f"relative to the sweep file)")
-    modes = raw["modes"]
-    if not isinstance(modes, list) or not modes or not all(isinstance(m, str) for m in modes):
-        raise _sweep_error(source, "modes", f"got {modes!r}, expected a list of config names")
-    for mode in modes:
-        if not _has_config(configs, mode):
-            raise _sweep_error(source, "modes", f"{mode!r} has no config {configs / (mode + '.yaml')}")
-        if mode not in NAMES:
-            raise _sweep_error(source, "modes", f"{mode!r} is not a named mode ({', '.join(NAMES)})")
+    recipes = raw["recipes"]
+    if not isinstance(recipes, list) or not recipes or not all(isinstance(r, str) for r in recipes):
+        raise _sweep_error(source, "recipes", f"got {recipes!r}, expected a list of recipe names")
+    for name in recipes:
+        if not _has_config(configs, name):
+            raise _sweep_error(source, "recipes", f"{name!r} has no config {configs / (name + '.yaml')}")
+        if name not in RECIPE_NAMES:
+            raise _sweep_error(source, "recipes", f"{name!r} is not a recipe ({', '.join(RECIPE_NAMES)})")
     space = tuple(_dimension(source, key, spec, configs) for key, spec in (raw.get("space") or {}).items())
     overrides = _override_list(source, "overrides", raw.get("overrides"))
-    per_mode = raw.get("mode_overrides") or {}
-    if not isinstance(per_mode, dict):
-        raise _sweep_error(source, "mode_overrides", f"got {per_mode!r}, expected a mapping of mode to overrides")
-    for mode in per_mode:  # against the configs, as space.<key>.modes, so that modes=[...] can narrow a sweep
-        if not _has_config(configs, mode):
-            raise _sweep_error(source, f"mode_overrides.{mode}", f"no config {configs / (str(mode) + '.yaml')}")
-    mode_overrides = {m: _override_list(source, f"mode_overrides.{m}", v) for m, v in per_mode.items()}
-    special = ("space", "modes", "overrides", "mode_overrides")
+    per_recipe = raw.get("recipe_overrides") or {}
+    if not isinstance(per_recipe, dict):
+        raise _sweep_error(source, "recipe_overrides", f"got {per_recipe!r}, expected a mapping of recipe to "
+                                                       "overrides")
+    for name in per_recipe:  # against the configs, as space.<key>.recipes, so that recipes=[...] can narrow a sweep
+        if not _has_config(configs, name):
+            raise _sweep_error(source, f"recipe_overrides.{name}", f"no config {configs / (str(name) + '.yaml')}")
+    recipe_overrides = {r: _override_list(source, f"recipe_overrides.{r}", v) for r, v in per_recipe.items()}
+    special = ("space", "recipes", "overrides", "recipe_overrides")
     fields = {k: raw[k] for k in raw if k not in special} | {"configs": str(configs)}
-    sweep = Sweep(**fields, modes=tuple(modes), space=space, overrides=overrides, mode_overrides=mode_overrides,
-                  source=source)
+    sweep = Sweep(**fields, recipes=tuple(recipes), space=space, overrides=overrides,
+                  recipe_overrides=recipe_overrides, source=source)
     _check(sweep)
     return sweep
 
 
-def _has_config(configs: Path, mode: Any) -> bool:
-    return (configs / f"{mode}.yaml").is_file()
+def _has_config(configs: Path, name: Any) -> bool:
+    return (configs / f"{name}.yaml").is_file()
 
 
 def _override_list(source: str, key: str, value: Any) -> tuple[str, ...]:
@@ -134,11 +135,11 @@ def _dimension(source: str, key: str, spec: Any, configs: Path) -> Dimension:
     where = f"space.{key}"
     if not isinstance(spec, dict):
         raise _sweep_error(source, where, f"got {spec!r}, expected e.g. {{loguniform: [1.0e-4, 1.0e-2]}}")
-    only = spec.get("modes", [])
-    kinds = [k for k in spec if k != "modes"]
+    only = spec.get("recipes", [])
+    kinds = [k for k in spec if k != "recipes"]
     if len(kinds) != 1 or kinds[0] not in DISTRIBUTIONS:
         raise _sweep_error(source, where, f"got {sorted(spec)}, expected one of {', '.join(DISTRIBUTIONS)} "
-                                          "(and optionally modes)")
+                                          "(and optionally recipes)")
     kind, values = kinds[0], spec[kinds[0]]
     if not isinstance(values, list) or not values:
         raise _sweep_error(source, where, f"{kind}: got {values!r}, expected a list")
@@ -147,10 +148,10 @@ def _dimension(source: str, key: str, spec: Any, configs: Path) -> Dimension:
         raise _sweep_error(source, where, f"{kind}: got {values!r}, expected [low, high] with low < high")
     if kind == "loguniform" and values[0] <= 0:
         raise _sweep_error(source, where, f"loguniform: got {values!r}, expected low > 0")
-    # Checked against the configs, not the sweep's modes, so that `modes=[...]` can narrow a sweep file.
+    # Checked against the configs, not the sweep's recipes, so that `recipes=[...]` can narrow a sweep file.
     unknown = [m for m in only if not _has_config(configs, m)]
     if unknown:
-        raise _sweep_error(source, f"{where}.modes", f"{unknown} have no config in {configs}")
+        raise _sweep_error(source, f"{where}.recipes", f"{unknown} have no config in {configs}")
     return Dimension(key, kind, tuple(values), tuple(only))
 
 
@@ -160,7 +161,7 @@ def _check(sweep: Sweep) -> None:
             raise _sweep_error(sweep.source, key, f"got {value!r}, expected {expected}")
 
     require(sweep.search in SEARCHES, "search", sweep.search, f"one of {', '.join(SEARCHES)}")
-    for key in ("trials_per_mode", "grace_period"):
+    for key in ("trials_per_recipe", "grace_period"):
         require(isinstance(getattr(sweep, key), int) and getattr(sweep, key) >= 1, key, getattr(sweep, key),
                 "an integer >= 1")
     require(isinstance(sweep.reduction_factor, int) and sweep.reduction_factor >= 2, "reduction_factor",
@@ -178,42 +179,42 @@ def _check(sweep: Sweep) -> None:
         except ImportError:
             raise _sweep_error(sweep.source, "search", f"{sweep.search} is not installed "
                                                        f"(pip install {sweep.search})") from None
-    # Every mode's config must load with the overrides and with each dimension's extreme values, so that
+    # Every recipe's config must load with the overrides and with each dimension's extreme values, so that
     # a typo in a key fails here, in one line, not in every trial.
-    for mode in sweep.modes:
-        base = base_config(sweep, mode)
-        check_mode(mode, base.train.mode, f"{sweep.source}: mode {mode!r}")
+    for name in sweep.recipes:
+        base = base_config(sweep, name)
+        check_recipe_mode(name, base.train.mode, f"{sweep.source}: recipe {name!r}")
         thresholds = base.eval.pck_thresholds
         require(sweep.metric in score_names(thresholds), "metric", sweep.metric,
                 f"one of {', '.join(score_names(thresholds))}")
-        mode_config(sweep, mode, [])
-        for dim in dimensions_of(sweep, mode):
+        trial_config(sweep, name, [])
+        for dim in dimensions_of(sweep, name):
             for value in (dim.values if dim.kind == "choice" else dim.values[:2]):
                 cfg_value = value if dim.kind != "randint" else int(value)
-                mode_config(sweep, mode, [f"{dim.key}={json.dumps(cfg_value)}"])
+                trial_config(sweep, name, [f"{dim.key}={json.dumps(cfg_value)}"])
 
 
-def dimensions_of(sweep: Sweep, mode: str) -> list[Dimension]:
-    return [d for d in sweep.space if not d.modes or mode in d.modes]
+def dimensions_of(sweep: Sweep, recipe: str) -> list[Dimension]:
+    return [d for d in sweep.space if not d.recipes or recipe in d.recipes]
 
 
-def _overrides_of(sweep: Sweep, mode: str) -> list[str]:
-    return [*sweep.overrides, *sweep.mode_overrides.get(mode, ())]
+def _overrides_of(sweep: Sweep, recipe: str) -> list[str]:
+    return [*sweep.overrides, *sweep.recipe_overrides.get(recipe, ())]
 
 
-def base_config(sweep: Sweep, mode: str) -> Config:
-    """The mode's config file with the sweep's overrides: what every trial of the mode shares."""
-    return load_config(Path(sweep.configs) / f"{mode}.yaml", _overrides_of(sweep, mode))
+def base_config(sweep: Sweep, recipe: str) -> Config:
+    """The recipe's config file with the sweep's overrides: what every trial of the recipe shares."""
+    return load_config(Path(sweep.configs) / f"{recipe}.yaml", _overrides_of(sweep, recipe))
 
 
-def mode_config(sweep: Sweep, mode: str, extra: list[str], backbone: str | None = None) -> Config:
-    """The config of one trial: the mode's file, the sweep's overrides (every mode's, then this mode's), then
-    `extra` (sampled values, run name, storage). Trials evaluate every epoch (ASHA's signal) and keep best.pt
-    by the sweep's metric; Tune, not Ray Train, retries them."""
+def trial_config(sweep: Sweep, recipe: str, extra: list[str], backbone: str | None = None) -> Config:
+    """The config of one trial: the recipe's file, the sweep's overrides (every recipe's, then this recipe's),
+    then `extra` (sampled values, run name, storage). Trials evaluate every epoch (ASHA's signal) and keep
+    best.pt by the sweep's metric; Tune, not Ray Train, retries them."""
     forced = ["eval.every_epochs=1", f"eval.best_metric={sweep.metric}", "train.max_failures=0"]
     if backbone is not None:
         forced.append(f"train.backbone_checkpoint={backbone}")
-    return load_config(Path(sweep.configs) / f"{mode}.yaml", [*_overrides_of(sweep, mode), *forced, *extra])
+    return load_config(Path(sweep.configs) / f"{recipe}.yaml", [*_overrides_of(sweep, recipe), *forced, *extra])
 
 
 def sweep_dir(sweep: Sweep) -> Path | str:

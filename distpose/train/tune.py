@@ -1,9 +1,9 @@
-"""Ray Tune sweeps over the training modes (`distpose tune`; the sweep file: sweep_file.py; the results:
+"""Ray Tune sweeps over the recipes (`distpose tune`; the sweep file: sweep_file.py; the results:
 leaderboard.py).
 
-Each mode gets its own Tune experiment, so ASHA compares trials of one mode with each other and a
-model-based searcher models one objective at a time. Modes run in the order of modes.MODES; a crf or
-joint mode starts every trial from the best trial of its parent mode (or from its config's own
+Each recipe gets its own Tune experiment, so ASHA compares trials of one recipe with each other and a
+model-based searcher models one objective at a time. Recipes run in the order of recipes.RECIPES; a crf or
+joint recipe starts every trial from the best trial of its parent recipe (or from its config's own
 train.backbone_checkpoint when the parent is not swept).
 
 A trial is a function trainable that fits a TorchTrainer (Ray Train V2's way to meet Tune), reporting
@@ -12,9 +12,9 @@ each epoch's validation scores through TuneReportCallback. Tune retries a failed
 as failed; the sweep goes on. `max_concurrent_trials` is what the cluster's CPUs (GPUs) hold, so no
 trial's workers wait for resources another trial holds.
 
-    <storage>/<name>/<mode>/          Tune's experiment (restorable) and runs/<trial>/ (distpose runs)
-    <storage>/<name>/<mode>/done.json the mode's trials, once its experiment has finished
-    <storage>/<name>/leaderboard.md|csv, trials.csv, best/<mode>.pt
+    <storage>/<name>/<recipe>/          Tune's experiment (restorable) and runs/<trial>/ (distpose runs)
+    <storage>/<name>/<recipe>/done.json the recipe's trials, once its experiment has finished
+    <storage>/<name>/leaderboard.md|csv, trials.csv, best/<recipe>.pt
 """
 
 from __future__ import annotations
@@ -32,11 +32,12 @@ from distpose.cluster import ray_cluster
 from distpose.config import Config, ConfigError, load_config, worker_range
 from distpose.errors import UserError
 from distpose.files import append_bytes, exists, file_sizes, holds_anything, read_bytes, within, write_bytes
-from distpose.modes import MODES, named_mode
-from distpose.train.checkpoints import BEST_MODEL, METRICS_LOG
+from distpose.metrics_log import parse_records, read_records
+from distpose.recipes import RECIPES, recipe
+from distpose.train.checkpoints import BEST_MODEL
 from distpose.train.driver import check_model_files, check_shards, train, with_absolute_paths
 from distpose.train.leaderboard import best_trials, score_best, write_leaderboard
-from distpose.train.sweep_file import Sweep, base_config, dimensions_of, mode_config, sweep_dir
+from distpose.train.sweep_file import Sweep, base_config, dimensions_of, sweep_dir, trial_config
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +52,15 @@ def _say(text: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# one mode's experiment
+# one recipe's experiment
 
 
-def _search_space(sweep: Sweep, mode: str) -> dict[str, Any]:
+def _search_space(sweep: Sweep, name: str) -> dict[str, Any]:
     from ray import tune
 
     make = {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}
     space = {}
-    for dim in dimensions_of(sweep, mode):
+    for dim in dimensions_of(sweep, name):
         if dim.kind == "choice":
             space[dim.key] = (tune.grid_search if sweep.search == "grid" else tune.choice)(list(dim.values))
         else:
@@ -67,18 +68,18 @@ def _search_space(sweep: Sweep, mode: str) -> dict[str, Any]:
     return space
 
 
-def mode_seed(sweep: Sweep, mode: str) -> int:
-    """The search seed of one mode's experiment: fixed by the sweep's seed and the mode's name, so narrowing a
-    sweep to fewer modes samples the same trials for those that remain."""
-    return (sweep.seed * 1_000_003 + zlib.crc32(mode.encode())) % 2**31
+def recipe_seed(sweep: Sweep, name: str) -> int:
+    """The search seed of one recipe's experiment: fixed by the sweep's seed and the recipe's name, so narrowing a
+    sweep to fewer recipes samples the same trials for those that remain."""
+    return (sweep.seed * 1_000_003 + zlib.crc32(name.encode())) % 2**31
 
 
-def _searcher(sweep: Sweep, mode: str, concurrent: int = 0):
-    """The mode's seeded searcher, running at most `concurrent` trials at once (0: no limit). The limit is the
+def _searcher(sweep: Sweep, name: str, concurrent: int = 0):
+    """The recipe's seeded searcher, running at most `concurrent` trials at once (0: no limit). The limit is the
     searcher's own: Tune ignores max_concurrent_trials for its basic generator."""
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
-    seed = mode_seed(sweep, mode)
+    seed = recipe_seed(sweep, name)
     if sweep.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
@@ -92,7 +93,7 @@ def _searcher(sweep: Sweep, mode: str, concurrent: int = 0):
     return ConcurrencyLimiter(searcher, max_concurrent=concurrent) if concurrent else searcher
 
 
-def _make_trial(sweep: Sweep, mode: str, runs: Path | str, backbone: str | None):
+def _make_trial(sweep: Sweep, name: str, runs: Path | str, backbone: str | None):
     cwd = Path.cwd()  # Tune runs each trial in its own directory: relative config paths mean the driver's
 
     def run_trial(values: dict[str, Any]) -> None:
@@ -106,7 +107,7 @@ def _make_trial(sweep: Sweep, mode: str, runs: Path | str, backbone: str | None)
             extra = [f"{key}={json.dumps(value)}" for key, value in values.items()]
             # JSON-quoted: YAML would read a trial id such as 87919_00000 as the integer 8791900000.
             names = [f"train.run_name={json.dumps(trial)}", f"train.storage={json.dumps(str(runs))}"]
-            cfg = mode_config(sweep, mode, [*extra, *names], backbone)
+            cfg = trial_config(sweep, name, [*extra, *names], backbone)
             outcome = train(with_absolute_paths(cfg, cwd), callbacks=[TuneReportCallback()])
             if not outcome.trained:  # a driver killed after the run finished, before Tune recorded the trial
                 tune.report({key: value for key, value in outcome.metrics.items() if isinstance(value, (int, float))})
@@ -122,9 +123,9 @@ def _append_json_line(location: Path | str, record: dict[str, Any]) -> None:
 
 
 def _json_lines(location: Path | str) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file; none if there is no such file."""
+    """The records of a JSON-lines file (complete lines); none if there is no such file."""
     try:
-        return [json.loads(line) for line in read_bytes(location).decode().splitlines()]
+        return parse_records(read_bytes(location))
     except FileNotFoundError:
         return []
 
@@ -145,25 +146,25 @@ def trials_that_fit(cfg: Config) -> int:
     return fits
 
 
-def run_mode(sweep: Sweep, mode: str, backbone: str | None, resume: bool) -> list[dict[str, Any]]:
-    """Run (or restore and finish) one mode's Tune experiment; return a record per trial."""
+def run_recipe(sweep: Sweep, name: str, backbone: str | None, resume: bool) -> list[dict[str, Any]]:
+    """Run (or restore and finish) one recipe's Tune experiment; return a record per trial."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    directory = within(sweep_dir(sweep), mode)
+    directory = within(sweep_dir(sweep), name)
     runs = within(directory, "runs")
-    cfg = mode_config(sweep, mode, [], backbone)
+    cfg = trial_config(sweep, name, [], backbone)
     # The trial's own process only drives the TorchTrainer: it reserves no CPU (Tune needs some resource
     # in its bundle, so a little memory), leaving every CPU to the trial's workers.
-    trainable = tune.with_resources(_make_trial(sweep, mode, runs, backbone), {"CPU": 0, "memory": TRIAL_MEMORY})
+    trainable = tune.with_resources(_make_trial(sweep, name, runs, backbone), {"CPU": 0, "memory": TRIAL_MEMORY})
     experiment = within(directory, "experiment")
     if resume and tune.Tuner.can_restore(str(experiment)):
-        _say(f"{mode}: resuming the experiment in {experiment} (finished trials are not rerun)")
+        _say(f"{name}: resuming the experiment in {experiment} (finished trials are not rerun)")
         tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False)
     else:
         concurrent = trials_that_fit(cfg)
-        _say(f"{mode}: {sweep.trials_per_mode if sweep.search != 'grid' else 'grid of'} trial(s) of "
+        _say(f"{name}: {sweep.trials_per_recipe if sweep.search != 'grid' else 'grid of'} trial(s) of "
              f"{cfg.train.epochs} epochs, {sweep.search} search, ASHA on val/{sweep.metric}, "
              f"{concurrent} at a time")
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
@@ -171,23 +172,23 @@ def run_mode(sweep: Sweep, mode: str, backbone: str | None, resume: bool) -> lis
                                   reduction_factor=sweep.reduction_factor)
         tuner = tune.Tuner(
             trainable,
-            param_space=_search_space(sweep, mode),
+            param_space=_search_space(sweep, name),
             tune_config=tune.TuneConfig(
                 metric=f"val/{sweep.metric}", mode="max", scheduler=scheduler,
-                search_alg=_searcher(sweep, mode, concurrent),
-                num_samples=1 if sweep.search == "grid" else sweep.trials_per_mode),
+                search_alg=_searcher(sweep, name, concurrent),
+                num_samples=1 if sweep.search == "grid" else sweep.trials_per_recipe),
             run_config=tune.RunConfig(
                 name="experiment", storage_path=str(directory),
                 failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                 verbose=1),
         )
     results = tuner.fit()
-    records = [_trial_record(sweep, mode, runs, result, cfg.train.epochs) for result in results]
+    records = [_trial_record(sweep, name, runs, result, cfg.train.epochs) for result in results]
     write_bytes(within(directory, DONE_FILE), json.dumps(records, indent=1).encode())
     return records
 
 
-def _trial_record(sweep: Sweep, mode: str, runs: Path | str, result: Any, epochs: int) -> dict[str, Any]:
+def _trial_record(sweep: Sweep, name: str, runs: Path | str, result: Any, epochs: int) -> dict[str, Any]:
     """What the leaderboard says of one trial. The scores are best.pt's, i.e. the trial's best epoch."""
     trial = _trial_id(runs, result)
     run = within(runs, trial)
@@ -195,8 +196,8 @@ def _trial_record(sweep: Sweep, mode: str, runs: Path | str, result: Any, epochs
     if exists(within(run, "config.yaml")):  # the trial's own epochs: the space may set train.epochs
         epochs = load_config(within(run, "config.yaml")).train.epochs
     # Epochs the run itself finished (ASHA's stop can reach a trial after its last epoch).
-    evaluated = [r["epoch"] for r in _json_lines(within(run, METRICS_LOG)) if r["kind"] == "eval"]
-    record: dict[str, Any] = {"mode": mode, "trial": trial, "params": dict(result.config or {}),
+    evaluated = [r["epoch"] for r in read_records(run, "eval")]
+    record: dict[str, Any] = {"recipe": name, "trial": trial, "params": dict(result.config or {}),
                               "epochs": max(evaluated, default=0), "max_epochs": epochs,
                               "attempts": sum("start" in line for line in log)}
     best = within(run, BEST_MODEL)
@@ -232,21 +233,21 @@ def _trial_id(runs: Path | str, result: Any) -> str:
 # the sweep
 
 
-def parent_mode(sweep: Sweep, mode: str) -> str | None:
-    """The swept mode whose best trial a crf/joint mode starts from; None if that mode is not swept (then the
-    mode config's own train.backbone_checkpoint)."""
-    parent = named_mode(mode).parent
-    return parent if parent in sweep.modes else None
+def parent_recipe(sweep: Sweep, name: str) -> str | None:
+    """The swept recipe whose best trial a crf/joint recipe starts from; None if that recipe is not swept (then
+    the recipe config's own train.backbone_checkpoint)."""
+    parent = recipe(name).parent
+    return parent if parent in sweep.recipes else None
 
 
-def parent_backbone(sweep: Sweep, mode: str, best: dict[str, dict[str, Any]]) -> str | None:
-    """The checkpoint a crf/joint mode starts from: the best trial of its parent_mode, else None."""
-    other = parent_mode(sweep, mode)
+def parent_backbone(sweep: Sweep, name: str, best: dict[str, dict[str, Any]]) -> str | None:
+    """The model file a crf/joint recipe starts from: the best trial of its parent_recipe, else None."""
+    other = parent_recipe(sweep, name)
     if other is None:
         return None
     if other not in best:
-        raise ConfigError(f"{sweep.source}: mode {mode!r} starts from the best {other!r} trial, "
-                          f"but no {other!r} trial produced a checkpoint")
+        raise ConfigError(f"{sweep.source}: recipe {name!r} starts from the best {other!r} trial, "
+                          f"but no {other!r} trial produced a model file")
     return best[other]["checkpoint"]
 
 
@@ -255,35 +256,35 @@ def run_sweep(sweep: Sweep, address: str | None = None, resume: bool = False) ->
     if not resume and holds_anything(directory):
         raise ConfigError(f"{sweep.source}: sweep directory {directory} already exists: add --resume to finish "
                           "that sweep, or choose another name (name=...)")
-    for mode in sweep.modes:  # missing shards or weights would fail every trial, after Ray has started
+    for name in sweep.recipes:  # missing shards or weights would fail every trial, after Ray has started
         try:
-            cfg = mode_config(sweep, mode, [])
+            cfg = trial_config(sweep, name, [])
             check_shards(cfg)
             check_model_files(cfg)
         except UserError as exc:
-            raise ConfigError(f"{sweep.source}: mode {mode!r}: {exc}") from None
+            raise ConfigError(f"{sweep.source}: recipe {name!r}: {exc}") from None
     write_bytes(within(directory, "sweep.json"), json.dumps(dataclasses.asdict(sweep), indent=1).encode())
-    order = [m.name for m in MODES if m.name in sweep.modes]  # every parent before its children
+    order = [r.name for r in RECIPES if r.name in sweep.recipes]  # every parent before its children
     # Tune waits this long for a stopped trial's actor to exit before killing it (600 s by default): a trial
     # stuck in its run's shutdown on a busy cluster held whole sweeps for that long.
     os.environ.setdefault(TRIAL_CLEANUP_ENV, str(TRIAL_CLEANUP_S))
     records: list[dict[str, Any]] = []
     with ray_cluster(address, base_config(sweep, order[0]).monitor):
-        for mode in order:
-            done = within(directory, mode, DONE_FILE)
+        for name in order:
+            done = within(directory, name, DONE_FILE)
             if resume and exists(done):
-                _say(f"{mode}: finished earlier ({done})")
-                mode_records = json.loads(read_bytes(done))
+                _say(f"{name}: finished earlier ({done})")
+                recipe_records = json.loads(read_bytes(done))
             else:
-                backbone = parent_backbone(sweep, mode, best_trials(records))
+                backbone = parent_backbone(sweep, name, best_trials(records))
                 if backbone:
-                    _say(f"{mode}: every trial starts from {backbone}")
-                mode_records = run_mode(sweep, mode, backbone, resume)
-            records += mode_records
-            _say(f"{mode}: " + ", ".join(f"{status} {sum(r['status'] == status for r in mode_records)}"
+                    _say(f"{name}: every trial starts from {backbone}")
+                recipe_records = run_recipe(sweep, name, backbone, resume)
+            records += recipe_records
+            _say(f"{name}: " + ", ".join(f"{status} {sum(r['status'] == status for r in recipe_records)}"
                                          for status in ("completed", "early-stopped", "failed")))
     scored = score_best(best_trials(records))
-    path = write_leaderboard(sweep, records, scored, {m: parent_mode(sweep, m) for m in sweep.modes})
+    path = write_leaderboard(sweep, records, scored, {r: parent_recipe(sweep, r) for r in sweep.recipes})
     _say(f"leaderboard: {path}")
     return path
 

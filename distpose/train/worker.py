@@ -8,7 +8,6 @@ before this runs; nothing here depends on which.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sys
@@ -21,7 +20,8 @@ import torch
 
 from distpose.config import Config, config_from_dict, grad_accum_at, micro_batch_size
 from distpose.eval.evaluate import evaluate_model, flat_metrics
-from distpose.files import exists, is_uri, join, read_bytes, upload, write_bytes
+from distpose.files import exists, is_uri, join
+from distpose.metrics_log import METRICS_LOG, MetricsLog
 from distpose.models.weights import save_pose_checkpoint
 from distpose.monitor.metrics import WorkerMetrics
 from distpose.train.batches import training_batches
@@ -29,7 +29,6 @@ from distpose.train.checkpoints import (
     BEST_MODEL,
     DEEPSPEED_TAG,
     FINAL_MODEL,
-    METRICS_LOG,
     PARTIAL_CHECKPOINT_PREFIX,
     TrainState,
     checkpoint_name,
@@ -41,37 +40,6 @@ from distpose.train.checkpoints import (
 from distpose.train.engine import build_engine
 from distpose.train.modes import parameter_groups, run_architecture, run_model, set_train_mode, target_codec
 from distpose.train.step import micro_batch_loss, optimizer_step
-
-
-class MetricsLog:
-    """Rank 0's record of the run: every step and event as a JSON line (the driver prints progress from it).
-    Appended across attempts, so a resumed run shows the steps it redid. With the run on object storage
-    (`mirror`), the file is appended locally and uploaded whole: at every event other than a step, before
-    every checkpoint, and after steps at most every MIRROR_EVERY_S."""
-
-    MIRROR_EVERY_S = 5.0
-
-    def __init__(self, path: Path, enabled: bool, mirror: str | None = None):
-        self.path, self.enabled, self.mirror = path, enabled, mirror
-        self.mirrored = 0.0
-        if enabled and mirror is not None:  # a restarted rank 0 (maybe on another node) goes on from the copy
-            try:
-                write_bytes(path, read_bytes(mirror))
-            except FileNotFoundError:
-                path.unlink(missing_ok=True)
-
-    def write(self, kind: str, **fields: Any) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps({"kind": kind, "time": time.time(), **fields}) + "\n")
-        if kind != "step" or time.monotonic() - self.mirrored > self.MIRROR_EVERY_S:
-            self.sync()
-
-    def sync(self) -> None:
-        if self.enabled and self.mirror is not None:
-            upload(self.path, self.mirror)
-            self.mirrored = time.monotonic()
 
 
 def _log_to(directory: str | None, rank: int) -> None:
