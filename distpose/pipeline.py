@@ -25,9 +25,10 @@ from distpose.data.shards import manifest_path, shard_ground_truth, write_shards
 from distpose.data.synth import generate_synthetic_coco
 from distpose.errors import UserError
 from distpose.eval.draw import draw_predictions
-from distpose.eval.evaluate import evaluate_checkpoint, flat_metrics, score
+from distpose.eval.evaluate import flat_metrics, score
 from distpose.eval.mean_pose import fit_mean_pose, predict_mean_pose
 from distpose.eval.report import Comparison, RunResult, compare, write_report
+from distpose.eval.scoring import score_model_file
 from distpose.files import exists, is_uri, read_bytes, within
 from distpose.metrics_log import run_history
 from distpose.recipes import RECIPES, check_recipe_mode, crf_sibling, recipe
@@ -150,7 +151,7 @@ def _evaluate_run(name: str, description: str, outcome: TrainOutcome, report_dir
                   ) -> RunResult:
     """Score the run's final.pt in this process (the table's figures) and draw its skeleton grid."""
     data = load_config(within(outcome.run_dir, "config.yaml")).data
-    metrics, predictions, cfg = evaluate_checkpoint(outcome.final_model, truth(data.shards, data.val_split))
+    metrics, predictions, cfg = score_model_file(outcome.final_model, truth(data.shards, data.val_split))
     grid_path = draw_predictions(cfg.data.shards, cfg.data.val_split, predictions, report_dir / name, max_images=8)
     steps, evals = run_history(outcome.run_dir)
     throughput = statistics.median(s["samples_per_s"] for s in steps) if steps else None

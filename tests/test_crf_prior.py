@@ -14,7 +14,7 @@ from distpose.data.limbs import limb_displacements
 from distpose.data.shards import shard_ground_truth
 from distpose.keypoints import FLIP_INDEX, INDEX, NUM_JOINTS
 from distpose.models.crf import choose_radius, inside_window, pairwise_from_displacements, window_coverage
-from distpose.models.pose import save_checkpoint
+from distpose.models.model_file import save_model_file
 from distpose.train.crf_prior import crf_prior
 from distpose.train.modes import run_model
 
@@ -102,7 +102,7 @@ def test_window_coverage_and_radius_by_brute_force():
 def test_crf_prior_on_shards_and_into_the_model(synth_shards, tmp_path):
     backbone = tmp_path / "backbone.pt"
     base = [f"data.shards={synth_shards}", "data.input_size=[96,64]", "data.heatmap_size=[24,16]"]
-    save_checkpoint(backbone, run_model(load_config(None, base)), load_config(None, base))
+    save_model_file(backbone, run_model(load_config(None, base)).state_dict(), load_config(None, base))
     cfg = load_config(None, [*base, "train.mode=crf", f"train.backbone_checkpoint={backbone}",
                              "model.crf_window_coverage=0.9"])
     prior = crf_prior(cfg)

@@ -16,7 +16,7 @@ from distpose.eval.bootstrap import instance_pck, paired_difference, pck_interva
 from distpose.eval.inference import Predictions
 from distpose.eval.mean_pose import fit_mean_pose, predict_mean_pose
 from distpose.eval.report import RunResult, compare, write_report
-from distpose.models.pose import save_checkpoint
+from distpose.models.model_file import save_model_file
 from distpose.train.modes import run_model
 
 
@@ -24,7 +24,7 @@ from distpose.train.modes import run_model
 def untrained_checkpoint(tmp_path_factory):
     cfg = load_config(None, ["data.input_size=[64,48]", "data.heatmap_size=[16,12]", "data.loader_workers=0"])
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    save_checkpoint(path, run_model(cfg), cfg)
+    save_model_file(path, run_model(cfg).state_dict(), cfg)
     return path
 
 

@@ -14,7 +14,7 @@ from distpose.config import load_config
 from distpose.eval.report import PCK_COLUMNS
 from distpose.files import read_bytes
 from distpose.metrics_log import read_records
-from distpose.models.weights import read_pose_checkpoint
+from distpose.models.model_file import read_model_file
 from distpose.pipeline import run_pipeline
 from distpose.recipes import RECIPE_NAMES, RECIPES
 from distpose.train.checkpoints import FINAL_MODEL
@@ -80,8 +80,8 @@ def test_crf_runs_start_from_their_backbones_final_model(pipeline_run):
     for name, parent in ((r.name, r.parent) for r in RECIPES if r.parent is not None):
         cfg = load_config(f"{runs}/pipeline_{name}/config.yaml")
         assert cfg.train.backbone_checkpoint == f"{runs}/pipeline_{parent}/{FINAL_MODEL}"
-        base = read_pose_checkpoint(f"{runs}/pipeline_{parent}/{FINAL_MODEL}")["state_dict"]
-        ours = read_pose_checkpoint(f"{runs}/pipeline_{name}/{FINAL_MODEL}")["state_dict"]
+        base = read_model_file(f"{runs}/pipeline_{parent}/{FINAL_MODEL}")["state_dict"]
+        ours = read_model_file(f"{runs}/pipeline_{name}/{FINAL_MODEL}")["state_dict"]
         backbone = [k for k in base if k.startswith("backbone.")]
         assert backbone
         moved = [k for k in backbone if not torch.equal(ours[k], base[k])]

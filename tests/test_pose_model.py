@@ -1,4 +1,4 @@
-"""The pose model factory, weights files (ours and official names), checkpoints, and flip test."""
+"""The pose model factory, weights files (ours and official names), model files, and flip test."""
 
 import argparse
 import re
@@ -15,7 +15,8 @@ from distpose.errors import UserError
 from distpose.keypoints import FLIP_INDEX
 from distpose.models.crf import TreeCRF
 from distpose.models.factory import build_backbone
-from distpose.models.pose import PoseModel, build_pose_model, flip_back, load_checkpoint, save_checkpoint
+from distpose.models.model_file import load_model_file, save_model_file
+from distpose.models.pose import PoseModel, build_pose_model, flip_back
 from distpose.models.weights import load_backbone_weights, official_to_ours
 from distpose.train.modes import run_model
 
@@ -37,7 +38,7 @@ def test_crf_modes_need_and_load_a_backbone_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="train.backbone_checkpoint"):
         quick_config(**{"train.mode": "crf"})
     trained = run_model(quick_config())
-    save_checkpoint(tmp_path / "backbone.pt", trained, quick_config())
+    save_model_file(tmp_path / "backbone.pt", trained.state_dict(), quick_config())
     for mode in ("crf", "joint"):
         model = run_model(quick_config(**{"train.mode": mode, "train.backbone_checkpoint":
                                                  str(tmp_path / "backbone.pt"), "model.crf_window": 3}))
@@ -52,14 +53,14 @@ def test_crf_modes_need_and_load_a_backbone_checkpoint(tmp_path):
 
 def test_an_unresolved_auto_window_is_refused(tmp_path):
     cfg = quick_config()
-    save_checkpoint(tmp_path / "b.pt", run_model(cfg), cfg)
+    save_model_file(tmp_path / "b.pt", run_model(cfg).state_dict(), cfg)
     with pytest.raises(ConfigError, match="model.crf_window': 'auto' is chosen from the training data"):
         run_model(quick_config(**{"train.mode": "crf", "train.backbone_checkpoint": str(tmp_path / "b.pt")}))
 
 
 def test_crf_mode_rejects_a_checkpoint_of_another_backbone(tmp_path):
     other = run_model(quick_config(**{"model.backbone": "hrnet_small"}))
-    save_checkpoint(tmp_path / "hrnet.pt", other, quick_config(**{"model.backbone": "hrnet_small"}))
+    save_model_file(tmp_path / "hrnet.pt", other.state_dict(), quick_config(**{"model.backbone": "hrnet_small"}))
     with pytest.raises(ConfigError, match="train.backbone_checkpoint': .* does not hold a complete 'cnn_small'"):
         run_model(quick_config(**{"train.mode": "crf", "train.backbone_checkpoint": str(tmp_path / "hrnet.pt")}))
 
@@ -68,14 +69,15 @@ def test_the_builder_takes_the_model_config_and_explicit_arguments(tmp_path):
     """No training config: the CRF and the starting weights are arguments."""
     model_cfg = quick_config(**{"model.crf_window": 2}).model
     trained = build_pose_model(model_cfg)
-    save_checkpoint(tmp_path / "b.pt", trained, quick_config())
+    save_model_file(tmp_path / "b.pt", trained.state_dict(), quick_config())
     pairwise = torch.randn(17, 5, 5)
     model = build_pose_model(model_cfg, with_crf=True, backbone_weights=tmp_path / "b.pt", pairwise=pairwise)
     assert model.crf.radius == 2 and torch.equal(model.crf.pairwise.data, pairwise)
     assert all(torch.equal(v, model.backbone.state_dict()[k]) for k, v in trained.backbone.state_dict().items())
     assert build_pose_model(model_cfg).crf is None
-    save_checkpoint(tmp_path / "crf.pt", model, quick_config(**{"model.crf_window": 2}))  # train.mode: backbone
-    assert load_checkpoint(tmp_path / "crf.pt")[0].crf is not None  # the weights say there is a CRF
+    # train.mode: backbone, but the weights say there is a CRF
+    save_model_file(tmp_path / "crf.pt", model.state_dict(), quick_config(**{"model.crf_window": 2}))
+    assert load_model_file(tmp_path / "crf.pt")[0].crf is not None
 
 
 def test_checkpoint_round_trip_gives_identical_predictions(tmp_path):
@@ -85,8 +87,8 @@ def test_checkpoint_round_trip_gives_identical_predictions(tmp_path):
     model = PoseModel(backbone, TreeCRF(backbone.feature_channels, radius=2)).eval()
     with torch.no_grad():
         model.crf.pairwise.normal_()
-    save_checkpoint(tmp_path / "model.pt", model, cfg, {"epoch": 3})
-    loaded, loaded_cfg, meta = load_checkpoint(tmp_path / "model.pt")
+    save_model_file(tmp_path / "model.pt", model.state_dict(), cfg, {"epoch": 3})
+    loaded, loaded_cfg, meta = load_model_file(tmp_path / "model.pt")
     assert meta == {"epoch": 3} and loaded_cfg.train.mode == "joint" and loaded_cfg.model.crf_window == 2
     images = torch.randn(2, 3, 128, 96)
     with torch.no_grad():
@@ -103,9 +105,9 @@ def test_unreadable_weights_are_one_line_errors(tmp_path, content, message):
     path = tmp_path / "w.pt"
     if content is not None:
         path.write_bytes(content)
-    with pytest.raises(UserError, match=message):
-        load_checkpoint(path)
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(UserError, match=f"^model file {path}:? {message}"):
+        load_model_file(path)
+    with pytest.raises(UserError, match=f"^weights file {path}:? {message}"):
         load_backbone_weights(build_backbone("cnn_small"), "cnn_small", path)
 
 
@@ -113,17 +115,17 @@ def test_a_file_with_pickled_objects_is_refused_without_advice_to_unpickle_it(tm
     torch.save({"format": "distpose.pose/1", "config": argparse.Namespace(a=1)}, tmp_path / "objects.pt")
     assert main(["eval", "--checkpoint", str(tmp_path / "objects.pt"), "--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"distpose: error: weights file {tmp_path / 'objects.pt'}: holds Python objects besides tensors "
+    assert err == [f"distpose: error: model file {tmp_path / 'objects.pt'}: holds Python objects besides tensors "
                    "and plain containers; distpose loads weights only, never a file's pickled code"]
 
 
-def test_weights_file_that_is_not_a_checkpoint(tmp_path):
+def test_weights_file_that_is_not_a_model_file(tmp_path):
     torch.save({"tensors": [1, 2]}, tmp_path / "list.pt")
     with pytest.raises(UserError, match="holds no state dict"):
         load_backbone_weights(build_backbone("cnn_small"), "cnn_small", tmp_path / "list.pt")
     torch.save(build_backbone("cnn_small").state_dict(), tmp_path / "bare.pt")
-    with pytest.raises(UserError, match="not a distpose pose checkpoint"):
-        load_checkpoint(tmp_path / "bare.pt")
+    with pytest.raises(UserError, match="not a distpose model file"):
+        load_model_file(tmp_path / "bare.pt")
     torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "other.pt")
     with pytest.raises(UserError, match="none of its 1 tensors fit backbone 'cnn_small'"):
         load_backbone_weights(build_backbone("cnn_small"), "cnn_small", tmp_path / "other.pt")
@@ -208,7 +210,7 @@ def _official_name(ours: str, name: str) -> str:
 @pytest.mark.parametrize("name, official", [("resnet50", OFFICIAL_RESNET50), ("hrnet_w32", OFFICIAL_HRNET_W32)])
 def test_convert_an_official_pose_model_file(name, official, tmp_path):
     """A state dict under the official names and shapes (as the released .pth files hold it) converts into a
-    checkpoint that `eval` loads and that predicts what the network it came from predicts."""
+    model file that `eval` loads and that predicts what the network it came from predicts."""
     torch.manual_seed(0)
     source = build_backbone(name).eval()
     state = {_official_name(k, name): v for k, v in source.state_dict().items()}
@@ -217,7 +219,7 @@ def test_convert_an_official_pose_model_file(name, official, tmp_path):
         assert tuple(state[key].shape) == shape, key
     torch.save(state, tmp_path / "official.pth")
     assert main(["convert", str(tmp_path / "official.pth"), str(tmp_path / "model.pt"), "--arch", name]) == 0
-    model, cfg, meta = load_checkpoint(tmp_path / "model.pt")
+    model, cfg, meta = load_model_file(tmp_path / "model.pt")
     assert cfg.model.backbone == name and cfg.data.input_size == (256, 192) and cfg.data.heatmap_size == (64, 48)
     assert meta["kind"] == "converted"
     images = torch.randn(1, 3, 256, 192)
@@ -256,7 +258,7 @@ def test_flip_back_is_exact_under_the_codec_alignment():
 
 def test_crf_keypoint_maps_are_local_marginal_mass(tmp_path):
     cfg = quick_config()
-    save_checkpoint(tmp_path / "b.pt", run_model(cfg), cfg)
+    save_model_file(tmp_path / "b.pt", run_model(cfg).state_dict(), cfg)
     model = run_model(quick_config(**{"train.mode": "crf", "train.backbone_checkpoint": str(tmp_path / "b.pt"),
                                              "model.crf_window": 3}))
     images = torch.randn(1, 3, 128, 96)

@@ -23,8 +23,7 @@ import torch
 
 from distpose.config import Config, load_config
 from distpose.metrics_log import read_records
-from distpose.models.pose import save_checkpoint
-from distpose.models.weights import read_pose_checkpoint
+from distpose.models.model_file import read_model_file, save_model_file
 from distpose.train.checkpoints import checkpoint_name, newest_complete_checkpoint, read_meta
 from distpose.train.driver import run_dir, train
 from distpose.train.modes import run_architecture, run_model
@@ -54,7 +53,7 @@ def config(storage: Path, name: str, *overrides: str) -> Config:
 
 
 def final_weights(directory: Path) -> dict[str, torch.Tensor]:
-    return read_pose_checkpoint(directory / "final.pt")["state_dict"]
+    return read_model_file(directory / "final.pt")["state_dict"]
 
 
 def max_diffs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], names) -> tuple[float, float]:
@@ -156,7 +155,7 @@ def backbone_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("backbone") / "backbone.pt"
     cfg = load_config(None, TINY)
     torch.manual_seed(1)
-    save_checkpoint(path, run_model(cfg), cfg)
+    save_model_file(path, run_model(cfg).state_dict(), cfg)
     return path
 
 
@@ -187,7 +186,7 @@ def test_crf_mode_two_workers_match_one_big_batch(ray_session, tmp_path, backbon
           f"(relative {w_rel:.3g})")
     assert len(one_loss) == len(two_loss) == 6
     # The frozen backbone (BatchNorm statistics included) did not move in either run.
-    for name, value in read_pose_checkpoint(backbone_checkpoint)["state_dict"].items():
+    for name, value in read_model_file(backbone_checkpoint)["state_dict"].items():
         assert torch.equal(a[name], value) and torch.equal(b[name], value), name
     torch.testing.assert_close(two_loss, one_loss, rtol=LOSS_RTOL, atol=LOSS_ATOL)
     for name in compared:
@@ -269,7 +268,7 @@ def test_worker_killed_before_ray_registers_a_checkpoint_resumes_from_that_check
     assert steps[-1]["step"] == epochs * per_epoch and steps[-1]["epoch"] == epochs
     assert sorted({r["step"] for r in steps}) == list(range(1, epochs * per_epoch + 1))  # none missing
     assert outcome.trained and outcome.metrics["epoch"] == epochs
-    assert read_pose_checkpoint(outcome.final_model)["meta"]["epoch"] == epochs
+    assert read_model_file(outcome.final_model)["meta"]["epoch"] == epochs
     # keep_checkpoints counts the checkpoint Ray never registered too
     kept = sorted(p.name for p in directory.glob("checkpoint_*") if p.is_dir())
     assert kept == [checkpoint_name(epoch * per_epoch) for epoch in (3, 4)]
@@ -380,7 +379,7 @@ def test_sigint_stops_the_run_and_rerun_resumes(ray_session, tmp_path):
     assert resumed["resumed_from"].startswith("latest checkpoint of this run"), resumed
     assert resumed["epoch"] >= 1 and resumed["step"] == resumed["epoch"] * per_epoch
     assert read_records(directory, "step")[-1]["step"] == epochs * per_epoch
-    assert read_pose_checkpoint(directory / "final.pt")["meta"]["epoch"] == epochs
+    assert read_model_file(directory / "final.pt")["meta"]["epoch"] == epochs
     # Nothing of either run is left on the cluster (processes started by this test; other tests share the Ray).
     assert not _wait_gone(_ray_train_processes(raylet, since=test_start - 1), 30)
 
@@ -457,4 +456,4 @@ def test_resume_from_another_runs_checkpoint(reference, tmp_path):
     assert [r["step"] for r in steps] == list(range(21, 31)) and all(r["epoch"] == 3 for r in steps)
     # The schedule resumed too: lr_steps=[2] puts the 3rd epoch at lr x 0.1 (a fresh LambdaLR would say 1e-3).
     assert all(r["lr"] == pytest.approx(cfg.train.lr * 0.1) for r in steps)
-    assert read_pose_checkpoint(outcome.final_model)["meta"]["epoch"] == 3
+    assert read_model_file(outcome.final_model)["meta"]["epoch"] == 3

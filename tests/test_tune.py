@@ -23,7 +23,7 @@ from distpose.config import ConfigError
 from distpose.eval.evaluate import evaluate_model, flat_metrics
 from distpose.files import read_bytes
 from distpose.metrics_log import read_records
-from distpose.models.pose import load_checkpoint
+from distpose.models.model_file import load_model_file
 from distpose.train.sweep_file import base_config, load_sweep, sweep_dir, trial_config
 from distpose.train.tune import DONE_FILE, _search_space, _searcher, run_sweep
 
@@ -161,7 +161,7 @@ def test_leaderboard_has_a_row_per_recipe_scored_by_real_evaluation(swept):
     assert [r["recipe"] for r in rows] == SWEPT
     for row in rows:
         # The exported checkpoint, evaluated again on the validation shards, gives the leaderboard's score.
-        model, cfg, meta = load_checkpoint(row["checkpoint"])
+        model, cfg, meta = load_model_file(row["checkpoint"])
         assert row["checkpoint"] == f"{directory}/best/{row['recipe']}.pt"
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # the trial's arithmetic (1 CPU per worker), so the scores match exactly
@@ -190,7 +190,7 @@ def test_trials_ran_as_sampled_and_crf_recipes_started_from_the_best_backbone(sw
         # ASHA (grace 1 epoch) stops a trial only after its first evaluation, never at the end.
         assert int(t["epochs"]) == 2 if t["status"] == "completed" else int(t["epochs"]) == 1
         assert t["checkpoint"] == f"{directory}/{t['recipe']}/runs/{t['trial']}/best.pt"
-        _, cfg, _ = load_checkpoint(t["checkpoint"])
+        _, cfg, _ = load_model_file(t["checkpoint"])
         assert cfg.train.lr == pytest.approx(params["train.lr"])
         if t["recipe"] in CRF_RECIPES:
             parent = "cnn"

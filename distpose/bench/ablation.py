@@ -23,8 +23,9 @@ from distpose.cluster import ray_cluster
 from distpose.config import Config, find_config, load_config
 from distpose.errors import UserError
 from distpose.eval.bootstrap import Interval
-from distpose.eval.evaluate import evaluate_checkpoint, flat_metrics
+from distpose.eval.evaluate import flat_metrics
 from distpose.eval.report import HEADLINE, KINDS, RunResult, compare
+from distpose.eval.scoring import score_model_file
 from distpose.files import exists, read_bytes, within
 from distpose.metrics_log import read_records
 from distpose.train.crf_prior import PRIOR_FILE
@@ -74,14 +75,14 @@ def run(config_dir: str | Path = "quick", network: str = "cnn", overrides: tuple
         raise UserError(f"ablation: the backbone checkpoint {backbone} does not exist: train it first (`make demo` "
                         "writes runs/pipeline_<network>/final.pt) or name one with train.backbone_checkpoint=...")
     _say(f"{len(variants)} CRF runs from {backbone}")
-    _, base_predictions, _ = evaluate_checkpoint(backbone)
+    _, base_predictions, _ = score_model_file(backbone)
     base = RunResult(network, "the backbone", {}, predictions=base_predictions)
     results: list[tuple[str, Config, RunResult]] = []
     with ray_cluster(address, variants[0][1].monitor):
         for name, cfg in variants:
             _say(f"{name}: training {cfg.train.run_name}")
             outcome = train(cfg)
-            metrics, predictions, _ = evaluate_checkpoint(outcome.final_model)
+            metrics, predictions, _ = score_model_file(outcome.final_model)
             results.append((name, cfg, RunResult(name, cfg.train.mode, flat_metrics(metrics),
                                                   training_seconds(outcome.run_dir), predictions=predictions)))
     references: dict[str, RunResult] = {}

@@ -10,11 +10,11 @@ from distpose.files import is_uri
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from distpose.eval.checkpoint import evaluate_to_directory, summary_line
+    from distpose.eval.scoring import score_to_directory, summary_line
 
     beside = Path.cwd() if is_uri(args.checkpoint) else Path(args.checkpoint).resolve().parent
     out = Path(args.out) if args.out else beside / f"eval-{Path(args.checkpoint).stem}"
-    metrics = evaluate_to_directory(args.checkpoint, args.data, args.split, args.boxes, out, args.workers, args.address)
+    metrics = score_to_directory(args.checkpoint, args.data, args.split, args.boxes, out, args.workers, args.address)
     print(f"{metrics['instances']} instances: {summary_line(metrics)}")
     print(f"wrote {out}/metrics.json, results.json, skeletons.jpg")
     return 0

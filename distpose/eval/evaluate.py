@@ -7,11 +7,9 @@ so evaluation needs nothing but the shards (the annotation file they came from m
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,7 +25,7 @@ from distpose.errors import DataError
 from distpose.eval.coco import coco_results, evaluate
 from distpose.eval.inference import MapsFn, Predictions, model_maps, predict
 from distpose.eval.metrics import hrnet_accuracy, pck
-from distpose.models.pose import PoseModel, load_checkpoint
+from distpose.models.pose import PoseModel
 
 log = logging.getLogger(__name__)
 
@@ -123,17 +121,6 @@ def evaluate_model(model: PoseModel, cfg: Config, rank: int = 0, world_size: int
     if ground_truth is None:
         ground_truth = shard_ground_truth(cfg.data.shards, cfg.data.val_split)
     return score(predictions, ground_truth, cfg.eval.pck_thresholds, accuracy, gt_boxes=boxes is None), predictions
-
-
-def evaluate_checkpoint(path: str | Path, ground_truth: dict[str, Any] | None = None, loader_workers: int = 1
-                        ) -> tuple[dict[str, Any], Predictions, Config]:
-    """A saved pose checkpoint scored on its own config's validation split, in this process (at most
-    `loader_workers` DataLoader processes): (metrics, predictions, its config)."""
-    model, cfg, _ = load_checkpoint(path)
-    data = dataclasses.replace(cfg.data, loader_workers=min(cfg.data.loader_workers, loader_workers))
-    cfg = dataclasses.replace(cfg, data=data)
-    metrics, predictions = evaluate_model(model, cfg, ground_truth=ground_truth)
-    return metrics, predictions, cfg
 
 
 def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:

@@ -53,9 +53,9 @@ def predict_images(checkpoint: str, images: list[str], out_dir: Path, boxes_file
                    min_box_score: float = 0.0) -> dict[str, Any]:
     """Predict every image; returns counts (images, people, skipped). Unreadable images are skipped,
     named in the log and counted."""
-    from distpose.models.pose import load_checkpoint
+    from distpose.models.model_file import load_model_file
 
-    model, cfg, _ = load_checkpoint(checkpoint)
+    model, cfg, _ = load_model_file(checkpoint)
     detections = load_detections(boxes_file, min_box_score) if boxes_file else None
     transform = TopDownTransform(cfg.data.input_size, cfg.data.box_padding)
     codec = HeatmapCodec(cfg.data.input_size, cfg.data.heatmap_size, cfg.data.sigma)

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distpose.config import Config, ConfigError, ModelConfig, config_from_dict, to_dict
+from distpose.config import ConfigError, ModelConfig
 from distpose.keypoints import FLIP_INDEX
 from distpose.models.crf import TreeCRF
 from distpose.models.factory import build_backbone
-from distpose.models.weights import load_backbone_weights, read_pose_checkpoint, save_pose_checkpoint
+from distpose.models.weights import load_backbone_weights
 
 
 @dataclass
@@ -112,32 +111,6 @@ def _load_whole_backbone(backbone: nn.Module, name: str, path: str, source: str)
         example = (report.mismatched or report.missing)[0]
         raise ConfigError(f"{source}: {path} does not hold a complete {name!r} backbone ({len(report.missing)} tensors "
                           f"missing, {len(report.mismatched)} of another shape, e.g. {example})")
-
-
-def convert_pose_weights(source: str | Path, out: str | Path, backbone: str, input_size: tuple[int, int]) -> Config:
-    """A published pose model's weights file (HRNet's pose_hrnet_*, SimpleBaseline's pose_resnet_50, official
-    names) as a distpose inference checkpoint, for `eval` and `predict`. Every tensor of the network, heatmap
-    head included, must be in the file."""
-    height, width = input_size
-    cfg = config_from_dict({"model": {"backbone": backbone},
-                            "data": {"input_size": [height, width], "heatmap_size": [height // 4, width // 4]}},
-                           source="distpose convert")
-    model = build_pose_model(cfg.model, backbone_weights=source, weights_source="distpose convert")
-    save_checkpoint(out, model, cfg, {"kind": "converted", "source": str(Path(source).resolve())})
-    return cfg
-
-
-def save_checkpoint(path: str | Path, model: PoseModel, cfg: Config, meta: dict[str, Any] | None = None) -> None:
-    save_pose_checkpoint(path, model.state_dict(), to_dict(cfg), meta)
-
-
-def load_checkpoint(path: str | Path) -> tuple[PoseModel, Config, dict[str, Any]]:
-    """A pose checkpoint -> (model in eval mode, the config that built it, its metadata)."""
-    ckpt = read_pose_checkpoint(path)
-    cfg = config_from_dict(ckpt["config"], source=f"checkpoint {path}")
-    model = pose_architecture(cfg.model, with_crf=any(k.startswith("crf.") for k in ckpt["state_dict"]))
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval(), cfg, ckpt["meta"]
 
 
 def pose_architecture(m: ModelConfig, with_crf: bool) -> PoseModel:

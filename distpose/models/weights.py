@@ -1,15 +1,12 @@
-"""Weights on disk: pretrained backbone files (ours or the official releases) and pose checkpoints.
+"""Weights files: pretrained backbones, ours or the official releases, loaded into a backbone.
 
 Nothing is downloaded. A backbone weights file is any torch file holding a state dict (bare, or
 under "state_dict" / "model"), named as in this project or as in the official releases:
 torchvision's ResNet-50 and SimpleBaseline's pose_resnet for `resnet50`, the HRNet pose and
 ImageNet releases for the `hrnet_*` backbones. Tensors are loaded where the (translated) name and
 the shape both match; the rest is reported, so ImageNet files (no heatmap head, a classifier
-instead) load their backbone and leave the head at its initialisation. A pose checkpoint is a
-weights file too: its "backbone." tensors load, its CRF's are reported unused.
-
-A pose checkpoint is this project's inference format: the full model's fp32 weights and the
-config that built it, loadable without Ray or DeepSpeed.
+instead) load their backbone and leave the head at its initialisation. A model file (model_file.py)
+is a weights file too: its "backbone." tensors load, its CRF's are reported unused.
 """
 
 from __future__ import annotations
@@ -27,10 +24,9 @@ import torch
 from torch import nn
 
 from distpose.errors import UserError
-from distpose.files import read_bytes, write_bytes
+from distpose.files import read_bytes
 
 log = logging.getLogger(__name__)
-POSE_CHECKPOINT_FORMAT = "distpose.pose/1"
 
 # Official parameter names -> ours, per backbone family; first matching rule wins.
 _RESNET_NAMES = [
@@ -82,19 +78,20 @@ class LoadReport:
                 f"{len(self.unexpected)} unused, {len(self.mismatched)} of another shape")
 
 
-def _read_torch_file(path: str | Path) -> Any:
+def read_torch_file(path: str | Path, what: str = "weights file") -> Any:
+    """A torch file's tensors and plain containers (never its pickled code), or one line naming `what` failed."""
     try:
         data = read_bytes(path)
     except (FileNotFoundError, IsADirectoryError):
-        raise UserError(f"weights file {path} does not exist") from None
+        raise UserError(f"{what} {path} does not exist") from None
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as exc:
         if "Unsupported global" in str(exc):  # torch's advice, weights_only=False, would run the file's code
-            raise UserError(f"weights file {path}: holds Python objects besides tensors and plain containers; "
+            raise UserError(f"{what} {path}: holds Python objects besides tensors and plain containers; "
                             f"distpose loads weights only, never a file's pickled code") from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"weights file {path}: not a readable torch file ({first})") from None
+        raise UserError(f"{what} {path}: not a readable torch file ({first})") from None
 
 
 def _state_dict_in(obj: Any, path: str | Path) -> dict[str, torch.Tensor]:
@@ -110,7 +107,7 @@ def _state_dict_in(obj: Any, path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_backbone_weights(backbone: nn.Module, name: str, path: str | Path) -> LoadReport:
     """Load a weights file into `backbone` (built as `name`) where names and shapes match."""
-    tensors = _state_dict_in(_read_torch_file(path), path)
+    tensors = _state_dict_in(read_torch_file(path), path)
     own = backbone.state_dict()
     report, update = LoadReport(), {}
     for key, value in tensors.items():
@@ -131,23 +128,3 @@ def load_backbone_weights(backbone: nn.Module, name: str, path: str | Path) -> L
     report.missing = [k for k in own if k not in update]
     log.info("backbone %s from %s: %s", name, path, report.summary())
     return report
-
-
-def save_pose_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], config: dict[str, Any],
-                         meta: dict[str, Any] | None = None) -> None:
-    """Write a model's weights (as fp32, on the CPU) with its config, atomically."""
-    state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu() for k, v in state_dict.items()}
-    buffer = io.BytesIO()
-    torch.save({"format": POSE_CHECKPOINT_FORMAT, "config": config, "state_dict": state, "meta": meta or {}},
-               buffer)
-    write_bytes(path, buffer.getvalue())
-
-
-def read_pose_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint's contents: format, config (a plain dict), state_dict, meta."""
-    obj = _read_torch_file(path)
-    if not isinstance(obj, dict) or obj.get("format") != POSE_CHECKPOINT_FORMAT:
-        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
-        raise UserError(f"checkpoint {path}: not a distpose pose checkpoint (format {found!r}, "
-                        f"expected {POSE_CHECKPOINT_FORMAT!r})")
-    return obj

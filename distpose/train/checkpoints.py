@@ -1,4 +1,4 @@
-"""Training checkpoints (DeepSpeed state of every rank + our metadata) and inference exports.
+"""Training checkpoints (DeepSpeed state of every rank + our metadata), and the weights a run exports.
 
 A checkpoint directory (`checkpoint_step<N>` in the run directory, local or on object storage) holds
 DeepSpeed's files under the tag `state` (each rank writes its own ZeRO partitions; Ray merges the ranks'
@@ -10,8 +10,8 @@ rank killed between its upload and Ray's registration would otherwise cost a che
 removes incomplete ones. ZeRO partitions written by another number of ranks are converted to DeepSpeed's
 universal checkpoint (per-parameter fp32 weights and optimizer state), which loads at any world size.
 
-The inference checkpoints best.pt and final.pt (models/weights.py format: fp32 weights + config) load
-without Ray or DeepSpeed.
+A run also exports model files, best.pt and final.pt (models/model_file.py: fp32 weights + config), which
+load without Ray or DeepSpeed; consolidated_state_dict gathers their weights from the ZeRO partitions.
 """
 
 from __future__ import annotations

@@ -40,8 +40,8 @@ from distpose.data.shards import read_manifest
 from distpose.errors import DataError, UserError
 from distpose.files import exists, is_uri, join, within, write_bytes
 from distpose.metrics_log import METRICS_LOG
+from distpose.models.model_file import read_model_file
 from distpose.models.pose import build_pose_model
-from distpose.models.weights import read_pose_checkpoint
 from distpose.monitor.metrics import RunMetrics
 from distpose.train.checkpoints import (
     FINAL_MODEL,
@@ -158,7 +158,7 @@ def preflight(cfg: Config, resume: str | None = None, address: str | None = None
         if not exists(path):
             raise ConfigError(f"config key 'train.backbone_checkpoint': {path} does not exist "
                               f"(train.mode={cfg.train.mode!r} starts from a trained backbone)")
-        trained = read_pose_checkpoint(path)["config"].get("model", {}).get("backbone")
+        trained = read_model_file(path)["config"].get("model", {}).get("backbone")
         if trained not in (None, cfg.model.backbone):
             raise ConfigError(f"config key 'train.backbone_checkpoint': {path} holds a {trained!r} backbone, "
                               f"but model.backbone is {cfg.model.backbone!r}")
@@ -178,7 +178,7 @@ def finished_run(cfg: Config) -> dict[str, Any] | None:
     final = join(run_dir(cfg), FINAL_MODEL)
     if not exists(final):
         return None
-    meta = read_pose_checkpoint(final)["meta"]
+    meta = read_model_file(final)["meta"]
     return meta if meta.get("epoch", 0) >= cfg.train.epochs else None
 
 

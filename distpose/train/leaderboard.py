@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from distpose.eval.bootstrap import RESAMPLES
-from distpose.eval.evaluate import evaluate_checkpoint, flat_metrics
+from distpose.eval.evaluate import flat_metrics
 from distpose.eval.report import HEADLINE, KINDS, RunResult, compare
+from distpose.eval.scoring import score_model_file
 from distpose.files import read_bytes, within, write_bytes
 from distpose.train.sweep_file import Sweep, sweep_dir
 
@@ -30,7 +31,7 @@ def score_best(best: dict[str, dict[str, Any]]) -> dict[str, RunResult]:
     """Each recipe's best model scored again on its validation split, for intervals and paired comparisons."""
     scored = {}
     for name, record in best.items():
-        metrics, predictions, _ = evaluate_checkpoint(record["checkpoint"])
+        metrics, predictions, _ = score_model_file(record["checkpoint"])
         scored[name] = RunResult(name, "", flat_metrics(metrics), predictions=predictions)
     return scored
 

@@ -33,6 +33,7 @@ from distpose.config import Config, ConfigError, load_config, worker_range
 from distpose.errors import UserError
 from distpose.files import append_bytes, exists, file_sizes, holds_anything, read_bytes, within, write_bytes
 from distpose.metrics_log import parse_records, read_records
+from distpose.models.model_file import read_model_file
 from distpose.recipes import RECIPES, recipe
 from distpose.train.checkpoints import BEST_MODEL
 from distpose.train.driver import check_model_files, check_shards, train, with_absolute_paths
@@ -208,9 +209,7 @@ def _trial_record(sweep: Sweep, name: str, runs: Path | str, result: Any, epochs
     else:
         record["status"] = "completed" if record["epochs"] >= epochs else "early-stopped"
     if exists(best):
-        from distpose.models.weights import read_pose_checkpoint
-
-        meta = read_pose_checkpoint(best)["meta"]
+        meta = read_model_file(best)["meta"]
         record |= {"checkpoint": str(best), "best_epoch": meta.get("epoch"),
                    "scores": {k[4:]: v for k, v in meta.items() if k.startswith("val/")}}
         record["score"] = record["scores"].get(sweep.metric)

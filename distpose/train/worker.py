@@ -22,7 +22,7 @@ from distpose.config import Config, config_from_dict, grad_accum_at, micro_batch
 from distpose.eval.evaluate import evaluate_model, flat_metrics
 from distpose.files import exists, is_uri, join
 from distpose.metrics_log import METRICS_LOG, MetricsLog
-from distpose.models.weights import save_pose_checkpoint
+from distpose.models.model_file import save_model_file
 from distpose.monitor.metrics import WorkerMetrics
 from distpose.train.batches import training_batches
 from distpose.train.checkpoints import (
@@ -180,7 +180,7 @@ def train_worker(job: dict[str, Any]) -> None:
             score = scores.get(f"val/{cfg.eval.best_metric}")  # rank 0 scores; only its state is checkpointed
             if chief and score is not None and (state.best_score is None or score > state.best_score):
                 state.best_score, state.best_epoch = score, state.epoch
-                save_pose_checkpoint(join(run_dir, BEST_MODEL), weights, config_dict, {**metrics, "kind": "best"})
+                save_model_file(join(run_dir, BEST_MODEL), weights, config_dict, {**metrics, "kind": "best"})
             log.write("eval", **metrics)
         state.metrics = metrics
         telemetry.epoch(state.epoch, loader.skipped if loader is not None else {})
@@ -192,7 +192,7 @@ def train_worker(job: dict[str, Any]) -> None:
     if export_final:
         weights = consolidated_state_dict(engine)
         if chief:
-            save_pose_checkpoint(join(run_dir, FINAL_MODEL), weights, config_dict,
+            save_model_file(join(run_dir, FINAL_MODEL), weights, config_dict,
                                  {**state.metrics, "kind": "final", "best_epoch": state.best_epoch})
             log.write("final", epoch=state.epoch, step=state.step, path=join(run_dir, FINAL_MODEL))
 

@@ -1,5 +1,6 @@
-"""An inference checkpoint scored on any split (`distpose eval`), locally or on Ray Train ranks, with
-metrics JSON, COCO results and skeleton drawings written to a directory.
+"""Scoring a model file on a split: in this process on its own validation split (the pipeline, sweeps and
+benchmarks), or on any split with metrics JSON, COCO results and skeleton drawings written to a directory,
+in process or on Ray Train ranks (`distpose eval`).
 
 Data is a shard directory, or a COCO root (annotations/ + images), which is sharded into a
 temporary directory first: evaluation always reads shards, so it runs the same code as training.
@@ -8,6 +9,7 @@ temporary directory first: evaluation always reads shards, so it runs the same c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import tempfile
@@ -24,6 +26,7 @@ from distpose.eval.draw import draw_predictions
 from distpose.eval.evaluate import evaluate_model, flat_metrics
 from distpose.eval.inference import Predictions
 from distpose.files import atomic_write_bytes, is_http, is_uri
+from distpose.models.model_file import load_model_file
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +60,18 @@ def shards_for(data: str, split: str | None) -> Iterator[tuple[str, str]]:
         yield tmp, split
 
 
-def eval_config(cfg: Config, shards: str, split: str) -> Config:
-    import dataclasses
+def score_model_file(path: str | Path, ground_truth: dict[str, Any] | None = None, loader_workers: int = 1
+                     ) -> tuple[dict[str, Any], Predictions, Config]:
+    """A model file scored on its own config's validation split, in this process (at most `loader_workers`
+    DataLoader processes): (metrics, predictions, its config)."""
+    model, cfg, _ = load_model_file(path)
+    data = dataclasses.replace(cfg.data, loader_workers=min(cfg.data.loader_workers, loader_workers))
+    cfg = dataclasses.replace(cfg, data=data)
+    metrics, predictions = evaluate_model(model, cfg, ground_truth=ground_truth)
+    return metrics, predictions, cfg
 
+
+def eval_config(cfg: Config, shards: str, split: str) -> Config:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shards=shards, val_split=split,
                                                               loader_workers=min(cfg.data.loader_workers, 2)))
 
@@ -77,12 +89,10 @@ def summary_line(metrics: dict[str, Any]) -> str:
     return ", ".join(f"{k} {flat[k]:.4f}" for k in keys if k in flat)
 
 
-def evaluate_to_directory(checkpoint: str, data: str | None, split: str | None, boxes: str, out_dir: Path,
-                        workers: int = 1, address: str | None = None) -> dict[str, Any]:
-    """Score an inference checkpoint; write metrics.json, results.json and drawings under out_dir."""
-    from distpose.models.pose import load_checkpoint
-
-    model, cfg, _ = load_checkpoint(checkpoint)
+def score_to_directory(checkpoint: str, data: str | None, split: str | None, boxes: str, out_dir: Path,
+                       workers: int = 1, address: str | None = None) -> dict[str, Any]:
+    """Score a model file; write metrics.json, results.json and drawings under out_dir."""
+    model, cfg, _ = load_model_file(checkpoint)
     detections = None if boxes == "gt" else load_detections(boxes)
     with shards_for(data or cfg.data.shards, split if data else (split or cfg.data.val_split)) as (shards, split):
         cfg = eval_config(cfg, shards, split)
@@ -107,10 +117,8 @@ def _evaluate_on_ray(checkpoint: str, cfg: Config, detections: Any, workers: int
     def per_rank(job: dict[str, Any]) -> None:
         import ray.train
 
-        from distpose.models.pose import load_checkpoint
-
         context = ray.train.get_context()
-        model, _, _ = load_checkpoint(job["checkpoint"])
+        model, _, _ = load_model_file(job["checkpoint"])
         result = evaluate_model(model, job["cfg"], context.get_world_rank(), context.get_world_size(),
                                 boxes=job["detections"])
         if context.get_world_rank() == 0:
