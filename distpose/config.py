@@ -1,7 +1,8 @@
 """Typed configuration: one schema for data, model, train, eval and monitor settings.
 
 A config is a YAML file whose sections mirror the dataclasses below, plus `key.sub=value`
-overrides from the command line. Every key and value is checked against the schema: an unknown
+overrides from the command line. A file may name one base file (`base: base.yaml`, relative to it) whose
+sections it is merged over, key by key. Every key and value is checked against the schema: an unknown
 key or a bad value raises ConfigError with one line naming the key and what is allowed.
 """
 
@@ -18,7 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from distpose.errors import UserError
-from distpose.files import is_uri, read_bytes
+from distpose.files import is_uri, read_bytes, within
 
 RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -238,7 +239,8 @@ def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
     return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
 
 
-def _set(obj: Any, dotted: str, value: Any, prefix: str = "") -> None:
+def _set(obj: Any, dotted: str, value: Any, prefix: str = "") -> list[str]:
+    """Set a key (dotted; a section takes a mapping, merged into it key by key); return the leaf keys set."""
     head, _, rest = dotted.partition(".")
     key = prefix + head
     fields = _fields(type(obj))
@@ -247,16 +249,15 @@ def _set(obj: Any, dotted: str, value: Any, prefix: str = "") -> None:
     tp = fields[head][1]
     if dataclasses.is_dataclass(tp):
         if rest:
-            _set(getattr(obj, head), rest, value, key + ".")
-        elif isinstance(value, dict):
-            for sub, subvalue in value.items():
-                _set(getattr(obj, head), str(sub), subvalue, key + ".")
-        else:
-            raise ConfigError(f"config key '{key}' is a section; got {value!r}, expected a mapping")
-        return
+            return _set(getattr(obj, head), rest, value, key + ".")
+        if isinstance(value, dict):
+            section = getattr(obj, head)
+            return [leaf for sub, subvalue in value.items() for leaf in _set(section, str(sub), subvalue, key + ".")]
+        raise ConfigError(f"config key '{key}' is a section; got {value!r}, expected a mapping")
     if rest:
         raise ConfigError(f"config key '{key}' is a value, not a section: cannot set '{key}.{rest}'")
     setattr(obj, head, _coerce(key, value, tp))
+    return [key]
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -346,18 +347,75 @@ def read_yaml_file(path: str | Path, what: str) -> Any:
         raise ConfigError(f"{what} {path}: not valid YAML ({yaml_problem(exc)})") from None
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """The defaults, updated by the YAML file at `path` (a path, a URI or a packaged config's name, if
-    any), then by `key.sub=value` overrides."""
-    data: dict[str, Any] = {}
+BASE_KEY = "base"
+
+
+@dataclass
+class ResolvedConfig:
+    """A config and where each value came from: `files` are the YAML files read, the base first; `sources`
+    maps a leaf key (`data.augment.flip_prob`) to the layer that set it last, a file's name or "override"."""
+
+    config: Config
+    files: list[str | Path]
+    sources: dict[str, str]
+
+    def source(self, key: str) -> str:
+        return self.sources.get(key, "default")
+
+
+def _config_files(path: str | Path) -> list[tuple[str | Path, dict[str, Any], str]]:
+    """The YAML files a config is made of, the base it names (if any) first, each with its sections and the
+    start of an error in it. One level only: a chain of bases is hard to follow, and what a config holds
+    should be a glance away."""
+    what = f"config file {path}"
+    data = read_yaml_file(path, "config file") or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what}: expected a mapping of sections, got {type(data).__name__}")
+    if BASE_KEY not in data:
+        return [(path, data, what)]
+    name = data.pop(BASE_KEY)
+    what += f": key '{BASE_KEY}'"
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{what}: got {name!r}, expected a YAML file's path relative to this file")
+    base = within(str(path).rsplit("/", 1)[0] if is_uri(path) else Path(path).parent, name)
+    try:
+        base_data = read_yaml_file(base, "base file") or {}
+    except ConfigError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
+    if not isinstance(base_data, dict):
+        raise ConfigError(f"{what}: base file {base}: expected a mapping of sections, got {type(base_data).__name__}")
+    if BASE_KEY in base_data:
+        raise ConfigError(f"{what}: base file {base} names a base itself ({base_data[BASE_KEY]!r}); "
+                          "a base file cannot have one")
+    return [(base, base_data, f"{what}: base file {base}"), (path, data, f"config file {path}")]
+
+
+def resolve_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> ResolvedConfig:
+    """The defaults, updated by the YAML file at `path` (a path, a URI or a packaged config's name, if any)
+    over its base file's, then by `key.sub=value` overrides; validated, with the layer each value came from."""
+    cfg, files, sources = Config(), [], {}
     if path is not None:
         path = path if is_uri(path) else find_config(path)
-        data = read_yaml_file(path, "config file") or {}
-    cfg = _apply(Config(), data, f"config file {path}")
+        for location, data, what in _config_files(path):
+            try:
+                keys = [leaf for key, value in data.items() for leaf in _set(cfg, str(key), value)]
+            except ConfigError as exc:
+                raise ConfigError(f"{what}: {exc}") from None
+            sources.update(dict.fromkeys(keys, Path(str(location)).name))
+            files.append(location)
     for text in overrides:
-        _set(cfg, *parse_override(text))
+        key, value = parse_override(text)
+        if key.partition(".")[0] == BASE_KEY:
+            raise ConfigError(f"override {text!r}: '{BASE_KEY}' is set in a config file, not on the command line")
+        sources.update(dict.fromkeys(_set(cfg, key, value), "override"))
     validate(cfg)
-    return cfg
+    return ResolvedConfig(cfg, files, sources)
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """The defaults, updated by the YAML file at `path` (a path, a URI or a packaged config's name, if
+    any) after its base file, then by `key.sub=value` overrides."""
+    return resolve_config(path, overrides).config
 
 
 def input_multiple(backbone: str) -> int:

@@ -111,7 +111,7 @@ def test_packaged_configs_are_found_by_name_from_any_directory(tmp_path, monkeyp
     assert find_config("quick", directory=True) == PACKAGED_CONFIGS / "quick"
     with pytest.raises(ConfigError) as info:
         load_config("quick/cnnn")
-    assert "config quick/cnnn does not exist (not a path, nor a packaged config: coco/cnn, coco/cnn_crf" \
+    assert "config quick/cnnn does not exist (not a path, nor a packaged config: coco/base, coco/cnn, coco/cnn_crf" \
         in str(info.value)
     with pytest.raises(ConfigError, match="is a directory, expected a YAML file"):
         load_config(PACKAGED_CONFIGS / "quick")
@@ -129,7 +129,7 @@ def test_a_built_wheel_ships_the_configs(tmp_path):
     wheel, = tmp_path.glob("distpose-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {f"distpose/configs/{p.relative_to(PACKAGED_CONFIGS)}" for p in PACKAGED_CONFIGS.rglob("*.yaml")}
-    assert len(shipped) == 14 and shipped <= names
+    assert len(shipped) == 16 and shipped <= names  # 12 recipes, their 2 base files, 2 sweep files
 
 
 def test_quiet_and_verbose_go_anywhere_on_the_line(capsys):

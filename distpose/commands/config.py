@@ -4,17 +4,53 @@ a published pose model as a distpose checkpoint."""
 from __future__ import annotations
 
 import argparse
+import math
 import typing
+from pathlib import Path
+
+import yaml
 
 from distpose.commands.arguments import add_config_arguments, log, output_path
-from distpose.config import Backbone, input_multiple
+from distpose.config import Backbone, ResolvedConfig, input_multiple, resolve_config, to_dict
 from distpose.errors import UserError
+
+COMMENT_COLUMN = 56  # where the source comments line up; a longer line gets its comment two spaces after it
+
+
+def annotated_yaml(resolved: ResolvedConfig) -> str:
+    """The config as YAML that load_config reads back, each value followed by a comment naming the layer that
+    set it (default, a file's name, override), under a header listing the layers in the order they apply."""
+    layers = [("default", "(the schema, distpose/config.py)"), *((Path(str(f)).name, str(f)) for f in resolved.files),
+              ("override", "(the command line)")]
+    width = max(len(name) for name, _ in layers)
+    header = ["# Each value's comment names the layer that set it; the layers, in the order they apply:",
+              *(f"#   {name.ljust(width)}  {where}" for name, where in layers)]
+    lines: list[tuple[str, str]] = []  # (YAML line, its value's source; "" for a section)
+
+    def add(mapping: dict, prefix: str, indent: str) -> None:
+        for key, value in mapping.items():
+            if isinstance(value, dict):
+                lines.append((f"{indent}{key}:", ""))
+                add(value, f"{prefix}{key}.", indent + "  ")
+            else:
+                lines.append((f"{indent}{key}: {one_line_yaml(value)}", resolved.source(prefix + key)))
+
+    add(to_dict(resolved.config), "", "")
+    column = min(COMMENT_COLUMN, max(len(line) for line, source in lines if source))
+    body = [f"{line.ljust(column)}  # {source}" if source else line for line, source in lines]
+    return "\n".join([*header, *body]) + "\n"
+
+
+def one_line_yaml(value: object) -> str:
+    """A value as YAML on one line, so that its comment follows it: lists in flow style, a string holding a line
+    break (or another unprintable character) double-quoted with escapes, where YAML would spread it over lines."""
+    style = '"' if isinstance(value, str) and not value.isprintable() else None
+    text = yaml.safe_dump(value, default_flow_style=True, default_style=style, width=math.inf)
+    return text.removesuffix("\n...\n").rstrip("\n")
 
 
 def show_config(args: argparse.Namespace) -> int:
-    from distpose.config import dump_yaml, load_config
-
-    print(dump_yaml(load_config(args.config, args.overrides)), end="")
+    print(annotated_yaml(resolve_config(args.config, args.overrides)), end="")
     return 0
 
 
@@ -49,11 +85,11 @@ def run_model_info(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from distpose.models.pose import convert_pose_weights
+    from distpose.models.model_file import convert_official_model
 
     check_input_size(args.arch, args.input)
     output_path(args.out)
-    convert_pose_weights(args.source, args.out, args.arch, args.input)
+    convert_official_model(args.source, args.out, args.arch, args.input)
     log.info("wrote %s: %s at %dx%d, for `distpose eval --checkpoint` and `distpose predict --checkpoint`",
              args.out, args.arch, *args.input)
     return 0
@@ -62,8 +98,9 @@ def run_convert(args: argparse.Namespace) -> int:
 def register(commands: argparse._SubParsersAction) -> None:
     config = commands.add_parser(
         "config", help="print a resolved config",
-        description="Print the config that a command would run with: defaults, then CONFIG, then "
-        "key.sub=value overrides, checked against the schema.",
+        description="Print the config that a command would run with: defaults, then CONFIG's base file (if "
+        "it names one), then CONFIG, then key.sub=value overrides, checked against the schema. Each value's "
+        "comment names the layer that set it; the output is itself a config file.",
     )
     add_config_arguments(config)
     config.set_defaults(func=show_config)
