@@ -20,6 +20,7 @@ import yaml
 
 from distpose.errors import UserError
 from distpose.files import is_uri, read_bytes, within
+from distpose.models.registry import BACKBONES
 
 RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -28,7 +29,7 @@ class ConfigError(UserError):
     """An unknown config key or a value of the wrong type or range."""
 
 
-Backbone = Literal["cnn_small", "resnet50", "hrnet_small", "hrnet_w32", "hrnet_w48"]
+Backbone = Literal[tuple(BACKBONES)]  # the registry's names, checked as any Literal is
 Mode = Literal["backbone", "crf", "joint"]
 # bf16 and fp16: DeepSpeed's, the model itself in half precision with fp32 master weights in the optimizer.
 # bf16-mixed: autocast, fp32 weights with convolutions and matmuls computed in bf16, BatchNorm in fp32.
@@ -418,11 +419,6 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     return resolve_config(path, overrides).config
 
 
-def input_multiple(backbone: str) -> int:
-    """Every backbone predicts at stride 4; input sizes must be multiples of its deepest stride."""
-    return 8 if backbone == "cnn_small" else 32
-
-
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"config key '{key}': got {value!r}, expected {allowed}")
@@ -433,7 +429,7 @@ def validate(cfg: Config) -> None:
     d = cfg.data
     for key, size in (("data.input_size", d.input_size), ("data.heatmap_size", d.heatmap_size)):
         _require(min(size) >= 4, key, list(size), "two sizes >= 4")
-    multiple = input_multiple(cfg.model.backbone)
+    multiple = BACKBONES[cfg.model.backbone].input_multiple
     _require(all(i % multiple == 0 for i in d.input_size), "data.input_size", list(d.input_size),
              f"multiples of {multiple} for model.backbone={cfg.model.backbone!r}")
     _require(tuple(d.heatmap_size) == (d.input_size[0] // 4, d.input_size[1] // 4), "data.heatmap_size",

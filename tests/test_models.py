@@ -1,18 +1,17 @@
 """Pose networks: published parameter counts, shapes, and the MAC counter against hand computation."""
 
-import typing
-
 import pytest
 import torch
 from torch import nn
 
 from distpose.commands import main
-from distpose.config import Backbone, load_config
+from distpose.config import load_config
 from distpose.data.codec import HeatmapCodec
 from distpose.data.loader import eval_loader
 from distpose.data.transforms import normalize_images
-from distpose.models.factory import BACKBONES, build_backbone, count_macs, model_info
+from distpose.models.factory import build_backbone, count_macs, model_info
 from distpose.models.losses import heatmap_mse
+from distpose.models.registry import BACKBONES
 
 # Published parameter counts with 17 joints (HRNet paper, Table 1; SimpleBaseline as in its repo).
 PUBLISHED_MILLIONS = {"hrnet_w32": 28.54, "hrnet_w48": 63.60, "resnet50": 34.00}
@@ -24,8 +23,16 @@ def test_parameter_counts_match_the_papers(name):
     assert round(params / 1e6, 2) == PUBLISHED_MILLIONS[name]
 
 
-def test_factory_covers_the_config_schema():
-    assert set(BACKBONES) == set(typing.get_args(Backbone))
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_every_registered_backbone_is_built_by_its_modules_function(name):
+    """The registry names a module and the function of the backbone's name in it; the network it builds maps an
+    input of the registry's input multiple to heatmaps at stride 4."""
+    spec = BACKBONES[name]
+    model = build_backbone(name).eval()
+    assert type(model).__module__ == f"distpose.models.{spec.module}"
+    size = 4 * spec.input_multiple
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, size, size)).shape[-2:] == (size // 4, size // 4)
 
 
 @pytest.mark.parametrize("name", ["cnn_small", "hrnet_small", "resnet50"])

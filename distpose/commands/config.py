@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import typing
 from pathlib import Path
 
 import yaml
 
 from distpose.commands.arguments import add_config_arguments, log, output_path
-from distpose.config import Backbone, ResolvedConfig, input_multiple, resolve_config, to_dict
+from distpose.config import ResolvedConfig, resolve_config, to_dict
 from distpose.errors import UserError
+from distpose.models.registry import BACKBONES
 
 COMMENT_COLUMN = 56  # where the source comments line up; a longer line gets its comment two spaces after it
 
@@ -66,7 +66,7 @@ def input_size(text: str) -> tuple[int, int]:
 
 
 def check_input_size(name: str, size: tuple[int, int]) -> None:
-    multiple = input_multiple(name)
+    multiple = BACKBONES[name].input_multiple
     if size[0] % multiple or size[1] % multiple:
         raise UserError(f"--input {size[0]}x{size[1]}: {name} needs multiples of {multiple} "
                         f"(its lowest-resolution stage is at stride {multiple})")
@@ -110,7 +110,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         description="Build a pose network (no weights are loaded) and print its parameter count and the "
         "multiply-accumulates of one forward pass at the given input size.",
     )
-    info.add_argument("name", choices=typing.get_args(Backbone), help="backbone name")
+    info.add_argument("name", choices=list(BACKBONES), help="backbone name")
     info.add_argument("--input", type=input_size, default=(256, 192), help="input HxW (default 256x192)")
     info.set_defaults(func=run_model_info)
 
@@ -122,7 +122,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     convert.add_argument("source", help="the official .pth file")
     convert.add_argument("out", help="the distpose checkpoint to write (.pt)")
-    convert.add_argument("--arch", required=True, choices=typing.get_args(Backbone),
+    convert.add_argument("--arch", required=True, choices=list(BACKBONES),
                          help="the network: hrnet_w32, hrnet_w48 (HRNet), resnet50 (SimpleBaseline)")
     convert.add_argument("--input", type=input_size, default=(256, 192),
                          help="the input HxW it was trained at (default 256x192)")

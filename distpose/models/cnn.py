@@ -44,6 +44,10 @@ class SimpleBaseline(nn.Module):
         return self.final_layer(self.features(images))
 
 
+def resnet50(num_joints: int = 17) -> SimpleBaseline:
+    return SimpleBaseline(num_joints)
+
+
 class SmallCNN(nn.Module):
     """A few residual conv blocks down to stride 8 and one deconvolution back to stride 4:
     the SimpleBaseline shape at about 1/50 of its size, quick enough to train on a CPU."""
@@ -64,3 +68,7 @@ class SmallCNN(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.final_layer(self.features(images))
+
+
+def cnn_small(num_joints: int = 17) -> SmallCNN:
+    return SmallCNN(num_joints)

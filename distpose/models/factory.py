@@ -2,28 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from distpose.errors import UserError
-from distpose.models.cnn import SimpleBaseline, SmallCNN
-from distpose.models.hrnet import HRNET_SPECS, HRNet
+from distpose.models import cnn, hrnet
+from distpose.models.registry import BACKBONES
 
-BACKBONES: dict[str, Callable[[int], nn.Module]] = {
-    "cnn_small": lambda joints: SmallCNN(joints),
-    "resnet50": lambda joints: SimpleBaseline(joints),
-    **{name: (lambda joints, spec=spec: HRNet(spec, joints)) for name, spec in HRNET_SPECS.items()},
-}
+MODULES = {"cnn": cnn, "hrnet": hrnet}
 
 
 def build_backbone(name: str, num_joints: int = 17) -> nn.Module:
     """A heatmap network: `features(images)` at stride 4 and `final_layer`, `forward` = both."""
     if name not in BACKBONES:
         raise UserError(f"unknown backbone {name!r} (allowed: {', '.join(BACKBONES)})")
-    return BACKBONES[name](num_joints)
+    return getattr(MODULES[BACKBONES[name].module], name)(num_joints)
 
 
 @dataclass(frozen=True)

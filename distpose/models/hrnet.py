@@ -183,10 +183,15 @@ class HRNet(nn.Module):
         return self.final_layer(self.features(images))
 
 
-HRNET_SPECS = {
-    "hrnet_w32": HRNetSpec(width=32),
-    "hrnet_w48": HRNetSpec(width=48),
-    # HRNet-W18-Small-v1's layout (one 32-plane bottleneck in stage 1; one module of two basic blocks per
-    # branch in stages 2-4, widths 16/32/64/128) with the pose head: trains on a CPU in minutes.
-    "hrnet_small": HRNetSpec(width=16, modules=(1, 1, 1), blocks=2, stem_blocks=1, stem_planes=32),
-}
+def hrnet_w32(num_joints: int = 17) -> HRNet:
+    return HRNet(HRNetSpec(width=32), num_joints)
+
+
+def hrnet_w48(num_joints: int = 17) -> HRNet:
+    return HRNet(HRNetSpec(width=48), num_joints)
+
+
+def hrnet_small(num_joints: int = 17) -> HRNet:
+    """HRNet-W18-Small-v1's layout (one 32-plane bottleneck in stage 1; one module of two basic blocks per
+    branch in stages 2-4, widths 16/32/64/128) with the pose head: trains on a CPU in minutes."""
+    return HRNet(HRNetSpec(width=16, modules=(1, 1, 1), blocks=2, stem_blocks=1, stem_planes=32), num_joints)

@@ -25,6 +25,7 @@ from torch import nn
 
 from distpose.errors import UserError
 from distpose.files import read_bytes
+from distpose.models.registry import BACKBONES
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +54,14 @@ _HRNET_UPSAMPLE_PATH = re.compile(r"fuse\.paths\.(\d+)\.(\d+)\.([01])\.(\w+)$")
 def official_to_ours(name: str, backbone: str) -> str:
     """Translate one official parameter name into this project's name for `backbone` (unchanged if
     it already is one of ours or matches no rule)."""
-    rules = _HRNET_NAMES if backbone.startswith("hrnet") else _RESNET_NAMES if backbone == "resnet50" else []
+    hrnet = BACKBONES[backbone].family == "hrnet"
+    rules = _HRNET_NAMES if hrnet else _RESNET_NAMES if backbone == "resnet50" else []
     for pattern, replacement in rules:
         new, count = re.subn(pattern, replacement, name, count=1)
         if count:
             name = new
             break
-    if backbone.startswith("hrnet"):
+    if hrnet:
         up = _HRNET_UPSAMPLE_PATH.search(name)
         if up and int(up[2]) > int(up[1]):
             name = name[: up.start()] + f"fuse.paths.{up[1]}.{up[2]}.0.{up[3]}.{up[4]}"
