@@ -83,13 +83,16 @@ def test_train_role_skips_images_without_keypoints(coco_mini, tmp_path):
     assert evaluation["samples"] == 4 and evaluation["skipped"] == {}
 
 
-def test_existing_output_needs_overwrite(coco_mini, tmp_path, capsys):
+def test_existing_output_is_kept_when_the_same_and_needs_overwrite_otherwise(coco_mini, tmp_path, capsys):
     args = ["data", "shard", "--coco-root", str(coco_mini), "--split", "val2017", "--out", str(tmp_path)]
     assert run_cli(capsys, *args, "--samples-per-shard", "1")[0] == 0
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    code, _, err = run_cli(capsys, *args)
-    assert code == 2 and "already exists; pass --overwrite" in err and len(err.strip().splitlines()) == 1
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()}
+    code, out, err = run_cli(capsys, *args, "--samples-per-shard", "1")  # the same again: nothing to do
+    assert code == 0 and "nothing to do" in err and "val2017: 4 images" in out
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()} == before
+    code, _, err = run_cli(capsys, *args)  # another shard size
+    assert code == 2 and "pass --overwrite" in err and len(err.strip().splitlines()) == 1
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()} == before
     # Overwriting with fewer, larger shards removes the stale ones.
     assert run_cli(capsys, *args, "--overwrite", "--samples-per-shard", "3")[0] == 0
     assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["val2017-000000.tar", "val2017-000001.tar"]

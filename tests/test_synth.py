@@ -137,10 +137,17 @@ def test_left_and_right_limbs_have_distinct_colours(larger):
     assert np.mean(warm["right"]) < 0.2
 
 
-def test_refuses_to_overwrite(tmp_path):
-    generate_synthetic_coco(tmp_path, num_train=1, num_val=1, progress=False)
+def test_the_same_set_again_is_kept_and_another_is_refused_without_overwrite(tmp_path):
+    first = generate_synthetic_coco(tmp_path, num_train=2, num_val=1, progress=False)
+    written = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    assert generate_synthetic_coco(tmp_path, num_train=2, num_val=1, progress=False) == first
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == written  # nothing rewritten
+    for other in ({"num_train": 3}, {"num_val": 2}, {"seed": 1}):
+        with pytest.raises(UserError, match="holds another set .*--overwrite"):
+            generate_synthetic_coco(tmp_path, **{"num_train": 2, "num_val": 1, **other}, progress=False)
+    next(iter((tmp_path / "val").glob("*.jpg"))).unlink()  # an image gone: not the same set any more
     with pytest.raises(UserError, match="--overwrite"):
-        generate_synthetic_coco(tmp_path, num_train=1, num_val=1, progress=False)
+        generate_synthetic_coco(tmp_path, num_train=2, num_val=1, progress=False)
     summary = generate_synthetic_coco(tmp_path, num_train=1, num_val=1, progress=False, overwrite=True)
     assert summary["train"]["images"] == 1
 

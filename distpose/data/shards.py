@@ -35,7 +35,7 @@ import simplejpeg
 from tqdm import tqdm
 
 from distpose import __version__
-from distpose.data.coco import ImageRecord, Person, check_person, load_split
+from distpose.data.coco import ImageRecord, Person, annotation_path, check_person, load_split
 from distpose.errors import DataError, UserError
 from distpose.files import (
     exists,
@@ -290,9 +290,19 @@ def write_shards(coco_root: str | Path, split: str, out_dir: str | Path, samples
             raise UserError(f"--out {out_dir} is a file, not a directory")
     manifest_file = manifest_path(out_dir, split)
     old_shards = _existing_shards(out_dir, split)
+    source = annotation_path(coco_root, split)
+    asked = {"source": str(source.resolve()), "source_sha256": _sha256(source) if source.is_file() else None,
+             "samples_per_shard": samples_per_shard, "role": role}
     if (exists(manifest_file) or old_shards) and not overwrite:
+        if exists(manifest_file):
+            manifest = read_manifest(out_dir, split)
+            if all(manifest.get(key) == value for key, value in asked.items()):
+                log.info("%s already holds split '%s' of %s, sharded the same way: nothing to do", out_dir, split,
+                         source)
+                return manifest
         existing = manifest_file if exists(manifest_file) else join(out_dir, old_shards[0])
-        raise UserError(f"{existing} already exists; pass --overwrite to replace split '{split}'")
+        raise UserError(f"{existing} already exists (from another source, shard size or role); pass "
+                        f"--overwrite to replace split '{split}'")
 
     coco = load_split(coco_root, split)
     skipped: Counter = Counter()
@@ -345,8 +355,7 @@ def write_shards(coco_root: str | Path, split: str, out_dir: str | Path, samples
     if corrupt:
         skipped[CORRUPT_SOURCE] += len(corrupt)
     manifest = {
-        "format": MANIFEST_FORMAT, "created_by": f"distpose {__version__}", "split": split, "role": role,
-        "source": str(coco.annotation_file.resolve()),
+        "format": MANIFEST_FORMAT, "created_by": f"distpose {__version__}", "split": split, **asked,
         "samples": sum(s["samples"] for s in shards), "instances": sum(s["instances"] for s in shards),
         "skipped": dict(skipped), "corrupt_images": dict(sorted(corrupt.items())), "repairs": dict(coco.repairs),
         "shards": shards,

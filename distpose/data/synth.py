@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import colorsys
 import json
+import logging
 import math
 import multiprocessing
 import sys
@@ -493,6 +494,26 @@ def _split_summary(images: list[dict], annotations: list[dict]) -> dict:
     }
 
 
+log = logging.getLogger(__name__)
+
+
+def _existing_set(out: Path, ann_paths: dict[str, Path], counts: dict[str, int], seed: int) -> dict | None:
+    """The per-split summary of the set already in `out`, if it is exactly the one asked for (same seed and
+    image counts, every image there); else None."""
+    summary = {}
+    for split, path in ann_paths.items():
+        try:
+            dataset = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            return None
+        images = dataset.get("images", [])
+        if dataset.get("info") != _coco_header(seed)["info"] or len(images) != counts[split] or \
+                not all((out / split / image["file_name"]).is_file() for image in images):
+            return None
+        summary[split] = _split_summary(images, dataset["annotations"])
+    return summary
+
+
 def generate_synthetic_coco(
     out: Path,
     num_train: int = 1000,
@@ -504,7 +525,8 @@ def generate_synthetic_coco(
 ) -> dict:
     """Writes the synthetic dataset under `out` in the COCO layout; returns per-split counts.
 
-    Raises UserError for bad counts, or if an annotation file is already there unless `overwrite`.
+    A set already there with the same seed and counts is kept (nothing to do); another set there is replaced
+    only with `overwrite`, else UserError (as for bad counts).
     """
     out = Path(out)
     counts = {"train": num_train, "val": num_val}
@@ -513,9 +535,15 @@ def generate_synthetic_coco(
     if num_train > VAL_ID_OFFSET:
         raise UserError(f"num_train must be <= {VAL_ID_OFFSET} to keep image ids unique, got {num_train}")
     ann_paths = {split: out / "annotations" / f"person_keypoints_{split}.json" for split in SPLITS}
-    for path in ann_paths.values():
-        if path.exists() and not overwrite:
-            raise UserError(f"{path} already exists; pass --overwrite to regenerate the dataset")
+    there = [path for path in ann_paths.values() if path.exists()]
+    if there and not overwrite:
+        summary = _existing_set(out, ann_paths, counts, seed)
+        if summary is not None:
+            log.info("%s already holds this set (seed %d, %d training and %d validation images): nothing to do",
+                     out, seed, num_train, num_val)
+            return summary
+        raise UserError(f"{there[0]} already exists and holds another set than seed {seed} with {num_train} "
+                        f"training and {num_val} validation images; pass --overwrite to replace it")
 
     ann_paths["train"].parent.mkdir(parents=True, exist_ok=True)
     # Spawned workers import only this module, whatever threads or state the caller holds.
