@@ -5,7 +5,7 @@ import argparse
 
 import pytest
 
-from distpose.commands import build_parser, main
+from distpose.commands import build_parser, main, parse_arguments
 
 
 def leaves(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
@@ -72,3 +72,14 @@ def test_every_leaf_takes_quiet_and_verbose_anywhere(words, where, flag, tmp_pat
     argv = _argv(words, tmp_path)
     args = build_parser().parse_args([flag, *argv] if where == "first" else [*argv, flag])
     assert getattr(args, "quiet" if flag == "-q" else "verbose") is True
+
+
+def test_overrides_go_anywhere_on_the_line_and_other_strays_are_refused(capsys):
+    args = parse_arguments(["pipeline", "quick", "a.b=1", "--val-images", "50", "train.epochs=1", "c.d=2"])
+    assert args.config == "quick" and args.overrides == ["a.b=1", "train.epochs=1", "c.d=2"] and args.val_images == 50
+    assert parse_arguments(["train", "--address", "x:1", "train.epochs=1"]).overrides == ["train.epochs=1"]
+    assert parse_arguments(["train", "train.epochs=1"]).config is None  # an override, not a config path
+    for argv in (["train", "quick/cnn", "--address", "x:1", "stray"], ["eval", "--checkpoint", "m.pt", "a.b=1"]):
+        with pytest.raises(SystemExit) as exit_info:
+            parse_arguments(argv)
+        assert exit_info.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err

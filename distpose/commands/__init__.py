@@ -4,13 +4,13 @@
     distpose train CONFIG [k=v ...]    train with Ray Train + DeepSpeed (local Ray, or --address)
     distpose eval --checkpoint CKPT    PCK, COCO AP/AR and skeleton drawings of a trained model
     distpose predict --checkpoint CKPT IMAGE... --out DIR   keypoints for image files
-    distpose pipeline [CONFIG_DIR]     data, all five modes, evaluation and a report (`make demo`)
-    distpose tune SWEEP [k=v ...]      Ray Tune sweep over the modes: leaderboard and best checkpoints
+    distpose pipeline [CONFIG_DIR]     data, the six recipes trained, evaluation and a report (`make demo`)
+    distpose tune SWEEP [k=v ...]      Ray Tune sweep over the recipes: leaderboard and best model files
     distpose config                    print a resolved config (YAML + key=value overrides)
     distpose model-info NAME           parameters and GMACs of a pose network
-    distpose convert SRC OUT --arch A  a published HRNet/SimpleBaseline pose model as a distpose checkpoint
+    distpose convert SRC OUT --arch A  a published HRNet/SimpleBaseline pose model as a distpose model file
     distpose bench loader|train|crf|kernel|ablation   loader and training throughput; the CRF formulations;
-                                             the kernel; the CRF modes' choices, one at a time
+                                             the kernel; the CRF recipes' choices, one at a time
 
 User mistakes (bad arguments, config keys, missing or corrupt files) print one line and exit non-zero.
 """
@@ -78,8 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line as a namespace. `key.sub=value` overrides may come anywhere on the line, after options
+    too (`distpose pipeline quick --val-images 50 train.epochs=1`): argparse alone takes positionals only before
+    the first option that follows them."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    late = [word for word in extra if "=" in word and not word.startswith("-")]
+    if len(late) < len(extra) or (late and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if late:
+        args.overrides = [*args.overrides, *late]
+    split_overrides(args)
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(argv)
     # The flags' default is SUPPRESS (so that a subcommand's parser does not reset what an outer one set):
     # the namespace has them only where given, and every command reads them from here on.
     args.quiet, args.verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
@@ -95,7 +110,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("distpose").setLevel(logging.DEBUG if verbose else logging.WARNING)
     # Tune's TensorBoard logger renames every `pck@0.1`-style metric, one INFO line per name per trial.
     logging.getLogger("tensorboardX").setLevel(logging.WARNING)
-    split_overrides(args)
     try:
         return int(args.func(args))
     except UserError as exc:
