@@ -9,7 +9,7 @@
 #
 #   benchmarks/gpu.sh [--dry-run] [OUT_DIR]      default OUT_DIR: benchmarks/results
 #
-# --dry-run runs the same steps at toy size on whatever device there is (the CPU here), to test the script;
+# --dry-run runs the same steps at toy size on whatever device there is (a CPU will do), to test the script;
 # its test step runs only the gpu-marked tests.
 set -euo pipefail
 

@@ -161,9 +161,9 @@ def metrics_banner() -> str:
 
 def torch_trainer(*args: Any, **kwargs: Any) -> Any:
     """A Ray TorchTrainer whose Ctrl-C stops the run now. Ray's own handler asks the controller to abort
-    and waits for its answer, which does not come while it waits for workers that cannot be placed
-    (minutes; two more Ctrl-C were ignored); killing it takes the workers with it, and the latest
-    checkpoint stays on storage for a rerun."""
+    and blocks on its answer, which does not come while the controller waits for workers that cannot be
+    placed, and further Ctrl-C queue behind that wait; killing the controller takes the workers with it,
+    and the latest checkpoint stays on storage for a rerun."""
     import ray
     from ray.train.torch import TorchTrainer
 

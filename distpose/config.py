@@ -89,7 +89,7 @@ class ModelConfig:
     # centred on zero displacement, which pulls every joint towards its parent.
     crf_pairwise_init: Literal["data", "gaussian"] = "data"
     # The crf/joint modes start the CRF's unary log-potentials as the backbone's heatmaps (values in [0, 1])
-    # times this: at 1 the marginals are near flat (README, Pipeline, has the measurements).
+    # times this: at 1 the marginals are near flat (docs/crf.md, What each choice is worth, compares scales).
     crf_unary_scale: float = 30.0
     # Sigma (heatmap pixels) of the Gaussian whose normalised map is the CRF modes' cross-entropy target:
     # the joint's true position, blurred less than the heatmap targets (data.sigma).

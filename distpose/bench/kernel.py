@@ -192,5 +192,5 @@ def _summarise(row: dict[str, Any], batch: int, pixels: int, window: int, peak: 
 
 
 def _sig(x: float) -> float:
-    """Three significant digits, whatever the magnitude (interpreted runs are 1e4 times slower)."""
+    """Three significant digits, whatever the magnitude (interpreted runs are orders of magnitude slower)."""
     return float(f"{x:.3g}")

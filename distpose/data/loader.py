@@ -83,9 +83,9 @@ class StreamSpec:
 def _workers_context():
     """Loader workers are forked from a forkserver, not from this process. This process runs other threads
     (a Ray driver's or worker's gRPC and core-worker threads, the S3 client's, OpenCV's and torch's pools), and a
-    fork copies their locks and native state as they were at that instant: loader workers forked from the test
-    process (a Ray driver with S3 shards) died of SIGABRT in CI, twice in many runs. The server is a fresh
-    single-threaded interpreter that imports this module once; each worker then forks from it in milliseconds."""
+    fork copies their locks and native state as they are at that instant: a worker forked from this process can die
+    of SIGABRT on a lock that one of those threads held mid-flight. The server is a fresh single-threaded
+    interpreter that imports this module once; each worker then forks from it in milliseconds."""
     context = torch.multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])
     return context
@@ -183,7 +183,7 @@ _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
 def _populate(storage: torch.UntypedStorage) -> None:
     """Fault in a fresh shared segment with one madvise call instead of one page fault per 4 KiB
-    page: first touches were a third of the worker's time at 256x192 (see bench loader)."""
+    page: first-touch faults are a large share of a loader worker's time (benchmarks/README.md, Loader)."""
     if _LIBC is None:
         return
     start = storage.data_ptr() & ~(mmap.PAGESIZE - 1)
@@ -288,8 +288,8 @@ def _counted(stream: Iterator[dict[str, Any]], skips: dict[int, dict[str, int]]
 
     Not a method: kept on its loader, a generator holding the loader would be a reference cycle.
     The garbage collector frees a cycle's multiprocessing queues before the DataLoader iterator's
-    shutdown runs, so its workers never got the stop signal and were killed after a 5-s join
-    timeout each."""
+    shutdown runs, so its workers would never get the stop signal, and each would be killed only
+    after the DataLoader's 5-s join timeout."""
     for message in stream:
         worker, counts = message.pop(STATS_KEY)
         skips[worker] = counts

@@ -129,9 +129,10 @@ def heatmap_head(in_ch: int, num_joints: int, std: float = 0.001) -> nn.Conv2d:
     """The final 1x1 conv to joint heatmaps, drawn from N(0, std) with zero bias as in HRNet's own
     initialisation. Nothing normalises its output, so it sets the first heatmaps: near zero, where almost
     every target pixel is. With PyTorch's default initialisation HRNet's summed branches start with
-    heatmaps of RMS ~2 against targets in [0, 1] and spend hundreds of steps unlearning them. The
+    heatmaps far larger than the targets in [0, 1] and spend hundreds of steps unlearning them. The
     layers before it keep PyTorch's default: BatchNorm follows each of them, and on a short schedule
-    they learn faster from it than from HRNet's N(0, 0.001) (README, Models, has both measured)."""
+    they learn faster from it than from HRNet's N(0, 0.001) (benchmarks/README.md, Initialising the
+    heatmap head)."""
     head = nn.Conv2d(in_ch, num_joints, 1)
     nn.init.normal_(head.weight, std=std)
     nn.init.zeros_(head.bias)

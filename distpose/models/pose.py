@@ -40,7 +40,7 @@ def flip_back(maps: torch.Tensor) -> torch.Tensor:
 class PoseModel(nn.Module):
     # A CRF joint's confidence is its marginal mass within score_radius pixels: a single pixel's
     # probability is too peaked to rank people by; a wide window blurs neighbouring candidates together
-    # (docs/crf.md, Decoding, has the measurements).
+    # (docs/crf.md, Training and decoding).
     def __init__(self, backbone: nn.Module, crf: TreeCRF | None = None, score_radius: int = 1):
         super().__init__()
         self.backbone = backbone

@@ -75,8 +75,8 @@ EXPORTED_NAMES = frozenset(_exported(WORKER_METRICS) | _exported(RUN_METRICS))
 
 class _HeldGauges:
     """Re-sends every gauge's last value each second from a daemon thread. Ray's metrics agent drops a gauge
-    series that no process has re-set lately (measured with Ray 2.60: a gauge set once left the endpoint
-    about 20 s later), which would blank the run state, the evaluation and the epoch between their updates."""
+    series that no process has re-set within two of its report intervals (20 s by default), which would blank
+    the run state, the evaluation and the epoch between their updates."""
 
     def __init__(self):
         self._values: dict[tuple[int, tuple[tuple[str, str], ...]], tuple[Any, float]] = {}

@@ -93,7 +93,7 @@ def build_engine(model: nn.Module, groups: list[dict], cfg: Config, world_size: 
     import deepspeed
 
     # On CPU DeepSpeed's communication setup JIT-compiles a shared-memory all-reduce op that only its
-    # inference all-reduce uses: a C++ compile on each node's first run (~50 s here), a load on every start.
+    # inference all-reduce uses: a C++ compile of about a minute on each node's first run, a load on every start.
     deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
     config = deepspeed_config(cfg, world_size)
     if load_universal:

@@ -264,8 +264,8 @@ def run_sweep(sweep: Sweep, address: str | None = None, resume: bool = False) ->
             raise ConfigError(f"{sweep.source}: recipe {name!r}: {exc}") from None
     write_bytes(within(directory, "sweep.json"), json.dumps(dataclasses.asdict(sweep), indent=1).encode())
     order = [r.name for r in RECIPES if r.name in sweep.recipes]  # every parent before its children
-    # Tune waits this long for a stopped trial's actor to exit before killing it (600 s by default): a trial
-    # stuck in its run's shutdown on a busy cluster held whole sweeps for that long.
+    # Tune waits this long for a stopped trial's actor to exit before killing it (600 s by default), and a
+    # trial's run can hang in its shutdown on a busy cluster, holding up the whole sweep meanwhile.
     os.environ.setdefault(TRIAL_CLEANUP_ENV, str(TRIAL_CLEANUP_S))
     records: list[dict[str, Any]] = []
     with ray_cluster(address, base_config(sweep, order[0]).monitor):
