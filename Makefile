@@ -28,7 +28,7 @@ install: | $(BIN)/python
 	rm -f $(VENV)/.installed
 	$(MAKE) $(VENV)/.installed
 
-# Synthetic data, shards, the five training modes on local Ray, evaluation, reports/pipeline/report.md.
+# Synthetic data, shards, the six recipes trained on local Ray, evaluation, reports/pipeline/report.md.
 demo: $(VENV)/.installed
 	$(BIN)/distpose pipeline configs/quick
 

@@ -68,7 +68,7 @@ def _add_crf_bench_arguments(parser: argparse.ArgumentParser, batch: int, repeat
     parser.add_argument("--batch", type=positive, default=batch, help=f"batch size (default {batch})")
     parser.add_argument("--radius", type=positive, nargs="+", default=[7, 15], help="window radii (default 7 15)")
     parser.add_argument("--repeats", type=positive, default=repeats, help=f"timed runs, best kept (default {repeats})")
-    parser.add_argument("--out", help=f"also write the JSON here (e.g. benchmarks/results/{example})")
+    parser.add_argument("--out", help=f"also write the JSON here, e.g. benchmarks/results/{example}")
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -89,7 +89,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="timed batches per pipeline run (default 60)")
     loader.add_argument("--warmup", type=positive, default=16,
                         help="untimed batches first, more than the DataLoader prefetches (default 16)")
-    loader.add_argument("--out", help="also write the JSON here (e.g. benchmarks/results/loader-cpu.json)")
+    loader.add_argument("--out", help="also write the JSON here, e.g. "
+                        "benchmarks/results/loader-<input size>-<machine>.json")
     loader.set_defaults(func=run_bench_loader)
 
     train_bench = bench_cmds.add_parser(
@@ -105,7 +106,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     train_bench.add_argument("--steps", type=positive, default=60, help="timed steps of each (default 60)")
     train_bench.add_argument("--warmup", type=positive, default=10,
                              help="untimed steps first (default 10)")
-    train_bench.add_argument("--out", help="also write the JSON here (e.g. benchmarks/results/train-cpu2.json)")
+    train_bench.add_argument("--out", help="also write the JSON here, e.g. "
+                             "benchmarks/results/train-<backbone>-<input size>-<machine>.json")
     train_bench.add_argument("--plain-only", action="store_true",
                              help="time the plain loop alone: no Ray, no DeepSpeed (benchmarks/gpu.sh)")
     train_bench.set_defaults(func=run_bench_train)
@@ -116,7 +118,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "64x48 on the COCO tree, for each window radius, with both message formulations in the same run "
         "(best of --repeats), their speed ratio and their largest disagreement.",
     )
-    _add_crf_bench_arguments(crf, batch=8, repeats=2, example="crf-reference-cpu2.json")
+    _add_crf_bench_arguments(crf, batch=8, repeats=2, example="crf-reference-<machine>.json")
     crf.set_defaults(func=run_bench_crf)
 
     kernel = bench_cmds.add_parser(
@@ -127,23 +129,24 @@ def register(commands: argparse._SubParsersAction) -> None:
         "error against a float64 reference and the kernel's exp rate against the exp unit's peak. "
         "Meant for a GPU; on a CPU the Triton kernel is skipped unless TRITON_INTERPRET=1.",
     )
-    _add_crf_bench_arguments(kernel, batch=64, repeats=5, example="crf-kernel-h100.json")
+    _add_crf_bench_arguments(kernel, batch=64, repeats=5, example="crf-kernel-<gpu>.json")
     kernel.add_argument("--no-full-window", action="store_true", help="leave out the full-map window")
     kernel.add_argument("--impl", nargs="+", default=["triton", "shift", "unfold", "conv"],
                         choices=["triton", "shift", "unfold", "conv"], help="what to time (default all)")
     kernel.set_defaults(func=run_bench_kernel)
 
     ablation = bench_cmds.add_parser(
-        "ablation", help="the CRF modes' choices, one at a time, with paired 95% intervals",
-        description="Trains the crf and joint configs of one network from the same backbone checkpoint, each "
+        "ablation", help="the CRF recipes' choices, one at a time, with paired 95% intervals",
+        description="Trains the crf and joint recipes of one network from the same backbone model file, each "
         "with one choice changed (pairwise start, window, unary scale, the joint mode's backbone learning "
         "rate), and scores every run on the same validation instances: PCK@0.1 with 95% bootstrap intervals "
-        "and paired differences from the mode's shipped config and from the backbone. Prints a markdown table "
+        "and paired differences from the recipe's shipped config and from the backbone. Prints a markdown table "
         "(stderr) and JSON.",
     )
-    add_config_arguments(ablation, config_help="directory of mode configs (a path or a packaged name; default quick)")
+    add_config_arguments(ablation, config_help="directory of recipe configs (a path or a packaged name; default quick)")
     add_address_argument(ablation)
     ablation.add_argument("--network", choices=["cnn", "hrnet"], default="cnn", help="which <network>_crf.yaml and "
                           "<network>_joint.yaml to vary (default cnn)")
-    ablation.add_argument("--out", help="also write the JSON here (e.g. benchmarks/results/crf-ablation-cpu2.json)")
+    ablation.add_argument("--out", help="also write the JSON here, e.g. "
+                          "benchmarks/results/crf-ablation-<network>-<machine>.json")
     ablation.set_defaults(func=run_bench_ablation)

@@ -1,5 +1,5 @@
 """`distpose config`, `distpose model-info NAME` and `distpose convert`: a resolved config; a network's size;
-a published pose model as a distpose checkpoint."""
+a published pose model as a distpose model file."""
 
 from __future__ import annotations
 
@@ -115,13 +115,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     info.set_defaults(func=run_model_info)
 
     convert = commands.add_parser(
-        "convert", help="a published HRNet or SimpleBaseline pose model as a distpose checkpoint",
+        "convert", help="a published HRNet or SimpleBaseline pose model as a distpose model file",
         description="Turn an official pose model's weights file (HRNet's pose_hrnet_w32_256x192.pth, "
-        "SimpleBaseline's pose_resnet_50_256x192.pth, ...; official parameter names) into a distpose inference "
-        "checkpoint that `eval` and `predict` load. Every tensor of the network must be in the file.",
+        "SimpleBaseline's pose_resnet_50_256x192.pth, ...; official parameter names) into a distpose "
+        "model file that `eval` and `predict` load. Every tensor of the network must be in the file.",
     )
     convert.add_argument("source", help="the official .pth file")
-    convert.add_argument("out", help="the distpose checkpoint to write (.pt)")
+    convert.add_argument("out", help="the distpose model file to write (.pt)")
     convert.add_argument("--arch", required=True, choices=list(BACKBONES),
                          help="the network: hrnet_w32, hrnet_w48 (HRNet), resnet50 (SimpleBaseline)")
     convert.add_argument("--input", type=input_size, default=(256, 192),

@@ -22,18 +22,18 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def register(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser(
-        "eval", help="score an inference checkpoint: PCK, HRNet accuracy, COCO AP/AR, drawings",
-        description="Score an inference checkpoint (best.pt/final.pt of a run) on a split: PCK@thresholds for "
+        "eval", help="score a model file: PCK, HRNet accuracy, COCO AP/AR, drawings",
+        description="Score a model file (best.pt/final.pt of a run) on a split: PCK@thresholds for "
         "visible and occluded joints, HRNet's heatmap accuracy, COCO AP/AR via pycocotools. Writes "
         "metrics.json, results.json (COCO results) and skeletons.jpg (+ images/) to --out.",
     )
-    evaluate.add_argument("--checkpoint", required=True, help="inference checkpoint (.pt): a local path or s3://")
+    evaluate.add_argument("--checkpoint", required=True, help="model file (best.pt, final.pt): a local path or s3://")
     evaluate.add_argument("--data", help="shard directory (local, s3:// or http(s)://) or COCO root (default: the "
-                          "checkpoint's data.shards)")
-    evaluate.add_argument("--split", help="split name (default: the checkpoint's val split, or the only one)")
+                          "model's data.shards)")
+    evaluate.add_argument("--split", help="split name (default: the model's val split, or the only one)")
     evaluate.add_argument("--boxes", default="gt",
                           help="'gt' for ground-truth boxes (default) or a COCO-results JSON of person detections")
-    evaluate.add_argument("--out", help="output directory (default: eval-<checkpoint name> beside the checkpoint, "
+    evaluate.add_argument("--out", help="output directory (default: eval-<model file name> beside the model file, "
                           "or in the working directory for one on object storage)")
     evaluate.add_argument("--workers", type=positive, default=1, help="Ray Train ranks (default 1: in process)")
     evaluate.add_argument("--address", help="Ray cluster address for --workers > 1 (default: local Ray)")

@@ -18,7 +18,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
 
 def register(commands: argparse._SubParsersAction) -> None:
     pipeline = commands.add_parser(
-        "pipeline", help="synthetic data, the five modes trained and evaluated, one report",
+        "pipeline", help="synthetic data, the six recipes trained and evaluated, one report",
         description="Generate synthetic COCO data and its shards (if missing), train cnn and hrnet backbones, "
         "then cnn_crf, cnn_joint, hrnet_crf and hrnet_joint from them, evaluate each, and write a report "
         "(report.md, comparison table with the mean-pose floor, loss and PCK plots, skeleton grids). "

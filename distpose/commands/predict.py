@@ -23,12 +23,12 @@ def run_predict(args: argparse.Namespace) -> int:
 def register(commands: argparse._SubParsersAction) -> None:
     predict = commands.add_parser(
         "predict", help="keypoints for image files: drawings and COCO-results JSON",
-        description="Run an inference checkpoint on image files: person boxes from --boxes (COCO-results "
+        description="Run a model file on image files: person boxes from --boxes (COCO-results "
         "detections; image ids are the files' numeric names) or the whole image as one person. Writes one "
         "drawing per image and results.json (COCO keypoint results) to --out.",
     )
     predict.add_argument("images", nargs="+", help="image files, or directories of them")
-    predict.add_argument("--checkpoint", required=True, help="inference checkpoint (.pt): a local path or s3://")
+    predict.add_argument("--checkpoint", required=True, help="model file (best.pt, final.pt): a local path or s3://")
     predict.add_argument("--boxes", help="COCO-results JSON of person detections (default: whole image)")
     predict.add_argument("--min-box-score", type=float, default=0.0, help="drop detections below this score")
     predict.add_argument("--out", required=True, help="output directory")

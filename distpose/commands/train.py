@@ -21,7 +21,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "train", help="train a pose model with Ray Train + DeepSpeed",
         description="Train on a Ray cluster: a local one by default, an existing one with --address or "
         "RAY_ADDRESS. Writes train.storage/train.run_name/: checkpoints (the latest train.keep_checkpoints), "
-        "metrics.jsonl (every step and evaluation), best.pt and final.pt (inference checkpoints: fp32 "
+        "metrics.jsonl (every step and evaluation), best.pt and final.pt (model files: fp32 "
         "weights + config). Rerunning a run name resumes it from its latest checkpoint; a finished run "
         "is not retrained.",
     )

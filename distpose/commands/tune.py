@@ -1,4 +1,4 @@
-"""`distpose tune SWEEP [k=v ...]`: a Ray Tune sweep over the modes."""
+"""`distpose tune SWEEP [k=v ...]`: a Ray Tune sweep over the recipes."""
 
 from __future__ import annotations
 
@@ -17,14 +17,14 @@ def run_tune(args: argparse.Namespace) -> int:
 
 def register(commands: argparse._SubParsersAction) -> None:
     tune = commands.add_parser(
-        "tune", help="Ray Tune sweep over the training modes (ASHA), leaderboard and best checkpoints",
-        description="Run the sweep file's trials: per mode a Tune experiment with ASHA on the validation "
-        "metric; backbone modes first, then crf/joint trials from the best backbone of their network. Writes "
-        "storage/name/: leaderboard.md and .csv (best trial per mode), trials.csv, best/<mode>.pt.",
+        "tune", help="Ray Tune sweep over the recipes (ASHA), leaderboard and best model files",
+        description="Run the sweep file's trials: per recipe a Tune experiment with ASHA on the validation "
+        "metric; backbone recipes first, then crf/joint trials from the best backbone of their network. Writes "
+        "storage/name/: leaderboard.md and .csv (best trial per recipe), trials.csv, best/<recipe>.pt.",
     )
     tune.add_argument("sweep", help="sweep YAML file, or a packaged sweep by name: quick, coco (configs/tune/)")
     tune.add_argument("overrides", nargs="*", metavar="key=value", help="override top-level sweep keys")
     add_address_argument(tune)
     tune.add_argument("--resume", action="store_true",
-                      help="finish an interrupted sweep of this name: finished modes and trials are not rerun")
+                      help="finish an interrupted sweep of this name: finished recipes and trials are not rerun")
     tune.set_defaults(func=run_tune)
