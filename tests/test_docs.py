@@ -1,0 +1,230 @@
+"""Every `distpose` and `make` command in the code blocks of README.md and docs/*.md runs as written, in one scratch
+working directory, in the order the docs give them (README.md first, then docs/ by name).
+
+Only sizes change, through SIZES: image counts, epochs, steps, trials. Commands that need what this machine lacks
+(GPUs, real COCO, a remote cluster, the network) are listed in CANNOT_RUN with the reason; they are still parsed by
+distpose's argument parser, and the config they name is loaded with their overrides. Commands that start Ray run
+on the test session's Ray, found through RAY_ADDRESS as on a cluster: their text is unchanged, and a sweep never
+meets a second Ray instance on this machine (Tune's trials would wait for CPUs it cannot free).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from distpose.commands import parse_arguments
+from distpose.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+SHELL_BLOCKS = ("bash", "sh", "shell", "console")
+
+REAL_COCO = "needs the real COCO download (docs/coco.md)"
+COCO_ON_GPUS = "needs the real COCO shards and GPUs"
+CLUSTER = "needs a multi-node GPU cluster at the address given"
+OFFICIAL = "needs an official HRNet release file, downloaded by the user"
+CANNOT_RUN = {
+    "make install": "what `make test` does first; CI's .ci/run runs `make test` on a fresh clone",
+    "make test": "the suite itself",
+    "make install 'TORCH=torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128'":
+        "downloads a CUDA build of torch; this machine reaches PyPI only",
+    "distpose train configs/coco/hrnet.yaml data.shards=/shared/coco-shards train.storage=/shared/runs "
+    "train.workers=16 train.use_gpu=true --address HEAD_IP:6379": CLUSTER,
+    "distpose data shard --coco-root /data/coco --split train2017 --out s3://my-bucket/coco-shards": REAL_COCO,
+    "distpose data shard --coco-root /data/coco --split val2017 --out s3://my-bucket/coco-shards": REAL_COCO,
+    "distpose data verify s3://my-bucket/coco-shards": REAL_COCO,
+    "distpose train configs/coco/hrnet.yaml data.shards=s3://my-bucket/coco-shards "
+    "train.storage=s3://my-bucket/runs train.workers=16 train.use_gpu=true --address HEAD_IP:6379": CLUSTER,
+    "distpose eval --checkpoint s3://my-bucket/runs/coco_hrnet/final.pt --data s3://my-bucket/coco-shards":
+        COCO_ON_GPUS,
+    "distpose tune coco storage=s3://my-bucket/sweeps --address HEAD_IP:6379": CLUSTER,
+    "distpose data shard --coco-root '$COCO' --split train2017 --out data/coco_shards --workers 8": REAL_COCO,
+    "distpose data shard --coco-root '$COCO' --split val2017 --out data/coco_shards --workers 8": REAL_COCO,
+    "distpose data verify data/coco_shards --workers 8": REAL_COCO,
+    "distpose train coco/hrnet data.shards=data/coco_shards train.storage=runs": COCO_ON_GPUS,
+    "distpose train coco/hrnet train.workers=16 data.batch_size=512 data.shards=/shared/coco_shards "
+    "train.storage=/shared/runs --address '<head-ip>:6379'": CLUSTER,
+    "distpose eval --checkpoint runs/coco_hrnet/best.pt --data data/coco_shards --split val2017 "
+    "--boxes data/coco/COCO_val2017_detections_AP_H_56_person.json": COCO_ON_GPUS,
+    "distpose convert pose_hrnet_w32_256x192.pth runs/official/hrnet_w32.pt --arch hrnet_w32 --input 256x192":
+        OFFICIAL,
+    "distpose eval --checkpoint runs/official/hrnet_w32.pt --data data/coco_shards --split val2017 "
+    "--boxes data/coco/COCO_val2017_detections_AP_H_56_person.json": OFFICIAL,
+    "distpose predict --checkpoint runs/official/hrnet_w32.pt photo.jpg --out predictions/": OFFICIAL,
+}
+
+# What each command is given on top of its text so that it runs in seconds, by the start of its text: the words are
+# appended (argparse keeps the last of a repeated option), or, for a path that holds a step count, replaced.
+TINY_TRAINING = ["train.epochs=1", "data.batches_per_epoch=2"]
+SIZES: dict[str, tuple[list[str], dict[str, str]]] = {
+    "distpose data synth": (["--train", "40", "--val", "16"], {}),
+    "distpose train": (TINY_TRAINING, {"checkpoint_step00001200": "checkpoint_step00000002"}),
+    "distpose pipeline": (["--train-images", "40", "--val-images", "16", *TINY_TRAINING], {}),
+    # A sweep's sizes are in its override lists: these replace the shipped sweep's, whose other entries they keep.
+    "distpose tune": (["trials_per_recipe=1", "recipe_overrides={}",
+                       "overrides=[train.workers=1,data.batch_size=16,data.loader_workers=0,train.epochs=1,"
+                       "data.batches_per_epoch=2]"], {}),
+    "distpose bench loader": (["--images", "20", "--batches", "3", "--warmup", "2"], {}),
+    "distpose bench train": (["--steps", "3", "--warmup", "2"], {}),
+    "distpose bench crf": (["--batch", "1", "--radius", "2", "--repeats", "1"], {}),
+    "distpose bench ablation": (TINY_TRAINING, {}),
+}
+# Started with the session's Ray, or reading what such a command wrote: minutes in all, so marked integration.
+ON_RAY = ("distpose train", "distpose tune", "distpose pipeline", "distpose bench", "distpose eval",
+          "distpose predict", "make demo")
+TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class Command:
+    doc: str  # README.md, docs/coco.md
+    line: int
+    text: str  # the words as written, continuation lines joined, the comment left out
+
+    @property
+    def words(self) -> list[str]:
+        return shlex.split(self.text)
+
+    def __str__(self) -> str:
+        return f"{self.doc}:{self.line}: {self.text}"
+
+
+def documented_commands() -> list[Command]:
+    found = []
+    for doc in DOCS:
+        block, pending, start = None, "", 0
+        for number, line in enumerate(doc.read_text().splitlines(), 1):
+            if line.startswith("```"):
+                block = line[3:].strip() if block is None else None
+                continue
+            if block not in SHELL_BLOCKS:
+                continue
+            if not pending:
+                start = number
+            pending += line.rstrip().removesuffix("\\") + " "
+            if line.rstrip().endswith("\\"):
+                continue
+            words, pending = shlex.split(pending, comments=True), ""
+            if words and words[0] in ("distpose", "make"):
+                found.append(Command(str(doc.relative_to(ROOT)), start, shlex.join(words)))
+    return found
+
+
+COMMANDS = documented_commands()
+RUNNABLE = [c for c in COMMANDS if c.text not in CANNOT_RUN]
+
+
+def sized(command: Command) -> list[str]:
+    text = command.text
+    for prefix, (extra, replaced) in SIZES.items():
+        if text == prefix or text.startswith(prefix + " "):
+            for old, new in replaced.items():
+                text = text.replace(old, new)
+            return [*shlex.split(text), *extra]
+    return command.words
+
+
+def demo_command() -> list[str]:
+    """What `make demo` runs, as make prints it (`make -n`), with the Makefile's paths made absolute."""
+    printed = subprocess.run(["make", "-n", "demo"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    line = next(line for line in printed.splitlines() if " pipeline " in f" {line} ")
+    words = shlex.split(line)
+    return [str(ROOT / words[0]), *words[1:]]
+
+
+def run(command: Command, scratch: Path, env: dict[str, str]) -> None:
+    argv = sized(command)
+    if argv[:2] == ["make", "demo"]:
+        demo = demo_command()
+        argv = [*demo, *sized(Command(command.doc, command.line, shlex.join(["distpose", *demo[1:]])))[len(demo):]]
+    env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"}
+    try:
+        done = subprocess.run(argv, cwd=scratch, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
+                              check=False)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{command}: still running after {TIMEOUT_S} s (ran: {shlex.join(argv)})")
+    output = (done.stdout + done.stderr)[-3000:]
+    assert done.returncode == 0, f"{command}\nran: {shlex.join(argv)}\nexit {done.returncode}:\n{output}"
+    assert "Traceback" not in done.stderr, f"{command}\n{output}"
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory) -> Path:
+    """A working directory that reads like a fresh clone's root: the docs name files under configs/ and
+    tests/data/; everything the commands write stays here."""
+    directory = tmp_path_factory.mktemp("docs")
+    for name in ("configs", "tests"):
+        (directory / name).symlink_to(ROOT / name)
+    return directory
+
+
+def test_the_docs_have_commands_and_the_tables_name_only_documented_ones():
+    assert len(COMMANDS) > 20
+    texts = {c.text for c in COMMANDS}
+    assert not set(CANNOT_RUN) - texts, f"CANNOT_RUN names commands the docs no longer have: {set(CANNOT_RUN) - texts}"
+    if "make demo" in texts:
+        texts.add(shlex.join(["distpose", *demo_command()[1:]]))
+    for prefix in SIZES:
+        assert any(t == prefix or t.startswith(prefix + " ") for t in texts), f"SIZES: no documented {prefix!r}"
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.text in CANNOT_RUN], ids=str)
+def test_what_cannot_run_here_still_parses(command):
+    words = command.words
+    if words[0] != "distpose":
+        return
+    args = parse_arguments(words[1:])
+    if getattr(args, "config", None) and args.command in ("train", "config", "bench") and "=" not in args.config:
+        cwd = Path.cwd()
+        os.chdir(ROOT)  # a config named by its path in the repository
+        try:
+            load_config(args.config, args.overrides)
+        finally:
+            os.chdir(cwd)
+
+
+@pytest.mark.parametrize("command", [c for c in RUNNABLE if not c.text.startswith(ON_RAY)], ids=str)
+def test_documented_command_runs(command, scratch):
+    run(command, scratch, dict(os.environ))
+
+
+@pytest.mark.parametrize("command", [c for c in RUNNABLE if c.text.startswith(ON_RAY)], ids=str)
+def test_documented_command_runs_on_ray(command, scratch, ray_session):
+    address = ray_session.get_runtime_context().gcs_address
+    run(command, scratch, {**os.environ, "RAY_ADDRESS": address})
+
+
+def test_every_runnable_command_is_either_cheap_or_on_ray():
+    """A command added to the docs is run by one of the two tests above: none falls between them."""
+    cheap = [c for c in RUNNABLE if not c.text.startswith(ON_RAY)]
+    assert all(re.match(r"distpose (data|config|model-info|convert)\b", c.text) for c in cheap), cheap
+
+
+# A path the project names in its docs, configs, comments or help text: it must exist. Patterns with a placeholder
+# (`<machine>`) are left alone; so are paths under runs/, data/ and the like, which commands write.
+NAMED_PATH = re.compile(r"(?<![\w/.-])((?:tests|docs|benchmarks/results|launch|configs|distpose)/[\w./-]*[\w])")
+TEXT_FILES = ("*.md", "*.py", "*.yml", "*.yaml", "*.sbatch", "*.sh", "Makefile")
+
+
+def test_every_path_the_project_names_exists():
+    tracked = subprocess.run(["git", "ls-files", *TEXT_FILES], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    missing = []
+    for name in tracked:
+        if name.startswith("tests/") and name.endswith(".py"):  # tests make files of their own
+            continue
+        for number, line in enumerate((ROOT / name).read_text(errors="replace").splitlines(), 1):
+            for match in NAMED_PATH.finditer(line):
+                path, after = match[1], line[match.end():].lstrip("-_./")[:1]
+                if after in ("<", "{", "*") or (ROOT / path).exists() or (ROOT / name).parent.joinpath(path).exists():
+                    continue
+                missing.append(f"{name}:{number}: {path}")
+    assert not missing, "named but not there:\n" + "\n".join(missing)
