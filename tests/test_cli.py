@@ -83,3 +83,12 @@ def test_overrides_go_anywhere_on_the_line_and_other_strays_are_refused(capsys):
         with pytest.raises(SystemExit) as exit_info:
             parse_arguments(argv)
         assert exit_info.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_a_quiet_call_leaves_the_next_call_its_progress(tmp_path, capsys):
+    """main() in one process twice (a notebook, a test session): -q on the first must not silence the second."""
+    args = ["data", "synth", "--out", str(tmp_path), "--train", "1", "--val", "1"]
+    assert main([*args, "-q"]) == 0
+    capsys.readouterr()
+    assert main(args) == 0  # the same set again
+    assert "nothing to do" in capsys.readouterr().err

@@ -106,8 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler.setFormatter(_Formatter())
     handler.setLevel(logging.WARNING if quiet else logging.DEBUG)  # a run's log file takes INFO regardless
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
-    if verbose or quiet:  # our debug messages, not every library's; a run's log file still takes INFO
-        logging.getLogger("distpose").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # Our debug messages, not every library's; a run's log file still takes INFO. Set on every call: a level left
+    # by an earlier call in the same process (-q) would silence this one.
+    logging.getLogger("distpose").setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.NOTSET)
     # Tune's TensorBoard logger renames every `pck@0.1`-style metric, one INFO line per name per trial.
     logging.getLogger("tensorboardX").setLevel(logging.WARNING)
     try:
