@@ -83,8 +83,11 @@ def test_overwriting_a_split_on_s3_removes_its_stale_shards(object_store, synth_
     out = object_store.uri("resharded")
     args = ["data", "shard", "--coco-root", str(synth_root), "--split", "val", "--out", out]
     assert main([*args, "--samples-per-shard", "4"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--samples-per-shard", "4"]) == 0  # the same split again: nothing to do
+    assert "nothing to do" in capsys.readouterr().err
     assert main([*args, "--samples-per-shard", "9"]) == 2
-    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert "already exists (from another source, shard size or role); pass --overwrite" in capsys.readouterr().err
     assert main([*args, "--samples-per-shard", "9", "--overwrite"]) == 0
     assert sorted(objects(object_store, "resharded/")) == ["val-000000.tar", "val-000001.tar", "val.manifest.json"]
 
