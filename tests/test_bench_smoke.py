@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from distpose.bench.crf import run as run_crf
@@ -43,22 +42,6 @@ def test_conv_baseline_loses_outputs_on_peaked_heatmaps():
     approx, _ = conv_message(belief, pairwise, False)
     assert torch.isfinite(exact).all()
     assert (~torch.isfinite(approx)).sum() > 50
-
-
-@pytest.mark.integration
-def test_train_benchmark_times_both_paths(ray_session, tmp_path):
-    from distpose.bench.train import run as run_train
-    from distpose.config import load_config
-
-    cfg = load_config(None, ["model.backbone=cnn_small", "data.input_size=[64,48]", "data.heatmap_size=[16,12]",
-                             "data.source=random", "data.batch_size=4", "train.log_every=1000"])
-    report = run_train(cfg, warmup=2, steps=4)
-    distributed, plain = report["distributed"], report["plain"]
-    assert distributed["samples_per_s"] > 0 and plain["samples_per_s"] > 0
-    assert report["ratio"] == pytest.approx(distributed["samples_per_s"] / plain["samples_per_s"])
-    assert report["overhead"] == pytest.approx(1 - report["ratio"])  # one worker
-    assert 0 <= distributed["data_wait_share"] < 1 and report["mfu"] is None  # no MFU without a GPU
-    assert report["timed_steps"] == 4 and report["machine"]["device"] == "cpu"
 
 
 def test_the_gpu_script_runs_every_step_in_its_dry_run(tmp_path):

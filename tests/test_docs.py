@@ -10,6 +10,9 @@ meets a second Ray instance on this machine (Tune's trials would wait for CPUs i
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+import json
 import os
 import re
 import shlex
@@ -18,10 +21,20 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import pytest
+import torch
 
 from distpose.commands import parse_arguments
 from distpose.config import load_config
+from distpose.eval.evaluate import evaluate_model, flat_metrics
+from distpose.eval.report import PCK_COLUMNS
+from distpose.metrics_log import read_records
+from distpose.models.model_file import load_model_file, read_model_file
+from distpose.recipes import RECIPE_NAMES, RECIPES, recipe
+from distpose.train.checkpoints import FINAL_MODEL
+from distpose.train.sweep_file import Sweep, load_sweep
+from distpose.train.tune import _search_space, _searcher
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -75,7 +88,6 @@ SIZES: dict[str, tuple[list[str], dict[str, str]]] = {
     "distpose bench loader": (["--images", "20", "--batches", "3", "--warmup", "2"], {}),
     "distpose bench train": (["--steps", "3", "--warmup", "2"], {}),
     "distpose bench crf": (["--batch", "1", "--radius", "2", "--repeats", "1"], {}),
-    "distpose bench ablation": (TINY_TRAINING, {}),
 }
 # Started with the session's Ray, or reading what such a command wrote: minutes in all, so marked integration.
 ON_RAY = ("distpose train", "distpose tune", "distpose pipeline", "distpose bench", "distpose eval",
@@ -140,7 +152,7 @@ def demo_command() -> list[str]:
     return [str(ROOT / words[0]), *words[1:]]
 
 
-def run(command: Command, scratch: Path, env: dict[str, str]) -> None:
+def run(command: Command, scratch: Path, env: dict[str, str]) -> tuple[list[str], subprocess.CompletedProcess]:
     argv = sized(command)
     if argv[:2] == ["make", "demo"]:
         demo = demo_command()
@@ -154,6 +166,133 @@ def run(command: Command, scratch: Path, env: dict[str, str]) -> None:
     output = (done.stdout + done.stderr)[-3000:]
     assert done.returncode == 0, f"{command}\nran: {shlex.join(argv)}\nexit {done.returncode}:\n{output}"
     assert "Traceback" not in done.stderr, f"{command}\n{output}"
+    return argv, done
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What some commands must have written: the documented command is the end-to-end test of what it makes.
+
+
+def check_pipeline(scratch: Path, argv: list[str], done, run_again) -> None:
+    """`make demo`: the report has every recipe and the floor, each score inside its interval and the paired
+    comparisons the recipes exist for; each crf/joint run started from its backbone's final model (the crf runs'
+    backbone untouched, the joint runs' trained); a rerun retrains nothing and scores the same."""
+    report, runs = scratch / "reports" / "pipeline" / "report.md", scratch / "runs"
+    saved = json.loads((report.parent / "results.json").read_text())
+    results = saved["runs"]
+    assert [r["name"] for r in results] == ["mean pose", *RECIPE_NAMES]
+    for r in results:
+        for kind in ("visible", "occluded"):
+            estimate, low, high = r["intervals"][f"{kind}/pck@0.1"]
+            assert low <= estimate <= high and estimate == pytest.approx(r["metrics"][f"{kind}/pck@0.1"])
+    assert [(c["run"], c["against"]) for c in saved["comparisons"]] == [
+        ("hrnet", "cnn"), ("cnn_crf", "cnn"), ("cnn_joint", "cnn"), ("hrnet_crf", "hrnet"), ("hrnet_joint", "hrnet"),
+        ("cnn_joint", "cnn_crf"), ("hrnet_joint", "hrnet_crf")]
+    floor, trained = results[0], results[1:]
+    assert floor["wall_time"] is None and 0 <= floor["metrics"]["visible/pck@0.1"] <= 1
+    for r in trained:
+        assert r["wall_time"] > 0 and r["samples_per_s"] > 0, r["name"]
+        for kind in ("visible", "occluded"):
+            for column in PCK_COLUMNS:
+                assert 0 <= r["metrics"][f"{kind}/{column}"] <= 1, (r["name"], kind, column)
+        assert -1 <= r["metrics"]["AP"] <= 1
+    text = report.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert sum(line.startswith(("| mean pose (", *(f"| {name} (" for name in RECIPE_NAMES))) for line in rows) == 7
+    for c in saved["comparisons"]:
+        assert sum(line.startswith(f"| {c['run']} | {c['against']} |") for line in rows) == 1, text
+    for picture in ["loss.png", "pck.png", *(f"{name}/skeletons.jpg" for name in RECIPE_NAMES)]:
+        image = cv2.imread(str(report.parent / picture))
+        assert image is not None and image.shape[0] > 100 and image.std() > 0, picture
+
+    for name, parent in ((r.name, r.parent) for r in RECIPES if r.parent is not None):
+        run_dir, parent_final = runs / f"pipeline_{name}", runs / f"pipeline_{parent}" / FINAL_MODEL
+        cfg = load_config(run_dir / "config.yaml")
+        assert Path(cfg.train.backbone_checkpoint) == parent_final.resolve()
+        base, ours = read_model_file(parent_final)["state_dict"], read_model_file(run_dir / FINAL_MODEL)["state_dict"]
+        moved = [k for k in base if k.startswith("backbone.") and not torch.equal(ours[k], base[k])]
+        prior = json.loads((run_dir / "crf_prior.json").read_text())
+        assert prior["pairwise_init"] == "data" and cfg.model.crf_window == prior["radius"] >= 1
+        assert prior["limbs"] > 0 and prior["coverage"] >= cfg.model.crf_window_coverage
+        if cfg.train.mode == "crf":  # weights and BatchNorm statistics alike
+            assert not moved, f"{name} changed its frozen backbone: {moved[:3]}"
+        else:
+            assert [k for k in moved if "running_" not in k and "num_batches" not in k], \
+                f"{name} (joint) left the backbone's weights untrained"
+
+    starts = {name: len(read_records(runs / f"pipeline_{name}", "start")) for name in RECIPE_NAMES}
+    run_again()
+    assert {name: len(read_records(runs / f"pipeline_{name}", "start")) for name in RECIPE_NAMES} == starts
+    again = json.loads((report.parent / "results.json").read_text())
+    assert [r["metrics"] for r in again["runs"]] == [r["metrics"] for r in results]  # same models, same scores
+
+
+def resampled(sweep: Sweep, recipe: str, storage: Path) -> list[dict]:
+    """The trials Tune samples for `recipe` with the sweep's space and searcher, on a trainable that does nothing."""
+    from ray import tune
+
+    config = tune.TuneConfig(search_alg=_searcher(sweep, recipe), num_samples=sweep.trials_per_recipe)
+    tuner = tune.Tuner(lambda config: None, param_space=_search_space(sweep, recipe), tune_config=config,
+                       run_config=tune.RunConfig(storage_path=str(storage), verbose=0))
+    return sorted((r.config for r in tuner.fit()), key=json.dumps)
+
+
+def check_sweep(scratch: Path, argv: list[str], done, run_again) -> None:
+    """`distpose tune quick`: a leaderboard row per recipe whose score is what its exported model file scores
+    again; every crf/joint trial started from the best trial of its parent; the same seed samples the same
+    trials, another seed others."""
+    if "--resume" in argv:
+        return
+    args = parse_arguments(argv[1:])
+    cwd = Path.cwd()
+    os.chdir(scratch)
+    try:
+        sweep = load_sweep(args.sweep, args.overrides)
+    finally:
+        os.chdir(cwd)
+    directory = scratch / "sweeps" / sweep.name
+    rows = list(csv.DictReader((directory / "leaderboard.csv").open()))
+    assert [r["recipe"] for r in rows] == list(sweep.recipes) == list(RECIPE_NAMES)
+    for row in rows:
+        model, cfg, meta = load_model_file(row["checkpoint"])
+        assert Path(row["checkpoint"]) == directory / "best" / f"{row['recipe']}.pt"
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the trial's arithmetic (1 CPU per worker), so the scores match exactly
+        try:
+            again = flat_metrics(evaluate_model(model, cfg)[0])
+        finally:
+            torch.set_num_threads(threads)
+        assert float(row[sweep.metric]) == pytest.approx(again[sweep.metric], abs=1e-6), row["recipe"]
+        assert meta["kind"] == "best" and cfg.eval.best_metric == sweep.metric
+    trials = list(csv.DictReader((directory / "trials.csv").open()))
+    best = {r["recipe"]: r for r in rows}
+    for t in trials:
+        assert t["status"] == "completed" and t["attempts"] == "1", t
+        parent = recipe(t["recipe"]).parent
+        if parent is not None:
+            _, cfg, _ = load_model_file(t["checkpoint"])
+            parent_best = next(x for x in trials if x["recipe"] == parent and x["trial"] == best[parent]["trial"])
+            assert cfg.train.backbone_checkpoint == parent_best["checkpoint"], t
+    for name in ("cnn", "cnn_crf"):
+        ran = sorted((json.loads(t["params"]) for t in trials if t["recipe"] == name), key=json.dumps)
+        assert resampled(sweep, name, scratch / "resampled") == ran
+    other = dataclasses.replace(sweep, seed=sweep.seed + 1)
+    assert resampled(other, "cnn", scratch / "other") != resampled(sweep, "cnn", scratch / "same")
+
+
+def check_train_benchmark(scratch: Path, argv: list[str], done, run_again) -> None:
+    """`distpose bench train`: both paths timed, and the ratio and the overhead per worker follow from them."""
+    report = json.loads(done.stdout)
+    distributed, plain = report["distributed"], report["plain"]
+    assert distributed["samples_per_s"] > 0 and plain["samples_per_s"] > 0
+    assert report["ratio"] == pytest.approx(distributed["samples_per_s"] / plain["samples_per_s"])
+    assert report["overhead"] == pytest.approx(1 - report["ratio"])  # one worker
+    assert 0 <= distributed["data_wait_share"] < 1 and report["mfu"] is None  # no MFU without a GPU
+    assert report["machine"]["device"] == "cpu"
+
+
+CHECKS = {"make demo": check_pipeline, "distpose tune quick": check_sweep,
+          "distpose bench train": check_train_benchmark}
 
 
 @pytest.fixture(scope="module")
@@ -198,8 +337,11 @@ def test_documented_command_runs(command, scratch):
 
 @pytest.mark.parametrize("command", [c for c in RUNNABLE if c.text.startswith(ON_RAY)], ids=str)
 def test_documented_command_runs_on_ray(command, scratch, ray_session):
-    address = ray_session.get_runtime_context().gcs_address
-    run(command, scratch, {**os.environ, "RAY_ADDRESS": address})
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    argv, done = run(command, scratch, env)
+    for prefix, check in CHECKS.items():
+        if command.text == prefix or command.text.startswith(prefix + " "):
+            check(scratch, argv, done, lambda: run(command, scratch, env))
 
 
 def test_every_runnable_command_is_either_cheap_or_on_ray():
