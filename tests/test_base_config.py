@@ -56,29 +56,21 @@ def test_a_base_cannot_name_a_base(tmp_path):
                                "itself ('c.yaml'); a base file cannot have one")
 
 
-def test_a_missing_or_unusable_base_names_the_file_and_the_key(tmp_path):
-    config = write(tmp_path / "a.yaml", "base: missing.yaml\n")
+@pytest.mark.parametrize(("base_line", "files", "expected"), [
+    ("base: missing.yaml", {}, "key 'base': base file {tmp}/missing.yaml does not exist"),
+    ("base: broken.yaml", {"broken.yaml": "data: [1,\n"}, "key 'base': base file {tmp}/broken.yaml: not valid YAML "
+                                                          "(line 2"),
+    ("base: [b.yaml]", {}, "key 'base': got ['b.yaml'], expected a YAML file's path relative to this file"),
+    ("base: typo.yaml", {"typo.yaml": "data:\n  sigmaa: 3.0\n"}, "key 'base': base file {tmp}/typo.yaml: unknown "
+                                                                 "config key 'data.sigmaa'"),
+])
+def test_a_missing_or_unusable_base_names_the_file_and_the_key(tmp_path, base_line, files, expected):
+    for name, text in files.items():
+        write(tmp_path / name, text)
+    config = write(tmp_path / "a.yaml", base_line + "\n")
     with pytest.raises(ConfigError) as info:
         load_config(config)
-    assert str(info.value) == (f"config file {config}: key 'base': base file {tmp_path / 'missing.yaml'} "
-                               "does not exist")
-    write(tmp_path / "broken.yaml", "data: [1,\n")
-    config.write_text("base: broken.yaml\n")
-    with pytest.raises(ConfigError) as info:
-        load_config(config)
-    assert str(info.value).startswith(f"config file {config}: key 'base': base file {tmp_path / 'broken.yaml'}: "
-                                      "not valid YAML (line 2")
-    config.write_text("base: [b.yaml]\n")
-    with pytest.raises(ConfigError) as info:
-        load_config(config)
-    assert str(info.value) == f"config file {config}: key 'base': got ['b.yaml'], expected a YAML file's path " \
-                              "relative to this file"
-    write(tmp_path / "typo.yaml", "data:\n  sigmaa: 3.0\n")
-    config.write_text("base: typo.yaml\n")
-    with pytest.raises(ConfigError) as info:
-        load_config(config)
-    assert str(info.value).startswith(f"config file {config}: key 'base': base file {tmp_path / 'typo.yaml'}: "
-                                      "unknown config key 'data.sigmaa'")
+    assert str(info.value).startswith(f"config file {config}: " + expected.format(tmp=tmp_path))
 
 
 @pytest.mark.parametrize("override", ["base=other.yaml", "base.x=1"])
