@@ -120,7 +120,7 @@ class TrainConfig:
     zero_stage: Literal[0, 1, 2, 3] = 0
     grad_accum: int = 1  # micro-batches per optimizer step at the most workers
     grad_clip: float = 0.0  # 0 disables clipping
-    backbone_checkpoint: str = ""  # pose checkpoint of the trained backbone: required by the crf and joint modes
+    backbone_checkpoint: str = ""  # model file of the trained backbone: required by the crf and joint modes
     keep_checkpoints: int = 2  # the latest N DeepSpeed checkpoints; the best model is kept apart as best.pt
     max_failures: int = 1  # worker-group restarts from the latest checkpoint before the run fails
     # Seconds a start of the worker group may wait for its CPUs/GPUs (nodes joining, an autoscaler) before
@@ -316,13 +316,13 @@ PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 
 
 def find_config(name: str | Path, directory: bool = False) -> Path:
-    """A config file (or, with `directory`, a directory of mode configs) by path, else by its name among
+    """A config file (or, with `directory`, a directory of recipe configs) by path, else by its name among
     the packaged configs: `quick/cnn` is distpose/configs/quick/cnn.yaml, `quick` the directory."""
     path = Path(name)
     if path.exists():
         if path.is_dir() != directory:
             raise ConfigError(f"config {path} is {'a directory' if path.is_dir() else 'a file'}, expected "
-                              f"{'a directory of mode configs' if directory else 'a YAML file'}")
+                              f"{'a directory of recipe configs' if directory else 'a YAML file'}")
         return path
     packaged = PACKAGED_CONFIGS / (str(name) if directory or path.suffix else f"{name}.yaml")
     if packaged.exists() and packaged.is_dir() == directory:

@@ -33,7 +33,7 @@ from distpose.train.driver import run_dir, train
 
 log = logging.getLogger(__name__)
 
-# (variant, mode config, overrides): the first of each mode is its reference.
+# (variant, train.mode of the recipe varied, overrides): the first of each mode is its reference.
 VARIANTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("crf (shipped)", "crf", ()),
     ("crf, pairwise a Gaussian at zero", "crf", ("model.crf_pairwise_init=gaussian",)),
