@@ -1,11 +1,11 @@
 """Every `distpose` and `make` command in the code blocks of README.md and docs/*.md runs as written, in one scratch
 working directory, in the order the docs give them (README.md first, then docs/ by name).
 
-Only sizes change, through SIZES: image counts, epochs, steps, trials. Commands that need what this machine lacks
-(GPUs, real COCO, a remote cluster, the network) are listed in CANNOT_RUN with the reason; they are still parsed by
-distpose's argument parser, and the config they name is loaded with their overrides. Commands that start Ray run
-on the test session's Ray, found through RAY_ADDRESS as on a cluster: their text is unchanged, and a sweep never
-meets a second Ray instance on this machine (Tune's trials would wait for CPUs it cannot free).
+Only sizes change, through SIZES: image counts, epochs, steps, batch sizes, trials. Commands that need what this
+machine lacks (GPUs, real COCO, a remote cluster, the network) are listed in CANNOT_RUN with the reason; they are still
+parsed by distpose's argument parser, and the config they name is loaded with their overrides. Commands that start
+Ray run on the test session's Ray, found through RAY_ADDRESS as on a cluster: their text is unchanged, and a sweep
+never meets a second Ray instance on this machine (Tune's trials would wait for CPUs it cannot free).
 """
 
 from __future__ import annotations
@@ -76,17 +76,17 @@ CANNOT_RUN = {
 
 # What each command is given on top of its text so that it runs in seconds, by the start of its text: the words are
 # appended (argparse keeps the last of a repeated option), or, for a path that holds a step count, replaced.
-TINY_TRAINING = ["train.epochs=1", "data.batches_per_epoch=2"]
+TINY_TRAINING = ["train.epochs=1", "data.batches_per_epoch=2", "data.batch_size=4"]
 SIZES: dict[str, tuple[list[str], dict[str, str]]] = {
-    "distpose data synth": (["--train", "40", "--val", "16"], {}),
+    "distpose data synth": (["--train", "16", "--val", "8"], {}),
     "distpose train": (TINY_TRAINING, {"checkpoint_step00001200": "checkpoint_step00000002"}),
-    "distpose pipeline": (["--train-images", "40", "--val-images", "16", *TINY_TRAINING], {}),
+    "distpose pipeline": (["--train-images", "16", "--val-images", "8", *TINY_TRAINING], {}),
     # A sweep's sizes are in its override lists: these replace the shipped sweep's, whose other entries they keep.
     "distpose tune": (["trials_per_recipe=1", "recipe_overrides={}",
-                       "overrides=[train.workers=1,data.batch_size=16,data.loader_workers=0,train.epochs=1,"
+                       "overrides=[train.workers=1,data.batch_size=4,data.loader_workers=0,train.epochs=1,"
                        "data.batches_per_epoch=2]"], {}),
     "distpose bench loader": (["--images", "20", "--batches", "3", "--warmup", "2"], {}),
-    "distpose bench train": (["--steps", "3", "--warmup", "2"], {}),
+    "distpose bench train": (["--steps", "3", "--warmup", "2", "data.batch_size=4"], {}),
     "distpose bench crf": (["--batch", "1", "--radius", "2", "--repeats", "1"], {}),
 }
 # Started with the session's Ray, or reading what such a command wrote: minutes in all, so marked integration.
