@@ -16,7 +16,7 @@ from typing import Any
 
 from distpose.config import MonitorConfig
 from distpose.errors import UserError
-from distpose.monitor.metrics import metrics_endpoints
+from distpose.monitor.prometheus import metrics_endpoints
 
 log = logging.getLogger(__name__)
 

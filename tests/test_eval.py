@@ -18,7 +18,7 @@ from distpose.data.loader import eval_loader
 from distpose.data.shards import write_shards
 from distpose.data.transforms import apply_affine
 from distpose.errors import DataError
-from distpose.eval.coco import coco_results, evaluate, oks_nms, rescore
+from distpose.eval.coco_eval import coco_results, evaluate, oks_nms, rescore
 from distpose.eval.inference import predict
 from distpose.eval.metrics import hrnet_accuracy, oks, pck
 from distpose.keypoints import OKS_SIGMAS

@@ -19,7 +19,7 @@ from helpers import corrupt_jpeg_in_shard
 from prometheus_server import Prometheus, scaled_rule
 
 from distpose.metrics_log import read_records
-from distpose.monitor.metrics import EXPORTED_NAMES, RUN_STATES
+from distpose.monitor.prometheus import EXPORTED_NAMES, RUN_STATES
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD = REPO / "launch" / "grafana" / "distpose.json"

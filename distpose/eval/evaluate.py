@@ -22,7 +22,7 @@ from distpose.data.codec import HeatmapCodec
 from distpose.data.loader import eval_loader
 from distpose.data.shards import read_manifest, shard_ground_truth
 from distpose.errors import DataError
-from distpose.eval.coco import coco_results, evaluate
+from distpose.eval.coco_eval import coco_results, evaluate
 from distpose.eval.inference import MapsFn, Predictions, model_maps, predict
 from distpose.eval.metrics import hrnet_accuracy, pck
 from distpose.models.pose import PoseModel

@@ -21,7 +21,7 @@ from distpose.data.codec import HeatmapCodec
 from distpose.data.shards import decode_jpeg, jpeg_problem
 from distpose.data.transforms import TopDownTransform
 from distpose.errors import UserError
-from distpose.eval.coco import coco_results
+from distpose.eval.coco_eval import coco_results
 from distpose.eval.draw import DRAWN_MIN_SCORE, draw_skeletons, save_image
 from distpose.eval.inference import Predictions, model_maps, predict
 from distpose.files import atomic_write_bytes

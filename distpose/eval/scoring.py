@@ -21,7 +21,7 @@ from distpose.config import Config
 from distpose.data.coco import load_detections
 from distpose.data.shards import read_manifest, splits_in, write_shards
 from distpose.errors import UserError
-from distpose.eval.coco import coco_results
+from distpose.eval.coco_eval import coco_results
 from distpose.eval.draw import draw_predictions
 from distpose.eval.evaluate import evaluate_model, flat_metrics
 from distpose.eval.inference import Predictions

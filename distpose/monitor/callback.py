@@ -10,7 +10,7 @@ from typing import Any
 
 from ray.train import UserCallback
 
-from distpose.monitor.metrics import RunMetrics
+from distpose.monitor.prometheus import RunMetrics
 
 
 class RunMetricsCallback(UserCallback):

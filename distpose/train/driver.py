@@ -42,7 +42,7 @@ from distpose.files import exists, is_uri, join, within, write_bytes
 from distpose.metrics_log import METRICS_LOG
 from distpose.models.model_file import read_model_file
 from distpose.models.pose import build_pose_model
-from distpose.monitor.metrics import RunMetrics
+from distpose.monitor.prometheus import RunMetrics
 from distpose.train.checkpoints import (
     FINAL_MODEL,
     META_FILE,

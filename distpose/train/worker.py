@@ -23,7 +23,7 @@ from distpose.eval.evaluate import evaluate_model, flat_metrics
 from distpose.files import exists, is_uri, join
 from distpose.metrics_log import METRICS_LOG, MetricsLog
 from distpose.models.model_file import save_model_file
-from distpose.monitor.metrics import WorkerMetrics
+from distpose.monitor.prometheus import WorkerMetrics
 from distpose.train.batches import training_batches
 from distpose.train.checkpoints import (
     BEST_MODEL,
