@@ -33,7 +33,7 @@ from distpose.files import exists, is_uri, read_bytes, within
 from distpose.metrics_log import run_history
 from distpose.recipes import RECIPES, check_recipe_mode, crf_sibling, recipe
 from distpose.train.crf_prior import PRIOR_FILE
-from distpose.train.driver import TrainOutcome, run_dir, train
+from distpose.train.driver import RUN_CONFIG, TrainOutcome, run_dir, train
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def run_pipeline(config_dir: str | Path = "quick", overrides: tuple[str, ...] = 
 def _evaluate_run(name: str, description: str, outcome: TrainOutcome, report_dir: Path, truth: GroundTruth
                   ) -> RunResult:
     """Score the run's final.pt in this process (the table's figures) and draw its skeleton grid."""
-    data = load_config(within(outcome.run_dir, "config.yaml")).data
+    data = load_config(within(outcome.run_dir, RUN_CONFIG)).data
     metrics, predictions, cfg = score_model_file(outcome.final_model, truth(data.shards, data.val_split))
     grid_path = draw_predictions(cfg.data.shards, cfg.data.val_split, predictions, report_dir / name, max_images=8)
     steps, evals = run_history(outcome.run_dir)

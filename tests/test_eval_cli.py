@@ -66,6 +66,33 @@ def test_eval_cli_on_a_coco_root_writes_metrics_results_and_drawings(coco_mini, 
     assert f"{len(usable)} instances: visible/pck@0.05" in capsys.readouterr().out
 
 
+def test_eval_keeps_each_result_and_overwrites_only_when_asked(coco_mini, untrained_checkpoint, tmp_path, capsys):
+    """Ground-truth boxes, then detector boxes, then another split's data: three folders beside the model file.
+    The default folder was once the model file's name alone, and each eval replaced the one before without a word."""
+    model = tmp_path / "final.pt"
+    model.write_bytes(untrained_checkpoint.read_bytes())
+    boxes = coco_mini / "annotations" / "person_detections_val2017.json"
+    shards = tmp_path / "shards"
+    write_shards(coco_mini, "val2017", shards, samples_per_shard=4, role="eval", progress=False)
+    (shards / "val2017.manifest.json").rename(shards / "minival.manifest.json")  # the same samples, another name
+    runs = [["--data", str(coco_mini)], ["--data", str(coco_mini), "--boxes", str(boxes)],
+            ["--data", str(shards), "--split", "minival"]]
+    for words in runs:
+        assert main(["eval", "--checkpoint", str(model), *words]) == 0
+    folders = sorted(p.name for p in tmp_path.glob("eval-*"))
+    assert folders == ["eval-final-minival-gt", "eval-final-val2017-gt", "eval-final-val2017-person_detections_val2017"]
+    written = {f: (tmp_path / f / "metrics.json").read_bytes() for f in folders}
+    assert json.loads(written[folders[1]])["instances"] != json.loads(written[folders[2]])["instances"]  # NMS'd boxes
+    capsys.readouterr()
+
+    assert main(["eval", "--checkpoint", str(model), *runs[1]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--out {tmp_path / folders[2]} holds an earlier result" in err[0], err
+    assert "--overwrite" in err[0]
+    assert {f: (tmp_path / f / "metrics.json").read_bytes() for f in folders} == written
+    assert main(["eval", "--checkpoint", str(model), *runs[1], "--overwrite"]) == 0
+
+
 def test_eval_cli_skips_a_corrupt_sample_when_scoring_and_drawing(coco_mini, untrained_checkpoint, tmp_path, capsys):
     """One sample's JPEG damaged inside its shard: scored without it, drawn without it, named, exit 0 (the
     drawing once died on it with a traceback)."""

@@ -11,6 +11,8 @@ import torch
 
 from distpose.commands import main
 from distpose.config import ConfigError, load_config
+from distpose.models.model_file import save_model_file
+from distpose.models.pose import build_pose_model
 from distpose.train import driver
 from distpose.train.engine import BATCH_KEYS, deepspeed_config, lr_multiplier
 
@@ -221,3 +223,37 @@ def test_a_coco_recipe_refuses_to_start_without_its_imagenet_weights(tmp_path, c
     assert main(["train", "coco/hrnet", "model.pretrained=''", f"train.storage={tmp_path / 'runs'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "config key 'data.shards'" in err[0], err
+
+
+def test_a_rerun_with_another_model_is_refused_and_the_run_left_as_it_was(tmp_path):
+    """A run directory holds one model. `distpose train quick/cnn model.backbone=hrnet_small ...` on a finished
+    quick/cnn run used to print "already finished" and hand back the cnn's final.pt as the hrnet's (an unfinished
+    run failed after Ray started, on a state-dict size mismatch, with config.yaml already rewritten)."""
+    storage = tmp_path / "runs"
+    cfg = load_config(QUICK, [*NO_DATA, f"train.storage={storage}"])
+    run = driver.run_dir(cfg)
+    run.mkdir(parents=True)
+    (run / driver.RUN_CONFIG).write_text(driver.dump_yaml(cfg))
+    save_model_file(run / "final.pt", build_pose_model(cfg.model).state_dict(), cfg, {"epoch": cfg.train.epochs})
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+
+    def rerun(*overrides: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "distpose", "train", QUICK, *NO_DATA,
+                               f"train.storage={storage}", *overrides],
+                              capture_output=True, text=True, check=False, timeout=60)
+
+    other = rerun("model.backbone=hrnet_small", "data.input_size=[96,64]", "data.heatmap_size=[24,16]")
+    lines = other.stderr.strip().splitlines()
+    assert other.returncode == 2 and len(lines) == 1, other.stdout + other.stderr
+    print(f"[rerun] {lines[0]}")
+    assert lines[0].startswith(f"distpose: error: run {cfg.train.run_name} ")
+    for key in ("model.backbone 'cnn_small' -> 'hrnet_small'", "data.input_size", "data.heatmap_size",
+                "train.run_name="):
+        assert key in lines[0]
+    assert "model.crf" not in lines[0] and "train.epochs" not in lines[0]  # only what differs is named
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+    # What a rerun may change: the schedule, the workers. A finished run is then left alone.
+    same = rerun("train.lr=0.01", "train.workers=2", "data.batch_size=32")
+    assert same.returncode == 0 and "already finished" in same.stdout + same.stderr, same.stderr
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before

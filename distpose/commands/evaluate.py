@@ -6,15 +6,14 @@ import argparse
 from pathlib import Path
 
 from distpose.commands.arguments import positive
-from distpose.files import is_uri
 
 
 def run_eval(args: argparse.Namespace) -> int:
     from distpose.eval.scoring import score_to_directory, summary_line
 
-    beside = Path.cwd() if is_uri(args.checkpoint) else Path(args.checkpoint).resolve().parent
-    out = Path(args.out) if args.out else beside / f"eval-{Path(args.checkpoint).stem}"
-    metrics = score_to_directory(args.checkpoint, args.data, args.split, args.boxes, out, args.workers, args.address)
+    metrics, out = score_to_directory(args.checkpoint, args.data, args.split, args.boxes,
+                                      Path(args.out) if args.out else None, args.overwrite, args.workers,
+                                      args.address)
     print(f"{metrics['instances']} instances: {summary_line(metrics)}")
     print(f"wrote {out}/metrics.json, results.json, skeletons.jpg")
     return 0
@@ -33,8 +32,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--split", help="split name (default: the model's val split, or the only one)")
     evaluate.add_argument("--boxes", default="gt",
                           help="'gt' for ground-truth boxes (default) or a COCO-results JSON of person detections")
-    evaluate.add_argument("--out", help="output directory (default: eval-<model file name> beside the model file, "
-                          "or in the working directory for one on object storage)")
+    evaluate.add_argument("--out", help="output directory (default: eval-<model file>-<split>-<gt or the boxes "
+                          "file's name> beside the model file, or in the working directory for one on object storage)")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace the result already in the output directory")
     evaluate.add_argument("--workers", type=positive, default=1, help="Ray Train ranks (default 1: in process)")
     evaluate.add_argument("--address", help="Ray cluster address for --workers > 1 (default: local Ray)")
     evaluate.set_defaults(func=run_eval)

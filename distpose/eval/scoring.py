@@ -29,12 +29,12 @@ from distpose.files import atomic_write_bytes, is_http, is_uri
 from distpose.models.model_file import load_model_file
 
 log = logging.getLogger(__name__)
+METRICS_FILE = "metrics.json"  # of `distpose eval`, in its output directory
 
 
-@contextlib.contextmanager
-def shards_for(data: str, split: str | None) -> Iterator[tuple[str, str]]:
-    """(shard directory, split) for `data`: a shard directory as it is, or a COCO root sharded into a
-    temporary directory for the duration."""
+def resolve_split(data: str, split: str | None) -> str:
+    """The split of `data` (a shard directory, or a COCO root) to score: `split`, or the only one there (shards:
+    "val" if there is one)."""
     splits = splits_in(data)
     if splits or is_http(data):  # shards (an http(s) location cannot be listed: it must name its split)
         if split is None:
@@ -42,22 +42,40 @@ def shards_for(data: str, split: str | None) -> Iterator[tuple[str, str]]:
                 raise UserError(f"--data {data}: an http(s) location cannot be listed; choose a split with --split")
             split = "val" if "val" in splits else splits[-1]
         read_manifest(data, split)
-        yield data, split
-        return
-    root = Path(data)
-    annotations = sorted((root / "annotations").glob("person_keypoints_*.json"))
+        return split
+    annotations = sorted((Path(data) / "annotations").glob("person_keypoints_*.json"))
     if not annotations:
         raise UserError(f"--data {data}: neither shards (*.manifest.json) nor a COCO root "
                         "(annotations/person_keypoints_<split>.json)")
+    names = [p.stem.removeprefix("person_keypoints_") for p in annotations]
     if split is None:
-        if len(annotations) > 1:
-            names = ", ".join(p.stem.removeprefix("person_keypoints_") for p in annotations)
-            raise UserError(f"--data {data} holds several splits ({names}); choose one with --split")
-        split = annotations[0].stem.removeprefix("person_keypoints_")
+        if len(names) > 1:
+            raise UserError(f"--data {data} holds several splits ({', '.join(names)}); choose one with --split")
+        return names[0]
+    if split not in names:
+        raise UserError(f"--split {split}: --data {data} has no annotations/person_keypoints_{split}.json "
+                        f"(it has {', '.join(names)})")
+    return split
+
+
+@contextlib.contextmanager
+def shards_for(data: str, split: str) -> Iterator[str]:
+    """The shard directory holding `split` of `data`: a shard directory as it is, or a COCO root sharded
+    into a temporary directory for the duration."""
+    if splits_in(data) or is_http(data):
+        yield data
+        return
     with tempfile.TemporaryDirectory(prefix="distpose-eval-shards-") as tmp:
-        log.info("sharding %s split %s into %s", root, split, tmp)
-        write_shards(root, split, tmp, samples_per_shard=256, role="eval", progress=False)
-        yield tmp, split
+        log.info("sharding %s split %s into %s", data, split, tmp)
+        write_shards(Path(data), split, tmp, samples_per_shard=256, role="eval", progress=False)
+        yield tmp
+
+
+def default_out_dir(checkpoint: str, split: str, boxes: str) -> Path:
+    """eval-<model file>-<split>-<boxes: gt, or the detections file's name> beside the model file (in the working
+    directory for one on object storage): each split and choice of boxes keeps its own result."""
+    beside = Path.cwd() if is_uri(checkpoint) else Path(checkpoint).resolve().parent
+    return beside / f"eval-{Path(checkpoint).stem}-{split}-{'gt' if boxes == 'gt' else Path(boxes).stem}"
 
 
 def score_model_file(path: str | Path, ground_truth: dict[str, Any] | None = None, loader_workers: int = 1
@@ -78,7 +96,7 @@ def eval_config(cfg: Config, shards: str, split: str) -> Config:
 
 def write_results(out_dir: Path, metrics: dict[str, Any], predictions: Predictions, gt_boxes: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out_dir / "metrics.json", (json.dumps(metrics, indent=1) + "\n").encode())
+    atomic_write_bytes(out_dir / METRICS_FILE, (json.dumps(metrics, indent=1) + "\n").encode())
     results = coco_results(predictions, nms_threshold=None if gt_boxes else 0.9)
     atomic_write_bytes(out_dir / "results.json", json.dumps(results).encode())
 
@@ -89,12 +107,21 @@ def summary_line(metrics: dict[str, Any]) -> str:
     return ", ".join(f"{k} {flat[k]:.4f}" for k in keys if k in flat)
 
 
-def score_to_directory(checkpoint: str, data: str | None, split: str | None, boxes: str, out_dir: Path,
-                       workers: int = 1, address: str | None = None) -> dict[str, Any]:
-    """Score a model file; write metrics.json, results.json and drawings under out_dir."""
+def score_to_directory(checkpoint: str, data: str | None, split: str | None, boxes: str, out_dir: Path | None,
+                       overwrite: bool = False, workers: int = 1, address: str | None = None
+                       ) -> tuple[dict[str, Any], Path]:
+    """Score a model file; write metrics.json, results.json and drawings under out_dir (default:
+    default_out_dir), which must not hold an earlier result unless `overwrite`. (metrics, out_dir)."""
     model, cfg, _ = load_model_file(checkpoint)
     detections = None if boxes == "gt" else load_detections(boxes)
-    with shards_for(data or cfg.data.shards, split if data else (split or cfg.data.val_split)) as (shards, split):
+    if data is None:  # the model's own validation split, unless another is named
+        data, split = cfg.data.shards, split or cfg.data.val_split
+    split = resolve_split(data, split)
+    out_dir = out_dir or default_out_dir(checkpoint, split, boxes)
+    if (out_dir / METRICS_FILE).exists() and not overwrite:
+        raise UserError(f"--out {out_dir} holds an earlier result ({METRICS_FILE}); pass --overwrite to replace it, "
+                        f"or --out to write elsewhere")
+    with shards_for(data, split) as shards:
         cfg = eval_config(cfg, shards, split)
         if workers > 1:
             metrics, predictions = _evaluate_on_ray(checkpoint, cfg, detections, workers, address)
@@ -103,7 +130,7 @@ def score_to_directory(checkpoint: str, data: str | None, split: str | None, box
                                                   progress=log.isEnabledFor(logging.INFO))
         write_results(out_dir, metrics, predictions, detections is None)
         draw_predictions(shards, split, predictions, out_dir)
-    return metrics
+    return metrics, out_dir
 
 
 def _evaluate_on_ray(checkpoint: str, cfg: Config, detections: Any, workers: int, address: str | None

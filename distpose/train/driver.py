@@ -34,7 +34,7 @@ from distpose.cluster import (
     verbose,
     warn_if_short,
 )
-from distpose.config import Config, ConfigError, TrainConfig, dump_yaml, to_dict, worker_range
+from distpose.config import Config, ConfigError, ModelConfig, TrainConfig, dump_yaml, load_config, to_dict, worker_range
 from distpose.data.coco import load_detections
 from distpose.data.shards import read_manifest
 from distpose.errors import DataError, UserError
@@ -61,6 +61,11 @@ log = logging.getLogger(__name__)
 # How long Ray Train waits for a worker group to be placed before that start counts as a failure.
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 LOG_DIR = "logs"  # under the run directory (scratch directory, for object storage): driver.log, each rank's output
+RUN_CONFIG = "config.yaml"  # the run's config as it last started, in the run directory
+# What a run's checkpoints are made of: a rerun of the run may change anything else (epochs, workers, lr...).
+# model.pretrained only initialises a fresh run.
+MODEL_KEYS = ("train.mode", "data.input_size", "data.heatmap_size",
+              *(f"model.{f.name}" for f in dataclasses.fields(ModelConfig) if f.name != "pretrained"))
 
 class TrainingFailed(UserError):
     """The run failed after its retries (exit code 1)."""
@@ -173,6 +178,28 @@ def preflight(cfg: Config, resume: str | None = None, address: str | None = None
     deepspeed_config(cfg)
 
 
+def setting(cfg: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def check_same_model(cfg: Config) -> None:
+    """A rerun of a run continues its checkpoints (or returns its final model): refuse one whose model or
+    data shape differs from the config the run recorded, before anything in the run is rewritten."""
+    recorded_at = within(run_dir(cfg), RUN_CONFIG)
+    if not exists(recorded_at):
+        return
+    recorded = load_config(recorded_at)
+    differ = [key for key in MODEL_KEYS if setting(recorded, key) != setting(cfg, key)
+              # the recorded window is the one "auto" chose, from the same data and coverage
+              and not (key == "model.crf_window" and cfg.model.crf_window == "auto")]
+    if differ:
+        changes = ", ".join(f"{key} {setting(recorded, key)!r} -> {setting(cfg, key)!r}" for key in differ)
+        raise ConfigError(f"run {cfg.train.run_name} ({run_dir(cfg)}) holds another model: {changes}; "
+                          f"a run directory holds one model, so train this one under another "
+                          f"train.run_name=NAME")
+
+
 def finished_run(cfg: Config) -> dict[str, Any] | None:
     """final.pt's metadata if this run name already trained to train.epochs."""
     final = join(run_dir(cfg), FINAL_MODEL)
@@ -187,6 +214,7 @@ def train(cfg: Config, address: str | None = None, resume: str | None = None,
     """Fit `cfg` on the Ray cluster (connecting to it, or starting a local one, unless connected).
     `callbacks`: Ray Train UserCallbacks (a Tune trial passes TuneReportCallback)."""
     preflight(cfg, resume, address)
+    check_same_model(cfg)
     cfg = with_absolute_paths(cfg)
     resume = str(Path(resume).resolve()) if resume and not is_uri(resume) else resume
     directory = run_dir(cfg)
@@ -202,7 +230,7 @@ def train(cfg: Config, address: str | None = None, resume: str | None = None,
     if prior is not None:
         log.info(f"[distpose] {cfg.train.run_name}: {prior.summary(cfg)}")
         write_bytes(join(directory, PRIOR_FILE), json.dumps(prior.record(), indent=1).encode())
-    write_bytes(join(directory, "config.yaml"), dump_yaml(cfg).encode())
+    write_bytes(join(directory, RUN_CONFIG), dump_yaml(cfg).encode())
     for partial in scratch.glob(PARTIAL_CHECKPOINT_PREFIX + "*"):  # of a rank killed while saving
         shutil.rmtree(partial, ignore_errors=True)
     logs = scratch / LOG_DIR

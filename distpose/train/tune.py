@@ -36,7 +36,7 @@ from distpose.metrics_log import parse_records, read_records
 from distpose.models.model_file import read_model_file
 from distpose.recipes import RECIPES, recipe
 from distpose.train.checkpoints import BEST_MODEL
-from distpose.train.driver import check_model_files, check_shards, train, with_absolute_paths
+from distpose.train.driver import RUN_CONFIG, check_model_files, check_shards, train, with_absolute_paths
 from distpose.train.leaderboard import best_trials, score_best, write_leaderboard
 from distpose.train.sweep_file import Sweep, base_config, dimensions_of, sweep_dir, trial_config
 
@@ -194,8 +194,8 @@ def _trial_record(sweep: Sweep, name: str, runs: Path | str, result: Any, epochs
     trial = _trial_id(runs, result)
     run = within(runs, trial)
     log = _json_lines(within(runs, f"{trial}{ATTEMPTS_SUFFIX}"))
-    if exists(within(run, "config.yaml")):  # the trial's own epochs: the space may set train.epochs
-        epochs = load_config(within(run, "config.yaml")).train.epochs
+    if exists(within(run, RUN_CONFIG)):  # the trial's own epochs: the space may set train.epochs
+        epochs = load_config(within(run, RUN_CONFIG)).train.epochs
     # Epochs the run itself finished (ASHA's stop can reach a trial after its last epoch).
     evaluated = [r["epoch"] for r in read_records(run, "eval")]
     record: dict[str, Any] = {"recipe": name, "trial": trial, "params": dict(result.config or {}),
