@@ -132,7 +132,7 @@ def ray_session(object_store):
     # The dashboard serves the State API that Ray Train's PlacementGroupCleaner polls: without it a Tune
     # trial's placement group outlives the trial and later trials wait for CPUs forever.
     # Metrics reach the nodes' endpoints every second instead of every 10 s (tests/test_monitor.py).
-    ray.init(num_cpus=4, include_dashboard=True, configure_logging=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=4, include_dashboard=True, configure_logging=False, log_to_driver=False,
              _system_config={"metrics_report_interval_ms": 1000})
     yield ray
     ray.shutdown()

@@ -78,7 +78,8 @@ CANNOT_RUN = {
 # appended (argparse keeps the last of a repeated option), or, for a path that holds a step count, replaced.
 TINY_TRAINING = ["train.epochs=1", "data.batches_per_epoch=2", "data.batch_size=4"]
 SIZES: dict[str, tuple[list[str], dict[str, str]]] = {
-    "distpose data synth": (["--train", "16", "--val", "8"], {}),
+    # 60 validation images make two shards of the documented 50: a 2-worker run evaluates on both ranks.
+    "distpose data synth": (["--train", "16", "--val", "60"], {}),
     "distpose train": (TINY_TRAINING, {"checkpoint_step00001200": "checkpoint_step00000002"}),
     "distpose pipeline": (["--train-images", "16", "--val-images", "8", *TINY_TRAINING], {}),
     # A sweep's sizes are in its override lists: these replace the shipped sweep's, whose other entries they keep.
@@ -291,7 +292,23 @@ def check_train_benchmark(scratch: Path, argv: list[str], done, run_again) -> No
     assert report["machine"]["device"] == "cpu"
 
 
+def check_evaluation(scratch: Path, argv: list[str], done, run_again) -> None:
+    """`distpose eval` of a run's final model on the run's own validation split scores exactly what the run's last
+    evaluation scored: the same weights and BatchNorm statistics (each rank once scored its share with its own),
+    the same preprocessing, and metrics that no batching changes (HRNet's accuracy once did)."""
+    if "--data" in argv:
+        return
+    run_dir = scratch / "runs" / "quick_cnn"
+    recorded = read_model_file(run_dir / FINAL_MODEL)["meta"]
+    scored = json.loads((run_dir / "eval-final-val-gt" / "metrics.json").read_text())
+    assert load_config(run_dir / "config.yaml").train.workers > 1
+    compared = {key: (value, recorded[f"val/{key}"]) for key, value in scored.items() if f"val/{key}" in recorded}
+    assert len(compared) > 10 and "accuracy" in compared, compared
+    assert {key: pair for key, pair in compared.items() if pair[0] != pair[1]} == {}
+
+
 CHECKS = {"make demo": check_pipeline, "distpose tune quick": check_sweep,
+          "distpose eval --checkpoint runs/quick_cnn/final.pt": check_evaluation,
           "distpose bench train": check_train_benchmark}
 
 

@@ -19,6 +19,7 @@ from distpose.data.shards import write_shards
 from distpose.data.transforms import apply_affine
 from distpose.errors import DataError
 from distpose.eval.coco_eval import coco_results, evaluate, oks_nms, rescore
+from distpose.eval.evaluate import HeatmapAccuracy
 from distpose.eval.inference import predict
 from distpose.eval.metrics import hrnet_accuracy, oks, pck
 from distpose.keypoints import OKS_SIGMAS
@@ -91,6 +92,41 @@ def test_hrnet_accuracy_thresholds_at_a_twentieth_of_the_map():
     assert hrnet_accuracy(near, target) == 1.0 and hrnet_accuracy(far, target) == 0.0
     mixed = torch.cat([near[:, :8], far[:, 8:]], dim=1)
     assert hrnet_accuracy(mixed, target) == pytest.approx(8 / 17)
+
+
+def test_a_splits_heatmap_accuracy_does_not_depend_on_its_batches():
+    """Summed per joint over the split: batches of 1, 3 or all 7 give the same value, that of a brute-force
+    count. (The batch-size weighted mean of batch accuracies, HRNet's log, gave the in-training evaluation and
+    `distpose eval` of one model file different values.)"""
+    codec = HeatmapCodec((64, 48), (16, 12), sigma=2.0)
+    generator = torch.Generator().manual_seed(0)
+    joints = torch.rand(7, 17, 2, generator=generator, dtype=torch.float64) * torch.tensor([47.0, 63.0])
+    visible = torch.rand(7, 17, generator=generator) > 0.3
+    batch = {"joints": joints, "visible": visible}
+    target, _ = codec.encode(joints, visible)
+    found = torch.rand(7, 17, 1, 1, generator=generator) > 0.5  # else the maximum falls anywhere
+    maps = target.float() * found + 0.1 * torch.rand(7, 17, 16, 12, generator=generator)
+    counted = [[bool(t.flatten().argmax() % 12 > 1 and t.flatten().argmax() // 12 > 1) for t in person]
+               for person in target]
+    correct = [[False] * 17 for _ in range(7)]
+    for n in range(7):
+        for k in range(17):
+            p, t = int(maps[n, k].flatten().argmax()), int(target[n, k].flatten().argmax())
+            dx, dy = (p % 12 - t % 12) / 1.2, (p // 12 - t // 12) / 1.6
+            correct[n][k] = counted[n][k] and (dx * dx + dy * dy) ** 0.5 < 0.5
+    per_joint = [sum(correct[n][k] for n in range(7)) / sum(counted[n][k] for n in range(7))
+                 for k in range(17) if any(counted[n][k] for n in range(7))]
+    expected = sum(per_joint) / len(per_joint)
+    values = []
+    for size in (1, 3, 7):
+        accuracy = HeatmapAccuracy()
+        for start in range(0, 7, size):
+            part = slice(start, start + size)
+            accuracy.add(maps[part], {k: v[part] for k, v in batch.items()}, codec)
+        values.append(accuracy.value)
+    assert 0.2 < expected < 0.8 and values == [pytest.approx(expected, abs=1e-12)] * 3
+    weighted = sum(hrnet_accuracy(maps[n:n + 1], target[n:n + 1]) for n in range(7)) / 7
+    assert weighted != pytest.approx(expected)  # the old way, batches of 1
 
 
 def test_rescoring_and_oks_nms():

@@ -24,7 +24,7 @@ from distpose.data.shards import read_manifest, shard_ground_truth
 from distpose.errors import DataError
 from distpose.eval.coco_eval import coco_results, evaluate
 from distpose.eval.inference import MapsFn, Predictions, model_maps, predict
-from distpose.eval.metrics import hrnet_accuracy, pck
+from distpose.eval.metrics import accuracy_from_counts, hrnet_accuracy_counts, pck
 from distpose.models.pose import PoseModel
 
 log = logging.getLogger(__name__)
@@ -32,19 +32,28 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class HeatmapAccuracy:
-    """HRNet's training accuracy accumulated over batches, weighted by batch size."""
+    """HRNet's accuracy over a whole split: per-joint counts summed over batches (and ranks), so that neither
+    the batch size nor the ranks' shares change the result."""
 
-    total: float = 0.0
-    count: int = 0
+    correct: torch.Tensor | None = None  # [K] float64
+    counted: torch.Tensor | None = None
 
     def add(self, maps: torch.Tensor, batch: dict[str, torch.Tensor], codec: HeatmapCodec) -> None:
         target, _ = codec.encode(batch["joints"], batch["visible"])
-        self.total += hrnet_accuracy(maps, target) * len(maps)
-        self.count += len(maps)
+        self.merge(HeatmapAccuracy(*hrnet_accuracy_counts(maps, target)))
+
+    def merge(self, other: HeatmapAccuracy) -> None:
+        if other.correct is None:
+            return
+        if self.correct is None:
+            self.correct, self.counted = other.correct.clone(), other.counted.clone()
+        else:
+            self.correct += other.correct
+            self.counted += other.counted
 
     @property
     def value(self) -> float | None:
-        return self.total / self.count if self.count else None
+        return None if self.correct is None else accuracy_from_counts(self.correct, self.counted)
 
 
 def predict_with_accuracy(batches: Iterable[dict[str, torch.Tensor]], keypoint_maps: MapsFn, codec: HeatmapCodec
@@ -85,10 +94,12 @@ def gather_predictions(local: Predictions, accuracy: HeatmapAccuracy) -> tuple[P
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return local, accuracy
     parts: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(parts, (local, accuracy.total, accuracy.count))
-    nonempty = [p for p, _, _ in parts if len(p)]  # a rank without shards of the split predicts nothing
-    merged = Predictions.concat(nonempty) if nonempty else local
-    return merged, HeatmapAccuracy(sum(t for _, t, _ in parts), sum(c for _, _, c in parts))
+    torch.distributed.all_gather_object(parts, (local, accuracy))
+    nonempty = [p for p, _ in parts if len(p)]  # a rank without shards of the split predicts nothing
+    merged, total = Predictions.concat(nonempty) if nonempty else local, HeatmapAccuracy()
+    for _, part in parts:
+        total.merge(part)
+    return merged, total
 
 
 def _counted(batches: Iterable[dict[str, Any]], bar: tqdm) -> Iterator[dict[str, Any]]:

@@ -49,22 +49,33 @@ def heatmap_argmax(heatmaps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([index % w, index // w], dim=-1), values
 
 
-def hrnet_accuracy(pred: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> float:
-    """HRNet's training accuracy ("PCK@0.05 of heatmap size"): argmax of predicted and target heatmaps,
-    distances per axis in units of a tenth of the heatmap size, correct below `threshold`; joints
-    whose target peak is not above 1 pixel on both axes, or whose predicted max is not positive,
-    follow HRNet's rules (target ignored; prediction at the origin). Mean over joints with targets."""
+def hrnet_accuracy_counts(pred: torch.Tensor, target: torch.Tensor, threshold: float = 0.5
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """HRNet's training accuracy ("PCK@0.05 of heatmap size") per joint, as (correct [K], counted [K]): argmax
+    of predicted and target heatmaps, distances per axis in units of a tenth of the heatmap size, correct below
+    `threshold`; joints whose target peak is not above 1 pixel on both axes, or whose predicted max is not
+    positive, follow HRNet's rules (not counted; prediction at the origin)."""
     h, w = pred.shape[2:]
     pred_xy, pred_max = heatmap_argmax(pred)
     target_xy, _ = heatmap_argmax(target)
     pred_xy = pred_xy.double() * (pred_max > 0)[..., None]
     target_xy = target_xy.double()
-    valid = (target_xy[..., 0] > 1) & (target_xy[..., 1] > 1)
+    counted = (target_xy[..., 0] > 1) & (target_xy[..., 1] > 1)
     norm = torch.tensor([w / 10, h / 10], dtype=torch.float64)
-    dist = ((pred_xy - target_xy) / norm).norm(dim=-1)
-    per_joint = [(dist[:, k][valid[:, k]] < threshold).double().mean() for k in range(pred.shape[1])
-                 if valid[:, k].any()]
-    return float(torch.stack(per_joint).mean()) if per_joint else 0.0
+    correct = (((pred_xy - target_xy) / norm).norm(dim=-1) < threshold) & counted
+    return correct.sum(0).double(), counted.sum(0).double()
+
+
+def accuracy_from_counts(correct: torch.Tensor, counted: torch.Tensor) -> float:
+    """The mean over joints with a target of each joint's accuracy."""
+    seen = counted > 0
+    return float((correct[seen] / counted[seen]).mean()) if seen.any() else 0.0
+
+
+def hrnet_accuracy(pred: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> float:
+    """HRNet's accuracy of one batch (HRNet logs the batch-size weighted mean of these, which depends on the
+    batching; an evaluation sums hrnet_accuracy_counts over the whole split instead)."""
+    return accuracy_from_counts(*hrnet_accuracy_counts(pred, target, threshold))
 
 
 def oks(pred: np.ndarray, gt: np.ndarray, area: float, sigmas: Sequence[float] = OKS_SIGMAS) -> float:

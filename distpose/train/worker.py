@@ -97,10 +97,22 @@ def _engine_resumed(model, groups: list[dict], cfg: Config, job: dict[str, Any],
     return engine, state, f"{origin} ({location}, epoch {state.epoch}, step {state.step}{converted})"
 
 
+def _with_rank0_buffers(state: dict[str, torch.Tensor], module: torch.nn.Module, world: int
+                       ) -> dict[str, torch.Tensor]:
+    """`state` with rank 0's buffers. DeepSpeed does not synchronise buffers, so each rank's BatchNorm
+    statistics follow its own micro-batches, while checkpoints and model files keep rank 0's: a rank that
+    scored its share of the validation split with its own would score another model than the one exported."""
+    if world == 1:
+        return state
+    buffers = [{name: state[name] for name, _ in module.named_buffers() if name in state}]
+    torch.distributed.broadcast_object_list(buffers, src=0)
+    return {**state, **buffers[0]}
+
+
 def _evaluate(engine, cfg: Config, rank: int, world: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """Score the consolidated fp32 weights: every rank evaluates a plain copy of the model, so ZeRO-3's
-    partitioned forward (which needs all ranks in step) never meets ranks with unequal eval shares."""
-    state = consolidated_state_dict(engine)
+    """Score the consolidated fp32 weights, as exported: every rank evaluates a plain copy of the model, so
+    ZeRO-3's partitioned forward (which needs all ranks in step) never meets ranks with unequal eval shares."""
+    state = _with_rank0_buffers(consolidated_state_dict(engine), engine.module, world)
     model = run_architecture(cfg)
     model.load_state_dict(state)
     metrics, _ = evaluate_model(model.to(engine.device), cfg, rank, world, engine.device)
