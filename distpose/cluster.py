@@ -116,12 +116,6 @@ def ray_cluster(address: str | None = None, monitor: MonitorConfig | None = None
     that stays up (then the last metrics should reach its endpoint first)."""
     monitor = monitor or MonitorConfig()
     local = is_local(address)
-    # On Linux Ray replaces a loopback node address by a routable one, and its metrics agent then listens on
-    # every interface; this switch (read when ray is first imported) keeps a one-machine Ray on loopback.
-    loopback = local and monitor.host == "127.0.0.1"
-    imported_before = "ray" in sys.modules
-    if loopback and not imported_before:
-        os.environ.setdefault(SINGLE_MACHINE_ENV, "0")
     import ray
 
     if ray.is_initialized():
@@ -129,10 +123,37 @@ def ray_cluster(address: str | None = None, monitor: MonitorConfig | None = None
         return
     if not local:
         check_reachable(address or os.environ["RAY_ADDRESS"])
-    if loopback and imported_before and os.environ.get(SINGLE_MACHINE_ENV) != "0":
-        log.warning("the metrics endpoint of this local Ray will listen on every interface, not only 127.0.0.1: "
-                    "ray was imported before distpose could set %s=0 (set it before importing ray)",
-                    SINGLE_MACHINE_ENV)
+    with single_machine(local and monitor.host == "127.0.0.1"), _connected(address, monitor, local) as leaves:
+        yield leaves
+
+
+@contextlib.contextmanager
+def single_machine(loopback: bool) -> Iterator[None]:
+    """With `loopback`, a local Ray that listens on 127.0.0.1 only. On Linux Ray replaces a loopback node address
+    by a routable one, and its servers then listen on every interface; Ray's one-machine switch prevents that. Ray
+    reads it from the environment when it is imported (this process may have imported ray already, so the value
+    read then is set too) and when its own processes start."""
+    if not loopback:
+        yield
+        return
+    from ray._private import ray_constants
+
+    previous = os.environ.get(SINGLE_MACHINE_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[SINGLE_MACHINE_ENV], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:  # a later Ray of this process may be a cluster's node
+        ray_constants.ENABLE_RAY_CLUSTER = previous[1]
+        if previous[0] is None:
+            os.environ.pop(SINGLE_MACHINE_ENV, None)
+        else:
+            os.environ[SINGLE_MACHINE_ENV] = previous[0]
+
+
+@contextlib.contextmanager
+def _connected(address: str | None, monitor: MonitorConfig, local: bool) -> Iterator[bool]:
+    import ray
+
     if not verbose():  # Ray's notices on connecting (token auth, usage stats) are for -v
         logging.getLogger("ray").setLevel(logging.ERROR)
     try:
