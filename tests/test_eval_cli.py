@@ -119,12 +119,16 @@ def test_eval_cli_scores_the_readable_part_of_a_truncated_shard(coco_mini, untra
     out = tmp_path / "eval"
     assert main(["eval", "--checkpoint", str(untrained_checkpoint), "--data", str(shards), "--split", "val2017",
                  "--out", str(out)]) == 0
-    err = capsys.readouterr().err
+    out_text, err = capsys.readouterr()
     assert f"ground truth: shard {shard} is unreadable after" in err and f"drawing: shard {shard}" in err, err
     assert "Traceback" not in err
     usable = [a for a in json.loads(annotation_path(coco_mini, "val2017").read_text())["annotations"]
               if a["num_keypoints"] > 0 and not a["iscrowd"]]
-    assert 0 < json.loads((out / "metrics.json").read_text())["instances"] < len(usable)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 < metrics["instances"] < len(usable)
+    lost = len(usable) - metrics["instances"]
+    assert metrics["lost_instances"] == lost and metrics["unreadable_shards"] == [shard.name]
+    assert f"{lost} of the split's instances not scored: unreadable shard(s) {shard.name}" in out_text
 
 
 def test_eval_cli_fails_in_one_line_when_no_shard_can_be_read(coco_mini, untrained_checkpoint, tmp_path, capsys):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import corrupt_jpeg_in_shard
+from helpers import corrupt_jpeg_in_shard, truncate_shard
 from prometheus_server import Prometheus, scaled_rule
 
 from distpose.config import load_config
@@ -58,13 +58,16 @@ class MonitoredRun:
     fired: list[dict]  # the stalled-rank alerts firing once rank 1's is
     fired_after: float  # seconds from the stall
     broken_sample: str
+    cut_shard: Path  # a validation shard cut short
+    console: str  # what the driver printed
+    run_dir: Path
 
 
 @pytest.fixture(scope="module")
 def monitored(ray_session, synth_shards, tmp_path_factory):
     """Prometheus (the shipped config and alerts, on this Ray's discovery file) scrapes a 2-rank run with a corrupt
-    JPEG in its shards. In epoch 2, rank 0 is frozen (SIGSTOP) until the stalled-rank alert fires, then thawed: the
-    run goes on to its end. ~60 s."""
+    JPEG in its training shards and a validation shard cut short. In epoch 2, rank 0 is frozen (SIGSTOP) until the
+    stalled-rank alert fires, then thawed: the run goes on to its end. ~60 s."""
     import ray
 
     root = tmp_path_factory.mktemp("monitored")
@@ -78,6 +81,8 @@ def monitored(ray_session, synth_shards, tmp_path_factory):
         shards = root / "shards"
         shutil.copytree(synth_shards, shards)
         broken = corrupt_jpeg_in_shard(sorted(shards.glob("train-*.tar"))[0])
+        cut = sorted(shards.glob("val-*.tar"))[2]
+        truncate_shard(cut, keep=0.3)
         overrides = [*TINY, f"data.shards={shards}", f"train.storage={root / 'runs'}", f"train.run_name={RUN}",
                      "train.workers=2", "data.batch_size=8", "train.epochs=3", "data.batches_per_epoch=40"]
         # `distpose train --address` in its own process, as on a cluster.
@@ -116,7 +121,8 @@ def monitored(ray_session, synth_shards, tmp_path_factory):
         while not prometheus.query(f'ray_distpose_run_state{{run="{RUN}", state="finished"}} == 1'):
             assert time.monotonic() < deadline, "the final state never reached Prometheus"
             time.sleep(0.5)
-        yield MonitoredRun(prometheus, start, time.time(), stalled_at, fired, fired_after, broken)
+        yield MonitoredRun(prometheus, start, time.time(), stalled_at, fired, fired_after, broken, cut,
+                           log_path.read_text(), directory)
     finally:
         prometheus.stop()
 
@@ -169,6 +175,22 @@ def test_prometheus_has_the_final_state_the_scores_and_the_skipped_sample(monito
     assert not missing, f"declared but never scraped: {sorted(missing)}"
     failures = prometheus.query(f'max by (run) (ray_distpose_worker_group_failures{{run="{RUN}"}})', at=at)
     assert [r["value"] for r in failures] == [0.0]
+
+
+@pytest.mark.integration
+def test_the_console_says_what_validation_lost_to_an_unreadable_shard(monitored):
+    """Each evaluation line names the shard and counts the instances it cost. The console once said only how many
+    training samples were skipped; the shard's name was in logs/rank0.log alone."""
+    total = json.loads((monitored.cut_shard.parent / "val.manifest.json").read_text())["instances"]
+    evaluations = read_records(monitored.run_dir, "eval")
+    lines = [line for line in monitored.console.splitlines() if line.startswith("eval after epoch")]
+    print(f"\n[console] {lines[-1]}")
+    assert len(lines) == len(evaluations) == 3
+    for line, record in zip(lines, evaluations):
+        lost = total - int(record["val/instances"])
+        assert lost > 0 and record["val/lost_instances"] == lost
+        assert (f"; validation: {lost} of the split's instances not scored: unreadable shard(s) "
+                f"{monitored.cut_shard.name}") in line, line
 
 
 def grafana_expression(expression: str, seconds: float) -> str:

@@ -34,8 +34,12 @@ def test_lines_every_log_every_steps_and_at_each_epochs_end_with_rate_and_eta():
                         "ETA 0:42")
     assert shown[30].startswith("epoch 3/3 step 10/10 [30/30 100%]") and shown[30].endswith("ETA 0:00")
     evaluation = {"kind": "eval", "epoch": 1, "val/visible/pck@0.1": 0.5, "val/AP": 0.25, "skipped_samples": 2}
-    assert lines.line(evaluation) == ("eval after epoch 1: visible/pck@0.1 0.5000, AP 0.2500 (2 corrupt samples "
-                                      "skipped so far, logs/ names them)")
+    assert lines.line(evaluation) == ("eval after epoch 1: visible/pck@0.1 0.5000, AP 0.2500 (training: 2 corrupt "
+                                      "samples skipped so far, logs/ name them)")
+    lost = {**evaluation, "val/lost_instances": 9.0, "val/unreadable_shards": "val-000001.tar"}
+    assert lines.line(lost) == ("eval after epoch 1: visible/pck@0.1 0.5000, AP 0.2500; validation: 9 of the split's "
+                                "instances not scored: unreadable shard(s) val-000001.tar (training: 2 corrupt samples "
+                                "skipped so far, logs/ name them)")
 
 
 def test_a_resumed_attempt_measures_its_rate_from_its_own_first_step():

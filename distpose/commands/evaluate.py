@@ -9,12 +9,15 @@ from distpose.commands.arguments import positive
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from distpose.eval.evaluate import lost_data
     from distpose.eval.scoring import score_to_directory, summary_line
 
     metrics, out = score_to_directory(args.checkpoint, args.data, args.split, args.boxes,
                                       Path(args.out) if args.out else None, args.overwrite, args.workers,
                                       args.address)
     print(f"{metrics['instances']} instances: {summary_line(metrics)}")
+    if lost_data(metrics):
+        print(lost_data(metrics))
     print(f"wrote {out}/metrics.json, results.json, skeletons.jpg")
     return 0
 

@@ -53,11 +53,16 @@ class CorruptSampleCounter:
 
     def __init__(self, log_first: int = 10):
         self.counts: Counter = Counter()
+        self.unreadable: list[str] = []  # the shards (file names) cut short or not readable at all
         self.log_first = log_first
 
     def __call__(self, exn: Exception) -> bool:
         reason = getattr(exn, "reason", None) or f"unreadable shard ({type(exn).__name__})"
         self.counts[reason] += 1
+        # webdataset and _opened append the shard's location to the exception's arguments
+        shard = next((a for a in reversed(exn.args) if isinstance(a, str) and a.endswith(".tar")), None)
+        if reason.startswith("unreadable shard") and shard and shard.rsplit("/", 1)[-1] not in self.unreadable:
+            self.unreadable.append(shard.rsplit("/", 1)[-1])
         total = sum(self.counts.values())
         # Log the first few, then at powers of two from 1024 and every 10000th, so a rotten shard
         # cannot flood the log.
@@ -277,22 +282,23 @@ class TopDownStream(IterableDataset):
             persons = _shuffled(persons, d.instance_shuffle, random.Random(f"{seed} instances"))
         rng = np.random.default_rng([d.seed, spec.rank, worker])
         for batch in _batches(persons, spec, rng, shared=get_worker_info() is not None):
-            yield {**batch, STATS_KEY: (worker, dict(counter.counts))}
+            yield {**batch, STATS_KEY: (worker, dict(counter.counts), list(counter.unreadable))}
         # A last, empty message so skips after the final batch are still reported.
-        yield {STATS_KEY: (worker, dict(counter.counts))}
+        yield {STATS_KEY: (worker, dict(counter.counts), list(counter.unreadable))}
 
 
-def _counted(stream: Iterator[dict[str, Any]], skips: dict[int, dict[str, int]]
+def _counted(stream: Iterator[dict[str, Any]], skips: dict[int, tuple[dict[str, int], list[str]]]
              ) -> Iterator[dict[str, torch.Tensor]]:
-    """The batches of a DataLoader stream, with each worker's skip counts taken out into `skips`.
+    """The batches of a DataLoader stream, with each worker's skip counts and unreadable shards taken out into
+    `skips`.
 
     Not a method: kept on its loader, a generator holding the loader would be a reference cycle.
     The garbage collector frees a cycle's multiprocessing queues before the DataLoader iterator's
     shutdown runs, so its workers would never get the stop signal, and each would be killed only
     after the DataLoader's 5-s join timeout."""
     for message in stream:
-        worker, counts = message.pop(STATS_KEY)
-        skips[worker] = counts
+        worker, counts, unreadable = message.pop(STATS_KEY)
+        skips[worker] = counts, unreadable
         if message:
             yield message
 
@@ -311,15 +317,20 @@ class StreamingLoader:
             worker_init_fn=functools.partial(_init_worker, dict(os.environ)) if num_workers else None,
         )
         self._stream: Iterator[dict[str, Any]] | None = None
-        self._skips: dict[int, dict[str, int]] = {}
+        self._skips: dict[int, tuple[dict[str, int], list[str]]] = {}
 
     @property
     def skipped(self) -> Counter:
         """Bad samples skipped so far on this rank, by reason."""
         total: Counter = Counter()
-        for counts in self._skips.values():
+        for counts, _ in self._skips.values():
             total.update(counts)
         return total
+
+    @property
+    def unreadable_shards(self) -> list[str]:
+        """The file names of the shards this rank found cut short or unreadable so far."""
+        return sorted({name for _, names in self._skips.values() for name in names})
 
     def __len__(self) -> int:
         if self.batches_per_epoch is None:

@@ -89,17 +89,19 @@ def score(predictions: Predictions, ground_truth: dict[str, Any], thresholds: It
     return metrics
 
 
-def gather_predictions(local: Predictions, accuracy: HeatmapAccuracy) -> tuple[Predictions, HeatmapAccuracy]:
-    """Every rank's predictions and accuracy sums, on every rank (a no-op without a process group)."""
+def gather_predictions(local: Predictions, accuracy: HeatmapAccuracy, unreadable: list[str]
+                       ) -> tuple[Predictions, HeatmapAccuracy, list[str]]:
+    """Every rank's predictions, accuracy counts and unreadable shards, on every rank (as they are without a
+    process group)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return local, accuracy
+        return local, accuracy, unreadable
     parts: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(parts, (local, accuracy))
-    nonempty = [p for p, _ in parts if len(p)]  # a rank without shards of the split predicts nothing
+    torch.distributed.all_gather_object(parts, (local, accuracy, unreadable))
+    nonempty = [p for p, _, _ in parts if len(p)]  # a rank without shards of the split predicts nothing
     merged, total = Predictions.concat(nonempty) if nonempty else local, HeatmapAccuracy()
-    for _, part in parts:
+    for _, part, _ in parts:
         total.merge(part)
-    return merged, total
+    return merged, total, sorted({name for _, _, names in parts for name in names})
 
 
 def _counted(batches: Iterable[dict[str, Any]], bar: tqdm) -> Iterator[dict[str, Any]]:
@@ -121,7 +123,7 @@ def evaluate_model(model: PoseModel, cfg: Config, rank: int = 0, world_size: int
     with tqdm(total=total, unit="person", desc="eval", disable=not progress) as bar:
         local, accuracy = predict_with_accuracy(_counted(loader, bar), model_maps(model, cfg.eval.flip_test, device),
                                                 codec)
-    predictions, accuracy = gather_predictions(local, accuracy)
+    predictions, accuracy, unreadable = gather_predictions(local, accuracy, loader.unreadable_shards)
     if loader.skipped:
         log.warning("evaluation skipped bad samples: %s", dict(loader.skipped))
     if not len(predictions):  # the same count on every rank: they all stop
@@ -131,7 +133,22 @@ def evaluate_model(model: PoseModel, cfg: Config, rank: int = 0, world_size: int
         return {}, predictions
     if ground_truth is None:
         ground_truth = shard_ground_truth(cfg.data.shards, cfg.data.val_split)
-    return score(predictions, ground_truth, cfg.eval.pck_thresholds, accuracy, gt_boxes=boxes is None), predictions
+    metrics = score(predictions, ground_truth, cfg.eval.pck_thresholds, accuracy, gt_boxes=boxes is None)
+    if boxes is None:  # every labelled person of the split is scored, unless its shard could not be read
+        metrics["lost_instances"] = total - len(predictions)
+    metrics["unreadable_shards"] = unreadable
+    return metrics, predictions
+
+
+def lost_data(metrics: Mapping[str, Any], prefix: str = "") -> str:
+    """What an evaluation could not score, in words ("" when nothing was lost): `metrics` as evaluate_model
+    returns them, or as a run records them (keys with `prefix`)."""
+    shards, lost = metrics.get(f"{prefix}unreadable_shards"), metrics.get(f"{prefix}lost_instances")
+    if not shards and not lost:
+        return ""
+    names = shards if isinstance(shards, str) else ", ".join(shards or [])
+    counted = f"{int(lost)} of the split's instances not scored" if lost else "instances not scored"
+    return f"{counted}: unreadable shard(s) {names or '(not named)'}"
 
 
 def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:

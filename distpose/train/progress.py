@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from distpose.config import Config
+from distpose.eval.evaluate import lost_data
 from distpose.files import is_uri, read_bytes
 from distpose.metrics_log import complete_lines, parse_records
 
@@ -61,9 +62,10 @@ class ProgressLines:
                     f"(data wait {100 * wait_share:.0f}%) ETA {_clock(per_step * (self.total - step))}")
         if kind == "eval":
             scores = [f"{name} {record[f'val/{name}']:.4f}" for name in SHOWN_SCORES if f"val/{name}" in record]
-            skipped = record.get("skipped_samples")
+            skipped, lost = record.get("skipped_samples"), lost_data(record, "val/")
             return (f"eval after epoch {record['epoch']}: {', '.join(scores)}"
-                    + (f" ({skipped} corrupt samples skipped so far, logs/ names them)" if skipped else ""))
+                    + (f"; validation: {lost}" if lost else "")
+                    + (f" (training: {skipped} corrupt samples skipped so far, logs/ name them)" if skipped else ""))
         return None
 
 

@@ -116,7 +116,10 @@ def _evaluate(engine, cfg: Config, rank: int, world: int) -> tuple[dict[str, flo
     model = run_architecture(cfg)
     model.load_state_dict(state)
     metrics, _ = evaluate_model(model.to(engine.device), cfg, rank, world, engine.device)
-    return {f"val/{k}": v for k, v in flat_metrics(metrics).items()}, state
+    scores = {f"val/{k}": v for k, v in flat_metrics(metrics).items()}
+    if metrics.get("unreadable_shards"):
+        scores["val/unreadable_shards"] = ", ".join(metrics["unreadable_shards"])
+    return scores, state
 
 
 def train_worker(job: dict[str, Any]) -> None:
