@@ -48,6 +48,11 @@ def verbose() -> bool:
     return logging.getLogger("distpose").isEnabledFor(logging.DEBUG)
 
 
+def quiet() -> bool:
+    """`-q`: warnings and errors only, the libraries' progress output included."""
+    return not logging.getLogger("distpose").isEnabledFor(logging.INFO)
+
+
 @contextlib.contextmanager
 def log_file(path: Path) -> Iterator[None]:
     """Every log record of this process (distpose's and the libraries') also goes to `path`, at any

@@ -296,3 +296,59 @@ def test_killed_sweep_resumes_without_repeating_finished_trials(ray_session, syn
           f"Tune's last result is of epoch {last['epoch']}")
     assert attempts == "3" and len(starts) == 2
     assert last["epoch"] == LONG_TRIAL_EPOCHS and "val/visible/pck@0.1" in last
+
+
+def test_one_ctrl_c_stops_the_sweep_and_resume_trains_every_recipe_to_its_end(synth_shards, tmp_path):
+    """`distpose -q tune` in its own process group with its own local Ray, as from a terminal: one SIGINT to the
+    group during the cnn trial's second epoch. The sweep exits 130 within seconds, says how to go on (the one line
+    -q leaves) and records nothing as done; `-q tune --resume`, silent, then finishes that trial from its checkpoint
+    and trains cnn_crf from it. (Tune's own handler ended only the cnn experiment: its half-trained trial was
+    recorded early-stopped, became cnn_crf's parent, the sweep exited 0, and --resume found every recipe done. -q
+    left Tune's tables, 73 lines a trial.)"""
+    overrides = [*tiny_overrides(synth_shards), "train.epochs=3", "data.batches_per_epoch=6"]
+    path = write_sweep(tmp_path / "sweep.yaml", name="interrupted", recipes=["cnn", "cnn_crf"], overrides=overrides,
+                       trials_per_recipe=1, grace_period=3)
+    argv = [sys.executable, "-m", "distpose", "tune", str(path)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    directory = tmp_path / "sweeps" / "interrupted"
+    with (tmp_path / "first.log").open("w") as log:  # -q: Tune's tables once printed 73 lines for a trial
+        first = subprocess.Popen([*argv, "-q"], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline and first.poll() is None and not any(
+                    read_records(run, "eval") for run in directory.glob("cnn/runs/*/")):
+                time.sleep(0.2)
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            interrupted_at = time.monotonic()
+            os.killpg(first.pid, signal.SIGINT)
+            code = first.wait(timeout=60)
+            stop_time = time.monotonic() - interrupted_at
+        finally:
+            if first.poll() is None:
+                os.killpg(first.pid, signal.SIGKILL)
+    output = (tmp_path / "first.log").read_text()
+    print(f"\n[tune interrupt] one SIGINT: exit code {code} after {stop_time:.1f} s")
+    assert code == 130 and stop_time < 20, output[-3000:]
+    assert output.strip().splitlines() == ["distpose: interrupted; rerun the same command with --resume to go on: "
+                                           "each unfinished trial resumes from its latest checkpoint, finished ones "
+                                           "are kept"], output[-3000:]
+    assert not list(directory.glob("*/" + DONE_FILE)) and not (directory / "leaderboard.md").exists()
+    assert not list(directory.glob("cnn_crf/runs/*/"))
+
+    second = subprocess.run([*argv, "--resume", "-q"], capture_output=True, text=True, timeout=400, check=False,
+                            env=env)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert not (second.stdout + second.stderr).strip(), second.stdout[-3000:] + second.stderr[-3000:]
+    trials = {t["recipe"]: t for t in read_csv(str(directory / "trials.csv"))}
+    for name, t in trials.items():
+        starts = read_records(directory / name / "runs" / t["trial"], "start")
+        print(f"[tune interrupt] resumed: {name} {t['status']}, {t['epochs']} epochs, {t['attempts']} attempt(s), "
+              f"starts {[s['resumed_from'].split(' (')[0] for s in starts]}")
+        assert t["status"] == "completed" and t["epochs"] == "3", t
+    cnn_starts = read_records(directory / "cnn" / "runs" / trials["cnn"]["trial"], "start")
+    assert trials["cnn"]["attempts"] == "2" and len(cnn_starts) == 2
+    assert cnn_starts[1]["resumed_from"].startswith("latest checkpoint of this run") and cnn_starts[1]["epoch"] >= 1
+    assert trials["cnn_crf"]["attempts"] == "1"
+    crf_run = directory / "cnn_crf" / "runs" / trials["cnn_crf"]["trial"]
+    assert yaml.safe_load((crf_run / "config.yaml").read_text())["train"]["backbone_checkpoint"] == \
+        trials["cnn"]["checkpoint"]

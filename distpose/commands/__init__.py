@@ -93,6 +93,15 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# What an interrupted command keeps, and how to go on from it.
+RESUME_HINTS = {
+    "train": "rerun the same command to resume from the run's latest checkpoint",
+    "pipeline": "rerun the same command to go on: finished runs are kept, an unfinished one resumes",
+    "tune": "rerun the same command with --resume to go on: each unfinished trial resumes from its latest "
+            "checkpoint, finished ones are kept",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_arguments(argv)
     # The flags' default is SUPPRESS (so that a subcommand's parser does not reset what an outer one set):
@@ -121,5 +130,6 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("distpose: interrupted", file=sys.stderr)
+        hint = RESUME_HINTS.get(args.command)
+        print(f"distpose: interrupted{f'; {hint}' if hint else ''}", file=sys.stderr)
         return 130

@@ -19,9 +19,12 @@ from distpose.train.sweep_file import Sweep, sweep_dir
 
 
 def best_trials(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each recipe's best trial among those that completed or were stopped by ASHA: a failed trial's model is
+    never a recipe's best, nor the parent of another recipe's trials."""
     best: dict[str, dict[str, Any]] = {}
     for r in records:
-        if r.get("score") is not None and not math.isnan(r["score"]) and \
+        if r["status"] in ("completed", "early-stopped") and r.get("score") is not None and \
+                not math.isnan(r["score"]) and \
                 (r["recipe"] not in best or r["score"] > best[r["recipe"]]["score"]):
             best[r["recipe"]] = r
     return best

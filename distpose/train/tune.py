@@ -19,16 +19,21 @@ trial's workers wait for resources another trial holds.
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import signal
+import threading
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from distpose.cluster import ray_cluster
+from distpose.cluster import quiet, ray_cluster
 from distpose.config import Config, ConfigError, load_config, worker_range
 from distpose.errors import UserError
 from distpose.files import append_bytes, exists, file_sizes, holds_anything, read_bytes, within, write_bytes
@@ -45,6 +50,8 @@ log = logging.getLogger(__name__)
 DONE_FILE = "done.json"
 TRIAL_MEMORY = 256 * 2**20  # bytes reserved for a trial's driver process
 TRIAL_CLEANUP_ENV, TRIAL_CLEANUP_S = "TUNE_FORCE_TRIAL_CLEANUP_S", 60
+TUNE_SIGINT_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
+TUNE_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"
 ATTEMPTS_SUFFIX = ".attempts.jsonl"  # runs/<trial>.attempts.jsonl: one line per attempt, one per error
 
 
@@ -163,6 +170,10 @@ def run_recipe(sweep: Sweep, name: str, backbone: str | None, resume: bool) -> l
         _say(f"{name}: resuming the experiment in {experiment} (finished trials are not rerun)")
         tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False)
+        # A restored experiment keeps the RunConfig it was started with: this command's -q (or not) holds.
+        run_config = getattr(getattr(tuner, "_local_tuner", None), "_run_config", None)
+        if run_config is not None:
+            run_config.verbose = 0 if quiet() else 1
     else:
         concurrent = trials_that_fit(cfg)
         _say(f"{name}: {sweep.trials_per_recipe if sweep.search != 'grid' else 'grid of'} trial(s) of "
@@ -181,16 +192,97 @@ def run_recipe(sweep: Sweep, name: str, backbone: str | None, resume: bool) -> l
             run_config=tune.RunConfig(
                 name="experiment", storage_path=str(directory),
                 failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-                verbose=1),
+                verbose=0 if quiet() else 1),  # Tune's trial tables
         )
-    results = tuner.fit()
-    records = [_trial_record(sweep, name, runs, result, cfg.train.epochs) for result in results]
+    with stopped_by_ctrl_c() as interrupted, tune_output(quiet()):
+        results = tuner.fit()
+    if interrupted.is_set():
+        raise KeyboardInterrupt
+    statuses = _tune_statuses(results)
+    records = [_trial_record(sweep, name, runs, result, cfg.train.epochs, statuses) for result in results]
+    unfinished = [r["trial"] for r in records if r["status"] == "interrupted"]
+    if unfinished:  # never recorded as done: --resume goes on with them
+        raise TrainingInterrupted(f"{name}: Tune ended with trial(s) {', '.join(unfinished)} unfinished")
     write_bytes(within(directory, DONE_FILE), json.dumps(records, indent=1).encode())
     return records
 
 
-def _trial_record(sweep: Sweep, name: str, runs: Path | str, result: Any, epochs: int) -> dict[str, Any]:
-    """What the leaderboard says of one trial. The scores are best.pt's, i.e. the trial's best epoch."""
+class TrainingInterrupted(UserError):
+    """A recipe's experiment ended with trials that neither finished nor failed (exit code 1)."""
+
+    exit_code = 1
+
+
+# How long the first Ctrl-C lets Tune take to save its experiment state and stop the trials (it waits up to 5 s
+# for them) before the sweep leaves anyway.
+GRACEFUL_STOP_S = 30.0
+
+
+@contextlib.contextmanager
+def stopped_by_ctrl_c() -> Iterator[threading.Event]:
+    """While Tune runs an experiment: the first Ctrl-C has Tune stop it as Tune does on SIGUSR1 (its state saved,
+    so that --resume continues each unfinished trial), and sets the event; the caller then stops the sweep. If Tune
+    has not returned after GRACEFUL_STOP_S, or at a second Ctrl-C, the sweep leaves at once. Tune's own Ctrl-C
+    handler would end only the running experiment and return as if it had finished."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted
+        return
+
+    def leave_unless_stopped() -> None:
+        if not stopped.wait(GRACEFUL_STOP_S):
+            _thread.interrupt_main()
+
+    def on_ctrl_c(signum: int, frame: Any) -> None:
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+        interrupted.set()
+        _say("stopping at Ctrl-C: every trial ends now, at its latest checkpoint (Ctrl-C again to leave at once)")
+        os.kill(os.getpid(), signal.SIGUSR1)
+        threading.Thread(target=leave_unless_stopped, name="distpose-tune-stop", daemon=True).start()
+
+    stopped = threading.Event()
+    previous_handler, previous_env = signal.getsignal(signal.SIGINT), os.environ.get(TUNE_SIGINT_ENV)
+    os.environ[TUNE_SIGINT_ENV] = "1"
+    signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield interrupted
+    finally:
+        stopped.set()
+        signal.signal(signal.SIGINT, previous_handler)
+        if previous_env is None:
+            os.environ.pop(TUNE_SIGINT_ENV, None)
+        else:
+            os.environ[TUNE_SIGINT_ENV] = previous_env
+
+
+@contextlib.contextmanager
+def tune_output(silent: bool) -> Iterator[None]:
+    """With `silent` (-q), none of Tune's console output: its newer output engine prints the experiment's settings
+    and a TensorBoard hint even at verbose=0, so the older one, which prints nothing at verbose=0, is used."""
+    previous = os.environ.get(TUNE_OUTPUT_ENV)
+    if silent:
+        os.environ[TUNE_OUTPUT_ENV] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(TUNE_OUTPUT_ENV, None)
+        else:
+            os.environ[TUNE_OUTPUT_ENV] = previous
+
+
+def _tune_statuses(results: Any) -> dict[str, str]:
+    """Tune's status of each trial of a finished experiment (TERMINATED, ERROR, or RUNNING/PENDING/PAUSED for
+    one it did not finish), by trial id. A result's own error can be missing for a trial Tune counts as errored."""
+    analysis = getattr(results, "_experiment_analysis", None)
+    return {trial.trial_id: trial.status for trial in getattr(analysis, "trials", None) or []}
+
+
+def _trial_record(sweep: Sweep, name: str, runs: Path | str, result: Any, epochs: int,
+                  statuses: dict[str, str]) -> dict[str, Any]:
+    """What the leaderboard says of one trial: completed, early-stopped (by ASHA, after a finished epoch), failed
+    (with its error), or interrupted. The scores are best.pt's, i.e. the trial's best epoch."""
     trial = _trial_id(runs, result)
     run = within(runs, trial)
     log = _json_lines(within(runs, f"{trial}{ATTEMPTS_SUFFIX}"))
@@ -202,10 +294,13 @@ def _trial_record(sweep: Sweep, name: str, runs: Path | str, result: Any, epochs
                               "epochs": max(evaluated, default=0), "max_epochs": epochs,
                               "attempts": sum("start" in line for line in log)}
     best = within(run, BEST_MODEL)
-    if result.error is not None:
+    tune_status = statuses.get(trial, "ERROR" if result.error is not None else "TERMINATED")
+    if result.error is not None or tune_status == "ERROR":
         errors = [line["error"] for line in log if "error" in line]
-        record |= {"status": "failed",
-                   "error": errors[-1] if errors else str(result.error).strip().splitlines()[-1][:500]}
+        record |= {"status": "failed", "error": errors[-1] if errors else
+                   str(result.error or "failed (Tune recorded no error)").strip().splitlines()[-1][:500]}
+    elif tune_status != "TERMINATED":
+        record["status"] = "interrupted"
     else:
         record["status"] = "completed" if record["epochs"] >= epochs else "early-stopped"
     if exists(best):
