@@ -132,6 +132,9 @@ def ray_session(object_store):
     # The dashboard serves the State API that Ray Train's PlacementGroupCleaner polls: without it a Tune
     # trial's placement group outlives the trial and later trials wait for CPUs forever.
     # Metrics reach the nodes' endpoints every second instead of every 10 s (tests/test_monitor.py).
+    # Ray Train's controller polls its workers every 2 s: up to 2 s at the start and end of every fit, in every
+    # process that fits (the drivers the tests start inherit this).
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
     ray.init(address="local", num_cpus=4, include_dashboard=True, configure_logging=False, log_to_driver=False,
              _system_config={"metrics_report_interval_ms": 1000})
     yield ray

@@ -253,7 +253,8 @@ def check_sweep(scratch: Path, argv: list[str], done, run_again) -> None:
         os.chdir(cwd)
     directory = scratch / "sweeps" / sweep.name
     rows = list(csv.DictReader((directory / "leaderboard.csv").open()))
-    assert [r["recipe"] for r in rows] == list(sweep.recipes) == list(RECIPE_NAMES)
+    assert [r["recipe"] for r in rows] == list(sweep.recipes)
+    assert sweep.name != "quick" or list(sweep.recipes) == list(RECIPE_NAMES)
     for row in rows:
         model, cfg, meta = load_model_file(row["checkpoint"])
         assert Path(row["checkpoint"]) == directory / "best" / f"{row['recipe']}.pt"
@@ -274,7 +275,7 @@ def check_sweep(scratch: Path, argv: list[str], done, run_again) -> None:
             _, cfg, _ = load_model_file(t["checkpoint"])
             parent_best = next(x for x in trials if x["recipe"] == parent and x["trial"] == best[parent]["trial"])
             assert cfg.train.backbone_checkpoint == parent_best["checkpoint"], t
-    for name in ("cnn", "cnn_crf"):
+    for name in [name for name in ("cnn", "cnn_crf") if name in sweep.recipes]:
         ran = sorted((json.loads(t["params"]) for t in trials if t["recipe"] == name), key=json.dumps)
         assert resampled(sweep, name, scratch / "resampled") == ran
     other = dataclasses.replace(sweep, seed=sweep.seed + 1)

@@ -31,15 +31,6 @@ from distpose.train.modes import run_architecture, run_model
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_polling():
-    """Ray Train's controller polls its workers every 2 s: that is up to 2 s at the start and end of every
-    fit, and before a dead worker is noticed. The controller takes its environment from the driver's."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-        yield
-
-
 TINY = ["model.backbone=cnn_small", "data.input_size=[64,48]", "data.heatmap_size=[16,12]", "data.loader_workers=0",
         "eval.every_epochs=0", "train.log_every=1000", "train.cpus_per_worker=1"]
 
