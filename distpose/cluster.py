@@ -133,6 +133,22 @@ def ray_cluster(address: str | None = None, monitor: MonitorConfig | None = None
 
 
 @contextlib.contextmanager
+def environment(name: str, value: str | None) -> Iterator[None]:
+    """The environment variable `name` set to `value` (None: left as it is) for the duration, then back to what it
+    was; a process started meanwhile (Ray's, a loader's) inherits the value."""
+    previous = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
+@contextlib.contextmanager
 def single_machine(loopback: bool) -> Iterator[None]:
     """With `loopback`, a local Ray that listens on 127.0.0.1 only. On Linux Ray replaces a loopback node address
     by a routable one, and its servers then listen on every interface; Ray's one-machine switch prevents that. Ray
@@ -143,16 +159,12 @@ def single_machine(loopback: bool) -> Iterator[None]:
         return
     from ray._private import ray_constants
 
-    previous = os.environ.get(SINGLE_MACHINE_ENV), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[SINGLE_MACHINE_ENV], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    previous, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
     try:
-        yield
+        with environment(SINGLE_MACHINE_ENV, "0"):
+            yield
     finally:  # a later Ray of this process may be a cluster's node
-        ray_constants.ENABLE_RAY_CLUSTER = previous[1]
-        if previous[0] is None:
-            os.environ.pop(SINGLE_MACHINE_ENV, None)
-        else:
-            os.environ[SINGLE_MACHINE_ENV] = previous[0]
+        ray_constants.ENABLE_RAY_CLUSTER = previous
 
 
 @contextlib.contextmanager

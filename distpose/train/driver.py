@@ -10,7 +10,6 @@ Running the same run name again resumes it from its latest checkpoint; a finishe
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -18,7 +17,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from distpose.cluster import (
     check_reachable,
     check_resources,
+    environment,
     fit,
     is_local,
     log_file,
@@ -260,20 +260,6 @@ def train(cfg: Config, address: str | None = None, resume: str | None = None,
     return TrainOutcome(directory, within(directory, FINAL_MODEL), dict(result.metrics or {}), wall, True)
 
 
-@contextlib.contextmanager
-def start_timeout(seconds: float) -> Iterator[None]:
-    """Ray Train's worker-group start timeout for one fit() (which passes the environment on to its
-    controller), unless the user set it; the environment is left as it was (a child process inherits it)."""
-    if START_TIMEOUT_ENV in os.environ:
-        yield
-        return
-    os.environ[START_TIMEOUT_ENV] = str(seconds)
-    try:
-        yield
-    finally:
-        os.environ.pop(START_TIMEOUT_ENV, None)
-
-
 def _fit(cfg: Config, scratch: Path, log_dir: Path | None, resume: str | None, callbacks: Sequence[Any],
          pairwise: torch.Tensor | None) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -300,7 +286,8 @@ def _fit(cfg: Config, scratch: Path, log_dir: Path | None, resume: str | None, c
         ),
     )
     try:
-        with start_timeout(t.start_timeout_s):
+        # fit() passes the environment on to the controller; a value the user set stands
+        with environment(START_TIMEOUT_ENV, None if START_TIMEOUT_ENV in os.environ else str(t.start_timeout_s)):
             return fit(trainer)
     except Exception as exc:  # Ray wraps the worker's error; keep its last line
         if type(exc).__name__ not in ("TrainingFailedError", "WorkerGroupError", "ControllerError"):

@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from distpose.cluster import quiet, ray_cluster
+from distpose.cluster import environment, quiet, ray_cluster
 from distpose.config import Config, ConfigError, load_config, worker_range
 from distpose.errors import UserError
 from distpose.files import append_bytes, exists, file_sizes, holds_anything, read_bytes, within, write_bytes
@@ -194,7 +194,9 @@ def run_recipe(sweep: Sweep, name: str, backbone: str | None, resume: bool) -> l
                 failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                 verbose=0 if quiet() else 1),  # Tune's trial tables
         )
-    with stopped_by_ctrl_c() as interrupted, tune_output(quiet()):
+    # -q: none of Tune's output. Its newer output engine prints the experiment's settings and a TensorBoard hint
+    # even at verbose=0; the older one prints nothing at verbose=0.
+    with stopped_by_ctrl_c() as interrupted, environment(TUNE_OUTPUT_ENV, "0" if quiet() else None):
         results = tuner.fit()
     if interrupted.is_set():
         raise KeyboardInterrupt
@@ -242,34 +244,14 @@ def stopped_by_ctrl_c() -> Iterator[threading.Event]:
         threading.Thread(target=leave_unless_stopped, name="distpose-tune-stop", daemon=True).start()
 
     stopped = threading.Event()
-    previous_handler, previous_env = signal.getsignal(signal.SIGINT), os.environ.get(TUNE_SIGINT_ENV)
-    os.environ[TUNE_SIGINT_ENV] = "1"
+    previous_handler = signal.getsignal(signal.SIGINT)
     signal.signal(signal.SIGINT, on_ctrl_c)
     try:
-        yield interrupted
+        with environment(TUNE_SIGINT_ENV, "1"):
+            yield interrupted
     finally:
         stopped.set()
         signal.signal(signal.SIGINT, previous_handler)
-        if previous_env is None:
-            os.environ.pop(TUNE_SIGINT_ENV, None)
-        else:
-            os.environ[TUNE_SIGINT_ENV] = previous_env
-
-
-@contextlib.contextmanager
-def tune_output(silent: bool) -> Iterator[None]:
-    """With `silent` (-q), none of Tune's console output: its newer output engine prints the experiment's settings
-    and a TensorBoard hint even at verbose=0, so the older one, which prints nothing at verbose=0, is used."""
-    previous = os.environ.get(TUNE_OUTPUT_ENV)
-    if silent:
-        os.environ[TUNE_OUTPUT_ENV] = "0"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(TUNE_OUTPUT_ENV, None)
-        else:
-            os.environ[TUNE_OUTPUT_ENV] = previous
 
 
 def _tune_statuses(results: Any) -> dict[str, str]:
