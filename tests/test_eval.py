@@ -21,7 +21,7 @@ from distpose.errors import DataError
 from distpose.eval.coco_eval import coco_results, evaluate, oks_nms, rescore
 from distpose.eval.evaluate import HeatmapAccuracy
 from distpose.eval.inference import predict
-from distpose.eval.metrics import hrnet_accuracy, oks, pck
+from distpose.eval.metrics import accuracy_from_counts, hrnet_accuracy_counts, oks, pck
 from distpose.keypoints import OKS_SIGMAS
 
 
@@ -78,6 +78,11 @@ def test_pck_by_hand():
     assert occ["pck@0.2"]["per_joint"]["right_eye"] == 1.0  # one occluded instance, at 0.15
     assert occ["pck@0.2"]["per_joint"]["left_eye"] == 0.0  # one occluded instance, at 0.25
     assert vis["pck@0.2"]["per_joint"]["right_ankle"] is None
+
+
+def hrnet_accuracy(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """HRNet's accuracy of one batch."""
+    return accuracy_from_counts(*hrnet_accuracy_counts(pred, target))
 
 
 def test_hrnet_accuracy_thresholds_at_a_twentieth_of_the_map():

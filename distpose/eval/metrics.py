@@ -67,15 +67,11 @@ def hrnet_accuracy_counts(pred: torch.Tensor, target: torch.Tensor, threshold: f
 
 
 def accuracy_from_counts(correct: torch.Tensor, counted: torch.Tensor) -> float:
-    """The mean over joints with a target of each joint's accuracy."""
+    """The mean over joints with a target of each joint's accuracy. Over one batch, HRNet's logged accuracy; an
+    evaluation sums the counts over the whole split first (HRNet's batch-size weighted mean of batch accuracies
+    depends on the batching)."""
     seen = counted > 0
     return float((correct[seen] / counted[seen]).mean()) if seen.any() else 0.0
-
-
-def hrnet_accuracy(pred: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> float:
-    """HRNet's accuracy of one batch (HRNet logs the batch-size weighted mean of these, which depends on the
-    batching; an evaluation sums hrnet_accuracy_counts over the whole split instead)."""
-    return accuracy_from_counts(*hrnet_accuracy_counts(pred, target, threshold))
 
 
 def oks(pred: np.ndarray, gt: np.ndarray, area: float, sigmas: Sequence[float] = OKS_SIGMAS) -> float:
