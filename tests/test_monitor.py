@@ -271,13 +271,14 @@ def test_the_shipped_scrape_config_is_valid_as_it_is():
     assert result.returncode == 0 and "1 rule files found" in result.stdout, result.stdout + result.stderr
 
 
-def listening(root: psutil.Process) -> dict[tuple[str, int], str]:
-    """(address, port) -> process name, for every listening TCP socket of `root` and its descendants."""
+def listening(root: psutil.Process) -> dict[tuple[str, int], tuple[int, str]]:
+    """(address, port) -> (pid, process name), for every listening TCP socket of `root` and its descendants. A Ray
+    worker's name is its title, which names the task it runs at the moment."""
     found = {}
     for process in [root, *root.children(recursive=True)]:
         with contextlib.suppress(psutil.Error):
-            found |= {(c.laddr.ip, c.laddr.port): process.name() for c in process.net_connections("tcp")
-                      if c.status == "LISTEN"}
+            found |= {(c.laddr.ip, c.laddr.port): (process.pid, process.name())
+                      for c in process.net_connections("tcp") if c.status == "LISTEN"}
     return found
 
 
@@ -313,13 +314,20 @@ def test_a_local_ray_listens_on_loopback_only(command, synth_shards, synth_root,
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     process = subprocess.Popen([sys.executable, "-m", "distpose", *argv], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env, start_new_session=True)
-    root, seen, deadline = psutil.Process(process.pid), {}, time.monotonic() + 240
+    root, seen, titles, deadline = psutil.Process(process.pid), {}, {}, time.monotonic() + 240
+
+    def look() -> None:
+        now = listening(root)
+        seen.update(now)
+        for pid, name in now.values():
+            titles.setdefault(pid, set()).add(name.split(".")[0])
+
     try:
         while process.poll() is None and time.monotonic() < deadline:
-            seen |= listening(root)
+            look()
             if command in STOPPED_EARLY and any(tmp_path.glob("**/metrics.jsonl")):
                 time.sleep(1)
-                seen |= listening(root)
+                look()
                 os.killpg(process.pid, signal.SIGINT)
                 break
             time.sleep(0.2)
@@ -327,16 +335,17 @@ def test_a_local_ray_listens_on_loopback_only(command, synth_shards, synth_root,
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-    shown = ", ".join(f"{ip}:{port} ({name})" for (ip, port), name in sorted(seen.items()))
+    shown = ", ".join(f"{ip}:{port} ({name})" for (ip, port), (_, name) in sorted(seen.items()))
     print(f"\n[{command}] listening: {shown}")
     assert process.returncode == (130 if command in STOPPED_EARLY else 0), output[-3000:]
-    names = {name.split(".")[0] for name in seen.values()}  # a worker's title names its current task
+    names = set().union(*titles.values())
     assert "ray::RayTrainWorker" in names and "raylet" in names, seen
     assert any("metrics" in line and "http://127.0.0.1:" in line for line in output.splitlines()), output[-3000:]
-    elsewhere = {where: name for where, name in seen.items() if where[0] not in ("127.0.0.1", "::ffff:127.0.0.1")}
-    # torch's TCPStore: one per worker group, in a training worker, on every interface (IPv6 "::", dual stack)
-    stores = {where: name for where, name in elsewhere.items()
-              if where[0] == "::" and name.startswith("ray::RayTrainWorker")}
+    elsewhere = {where: found for where, found in seen.items() if where[0] not in ("127.0.0.1", "::ffff:127.0.0.1")}
+    # torch's TCPStore: one per worker group, in a training worker (a process titled RayTrainWorker at some point:
+    # while it creates the store its title is the setup task's), on every interface (IPv6 "::", dual stack)
+    stores = {where: (pid, name) for where, (pid, name) in elsewhere.items()
+              if where[0] == "::" and "ray::RayTrainWorker" in titles[pid]}
     assert len(stores) == 1 and elsewhere == stores, elsewhere
     assert "warning" not in output.lower() or "every interface" not in output, output[-3000:]
 
