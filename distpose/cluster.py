@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,7 +130,8 @@ def ray_cluster(address: str | None = None, monitor: MonitorConfig | None = None
         return
     if not local:
         check_reachable(address or os.environ["RAY_ADDRESS"])
-    with single_machine(local and monitor.host == "127.0.0.1"), _connected(address, monitor, local) as leaves:
+    with (single_machine(local and monitor.host == "127.0.0.1"), own_temporary_files(local),
+          _connected(address, monitor, local) as leaves):
         yield leaves
 
 
@@ -165,6 +168,26 @@ def single_machine(loopback: bool) -> Iterator[None]:
             yield
     finally:  # a later Ray of this process may be a cluster's node
         ray_constants.ENABLE_RAY_CLUSTER = previous
+
+
+@contextlib.contextmanager
+def own_temporary_files(local: bool) -> Iterator[None]:
+    """With `local`, the processes of the Ray started meanwhile keep their temporary files in a directory of their
+    own, removed once Ray has stopped: Ray stops its processes without their exit handlers, so what they leave in
+    the temporary directory stays there (the dashboard's multiprocessing folder, pymp-*, on every start). Ray's own
+    directory (sessions, logs, locks) stays where Ray puts it without this."""
+    if not local:
+        yield
+        return
+    from ray._common.utils import get_default_system_temp_dir
+
+    tempfile.gettempdir()  # this process keeps the one it has: tempfile reads the environment once
+    directory = tempfile.mkdtemp(prefix="distpose-ray-tmp-")
+    try:
+        with environment("RAY_TMPDIR", get_default_system_temp_dir()), environment("TMPDIR", directory):
+            yield
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -305,13 +306,17 @@ STOPPED_EARLY = ("train", "tune", "pipeline")
 
 @pytest.mark.integration
 @pytest.mark.parametrize("command", ["train", "eval --workers 2", "tune", "pipeline"])
-def test_a_local_ray_listens_on_loopback_only(command, synth_shards, synth_root, tmp_path):
+def test_a_local_ray_listens_on_loopback_only_and_leaves_no_temporary_files(command, synth_shards, synth_root,
+                                                                           tmp_path):
     """Every server of a command that starts its own Ray (the metrics endpoint, Ray's own, the workers') listens on
     127.0.0.1 (monitor.host's default). `eval --workers 2` once listened on every interface: ray was imported before
     distpose set Ray's one-machine switch. The one exception is torch.distributed's rendezvous store on rank 0,
-    which binds every interface whatever its host (docs/clusters.md)."""
+    which binds every interface whatever its host (docs/clusters.md). Nothing is left in the temporary directory
+    but Ray's own folder (each command left about three pymp-* folders)."""
     argv = local_commands(synth_shards, synth_root, tmp_path)[command]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # A temporary directory of its own, short enough for the Unix sockets Ray keeps under it, to see what is left
+    temporary = Path(tempfile.mkdtemp(prefix="dp-", dir="/tmp"))
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "TMPDIR": str(temporary)}
     process = subprocess.Popen([sys.executable, "-m", "distpose", *argv], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env, start_new_session=True)
     root, seen, titles, deadline = psutil.Process(process.pid), {}, {}, time.monotonic() + 240
@@ -335,6 +340,8 @@ def test_a_local_ray_listens_on_loopback_only(command, synth_shards, synth_root,
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
+        left = sorted(p.name for p in temporary.iterdir() if p.name != "ray")  # Ray keeps its sessions' logs
+        shutil.rmtree(temporary, ignore_errors=True)
     shown = ", ".join(f"{ip}:{port} ({name})" for (ip, port), (_, name) in sorted(seen.items()))
     print(f"\n[{command}] listening: {shown}")
     assert process.returncode == (130 if command in STOPPED_EARLY else 0), output[-3000:]
@@ -348,6 +355,8 @@ def test_a_local_ray_listens_on_loopback_only(command, synth_shards, synth_root,
               if where[0] == "::" and "ray::RayTrainWorker" in titles[pid]}
     assert len(stores) == 1 and elsewhere == stores, elsewhere
     assert "warning" not in output.lower() or "every interface" not in output, output[-3000:]
+    # Ray's processes end without their exit handlers: the dashboard's pymp-* folder, the workers' torch cache
+    assert not left, f"left in the temporary directory: {left}"
 
 
 # --------------------------------------------------------------------------------------------- dashboard
