@@ -275,11 +275,12 @@ def check_sweep(scratch: Path, argv: list[str], done, run_again) -> None:
             _, cfg, _ = load_model_file(t["checkpoint"])
             parent_best = next(x for x in trials if x["recipe"] == parent and x["trial"] == best[parent]["trial"])
             assert cfg.train.backbone_checkpoint == parent_best["checkpoint"], t
-    for name in [name for name in ("cnn", "cnn_crf") if name in sweep.recipes]:
-        ran = sorted((json.loads(t["params"]) for t in trials if t["recipe"] == name), key=json.dumps)
-        assert resampled(sweep, name, scratch / "resampled") == ran
+    ran = {name: sorted((json.loads(t["params"]) for t in trials if t["recipe"] == name), key=json.dumps)
+           for name in ("cnn", "cnn_crf") if name in sweep.recipes}
+    for name, params in ran.items():
+        assert resampled(sweep, name, scratch / "resampled") == params
     other = dataclasses.replace(sweep, seed=sweep.seed + 1)
-    assert resampled(other, "cnn", scratch / "other") != resampled(sweep, "cnn", scratch / "same")
+    assert resampled(other, "cnn", scratch / "other") != ran["cnn"]
 
 
 def check_train_benchmark(scratch: Path, argv: list[str], done, run_again) -> None:

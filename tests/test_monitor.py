@@ -3,7 +3,6 @@ session's Ray discovery file and scrapes a real 2-rank run; its HTTP API then an
 run's final state and scores, every Grafana panel over the run, and the stalled-rank alert a frozen rank fires.
 The alert rules' promtool unit tests, and the dashboard's expressions checked against the exported names."""
 
-import contextlib
 import json
 import math
 import os
@@ -12,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 from helpers import corrupt_jpeg_in_shard, truncate_shard
+from local_ray import ListeningSockets, watched_temporary_directory
 from prometheus_server import Prometheus, scaled_rule
 
 from distpose.config import load_config
@@ -272,19 +271,8 @@ def test_the_shipped_scrape_config_is_valid_as_it_is():
     assert result.returncode == 0 and "1 rule files found" in result.stdout, result.stdout + result.stderr
 
 
-def listening(root: psutil.Process) -> dict[tuple[str, int], tuple[int, str]]:
-    """(address, port) -> (pid, process name), for every listening TCP socket of `root` and its descendants. A Ray
-    worker's name is its title, which names the task it runs at the moment."""
-    found = {}
-    for process in [root, *root.children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):
-            found |= {(c.laddr.ip, c.laddr.port): (process.pid, process.name())
-                      for c in process.net_connections("tcp") if c.status == "LISTEN"}
-    return found
-
-
 def local_commands(shards: Path, root: Path, tmp: Path) -> dict[str, list[str]]:
-    """Each command that starts a local Ray, at a tiny size (a sweep of one trial). Those that train are stopped
+    """Each command that starts a local Ray, at a tiny size. Those that train are stopped
     with Ctrl-C once their first run trains: by then every kind of endpoint is open."""
     model = tmp / "model.pt"
     cfg = load_config(None, TINY)
@@ -294,69 +282,47 @@ def local_commands(shards: Path, root: Path, tmp: Path) -> dict[str, list[str]]:
     return {
         "train": ["train", *data, f"train.storage={tmp / 'runs'}", "eval.every_epochs=0"],
         "eval --workers 2": ["eval", "--checkpoint", str(model), "--data", str(shards), "--workers", "2"],
-        "tune": ["tune", "quick", "name=loopback", f"storage={tmp / 'sweeps'}", "trials_per_recipe=1",
-                 "recipes=[cnn]", "recipe_overrides={}", f"overrides={json.dumps(['train.workers=1', *data])}"],
         "pipeline": ["pipeline", "quick", "--data", str(root), "--report", str(tmp / "report"), *data,
                      f"train.storage={tmp / 'runs'}"],
     }
 
 
-STOPPED_EARLY = ("train", "tune", "pipeline")
+STOPPED_EARLY = ("train", "pipeline")
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("command", ["train", "eval --workers 2", "tune", "pipeline"])
+@pytest.mark.parametrize("command", ["train", "eval --workers 2", "pipeline"])
 def test_a_local_ray_listens_on_loopback_only_and_leaves_no_temporary_files(command, synth_shards, synth_root,
                                                                            tmp_path):
     """Every server of a command that starts its own Ray (the metrics endpoint, Ray's own, the workers') listens on
     127.0.0.1 (monitor.host's default). `eval --workers 2` once listened on every interface: ray was imported before
     distpose set Ray's one-machine switch. The one exception is torch.distributed's rendezvous store on rank 0,
     which binds every interface whatever its host (docs/clusters.md). Nothing is left in the temporary directory
-    but Ray's own folder (each command left about three pymp-* folders)."""
+    but Ray's own folder (each command left about three pymp-* folders). `tune`: the sweep interrupt test
+    (test_tune.py)."""
     argv = local_commands(synth_shards, synth_root, tmp_path)[command]
-    # A temporary directory of its own, short enough for the Unix sockets Ray keeps under it, to see what is left
-    temporary = Path(tempfile.mkdtemp(prefix="dp-", dir="/tmp"))
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "TMPDIR": str(temporary)}
-    process = subprocess.Popen([sys.executable, "-m", "distpose", *argv], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env, start_new_session=True)
-    root, seen, titles, deadline = psutil.Process(process.pid), {}, {}, time.monotonic() + 240
-
-    def look() -> None:
-        now = listening(root)
-        seen.update(now)
-        for pid, name in now.values():
-            titles.setdefault(pid, set()).add(name.split(".")[0])
-
-    try:
-        while process.poll() is None and time.monotonic() < deadline:
-            look()
-            if command in STOPPED_EARLY and any(tmp_path.glob("**/metrics.jsonl")):
-                time.sleep(1)
-                look()
-                os.killpg(process.pid, signal.SIGINT)
-                break
-            time.sleep(0.2)
-        output, _ = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        left = sorted(p.name for p in temporary.iterdir() if p.name != "ray")  # Ray keeps its sessions' logs
-        shutil.rmtree(temporary, ignore_errors=True)
-    shown = ", ".join(f"{ip}:{port} ({name})" for (ip, port), (_, name) in sorted(seen.items()))
-    print(f"\n[{command}] listening: {shown}")
-    assert process.returncode == (130 if command in STOPPED_EARLY else 0), output[-3000:]
-    names = set().union(*titles.values())
-    assert "ray::RayTrainWorker" in names and "raylet" in names, seen
-    assert any("metrics" in line and "http://127.0.0.1:" in line for line in output.splitlines()), output[-3000:]
-    elsewhere = {where: found for where, found in seen.items() if where[0] not in ("127.0.0.1", "::ffff:127.0.0.1")}
-    # torch's TCPStore: one per worker group, in a training worker (a process titled RayTrainWorker at some point:
-    # while it creates the store its title is the setup task's), on every interface (IPv6 "::", dual stack)
-    stores = {where: (pid, name) for where, (pid, name) in elsewhere.items()
-              if where[0] == "::" and "ray::RayTrainWorker" in titles[pid]}
-    assert len(stores) == 1 and elsewhere == stores, elsewhere
-    assert "warning" not in output.lower() or "every interface" not in output, output[-3000:]
-    # Ray's processes end without their exit handlers: the dashboard's pymp-* folder, the workers' torch cache
-    assert not left, f"left in the temporary directory: {left}"
+    with watched_temporary_directory() as temporary:
+        env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "TMPDIR": str(temporary)}
+        process = subprocess.Popen([sys.executable, "-m", "distpose", *argv], stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env, start_new_session=True)
+        sockets, deadline = ListeningSockets(process.pid), time.monotonic() + 240
+        try:
+            while process.poll() is None and time.monotonic() < deadline:
+                sockets.look()
+                if command in STOPPED_EARLY and any(tmp_path.glob("**/metrics.jsonl")):
+                    time.sleep(1)
+                    sockets.look()
+                    os.killpg(process.pid, signal.SIGINT)
+                    break
+                time.sleep(0.2)
+            output, _ = process.communicate(timeout=120)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+        sockets.check_loopback_only(command)
+        assert process.returncode == (130 if command in STOPPED_EARLY else 0), output[-3000:]
+        assert any("metrics" in line and "http://127.0.0.1:" in line for line in output.splitlines()), output[-3000:]
+        assert "warning" not in output.lower() or "every interface" not in output, output[-3000:]
 
 
 # --------------------------------------------------------------------------------------------- dashboard

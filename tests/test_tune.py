@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from local_ray import ListeningSockets, watched_temporary_directory
 
 from distpose.commands import main
 from distpose.config import ConfigError
@@ -304,21 +305,27 @@ def test_one_ctrl_c_stops_the_sweep_and_resume_trains_every_recipe_to_its_end(sy
     -q leaves) and records nothing as done; `-q tune --resume`, silent, then finishes that trial from its checkpoint
     and trains cnn_crf from it. (Tune's own handler ended only the cnn experiment: its half-trained trial was
     recorded early-stopped, became cnn_crf's parent, the sweep exited 0, and --resume found every recipe done. -q
-    left Tune's tables, 73 lines a trial.)"""
+    left Tune's tables, 73 lines a trial.) The first run's servers listen on loopback only, and it leaves nothing in
+    the temporary directory, as for the other commands that start their own Ray (test_monitor.py)."""
     overrides = [*tiny_overrides(synth_shards), "train.epochs=3", "data.batches_per_epoch=6"]
     path = write_sweep(tmp_path / "sweep.yaml", name="interrupted", recipes=["cnn", "cnn_crf"], overrides=overrides,
                        trials_per_recipe=1, grace_period=3)
     argv = [sys.executable, "-m", "distpose", "tune", str(path)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     directory = tmp_path / "sweeps" / "interrupted"
-    with (tmp_path / "first.log").open("w") as log:  # -q: Tune's tables once printed 73 lines for a trial
-        first = subprocess.Popen([*argv, "-q"], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    # -q: Tune's tables once printed 73 lines for a trial
+    with (tmp_path / "first.log").open("w") as log, watched_temporary_directory() as temporary:
+        first = subprocess.Popen([*argv, "-q"], stdout=log, stderr=subprocess.STDOUT,
+                                 env={**env, "TMPDIR": str(temporary)}, start_new_session=True)
+        sockets = ListeningSockets(first.pid)
         try:
             deadline = time.monotonic() + 240
             while time.monotonic() < deadline and first.poll() is None and not any(
                     read_records(run, "eval") for run in directory.glob("cnn/runs/*/")):
+                sockets.look()
                 time.sleep(0.2)
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            sockets.look()
             interrupted_at = time.monotonic()
             os.killpg(first.pid, signal.SIGINT)
             code = first.wait(timeout=60)
@@ -326,6 +333,7 @@ def test_one_ctrl_c_stops_the_sweep_and_resume_trains_every_recipe_to_its_end(sy
         finally:
             if first.poll() is None:
                 os.killpg(first.pid, signal.SIGKILL)
+    sockets.check_loopback_only("tune")
     output = (tmp_path / "first.log").read_text()
     print(f"\n[tune interrupt] one SIGINT: exit code {code} after {stop_time:.1f} s")
     assert code == 130 and stop_time < 20, output[-3000:]
