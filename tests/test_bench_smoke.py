@@ -75,3 +75,22 @@ def test_a_failing_step_fails_the_gpu_script(tmp_path):
     assert proc.returncode != 0
     steps = json.loads(next(out.glob("gpu-checks-*.json")).read_text())["steps"]
     assert [(s["step"], s["exit_status"]) for s in steps] == [("tests", 3), ("kernel", 3), ("train", 3)]
+
+
+def test_cpu_by_process_charges_each_process_its_own_time(tmp_path):
+    """benchmarks/cpu_by_process.py on a command whose child spins for a second and whose parent sleeps: the spin is
+    charged to the child's title, not to the parent nor to the measuring process."""
+    spin = "import time\nend = time.process_time() + 1.0\nwhile time.process_time() < end: pass\n"
+    parent = f"import subprocess, sys, time; subprocess.run([sys.executable, '-c', {spin!r}]); time.sleep(0.3)"
+    out = tmp_path / "cpu.json"
+    proc = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "cpu_by_process.py"),
+                           "--out", str(out), "--", sys.executable, "-c", parent],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report == json.loads(proc.stdout) and report["exit_code"] == 0 and report["wall_s"] >= 1.3
+    spun = {name: s for name, s in report["cpu_s_by_process"].items() if name.startswith("python -c import time")}
+    # up to one interval (0.2 s) of a process is lost between its last look and its end
+    assert len(spun) == 1 and 0.7 <= next(iter(spun.values())) <= 1.5, report["cpu_s_by_process"]
+    parents = [s for name, s in report["cpu_s_by_process"].items() if "subprocess" in name]
+    assert sum(parents) < 0.5, report["cpu_s_by_process"]
