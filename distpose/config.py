@@ -33,7 +33,9 @@ Backbone = Literal[tuple(BACKBONES)]  # the registry's names, checked as any Lit
 Mode = Literal["backbone", "crf", "joint"]
 # bf16 and fp16: DeepSpeed's, the model itself in half precision with fp32 master weights in the optimizer.
 # bf16-mixed: autocast, fp32 weights with convolutions and matmuls computed in bf16, BatchNorm in fp32.
-Precision = Literal["fp32", "bf16", "fp16", "bf16-mixed"]
+# auto: bf16-mixed where every rank's device computes bf16 natively (a GPU that supports it, a CPU with
+# AVX512-BF16 or AMX), else fp32: a CPU without it emulates bf16, many times slower than fp32.
+Precision = Literal["fp32", "bf16", "fp16", "bf16-mixed", "auto"]
 
 
 @dataclass

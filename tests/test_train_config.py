@@ -14,7 +14,7 @@ from distpose.config import ConfigError, load_config
 from distpose.models.model_file import save_model_file
 from distpose.models.pose import build_pose_model
 from distpose.train import driver
-from distpose.train.engine import BATCH_KEYS, deepspeed_config, lr_multiplier
+from distpose.train.engine import BATCH_KEYS, deepspeed_config, lr_multiplier, with_precision_resolved
 
 QUICK = str(Path(__file__).parent.parent / "configs" / "quick" / "cnn.yaml")
 # Independent of whatever data/shards holds: random batches and no evaluation unless a case asks.
@@ -132,6 +132,21 @@ def test_deepspeed_config_precisions():
     ds = deepspeed_config(load_config(None, ["train.precision=bf16-mixed", "train.zero_stage=0"]))
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     assert "bf16" not in ds and "fp16" not in ds
+
+
+def test_precision_auto_is_bf16_mixed_only_where_the_cpu_computes_bf16_natively():
+    # The reference is the kernel's own list of CPU features, not torch's.
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith(("flags", "Features")):
+            flags |= set(line.split(":", 1)[1].split())
+    native = bool(flags & {"avx512_bf16", "amx_bf16"})
+    auto = with_precision_resolved(load_config(QUICK), torch.device("cpu"))
+    assert load_config(QUICK).train.precision == "auto"
+    assert auto.train.precision == ("bf16-mixed" if native else "fp32")
+    for given in ("fp32", "bf16-mixed"):  # a precision the config names is kept, native or not
+        cfg = load_config(QUICK, [f"train.precision={given}"])
+        assert with_precision_resolved(cfg, torch.device("cpu")).train.precision == given
 
 
 def test_deepspeed_override_merges_nested_keys(tmp_path):

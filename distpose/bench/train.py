@@ -26,6 +26,7 @@ from distpose.models.factory import count_macs
 from distpose.models.pose import build_pose_model
 from distpose.train.batches import training_batches
 from distpose.train.crf_prior import with_crf_prior
+from distpose.train.engine import with_precision_resolved
 from distpose.train.modes import parameter_groups, run_model, set_train_mode, target_codec
 from distpose.train.step import micro_batch_loss, optimizer_step
 
@@ -121,6 +122,9 @@ def run(cfg: Config, warmup: int, steps: int, address: str | None = None, plain_
     if t.use_gpu and not torch.cuda.is_available():
         raise UserError("train.use_gpu=true, but this machine has no CUDA device: `distpose bench train` runs its "
                         "plain loop in its own process, so run it on a GPU node (with --address for the cluster)")
+    # Resolved here, on the machine that runs the plain loop, so that both paths train at the same precision.
+    cfg = with_precision_resolved(cfg, torch.device("cuda" if t.use_gpu else "cpu"))
+    t = cfg.train
     log.info(f"[bench] plain PyTorch loop: {warmup} + {steps} steps of {micro_batch_size(cfg) * t.grad_accum} "
              "(one rank's share) ...")
     plain = plain_loop(cfg, warmup, steps)

@@ -7,6 +7,7 @@ client optimizer just the same.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,26 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = value
     return merged
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 in hardware (on a CPU: AVX512-BF16 or AMX), rather than emulating it."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    capabilities = torch.cpu.get_capabilities()
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
+def with_precision_resolved(cfg: Config, device: torch.device) -> Config:
+    """`cfg` with train.precision=auto made concrete: bf16-mixed if every rank's device has native bf16 (ranks
+    agree through an all-reduce), else fp32. Other precisions are returned as they are."""
+    if cfg.train.precision != "auto":
+        return cfg
+    native = torch.tensor([int(native_bf16(device))], device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(native, op=torch.distributed.ReduceOp.MIN)
+    precision = "bf16-mixed" if int(native) else "fp32"
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
 
 
 def lr_multiplier(step: int, cfg: Config) -> float:

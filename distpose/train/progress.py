@@ -45,7 +45,8 @@ class ProgressLines:
                     f"global batch {c.data.batch_size} "
                     f"({record.get('micro_batch', '?')} x {record['world_size']} x "
                     f"{record.get('grad_accum', c.train.grad_accum)}), "
-                    f"{c.train.precision}, ZeRO {c.train.zero_stage}; {record['resumed_from']}")
+                    f"{record.get('precision', c.train.precision)}, ZeRO {c.train.zero_stage}; "
+                    f"{record['resumed_from']}")
         if kind == "step":
             step, now = record["step"], record["time"]
             if self.first is None:

@@ -37,7 +37,7 @@ from distpose.train.checkpoints import (
     newest_complete_checkpoint,
     save_checkpoint,
 )
-from distpose.train.engine import build_engine
+from distpose.train.engine import build_engine, with_precision_resolved
 from distpose.train.modes import parameter_groups, run_architecture, run_model, set_train_mode, target_codec
 from distpose.train.step import micro_batch_loss, optimizer_step
 
@@ -135,6 +135,7 @@ def train_worker(job: dict[str, Any]) -> None:
     torch.set_num_threads(cfg.train.cpus_per_worker)
     torch.manual_seed(cfg.train.seed)
     device = ray.train.torch.get_device()
+    cfg = with_precision_resolved(cfg, device)
 
     pairwise = job.get("crf_pairwise")
     model = run_model(cfg, None if pairwise is None else torch.tensor(pairwise)).to(device)
@@ -149,7 +150,7 @@ def train_worker(job: dict[str, Any]) -> None:
     accum = grad_accum_at(cfg, world)
     log.write("start", epoch=state.epoch, step=state.step, world_size=world, resumed_from=origin,
               host=socket.gethostname(), pid=os.getpid(), micro_batch=micro_batch_size(cfg), grad_accum=accum,
-              device=str(device))
+              device=str(device), precision=cfg.train.precision)
 
     codec = target_codec(cfg)
     batches, loader = training_batches(cfg, rank, world, state.step)
