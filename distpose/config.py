@@ -48,6 +48,11 @@ class AugmentConfig:
     scale_factor: float = 0.35  # scale ~ clip(1 + N(0,1) * f, 1 - f, 1 + f)
     rotation_factor: float = 45.0  # degrees; rotation ~ clip(N(0,1) * f, -2f, 2f)
     rotation_prob: float = 0.6
+    # Synthetic occlusion (not in HRNet's recipe): the chance that a crop gets 1-3 solid shapes of random colour
+    # pasted near its labelled joints. The CRF recipes use it so that the CRF trains on unaries that miss
+    # joints the way they miss them on unseen images, not on a frozen backbone's confident memory of its own
+    # training crops (docs/crf.md).
+    occluder_prob: float = 0.0
 
 
 @dataclass
@@ -90,6 +95,10 @@ class ModelConfig:
     # (distpose.data.limbs, models.crf.pairwise_from_displacements). "gaussian": a broad Gaussian (sigma R/2)
     # centred on zero displacement, which pulls every joint towards its parent.
     crf_pairwise_init: Literal["data", "gaussian"] = "data"
+    # Displacement types per edge (Chen & Yuille 2014): that many tables per edge, from k-means on the training
+    # split's displacements, mixed per instance with weights a head predicts from the features. 1: one table
+    # per edge, shared by every instance.
+    crf_pairwise_types: int = 1
     # The crf/joint modes start the CRF's unary log-potentials as the backbone's heatmaps (values in [0, 1])
     # times this: at 1 the marginals are near flat (docs/crf.md, What each choice is worth, compares scales).
     crf_unary_scale: float = 30.0
@@ -123,6 +132,12 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step at the most workers
     grad_clip: float = 0.0  # 0 disables clipping
     backbone_checkpoint: str = ""  # model file of the trained backbone: required by the crf and joint modes
+    # Joint mode, the staged schedule: the CRF (window, unary head, pairwise tables) starts as the one in
+    # backbone_checkpoint, a crf run's model file, instead of from the training split's limbs.
+    crf_from_checkpoint: bool = False
+    # Joint mode: the backbone's own heatmap MSE, times this, is added to the CRF's loss (its heatmap head
+    # trains too), so the features under the unaries stay supervised as heatmaps.
+    heatmap_loss_weight: float = 0.0
     keep_checkpoints: int = 2  # the latest N DeepSpeed checkpoints; the best model is kept apart as best.pt
     max_failures: int = 1  # worker-group restarts from the latest checkpoint before the run fails
     # Seconds a start of the worker group may wait for its CPUs/GPUs (nodes joining, an autoscaler) before
@@ -443,7 +458,7 @@ def validate(cfg: Config) -> None:
     for key in ("loader_workers", "sample_shuffle", "instance_shuffle"):
         _require(getattr(d, key) >= 0, f"data.{key}", getattr(d, key), "an integer >= 0")
     a = d.augment
-    for key in ("flip_prob", "half_body_prob", "rotation_prob"):
+    for key in ("flip_prob", "half_body_prob", "rotation_prob", "occluder_prob"):
         _require(0.0 <= getattr(a, key) <= 1.0, f"data.augment.{key}", getattr(a, key), "a probability in [0, 1]")
     _require(0.0 <= a.scale_factor < 1.0, "data.augment.scale_factor", a.scale_factor, "a number in [0, 1)")
     _require(a.rotation_factor >= 0, "data.augment.rotation_factor", a.rotation_factor, "a number >= 0")
@@ -452,6 +467,10 @@ def validate(cfg: Config) -> None:
     _require(m.crf_target_sigma > 0, "model.crf_target_sigma", m.crf_target_sigma, "a number > 0")
     _require(m.crf_window == "auto" or m.crf_window >= 1, "model.crf_window", m.crf_window, "an integer >= 1 or 'auto'")
     _require(0 < m.crf_window_coverage <= 1, "model.crf_window_coverage", m.crf_window_coverage, "a fraction in (0, 1]")
+    _require(m.crf_pairwise_types >= 1, "model.crf_pairwise_types", m.crf_pairwise_types, "an integer >= 1")
+    # Equal tables under equal weights get equal gradients: only measured types can ever differ.
+    _require(m.crf_pairwise_types == 1 or m.crf_pairwise_init == "data", "model.crf_pairwise_types",
+             m.crf_pairwise_types, "1 with model.crf_pairwise_init=gaussian (types start from the measured limbs)")
     _require(cfg.model.crf_unary_scale > 0, "model.crf_unary_scale", cfg.model.crf_unary_scale, "a number > 0")
     t = cfg.train
     for key in ("cpus_per_worker", "epochs", "grad_accum", "keep_checkpoints", "log_every"):
@@ -484,6 +503,11 @@ def validate(cfg: Config) -> None:
              "bf16 or fp32 on CPU (DeepSpeed has no fp16 on CPU; fp16 needs train.use_gpu=true)")
     _require(t.precision != "bf16" or t.zero_stage >= 1, "train.zero_stage", t.zero_stage,
              "1, 2 or 3 with train.precision=bf16 (at stage 0 DeepSpeed keeps no fp32 master weights)")
+    _require(t.mode == "joint" or not t.crf_from_checkpoint, "train.crf_from_checkpoint", t.crf_from_checkpoint,
+             "false outside train.mode=joint")
+    _require(t.heatmap_loss_weight >= 0, "train.heatmap_loss_weight", t.heatmap_loss_weight, "a number >= 0")
+    _require(t.mode == "joint" or not t.heatmap_loss_weight, "train.heatmap_loss_weight", t.heatmap_loss_weight,
+             "0 outside train.mode=joint")
     _require(t.mode == "backbone" or bool(t.backbone_checkpoint), "train.backbone_checkpoint", t.backbone_checkpoint,
              f"the trained backbone's checkpoint: train.mode={t.mode!r} starts from one")
     if cfg.train.mode != "backbone" and d.source == "random":  # random joints have no limbs to measure

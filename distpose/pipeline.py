@@ -1,8 +1,8 @@
 """`distpose pipeline`: data, the six recipes trained in dependency order, evaluation, report.
 
     synthetic COCO -> shards -> mean-pose floor
-    cnn -> cnn_crf, cnn_joint        (the CRF runs start from cnn's final.pt)
-    hrnet -> hrnet_crf, hrnet_joint
+    cnn -> cnn_crf -> cnn_joint      (each run starts from the final.pt before it)
+    hrnet -> hrnet_crf -> hrnet_joint
     -> report.md: comparison table, loss and PCK curves, skeleton grid per run
 
 One Ray cluster serves every run. Runs are named `pipeline_<recipe>` under the storage directory, so
@@ -31,7 +31,7 @@ from distpose.eval.report import Comparison, RunResult, compare, write_report
 from distpose.eval.scoring import score_model_file
 from distpose.files import exists, is_uri, read_bytes, within
 from distpose.metrics_log import run_history
-from distpose.recipes import RECIPES, check_recipe_mode, crf_sibling, recipe
+from distpose.recipes import RECIPES, backbone_recipe, check_recipe_mode, recipe
 from distpose.train.crf_prior import PRIOR_FILE
 from distpose.train.driver import RUN_CONFIG, TrainOutcome, run_dir, train
 
@@ -75,11 +75,11 @@ def mean_pose_floor(cfg: Config, truth: GroundTruth) -> RunResult:
 
 
 def comparisons(results: list[RunResult], configs: dict[str, Config]) -> list[Comparison]:
-    """HRNet against the CNN, each CRF run against the backbone it started from, and each joint run against
-    the crf run on the same backbone: the comparisons the recipes exist for."""
+    """HRNet against the CNN, each CRF run against its backbone, and each joint run against the crf run it
+    started from: the comparisons the recipes exist for."""
     by_name = {r.name: r for r in results}
-    pairs = [("hrnet", "cnn")] + [(name, recipe(name).parent) for name in configs]
-    pairs += [(name, crf_sibling(name)) for name in configs]
+    pairs = [("hrnet", "cnn")] + [(name, backbone_recipe(name)) for name in configs]
+    pairs += [(name, recipe(name).parent) for name in configs if recipe(name).mode == "joint"]
     return [compare(by_name[a], by_name[b]) for a, b in pairs if a in by_name and b in by_name]
 
 
@@ -94,10 +94,11 @@ def crf_notes(results: list[RunResult], configs: dict[str, Config]) -> list[str]
         prior = json.loads(read_bytes(within(run_dir(cfg), PRIOR_FILE)))
         held = "" if prior["coverage"] is None else \
             f" holds {prior['coverage']:.1%} of {prior['limbs']:,} training limbs (augmented)"
-        base = by_name.get(recipe(name).parent)
+        parent = recipe(name).parent
+        base = by_name.get(parent)
         notes.append(f"- {name}: window R={prior['radius']} at heatmap {cfg.data.heatmap_size[0]}x"
                      f"{cfg.data.heatmap_size[1]}{held}; {prior['how']}; trained {len(by_name[name].steps)} steps "
-                     f"from a backbone trained {len(base.steps) if base else 0} steps.")
+                     f"from {parent} ({len(base.steps) if base else 0} steps).")
     if notes:
         notes.insert(0, "How each CRF run started (its run directory's crf_prior.json):")
     return notes

@@ -110,7 +110,7 @@ def test_distpose_config_names_the_layer_of_every_value(capsys):
     assert set(found) == leaf_keys(to_dict(Config()))  # every value has its source
     assert found["data.shards"] == "base.yaml"  # only the base sets it
     assert found["data.augment.scale_factor"] == "base.yaml"
-    assert found["data.input_size"] == "cnn.yaml" and found["train.run_name"] == "cnn.yaml"
+    assert found["data.batches_per_epoch"] == "cnn.yaml" and found["train.run_name"] == "cnn.yaml"
     assert found["data.batch_size"] == "override"  # the base sets it too, the command line last
     assert found["data.box_padding"] == "default"
     header = [line for line in out.splitlines() if line.startswith("#")]

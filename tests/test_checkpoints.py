@@ -155,7 +155,7 @@ def _rank_main(rank: int, world: int, port: int, jobs: list[tuple[int, str, str]
             cfg = _config(world, stage)
             torch.manual_seed(0)
             model = run_model(cfg)
-            groups = parameter_groups(model, "backbone", cfg.train.lr, 1.0)
+            groups = parameter_groups(model, cfg.train)
             if action == "save":
                 engine = build_engine(model, groups, cfg, world)
                 data = torch.Generator().manual_seed(rank)

@@ -114,3 +114,30 @@ def test_codec_roundtrip_real_coco_ap(coco_mini):
           f"mean keypoint error={errors.mean():.3f} px (max {errors.max():.3f})")
     assert ap >= 0.99
     assert errors.mean() < 2.0
+
+
+def test_occluders_cover_pixels_near_labelled_joints_and_cost_no_random_draws_when_off():
+    from distpose.config import AugmentConfig
+
+    image = np.random.default_rng(0).integers(0, 256, (240, 180, 3), dtype=np.uint8)
+    keypoints = np.zeros((17, 3), np.float32)
+    keypoints[:5] = [[60, 40, 2], [70, 45, 2], [80, 60, 1], [90, 100, 2], [100, 150, 2]]
+    bbox = [40.0, 20.0, 100.0, 180.0]
+    on = TopDownTransform((96, 72), augment=AugmentConfig(occluder_prob=1.0))
+    off = TopDownTransform((96, 72), augment=AugmentConfig(occluder_prob=0.0))
+    for seed in range(20):
+        covered, plain = (t(image, bbox, keypoints, np.random.default_rng(seed)) for t in (on, off))
+        # The same placement (occluders are drawn after it); the label keeps every joint
+        np.testing.assert_array_equal(covered.joints, plain.joints)
+        np.testing.assert_array_equal(covered.visible, plain.visible)
+        changed = np.argwhere((covered.image != plain.image).any(axis=2))[:, ::-1]  # (x, y)
+        assert len(changed) > 0
+        labelled = covered.joints[covered.visible]
+        nearest = np.linalg.norm(changed[:, None] - labelled[None], axis=2).min(axis=1)
+        # half-sides up to 15% of the height, centres jittered by 5% of it: 4 sigma of jitter bounds it
+        assert nearest.max() <= np.hypot(0.15, 0.15) * 96 + 4 * 0.05 * 96 * np.sqrt(2) + 1
+    # Off, the transform draws exactly what placing the crop draws: a config without occluders keeps its stream
+    drawn, placed = np.random.default_rng(7), np.random.default_rng(7)
+    off(image, bbox, keypoints, drawn)
+    off.place(bbox, keypoints, placed)
+    assert drawn.bit_generator.state == placed.bit_generator.state

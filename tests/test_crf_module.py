@@ -59,3 +59,34 @@ def test_crf_loss_is_cross_entropy_minimised_by_the_target():
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(log_marginals.grad).all()
     assert crf_marginal_loss(log_marginals, target, torch.zeros(1, 2)).item() == 0
+
+
+def test_one_displacement_type_is_the_shared_table_crf_and_types_mix_per_instance():
+    from distpose.kernels import tree_crf_marginals
+
+    torch.manual_seed(0)
+    features = torch.randn(3, 8, 10, 8)
+    one = TreeCRF(8, radius=2)
+    assert one.type_head is None and set(one.state_dict()) == {"unary_head.weight", "unary_head.bias", "pairwise"}
+    assert torch.equal(one.tables(features), one.pairwise)
+    typed = TreeCRF(8, radius=2, types=3)
+    tables = torch.randn(17, 3, 5, 5)
+    typed.init_pairwise(tables)
+    typed.unary_head.load_state_dict(one.unary_head.state_dict())
+    # Equal weights at the start: every instance gets log mean_t exp(T_t), in float64 by hand
+    mixed = torch.log(tables.double().exp().mean(dim=1))
+    torch.testing.assert_close(typed.tables(features).double(), mixed.expand(3, 17, 5, 5), atol=1e-6, rtol=0)
+    with torch.no_grad():
+        typed.type_head.weight.normal_()
+    per_instance = typed.tables(features)
+    assert per_instance.shape == (3, 17, 5, 5) and not torch.allclose(per_instance[0], per_instance[1])
+    w = torch.softmax(typed.type_head(features.mean(dim=(2, 3))).view(3, 17, 3), dim=2).double()
+    by_hand = torch.log((w[..., None, None] * tables.double().exp()[None]).sum(dim=2))
+    torch.testing.assert_close(per_instance.double(), by_hand, atol=1e-5, rtol=0)
+    log_z, log_marginals = typed(features)
+    ref_z, ref_marginals = tree_crf_marginals(typed.unary_head(features).double(), by_hand, CRF_PARENTS,
+                                              impl="reference")
+    torch.testing.assert_close(log_marginals.double(), ref_marginals, atol=1e-4, rtol=0)
+    torch.testing.assert_close(log_z.double(), ref_z, atol=1e-4, rtol=0)
+    log_marginals[:, :, 4, 4].sum().backward()  # the type head learns from the marginals
+    assert typed.type_head.weight.grad.abs().sum() > 0 and typed.pairwise.grad.abs().sum() > 0

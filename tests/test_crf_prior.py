@@ -126,3 +126,24 @@ def test_random_data_needs_a_fixed_window_and_the_gaussian():
     with pytest.raises(ConfigError, match="model.crf_pairwise_init"):
         load_config(None, [*base, "model.crf_window=3"])
     assert crf_prior(load_config(None, [*base, "model.crf_window=3", "model.crf_pairwise_init=gaussian"])).radius == 3
+
+
+def test_displacement_types_cluster_the_limbs_and_their_even_mixture_is_the_one_table_prior():
+    from distpose.models.crf import cluster_displacements, typed_pairwise_from_displacements
+
+    rng = np.random.default_rng(0)
+    blobs = np.array([[-3.0, 0.0], [2.0, 3.0], [1.0, -4.0]])
+    truth = rng.integers(0, 3, 600)
+    points = blobs[truth] + rng.normal(0, 0.4, (600, 2))
+    labels = cluster_displacements(points, 3)
+    # k-means finds the three blobs: every cluster is one blob, by brute force over the label permutations
+    assert any(np.array_equal(np.array(perm)[labels], truth) for perm in itertools.permutations(range(3)))
+    edges = [np.zeros((0, 2)), points, points[:5] * 0.5, np.zeros((0, 2))]  # the root, a limb, a short one, none
+    one = pairwise_from_displacements(edges, radius=5).double()
+    typed = typed_pairwise_from_displacements(edges, radius=5, types=3).double()
+    assert typed.shape == (4, 3, 11, 11)
+    torch.testing.assert_close(torch.log(typed.exp().mean(dim=1)), one, atol=1e-5, rtol=0)
+    # each type holds its own blob: its table peaks where its cluster lies
+    for t in range(3):
+        peak = np.unravel_index(int(typed[1, t].argmax()), (11, 11))
+        assert min(np.abs(np.array(peak) - 5 - blobs).sum(axis=1)) <= 1

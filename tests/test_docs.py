@@ -176,8 +176,9 @@ def run(command: Command, scratch: Path, env: dict[str, str]) -> tuple[list[str]
 
 def check_pipeline(scratch: Path, argv: list[str], done, run_again) -> None:
     """`make demo`: the report has every recipe and the floor, each score inside its interval and the paired
-    comparisons the recipes exist for; each crf/joint run started from its backbone's final model (the crf runs'
-    backbone untouched, the joint runs' trained); a rerun retrains nothing and scores the same."""
+    comparisons the recipes exist for; each crf run started from its backbone's final model and left it untouched,
+    each joint run from its crf run's (backbone and CRF) and trained the backbone; a rerun retrains nothing and
+    scores the same."""
     report, runs = scratch / "reports" / "pipeline" / "report.md", scratch / "runs"
     saved = json.loads((report.parent / "results.json").read_text())
     results = saved["runs"]
@@ -213,8 +214,12 @@ def check_pipeline(scratch: Path, argv: list[str], done, run_again) -> None:
         base, ours = read_model_file(parent_final)["state_dict"], read_model_file(run_dir / FINAL_MODEL)["state_dict"]
         moved = [k for k in base if k.startswith("backbone.") and not torch.equal(ours[k], base[k])]
         prior = json.loads((run_dir / "crf_prior.json").read_text())
-        assert prior["pairwise_init"] == "data" and cfg.model.crf_window == prior["radius"] >= 1
-        assert prior["limbs"] > 0 and prior["coverage"] >= cfg.model.crf_window_coverage
+        if cfg.train.mode == "joint":  # the staged schedule: the crf run's whole CRF, its window too
+            assert cfg.train.crf_from_checkpoint and prior["pairwise_init"] == "checkpoint"
+            assert cfg.model.crf_window == load_config(runs / f"pipeline_{parent}" / "config.yaml").model.crf_window
+        else:
+            assert prior["pairwise_init"] == "data" and cfg.model.crf_window == prior["radius"] >= 1
+            assert prior["limbs"] > 0 and prior["coverage"] >= cfg.model.crf_window_coverage
         if cfg.train.mode == "crf":  # weights and BatchNorm statistics alike
             assert not moved, f"{name} changed its frozen backbone: {moved[:3]}"
         else:

@@ -51,6 +51,35 @@ def test_crf_modes_need_and_load_a_backbone_checkpoint(tmp_path):
     torch.testing.assert_close(out.log_marginals.exp().sum((2, 3)), torch.ones(1, 17), atol=1e-5, rtol=0)
 
 
+def test_a_staged_joint_run_starts_from_the_crf_runs_whole_model(tmp_path):
+    from distpose.train.crf_prior import with_crf_prior
+
+    torch.manual_seed(0)
+    backbone_cfg = quick_config()
+    save_model_file(tmp_path / "backbone.pt", run_model(backbone_cfg).state_dict(), backbone_cfg)
+    crf_cfg = quick_config(**{"train.mode": "crf", "train.backbone_checkpoint": str(tmp_path / "backbone.pt"),
+                              "model.crf_window": 3})
+    crf_run = run_model(crf_cfg)
+    with torch.no_grad():  # a trained CRF differs from any fresh start
+        for p in crf_run.crf.parameters():
+            p.add_(torch.randn_like(p))
+    save_model_file(tmp_path / "crf.pt", crf_run.state_dict(), crf_cfg)
+    staged = {"train.mode": "joint", "train.backbone_checkpoint": str(tmp_path / "crf.pt"),
+              "train.crf_from_checkpoint": "true"}
+    cfg, prior = with_crf_prior(quick_config(**staged))  # the window comes from the file, nothing is measured
+    assert cfg.model.crf_window == 3 and prior.record()["pairwise_init"] == "checkpoint" and prior.limbs == 0
+    model = run_model(cfg)
+    for name, value in crf_run.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    with pytest.raises(ConfigError, match="model.crf_window': 4, but the CRF of .*crf.pt .* has R=3"):
+        with_crf_prior(quick_config(**staged, **{"model.crf_window": 4}))
+    without = {**staged, "train.backbone_checkpoint": str(tmp_path / "backbone.pt")}
+    with pytest.raises(ConfigError, match="backbone.pt holds no CRF, but train.crf_from_checkpoint=true"):
+        with_crf_prior(quick_config(**without))
+    with pytest.raises(ConfigError, match="crf_from_checkpoint': got True, expected false outside train.mode=joint"):
+        quick_config(**{**staged, "train.mode": "crf"})
+
+
 def test_an_unresolved_auto_window_is_refused(tmp_path):
     cfg = quick_config()
     save_model_file(tmp_path / "b.pt", run_model(cfg).state_dict(), cfg)

@@ -2,10 +2,11 @@
 
 import torch
 
-from distpose.config import Config
+from distpose.config import Config, load_config
 from distpose.data.codec import HeatmapCodec
 from distpose.models.losses import heatmap_mse
 from distpose.models.pose import PoseOutput
+from distpose.train.modes import ModeLoss
 from distpose.train.step import micro_batch_loss, optimizer_step
 
 
@@ -38,9 +39,37 @@ def test_the_micro_batch_loss_is_the_mse_on_normalised_images_and_encoded_target
              "joints": torch.rand(2, 17, 2, generator=generator) * torch.tensor([width, height]),
              "visible": torch.ones(2, 17)}
     model = HeatmapsOf(cfg.data.heatmap_size)
-    loss = micro_batch_loss(model, batch, codec, "backbone", torch.device("cpu"))
+    loss = micro_batch_loss(model, batch, ModeLoss(cfg), torch.device("cpu"))
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
     images = ((batch["image"].double() / 255 - mean.double()) / std.double()).permute(0, 3, 1, 2)
     target, weight = codec.encode(batch["joints"], batch["visible"])
     expected = heatmap_mse(model.double().net(images), target.double(), weight)
     assert loss.requires_grad and torch.allclose(loss.double(), expected, rtol=1e-4)
+
+
+def test_the_joint_loss_adds_the_weighted_heatmap_mse_and_trains_the_heatmap_head(tmp_path):
+    from distpose.models.losses import crf_marginal_loss
+    from distpose.models.model_file import save_model_file
+    from distpose.train.modes import parameter_groups, run_model
+
+    torch.manual_seed(0)
+    backbone = Config()
+    save_model_file(tmp_path / "b.pt", run_model(backbone).state_dict(), backbone)
+    joint = ["train.mode=joint", f"train.backbone_checkpoint={tmp_path / 'b.pt'}", "model.crf_window=2"]
+    plain, weighted = (load_config(None, [*joint, f"train.heatmap_loss_weight={w}"]) for w in (0, 250))
+    height, width = plain.data.input_size
+    joints, visible = torch.rand(2, 17, 2) * torch.tensor([width, height]), torch.rand(2, 17) > 0.3
+    model = run_model(plain)
+    output = model(torch.randn(2, 3, height, width))
+    crf_target, crf_weight = HeatmapCodec(plain.data.input_size, plain.data.heatmap_size,
+                                          plain.model.crf_target_sigma).encode(joints, visible)
+    hm_target, hm_weight = HeatmapCodec(plain.data.input_size, plain.data.heatmap_size,
+                                        plain.data.sigma).encode(joints, visible)
+    ce = crf_marginal_loss(output.log_marginals, crf_target, crf_weight)
+    mse = heatmap_mse(output.heatmaps.float(), hm_target, hm_weight)
+    assert torch.equal(ModeLoss(plain)(output, joints, visible), ce)
+    torch.testing.assert_close(ModeLoss(weighted)(output, joints, visible), ce + 250 * mse)
+    head = set(model.backbone.final_layer.parameters())
+    def trained(cfg):
+        return {p for group in parameter_groups(model, cfg.train) for p in group["params"]}
+    assert not head & trained(plain) and head <= trained(weighted)

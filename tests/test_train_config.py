@@ -218,13 +218,13 @@ def test_lr_multiplier_no_warmup_and_factor():
 
 
 def test_crf_modes_train_on_narrower_targets_than_the_heatmaps():
-    from distpose.train.modes import target_codec
+    from distpose.train.modes import ModeLoss
 
     backbone = load_config(None, ["data.sigma=2.0", "model.crf_target_sigma=0.5"])
     crf = load_config(None, ["data.sigma=2.0", "model.crf_target_sigma=0.5", "train.mode=crf",
                              "train.backbone_checkpoint=b.pt"])
-    assert target_codec(backbone).sigma == 2.0 and target_codec(crf).sigma == 0.5
-    assert target_codec(crf).heatmap_size == crf.data.heatmap_size
+    assert ModeLoss(backbone).heatmap_codec.sigma == 2.0 and ModeLoss(crf).crf_codec.sigma == 0.5
+    assert ModeLoss(crf).crf_codec.heatmap_size == crf.data.heatmap_size
 
 
 def test_a_coco_recipe_refuses_to_start_without_its_imagenet_weights(tmp_path, capsys, no_ray, monkeypatch):

@@ -1,18 +1,24 @@
 """What each choice of the CRF modes is worth: one change at a time against the shipped crf and joint
-configs, each trained from the same backbone and scored on the same validation instances.
+configs, trained from the same backbone and scored on the same validation instances.
 
     pairwise start   the training split's limb statistics (shipped) / a Gaussian at zero displacement
-    window           chosen from the limbs (shipped) / smaller radii
+    window           chosen from the limbs (shipped) / a smaller radius
     unary scale      the shipped model.crf_unary_scale / a third / three times
-    joint backbone   the backbone at the CRF's learning rate (shipped) / a tenth of it (joint mode)
     target           the cross-entropy target at model.crf_target_sigma (shipped) / at the heatmaps' data.sigma
+    occluders        synthetic occluders pasted on the CRF's training crops / none
+    types            displacement types per edge with per-instance weights (Chen & Yuille) / one table per edge
+    joint start      the crf run's backbone and CRF (shipped, staged) / the backbone and a fresh CRF
+    joint backbone   the backbone at train.lr x backbone_lr_scale (shipped) / at the CRF's learning rate
+    joint heatmaps   the CRF's loss alone / plus the backbone's heatmap MSE
 
-Every variant reports its PCK@0.1 (visible and occluded) with a 95% bootstrap interval, its paired
-difference from the reference run of its mode, and from the backbone it started from.
+The joint variants that start from a crf run start from the shipped crf variant's model. Every variant
+reports its PCK@0.1 (visible and occluded) with a 95% bootstrap interval, its paired difference from the
+reference run of its mode, and from the backbone it started from.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -38,13 +44,15 @@ VARIANTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("crf (shipped)", "crf", ()),
     ("crf, pairwise a Gaussian at zero", "crf", ("model.crf_pairwise_init=gaussian",)),
     ("crf, window R=3", "crf", ("model.crf_window=3",)),
-    ("crf, window R=5", "crf", ("model.crf_window=5",)),
     ("crf, unary scale / 3", "crf", ("model.crf_unary_scale={scale_third}",)),
     ("crf, unary scale x 3", "crf", ("model.crf_unary_scale={scale_triple}",)),
-    ("joint (shipped)", "joint", ()),
-    ("joint, backbone lr / 10", "joint", ("train.backbone_lr_scale={backbone_lr_tenth}",)),
-    # Appended, not inserted: runs are named by index, and a finished run of that name is reused.
     ("crf, cross-entropy target at data.sigma", "crf", ("model.crf_target_sigma={heatmap_sigma}",)),
+    ("crf, synthetic occluders on half the crops", "crf", ("data.augment.occluder_prob=0.5",)),
+    ("crf, 3 displacement types per edge", "crf", ("model.crf_pairwise_types=3",)),
+    ("joint (shipped)", "joint", ()),
+    ("joint, from the backbone and a fresh CRF", "joint", ("train.crf_from_checkpoint=false",)),
+    ("joint, backbone at the CRF's learning rate", "joint", ("train.backbone_lr_scale=1.0",)),
+    ("joint, plus the heatmap MSE x 1000", "joint", ("train.heatmap_loss_weight=1000",)),
 )
 
 
@@ -61,7 +69,7 @@ def variant_configs(config_dir: Path, network: str, overrides: tuple[str, ...]) 
             raise UserError(f"ablation: config directory {config_dir} lacks {path.name}")
         base = load_config(path, overrides)
         values = {"scale_third": base.model.crf_unary_scale / 3, "scale_triple": base.model.crf_unary_scale * 3,
-                  "backbone_lr_tenth": base.train.backbone_lr_scale / 10, "heatmap_sigma": base.data.sigma}
+                  "heatmap_sigma": base.data.sigma}
         extra = [c.format(**values) for c in changes] + [f"train.run_name=ablation_{network}_{index}"]
         out.append((name, load_config(path, [*overrides, *extra])))
     return out
@@ -78,10 +86,15 @@ def run(config_dir: str | Path = "quick", network: str = "cnn", overrides: tuple
     _, base_predictions, _ = score_model_file(backbone)
     base = RunResult(network, "the backbone", {}, predictions=base_predictions)
     results: list[tuple[str, Config, RunResult]] = []
+    crf_reference = None
     with ray_cluster(address, variants[0][1].monitor):
         for name, cfg in variants:
+            if cfg.train.crf_from_checkpoint:  # the staged schedule: from the shipped crf variant's model
+                cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, backbone_checkpoint=crf_reference))
             _say(f"{name}: training {cfg.train.run_name}")
             outcome = train(cfg)
+            if crf_reference is None and cfg.train.mode == "crf":
+                crf_reference = str(outcome.final_model)
             metrics, predictions, _ = score_model_file(outcome.final_model)
             results.append((name, cfg, RunResult(name, cfg.train.mode, flat_metrics(metrics),
                                                   training_seconds(outcome.run_dir), predictions=predictions)))

@@ -15,6 +15,7 @@ given in log-sum-exp terms per second (one exp each) against the exp unit's peak
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Any
 
@@ -127,9 +128,12 @@ def log_marginal_error(got: torch.Tensor | None, expected: torch.Tensor) -> dict
     }
 
 
+TABLES = ("shared", "per-sample")  # one [K, S, S] set for the batch, or [B, K, S, S] (CRF displacement types)
+
+
 def run(batch: int = 64, size: tuple[int, int] = (64, 48), radii: tuple[int, ...] = (7, 15),
         full_window: bool = True, repeats: int = 5, device: str | None = None,
-        impls: tuple[str, ...] = (*EXACT, "conv")) -> dict[str, Any]:
+        impls: tuple[str, ...] = (*EXACT, "conv"), tables: tuple[str, ...] = TABLES) -> dict[str, Any]:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     h, w = size
     windows = list(radii) + ([max(h, w) - 1] if full_window else [])
@@ -137,18 +141,20 @@ def run(batch: int = 64, size: tuple[int, int] = (64, 48), radii: tuple[int, ...
     peak = next((v for k, v in EXP_PEAK_PER_S.items() if k in machine().get("device", "")), None)
     skipped = {} if triton_runs_on(device) else {"triton": f"needs CUDA or TRITON_INTERPRET=1 (device {device})"}
     results = []
-    for radius in windows:
+    for radius, kind in itertools.product(windows, tables):
         s = 2 * radius + 1
         unary = skeleton_log_heatmaps(batch, size, min(radius, max(h, w) - 1), gen).to(device)
-        pairwise = (-torch.rand(len(CRF_PARENTS), s, s, generator=gen) * 3).to(device)
-        log.info("R=%d: float64 reference", radius)
+        shape = (len(CRF_PARENTS), s, s) if kind == "shared" else (batch, len(CRF_PARENTS), s, s)
+        pairwise = (-torch.rand(*shape, generator=gen) * 3).to(device)
+        log.info("R=%d, %s tables: float64 reference", radius, kind)
         expected = forward(with_impl("shift"), unary.double(), pairwise.double())
-        row: dict[str, Any] = {"radius": radius, "window": s, "full_map_window": radius == max(h, w) - 1}
+        row: dict[str, Any] = {"radius": radius, "window": s, "full_map_window": radius == max(h, w) - 1,
+                               "tables": kind}
         for name in impls:
             if name in skipped:
                 row[name] = {"status": f"skipped: {skipped[name]}"}
                 continue
-            log.info("R=%d: %s", radius, name)
+            log.info("R=%d, %s tables: %s", radius, kind, name)
             entry: dict[str, Any] = {}
             fwd, marginals, entry["status"] = _measure(forward, repeats, _marginals(name), unary, pairwise)
             entry["forward_ms"] = None if fwd is None else round(fwd * 1e3, 3)
@@ -166,7 +172,8 @@ def run(batch: int = 64, size: tuple[int, int] = (64, 48), radii: tuple[int, ...
         "batch": batch, "joints": len(CRF_PARENTS), "edges": EDGES, "map_size": list(size), "dtype": "float32",
         "exp_peak_per_s": peak,
         "notes": "forward = marginals (upward + downward pass); errors against the float64 shift reference; "
-                 "conv is the probability-space speed baseline, not exact",
+                 "conv is the probability-space speed baseline, not exact; tables: one pairwise set for the "
+                 "batch (shared) or one per instance (per-sample, as CRF displacement types make them)",
         "results": results,
     }
 

@@ -27,7 +27,7 @@ from distpose.models.pose import build_pose_model
 from distpose.train.batches import training_batches
 from distpose.train.crf_prior import with_crf_prior
 from distpose.train.engine import with_precision_resolved
-from distpose.train.modes import parameter_groups, run_model, set_train_mode, target_codec
+from distpose.train.modes import ModeLoss, parameter_groups, run_model, set_train_mode
 from distpose.train.step import micro_batch_loss, optimizer_step
 
 log = logging.getLogger(__name__)
@@ -45,9 +45,9 @@ def plain_loop(cfg: Config, warmup: int, steps: int) -> dict[str, float]:
     torch.set_num_threads(cfg.train.cpus_per_worker)
     cfg, prior = with_crf_prior(cfg)
     model = run_model(cfg, prior.pairwise if prior else None).to(device)
-    optimizer = torch.optim.Adam(parameter_groups(model, cfg.train.mode, cfg.train.lr, cfg.train.backbone_lr_scale))
+    optimizer = torch.optim.Adam(parameter_groups(model, cfg.train))
     batches, _ = training_batches(cfg, 0, cfg.train.workers, 0)
-    codec = target_codec(cfg)
+    mode_loss = ModeLoss(cfg)
     half = {"bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
     autocast = torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
@@ -55,7 +55,7 @@ def plain_loop(cfg: Config, warmup: int, steps: int) -> dict[str, float]:
     accum, waited = cfg.train.grad_accum, 0.0
 
     def loss_of(batch: dict[str, Any]) -> torch.Tensor:
-        return micro_batch_loss(model, batch, codec, cfg.train.mode, device, autocast=autocast)
+        return micro_batch_loss(model, batch, mode_loss, device, autocast=autocast)
 
     def backward(loss: torch.Tensor) -> None:
         scaler.scale(loss / accum).backward()

@@ -27,7 +27,7 @@ def run_bench_kernel(args: argparse.Namespace) -> int:
 
     out = output_path(args.out)
     write_json(run(batch=args.batch, radii=tuple(args.radius), full_window=not args.no_full_window,
-                    repeats=args.repeats, impls=tuple(args.impl)), out)
+                    repeats=args.repeats, impls=tuple(args.impl), tables=tuple(args.tables)), out)
     return 0
 
 
@@ -126,13 +126,16 @@ def register(commands: argparse._SubParsersAction) -> None:
         description="Forward, forward + backward and max-product times of the tree CRF at B x 17 joints x "
         "64x48 for each window radius and the full-map window: the Triton kernel, the PyTorch shift and "
         "unfold formulations, and the probability-space conv2d speed baseline, in one run, with each one's "
-        "error against a float64 reference and the kernel's exp rate against the exp unit's peak. "
+        "error against a float64 reference and the kernel's exp rate against the exp unit's peak, with "
+        "pairwise tables shared by the batch and per instance (as CRF displacement types make them). "
         "Meant for a GPU; on a CPU the Triton kernel is skipped unless TRITON_INTERPRET=1.",
     )
     _add_crf_bench_arguments(kernel, batch=64, repeats=5, example="crf-kernel-<gpu>.json")
     kernel.add_argument("--no-full-window", action="store_true", help="leave out the full-map window")
     kernel.add_argument("--impl", nargs="+", default=["triton", "shift", "unfold", "conv"],
                         choices=["triton", "shift", "unfold", "conv"], help="what to time (default all)")
+    kernel.add_argument("--tables", nargs="+", default=["shared", "per-sample"], choices=["shared", "per-sample"],
+                        help="pairwise tables shared by the batch, per instance, or both (default)")
     kernel.set_defaults(func=run_bench_kernel)
 
     ablation = bench_cmds.add_parser(

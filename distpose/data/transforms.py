@@ -125,7 +125,33 @@ class TopDownTransform:
         out_h, out_w = self.input_size
         crop = cv2.warpAffine(image, m, (out_w, out_h), dst=out, flags=cv2.INTER_LINEAR)
         cv2.cvtColor(crop, cv2.COLOR_BGR2RGB, dst=crop)
+        # Drawn only when enabled, so a config without occluders keeps its random stream (and its results).
+        if self.augment is not None and self.augment.occluder_prob > 0 and rng.random() < self.augment.occluder_prob:
+            paste_occluders(crop, joints, visible, rng)
         return Crop(crop, joints, visible, m)
+
+
+def paste_occluders(crop: np.ndarray, joints: np.ndarray, labelled: np.ndarray, rng: np.random.Generator) -> int:
+    """Paint 1-3 solid rectangles or ellipses of random colour over `crop` in place, each centred near a random
+    labelled joint (jittered by 5% of the crop's height), half-sides 4-15% of it: the joint under one loses its
+    evidence and keeps its label, as an occluded joint does. Returns how many were drawn (0 with no joint)."""
+    candidates = np.flatnonzero(labelled)
+    if not len(candidates):
+        return 0
+    height = crop.shape[0]
+    count = int(rng.integers(1, 4))
+    for _ in range(count):
+        centre = joints[int(rng.choice(candidates))] + rng.normal(0.0, 0.05 * height, size=2)
+        half = rng.uniform(0.04, 0.15, size=2) * height
+        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        if rng.random() < 0.5:
+            p, q = np.rint(centre - half).astype(int), np.rint(centre + half).astype(int)
+            cv2.rectangle(crop, (int(p[0]), int(p[1])), (int(q[0]), int(q[1])), colour, -1)
+        else:
+            c, axes = np.rint(centre).astype(int), np.rint(half).astype(int)
+            cv2.ellipse(crop, (int(c[0]), int(c[1])), (int(axes[0]), int(axes[1])), float(rng.uniform(0, 180)), 0,
+                        360, colour, -1)
+    return count
 
 
 def normalize_images(images: torch.Tensor) -> torch.Tensor:

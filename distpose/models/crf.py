@@ -54,6 +54,53 @@ def pairwise_from_displacements(displacements: Sequence[np.ndarray], radius: int
     in the window is ruled out; those outside the window are left out. An edge without data (and the
     root's unused row) gets the flat density.
     """
+    blurred = _blurred_histograms(displacements, radius, smoothing)
+    size = 2 * radius + 1
+    mass = blurred.sum(dim=(1, 2), keepdim=True)
+    density = torch.where(mass > 0, blurred / mass.clamp_min(1e-300), torch.full_like(blurred, 1.0 / size**2))
+    return torch.log((1 - uniform) * density + uniform / size**2).float()
+
+
+def typed_pairwise_from_displacements(displacements: Sequence[np.ndarray], radius: int, types: int,
+                                      smoothing: float = 1.0, uniform: float = 0.01, seed: int = 0) -> torch.Tensor:
+    """[K, types, 2R+1, 2R+1]: each edge's displacements clustered into `types` (k-means), one table per type.
+
+    A type's table is the log of its cluster's share of pairwise_from_displacements' density (the same
+    histogram, blur and flat floor, the floor split evenly) plus log(types): the mixture with equal weights,
+    log mean_t exp(table_t), is then exactly that function's table, so a typed CRF starts as the one-table CRF.
+    """
+    size = 2 * radius + 1
+    tables = torch.zeros(len(displacements), types, size, size, dtype=torch.float64)
+    for k, d in enumerate(displacements):
+        labels = cluster_displacements(d, types, seed) if len(d) >= types else np.zeros(len(d), dtype=int)
+        tables[k] = _blurred_histograms([d[labels == t] for t in range(types)], radius, smoothing)
+    mass = tables.sum(dim=(1, 2, 3), keepdim=True)
+    share = torch.where(mass > 0, tables / mass.clamp_min(1e-300), torch.full_like(tables, 1.0 / (types * size**2)))
+    return torch.log(types * ((1 - uniform) * share + uniform / (types * size**2))).float()
+
+
+def cluster_displacements(points: np.ndarray, types: int, seed: int = 0, iterations: int = 100) -> np.ndarray:
+    """[N] the type of each (dy, dx) of `points` [N, 2], N >= types: Lloyd's k-means from a k-means++ start."""
+    rng = np.random.default_rng(seed)
+    centres = points[[int(rng.integers(len(points)))]]
+    while len(centres) < types:
+        nearest = ((points[:, None] - centres[None]) ** 2).sum(axis=2).min(axis=1)
+        total = nearest.sum()
+        pick = rng.choice(len(points), p=nearest / total) if total > 0 else int(rng.integers(len(points)))
+        centres = np.vstack([centres, points[pick]])
+    labels = np.zeros(len(points), dtype=int)
+    for _ in range(iterations):
+        labels = ((points[:, None] - centres[None]) ** 2).sum(axis=2).argmin(axis=1)
+        moved = np.array([points[labels == t].mean(axis=0) if (labels == t).any() else centres[t]
+                          for t in range(types)])
+        if np.array_equal(moved, centres):
+            break
+        centres = moved
+    return labels
+
+
+def _blurred_histograms(displacements: Sequence[np.ndarray], radius: int, smoothing: float) -> torch.Tensor:
+    """[N, 2R+1, 2R+1] float64: each set of displacements splatted bilinearly and blurred by a Gaussian."""
     size = 2 * radius + 1
     tables = np.zeros((len(displacements), size, size))
     for k, d in enumerate(displacements):
@@ -63,10 +110,7 @@ def pairwise_from_displacements(displacements: Sequence[np.ndarray], radius: int
     kernel = (kernel / kernel.sum()).to(torch.float64)
     blurred = torch.from_numpy(tables)[:, None]
     blurred = F.conv2d(F.pad(blurred, (3, 3, 0, 0)), kernel.view(1, 1, 1, 7))
-    blurred = F.conv2d(F.pad(blurred, (0, 0, 3, 3)), kernel.view(1, 1, 7, 1))[:, 0]
-    mass = blurred.sum(dim=(1, 2), keepdim=True)
-    density = torch.where(mass > 0, blurred / mass.clamp_min(1e-300), torch.full_like(blurred, 1.0 / size**2))
-    return torch.log((1 - uniform) * density + uniform / size**2).float()
+    return F.conv2d(F.pad(blurred, (0, 0, 3, 3)), kernel.view(1, 1, 7, 1))[:, 0]
 
 
 def _splat(points: np.ndarray, size: int) -> np.ndarray:
@@ -84,11 +128,23 @@ def _splat(points: np.ndarray, size: int) -> np.ndarray:
 
 
 class TreeCRF(nn.Module):
-    def __init__(self, feature_channels: int, parents: Sequence[int] = CRF_PARENTS, radius: int = 7):
+    """With `types` > 1 each edge has that many pairwise tables, and a linear head on the mean-pooled features
+    predicts, per instance and edge, the weights w of their mixture: the edge's log-potential is
+    log sum_t w_t exp(T_t(d)) (image-dependent pairwise terms, Chen & Yuille 2014). It starts with equal
+    weights. With one type there is no head, and every instance shares one table per edge."""
+
+    def __init__(self, feature_channels: int, parents: Sequence[int] = CRF_PARENTS, radius: int = 7, types: int = 1):
         super().__init__()
         self.parents = list(parents)
-        self.unary_head = nn.Conv2d(feature_channels, len(self.parents), 1)
-        self.pairwise = nn.Parameter(gaussian_window(radius, radius / 2).repeat(len(self.parents), 1, 1))
+        k = len(self.parents)
+        self.unary_head = nn.Conv2d(feature_channels, k, 1)
+        table = gaussian_window(radius, radius / 2)
+        self.pairwise = nn.Parameter(table.repeat(k, 1, 1) if types == 1 else table.repeat(k, types, 1, 1))
+        self.type_head = None
+        if types > 1:
+            self.type_head = nn.Linear(feature_channels, k * types)
+            nn.init.zeros_(self.type_head.weight)
+            nn.init.zeros_(self.type_head.bias)
 
     @property
     def radius(self) -> int:
@@ -103,17 +159,26 @@ class TreeCRF(nn.Module):
 
     @torch.no_grad()
     def init_pairwise(self, tables: torch.Tensor) -> None:
-        """Start the pairwise potentials from [K, 2R+1, 2R+1] tables (e.g. pairwise_from_displacements)."""
+        """Start the pairwise potentials from tables [K, 2R+1, 2R+1] (pairwise_from_displacements), or
+        [K, types, 2R+1, 2R+1] (typed_pairwise_from_displacements)."""
         if tables.shape != self.pairwise.shape:
             raise ValueError(f"pairwise tables of shape {tuple(tables.shape)}, expected {tuple(self.pairwise.shape)}")
         self.pairwise.copy_(tables)
 
+    def tables(self, features: torch.Tensor) -> torch.Tensor:
+        """The pairwise log-potentials for these features: [K, 2R+1, 2R+1] shared, or [B, K, 2R+1, 2R+1]."""
+        if self.type_head is None:
+            return self.pairwise.float()
+        b, k, types = features.shape[0], len(self.parents), self.pairwise.shape[1]
+        weights = torch.log_softmax(self.type_head(features.float().mean(dim=(2, 3))).view(b, k, types), dim=2)
+        return torch.logsumexp(weights[..., None, None] + self.pairwise.float(), dim=2)
+
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """features [B, C, H, W] -> (log Z [B], log-marginals [B, K, H, W]), computed in float32."""
         unary = self.unary_head(features).float()
-        return tree_crf_marginals(unary, self.pairwise.float(), self.parents)
+        return tree_crf_marginals(unary, self.tables(features), self.parents)
 
     @torch.no_grad()
     def map(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The most probable joint configuration: (score [B], positions [B, K, 2] as (y, x))."""
-        return tree_crf_map(self.unary_head(features).float(), self.pairwise.float(), self.parents)
+        return tree_crf_map(self.unary_head(features).float(), self.tables(features), self.parents)

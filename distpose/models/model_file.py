@@ -17,7 +17,7 @@ import torch
 from distpose.config import Config, config_from_dict, to_dict
 from distpose.errors import UserError
 from distpose.files import write_bytes
-from distpose.models.pose import PoseModel, build_pose_model, pose_architecture
+from distpose.models.pose import CRF_PREFIX, PoseModel, build_pose_model, pose_architecture
 from distpose.models.weights import read_torch_file
 
 MODEL_FILE_FORMAT = "distpose.pose/1"
@@ -47,7 +47,7 @@ def load_model_file(path: str | Path) -> tuple[PoseModel, Config, dict[str, Any]
     """(the model in eval mode, the config that built it, the file's metadata)."""
     contents = read_model_file(path)
     cfg = config_from_dict(contents["config"], source=f"model file {path}")
-    model = pose_architecture(cfg.model, with_crf=any(k.startswith("crf.") for k in contents["state_dict"]))
+    model = pose_architecture(cfg.model, with_crf=any(k.startswith(CRF_PREFIX) for k in contents["state_dict"]))
     model.load_state_dict(contents["state_dict"])
     return model.eval(), cfg, contents["meta"]
 

@@ -17,7 +17,7 @@ from distpose.config import ConfigError, ModelConfig
 from distpose.keypoints import FLIP_INDEX
 from distpose.models.crf import TreeCRF
 from distpose.models.factory import build_backbone
-from distpose.models.weights import load_backbone_weights
+from distpose.models.weights import load_backbone_weights, read_torch_file, state_dict_in
 
 
 @dataclass
@@ -35,6 +35,9 @@ def flip_back(maps: torch.Tensor) -> torch.Tensor:
     HRNet's one-pixel shift corrects the offset of its x / stride alignment, which we do not have.
     """
     return maps.flip(-1)[:, list(FLIP_INDEX)]
+
+
+CRF_PREFIX = "crf."  # the CRF's tensors in a PoseModel's state dict
 
 
 class PoseModel(nn.Module):
@@ -75,13 +78,15 @@ class PoseModel(nn.Module):
 
 
 def build_pose_model(m: ModelConfig, with_crf: bool = False, backbone_weights: str | Path = "",
-                     pairwise: torch.Tensor | None = None, weights_source: str = "backbone weights") -> PoseModel:
+                     pairwise: torch.Tensor | None = None, weights_source: str = "backbone weights",
+                     crf_from_weights: bool = False) -> PoseModel:
     """The network model config `m` describes, initialised from local files.
 
     `m.pretrained` (optional) is loaded into the backbone where names and shapes match. `backbone_weights`
     (a pose checkpoint or a bare weights file) must hold the whole backbone: a CRF must never start on a
-    half-loaded network (`weights_source` names the setting in the error). `with_crf` adds the TreeCRF,
-    its unary head from the backbone's heatmap head (times m.crf_unary_scale), its pairwise potentials
+    half-loaded network (`weights_source` names the setting in the error). `with_crf` adds the TreeCRF:
+    with `crf_from_weights` the one `backbone_weights` holds (a CRF model file's, its window m.crf_window);
+    else its unary head from the backbone's heatmap head (times m.crf_unary_scale), its pairwise potentials
     from `pairwise` ([K, 2R+1, 2R+1]) or else a broad Gaussian at zero.
     """
     backbone = build_backbone(m.backbone, m.num_joints)
@@ -91,11 +96,34 @@ def build_pose_model(m: ModelConfig, with_crf: bool = False, backbone_weights: s
         _load_whole_backbone(backbone, m.backbone, str(backbone_weights), weights_source)
     crf = None
     if with_crf:
-        crf = TreeCRF(backbone.feature_channels, radius=crf_radius(m))
-        crf.init_unary_from(backbone.final_layer, m.crf_unary_scale)
-        if pairwise is not None:
-            crf.init_pairwise(pairwise)
+        crf = new_crf(m, backbone.feature_channels)
+        if crf_from_weights:
+            _load_crf(crf, str(backbone_weights), weights_source)
+        else:
+            crf.init_unary_from(backbone.final_layer, m.crf_unary_scale)
+            if pairwise is not None:
+                crf.init_pairwise(pairwise)
     return PoseModel(backbone, crf)
+
+
+def crf_radius_in(path: str | Path) -> int | None:
+    """The window radius R of the CRF a model file holds, or None if it holds none."""
+    pairwise = state_dict_in(read_torch_file(path), path).get(f"{CRF_PREFIX}pairwise")
+    return None if pairwise is None else pairwise.shape[-1] // 2
+
+
+def _load_crf(crf: TreeCRF, path: str, source: str) -> None:
+    tensors = state_dict_in(read_torch_file(path), path)
+    state = {k.removeprefix(CRF_PREFIX): v for k, v in tensors.items() if k.startswith(CRF_PREFIX)}
+    own = crf.state_dict()
+    if set(state) != set(own):
+        raise ConfigError(f"{source}: {path} holds no complete CRF (a crf run's model file does), so the CRF "
+                          f"cannot start from it")
+    odd = next((k for k in own if own[k].shape != state[k].shape), None)
+    if odd is not None:
+        raise ConfigError(f"{source}: {path}'s CRF has {odd} of shape {list(state[odd].shape)}, this model's is "
+                          f"{list(own[odd].shape)} (another window or backbone)")
+    crf.load_state_dict(state)
 
 
 def crf_radius(m: ModelConfig) -> int:
@@ -116,4 +144,9 @@ def _load_whole_backbone(backbone: nn.Module, name: str, path: str, source: str)
 def pose_architecture(m: ModelConfig, with_crf: bool) -> PoseModel:
     """The network `m` describes, freshly initialised, with nothing loaded."""
     backbone = build_backbone(m.backbone, m.num_joints)
-    return PoseModel(backbone, TreeCRF(backbone.feature_channels, radius=crf_radius(m)) if with_crf else None)
+    return PoseModel(backbone, new_crf(m, backbone.feature_channels) if with_crf else None)
+
+
+def new_crf(m: ModelConfig, feature_channels: int) -> TreeCRF:
+    """A freshly initialised TreeCRF of `m`'s window and displacement types."""
+    return TreeCRF(feature_channels, radius=crf_radius(m), types=m.crf_pairwise_types)

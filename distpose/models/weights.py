@@ -96,7 +96,7 @@ def read_torch_file(path: str | Path, what: str = "weights file") -> Any:
         raise UserError(f"{what} {path}: not a readable torch file ({first})") from None
 
 
-def _state_dict_in(obj: Any, path: str | Path) -> dict[str, torch.Tensor]:
+def state_dict_in(obj: Any, path: str | Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), dict):
@@ -109,7 +109,7 @@ def _state_dict_in(obj: Any, path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_backbone_weights(backbone: nn.Module, name: str, path: str | Path) -> LoadReport:
     """Load a weights file into `backbone` (built as `name`) where names and shapes match."""
-    tensors = _state_dict_in(read_torch_file(path), path)
+    tensors = state_dict_in(read_torch_file(path), path)
     own = backbone.state_dict()
     report, update = LoadReport(), {}
     for key, value in tensors.items():

@@ -42,12 +42,13 @@ def score_best(best: dict[str, dict[str, Any]]) -> dict[str, RunResult]:
 def write_leaderboard(sweep: Sweep, records: list[dict[str, Any]], scored: dict[str, RunResult],
                       parents: dict[str, str | None]) -> Path | str:
     """leaderboard.md/.csv (the best trial per recipe, with 95% intervals and each crf/joint recipe's paired
-    difference from its backbone), trials.csv (every trial), best/<recipe>.pt."""
+    difference from its parent: a crf recipe's backbone, a joint recipe's crf recipe), trials.csv (every trial),
+    best/<recipe>.pt."""
     directory = sweep_dir(sweep)
     best = best_trials(records)
     shown = [sweep.metric] + [m for m in ("visible/pck@0.1", "occluded/pck@0.1", "AP") if m != sweep.metric]
     intervals = [f"{kind}/{HEADLINE} [95%]" for kind in KINDS]
-    against = [f"{kind}/{HEADLINE} minus its backbone's [95%]" for kind in KINDS]
+    against = [f"{kind}/{HEADLINE} minus its parent's [95%]" for kind in KINDS]
     columns = ["recipe", "trial", *shown, *intervals, *against, "best_epoch", "trials", "params", "checkpoint"]
     rows = []
     for name in sweep.recipes:
@@ -83,9 +84,9 @@ def write_leaderboard(sweep: Sweep, records: list[dict[str, Any]], scored: dict[
              f"(grace {sweep.grace_period} epoch(s), reduction factor {sweep.reduction_factor}), seed {sweep.seed}. "
              "Best trial per recipe, scored on the validation split at its best epoch; trials = "
              "completed/early-stopped/failed. Every trial: `trials.csv`. Intervals: 95% bootstrap over the "
-             f"validation instances ({RESAMPLES} resamples); a crf/joint recipe's difference from its backbone's best "
-             "trial is paired over the same instances and called beats/trails only where its interval excludes "
-             "zero.", "",
+             f"validation instances ({RESAMPLES} resamples); a crf/joint recipe's difference from its parent's best "
+             "trial (a crf recipe's backbone, a joint recipe's crf recipe) is paired over the same instances and "
+             "called beats/trails only where its interval excludes zero.", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
     path = within(directory, "leaderboard.md")

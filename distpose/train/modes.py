@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from distpose.config import Config, Mode
+from distpose.config import Config, Mode, TrainConfig
 from distpose.data.codec import HeatmapCodec
 from distpose.models.losses import crf_marginal_loss, heatmap_mse
 from distpose.models.pose import PoseModel, PoseOutput, build_pose_model, pose_architecture
@@ -25,11 +25,13 @@ def with_crf(mode: Mode) -> bool:
 
 def run_model(cfg: Config, pairwise: torch.Tensor | None = None) -> PoseModel:
     """The model a run of cfg.train.mode starts from: the backbone (from model.pretrained, if named) in the
-    backbone mode; in the crf and joint modes the trained backbone of train.backbone_checkpoint with a CRF
-    (its pairwise tables from `pairwise`, the CRF prior, if given)."""
+    backbone mode; in the crf and joint modes the trained backbone of train.backbone_checkpoint with a CRF:
+    with train.crf_from_checkpoint that file's CRF, else a new one (its pairwise tables from `pairwise`, the
+    CRF prior, if given)."""
     crf = with_crf(cfg.train.mode)
     return build_pose_model(cfg.model, crf, cfg.train.backbone_checkpoint if crf else "", pairwise,
-                            weights_source="config key 'train.backbone_checkpoint'")
+                            weights_source="config key 'train.backbone_checkpoint'",
+                            crf_from_weights=cfg.train.crf_from_checkpoint)
 
 
 def run_architecture(cfg: Config) -> PoseModel:
@@ -37,26 +39,27 @@ def run_architecture(cfg: Config) -> PoseModel:
     return pose_architecture(cfg.model, with_crf(cfg.train.mode))
 
 
-def select_trainable(model: PoseModel, mode: Mode) -> list[nn.Parameter]:
-    """Set requires_grad for `mode` and return the parameters the optimizer updates."""
+def select_trainable(model: PoseModel, train: TrainConfig) -> list[nn.Parameter]:
+    """Set requires_grad for train.mode and return the parameters the optimizer updates."""
+    mode = train.mode
     model.requires_grad_(mode == "backbone")
     if mode == "joint":
         model.requires_grad_(True)
-        model.backbone.final_layer.requires_grad_(False)
+        model.backbone.final_layer.requires_grad_(train.heatmap_loss_weight > 0)
     elif mode == "crf":
         model.crf.requires_grad_(True)
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def parameter_groups(model: PoseModel, mode: Mode, lr: float, backbone_lr_scale: float) -> list[dict]:
+def parameter_groups(model: PoseModel, train: TrainConfig) -> list[dict]:
     """select_trainable's parameters as optimizer groups: in the joint mode the backbone's learn at
-    lr x backbone_lr_scale (it starts trained; the CRF starts from its prior), the rest at lr."""
-    trainable = select_trainable(model, mode)
-    if mode != "joint":
-        return [{"params": trainable, "lr": lr}]
+    lr x backbone_lr_scale (it starts trained), the CRF's at lr."""
+    trainable = select_trainable(model, train)
+    if train.mode != "joint":
+        return [{"params": trainable, "lr": train.lr}]
     backbone = {id(p) for p in model.backbone.parameters()}
-    return [{"params": [p for p in trainable if id(p) not in backbone], "lr": lr},
-            {"params": [p for p in trainable if id(p) in backbone], "lr": lr * backbone_lr_scale}]
+    return [{"params": [p for p in trainable if id(p) not in backbone], "lr": train.lr},
+            {"params": [p for p in trainable if id(p) in backbone], "lr": train.lr * train.backbone_lr_scale}]
 
 
 def set_train_mode(model: nn.Module, mode: Mode) -> None:
@@ -66,15 +69,30 @@ def set_train_mode(model: nn.Module, mode: Mode) -> None:
         model.backbone.eval()
 
 
-def target_codec(cfg: Config) -> HeatmapCodec:
-    """The codec that renders the training targets: Gaussians of data.sigma for the heatmap MSE, of
-    model.crf_target_sigma for the CRF modes' cross-entropy (where the target stands for the joint's true
-    position, and a broad one rewards broad marginals that the pairwise prior then moves)."""
-    sigma = cfg.data.sigma if cfg.train.mode == "backbone" else cfg.model.crf_target_sigma
-    return HeatmapCodec(cfg.data.input_size, cfg.data.heatmap_size, sigma)
+class ModeLoss:
+    """What a mode minimises, with the codecs that render its targets from a batch's joints.
 
+    backbone: the heatmap MSE, targets of data.sigma. crf and joint: the CRF marginals' cross-entropy, targets
+    of model.crf_target_sigma (the target stands for the joint's true position, and a broad one rewards broad
+    marginals that the pairwise prior then moves); in the joint mode plus train.heatmap_loss_weight x the
+    backbone's heatmap MSE.
+    """
 
-def mode_loss(output: PoseOutput, target: torch.Tensor, weight: torch.Tensor, mode: Mode) -> torch.Tensor:
-    if mode == "backbone":
-        return heatmap_mse(output.heatmaps.float(), target, weight)
-    return crf_marginal_loss(output.log_marginals, target, weight)
+    def __init__(self, cfg: Config):
+        d, t = cfg.data, cfg.train
+        self.heatmap_codec = HeatmapCodec(d.input_size, d.heatmap_size, d.sigma)
+        self.crf_codec = None if t.mode == "backbone" else \
+            HeatmapCodec(d.input_size, d.heatmap_size, cfg.model.crf_target_sigma)
+        self.heatmap_weight = {"backbone": 1.0, "crf": 0.0, "joint": t.heatmap_loss_weight}[t.mode]
+
+    def __call__(self, output: PoseOutput, joints: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """joints [B, K, 2] in crop pixels, visible [B, K] (labelled) -> the scalar loss."""
+        terms = []
+        if self.crf_codec is not None:
+            target, weight = self.crf_codec.encode(joints, visible)
+            terms.append(crf_marginal_loss(output.log_marginals, target, weight))
+        if self.heatmap_weight:
+            target, weight = self.heatmap_codec.encode(joints, visible)
+            mse = heatmap_mse(output.heatmaps.float(), target, weight)
+            terms.append(mse if self.heatmap_weight == 1.0 else self.heatmap_weight * mse)
+        return sum(terms[1:], terms[0])

@@ -10,21 +10,19 @@ from typing import Any
 
 import torch
 
-from distpose.data.codec import HeatmapCodec
 from distpose.data.transforms import normalize_images
-from distpose.train.modes import mode_loss
+from distpose.train.modes import ModeLoss
 
 
-def micro_batch_loss(model: torch.nn.Module, batch: dict[str, Any], codec: HeatmapCodec, mode: str,
-                     device: torch.device, input_dtype: torch.dtype = torch.float32,
+def micro_batch_loss(model: torch.nn.Module, batch: dict[str, Any], loss: ModeLoss, device: torch.device,
+                     input_dtype: torch.dtype = torch.float32,
                      autocast: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
     """The mode's loss on one micro-batch: images normalised (and cast to `input_dtype` for an all-bf16/fp16
-    model), targets rendered by `codec` on the device, the forward under `autocast` if given."""
+    model), the forward under `autocast` if given, targets rendered by `loss` on the device."""
     images = normalize_images(batch["image"].to(device, non_blocking=True)).to(input_dtype)
-    target, weight = codec.encode(batch["joints"].to(device), batch["visible"].to(device))
     with autocast or contextlib.nullcontext():
         output = model(images)
-    return mode_loss(output, target, weight, mode)
+    return loss(output, batch["joints"].to(device), batch["visible"].to(device))
 
 
 def optimizer_step(batches: Iterator[dict[str, Any]], accum: int, loss_of: Callable[[dict[str, Any]], torch.Tensor],

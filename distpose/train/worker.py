@@ -38,7 +38,7 @@ from distpose.train.checkpoints import (
     save_checkpoint,
 )
 from distpose.train.engine import build_engine, with_precision_resolved
-from distpose.train.modes import parameter_groups, run_architecture, run_model, set_train_mode, target_codec
+from distpose.train.modes import ModeLoss, parameter_groups, run_architecture, run_model, set_train_mode
 from distpose.train.step import micro_batch_loss, optimizer_step
 
 
@@ -139,7 +139,7 @@ def train_worker(job: dict[str, Any]) -> None:
 
     pairwise = job.get("crf_pairwise")
     model = run_model(cfg, None if pairwise is None else torch.tensor(pairwise)).to(device)
-    groups = parameter_groups(model, cfg.train.mode, cfg.train.lr, cfg.train.backbone_lr_scale)
+    groups = parameter_groups(model, cfg.train)
     engine, state, origin = _engine_resumed(model, groups, cfg, job, rank, world)
     # Decided before anyone writes: every rank must agree on joining the (collective) export.
     export_final = state.epoch < cfg.train.epochs or not exists(join(run_dir, FINAL_MODEL))
@@ -152,14 +152,14 @@ def train_worker(job: dict[str, Any]) -> None:
               host=socket.gethostname(), pid=os.getpid(), micro_batch=micro_batch_size(cfg), grad_accum=accum,
               device=str(device), precision=cfg.train.precision)
 
-    codec = target_codec(cfg)
+    mode_loss = ModeLoss(cfg)
     batches, loader = training_batches(cfg, rank, world, state.step)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16 if cfg.train.precision == "fp16" \
         else torch.float32
     steps, mode = cfg.data.batches_per_epoch, cfg.train.mode
 
     def loss_of(batch: dict[str, Any]) -> torch.Tensor:
-        return micro_batch_loss(engine, batch, codec, mode, device, dtype)
+        return micro_batch_loss(engine, batch, mode_loss, device, dtype)
 
     def backward(loss: torch.Tensor) -> None:  # DeepSpeed steps the optimizer at the accumulation boundary
         engine.backward(loss)
