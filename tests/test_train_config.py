@@ -257,7 +257,7 @@ def test_a_rerun_with_another_model_is_refused_and_the_run_left_as_it_was(tmp_pa
                                f"train.storage={storage}", *overrides],
                               capture_output=True, text=True, check=False, timeout=60)
 
-    other = rerun("model.backbone=hrnet_small", "data.input_size=[96,64]", "data.heatmap_size=[24,16]")
+    other = rerun("model.backbone=hrnet_small", "data.input_size=[128,96]", "data.heatmap_size=[32,24]")
     lines = other.stderr.strip().splitlines()
     assert other.returncode == 2 and len(lines) == 1, other.stdout + other.stderr
     print(f"[rerun] {lines[0]}")

@@ -50,7 +50,8 @@ VARIANTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("crf, synthetic occluders on half the crops", "crf", ("data.augment.occluder_prob=0.5",)),
     ("crf, 3 displacement types per edge", "crf", ("model.crf_pairwise_types=3",)),
     ("joint (shipped)", "joint", ()),
-    ("joint, from the backbone and a fresh CRF", "joint", ("train.crf_from_checkpoint=false",)),
+    ("joint, from the backbone and a fresh CRF", "joint",
+     ("train.crf_from_checkpoint=false", "model.crf_window_coverage={crf_coverage}")),
     ("joint, backbone at the CRF's learning rate", "joint", ("train.backbone_lr_scale=1.0",)),
     ("joint, plus the heatmap MSE x 1000", "joint", ("train.heatmap_loss_weight=1000",)),
 )
@@ -63,13 +64,17 @@ def _say(text: str) -> None:
 def variant_configs(config_dir: Path, network: str, overrides: tuple[str, ...]) -> list[tuple[str, Config]]:
     """(variant, config) per variant, named ablation_<network>_<index> in the configs' storage."""
     out = []
+    crf_path = config_dir / f"{network}_crf.yaml"
+    if not crf_path.is_file():
+        raise UserError(f"ablation: config directory {config_dir} lacks {crf_path.name}")
+    crf_coverage = load_config(crf_path, overrides).model.crf_window_coverage  # a fresh CRF's window, as crf's
     for index, (name, mode, changes) in enumerate(VARIANTS):
         path = config_dir / f"{network}_{mode}.yaml"
         if not path.is_file():
             raise UserError(f"ablation: config directory {config_dir} lacks {path.name}")
         base = load_config(path, overrides)
         values = {"scale_third": base.model.crf_unary_scale / 3, "scale_triple": base.model.crf_unary_scale * 3,
-                  "heatmap_sigma": base.data.sigma}
+                  "heatmap_sigma": base.data.sigma, "crf_coverage": crf_coverage}
         extra = [c.format(**values) for c in changes] + [f"train.run_name=ablation_{network}_{index}"]
         out.append((name, load_config(path, [*overrides, *extra])))
     return out
