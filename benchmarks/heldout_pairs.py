@@ -24,15 +24,10 @@ from distpose.data.shards import shard_ground_truth
 from distpose.eval.bootstrap import instance_pck, paired_difference, pck_interval
 from distpose.eval.evaluate import evaluate_model
 from distpose.models.model_file import load_model_file
-from distpose.recipes import RECIPE_NAMES, backbone_recipe, recipe
+from distpose.pipeline import comparison_pairs
+from distpose.recipes import RECIPE_NAMES
 
 KINDS = (("visible", 0.1), ("occluded", 0.1), ("visible", 0.05))
-
-
-def comparisons() -> list[tuple[str, str]]:
-    """HRNet against the CNN, each CRF run against its backbone, each joint run against its crf run."""
-    pairs = [("hrnet", "cnn")] + [(name, backbone_recipe(name)) for name in RECIPE_NAMES if recipe(name).parent]
-    return pairs + [(name, recipe(name).parent) for name in RECIPE_NAMES if recipe(name).mode == "joint"]
 
 
 def scored(runs: Path, shards: str, split: str) -> dict:
@@ -48,7 +43,8 @@ def scored(runs: Path, shards: str, split: str) -> dict:
                  for name, p in predictions.items()},
         "pairs": {f"{a} - {b}": {f"{k}@{t}": paired_difference(instance_pck(predictions[a], k, t),
                                                                instance_pck(predictions[b], k, t)).format(signed=True)
-                                 for k, t in KINDS} for a, b in comparisons()},
+                                 for k, t in KINDS} for a, b in comparison_pairs(RECIPE_NAMES)
+                  if b is not None},
     }
 
 

@@ -16,7 +16,7 @@ import json
 import logging
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from distpose.cluster import ray_cluster
@@ -78,9 +78,16 @@ def comparisons(results: list[RunResult], configs: dict[str, Config]) -> list[Co
     """HRNet against the CNN, each CRF run against its backbone, and each joint run against the crf run it
     started from: the comparisons the recipes exist for."""
     by_name = {r.name: r for r in results}
-    pairs = [("hrnet", "cnn")] + [(name, backbone_recipe(name)) for name in configs]
-    pairs += [(name, recipe(name).parent) for name in configs if recipe(name).mode == "joint"]
-    return [compare(by_name[a], by_name[b]) for a, b in pairs if a in by_name and b in by_name]
+    return [compare(by_name[a], by_name[b]) for a, b in comparison_pairs(configs)
+            if a in by_name and b in by_name]
+
+
+def comparison_pairs(names: Iterable[str]) -> list[tuple[str, str]]:
+    """(run, against) for the recipes in `names`: HRNet against the CNN, each CRF run against its backbone,
+    each joint run against the crf run it started from."""
+    names = list(names)
+    pairs = [("hrnet", "cnn")] + [(name, backbone_recipe(name)) for name in names]
+    return pairs + [(name, recipe(name).parent) for name in names if recipe(name).mode == "joint"]
 
 
 def crf_notes(results: list[RunResult], configs: dict[str, Config]) -> list[str]:

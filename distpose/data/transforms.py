@@ -131,16 +131,15 @@ class TopDownTransform:
         return Crop(crop, joints, visible, m)
 
 
-def paste_occluders(crop: np.ndarray, joints: np.ndarray, labelled: np.ndarray, rng: np.random.Generator) -> int:
+def paste_occluders(crop: np.ndarray, joints: np.ndarray, labelled: np.ndarray, rng: np.random.Generator) -> None:
     """Paint 1-3 solid rectangles or ellipses of random colour over `crop` in place, each centred near a random
     labelled joint (jittered by 5% of the crop's height), half-sides 4-15% of it: the joint under one loses its
-    evidence and keeps its label, as an occluded joint does. Returns how many were drawn (0 with no joint)."""
+    evidence and keeps its label, as an occluded joint does. A crop with no labelled joint is left as it is."""
     candidates = np.flatnonzero(labelled)
     if not len(candidates):
-        return 0
+        return
     height = crop.shape[0]
-    count = int(rng.integers(1, 4))
-    for _ in range(count):
+    for _ in range(int(rng.integers(1, 4))):
         centre = joints[int(rng.choice(candidates))] + rng.normal(0.0, 0.05 * height, size=2)
         half = rng.uniform(0.04, 0.15, size=2) * height
         colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
@@ -151,7 +150,6 @@ def paste_occluders(crop: np.ndarray, joints: np.ndarray, labelled: np.ndarray, 
             c, axes = np.rint(centre).astype(int), np.rint(half).astype(int)
             cv2.ellipse(crop, (int(c[0]), int(c[1])), (int(axes[0]), int(axes[1])), float(rng.uniform(0, 180)), 0,
                         360, colour, -1)
-    return count
 
 
 def normalize_images(images: torch.Tensor) -> torch.Tensor:
