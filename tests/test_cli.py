@@ -47,6 +47,17 @@ def test_every_leaf_has_arguments_here():
     assert set(leaves(build_parser())) == set(ARGUMENTS)
 
 
+def test_every_command_and_group_answers_help(capsys):
+    """`distpose bench --help` once died in argparse: a help string with a bare "95%" is a format string."""
+    words = {w[:depth] for w in ARGUMENTS for depth in range(len(w) + 1)}
+    for prefix in sorted(words):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*prefix, "--help"])
+        out = capsys.readouterr().out
+        assert exit_info.value.code == 0 and out.startswith("usage: distpose"), f"distpose {' '.join(prefix)} --help"
+        assert "%%" not in out, f"distpose {' '.join(prefix)} --help prints a doubled %: {out}"
+
+
 def _argv(words: tuple[str, ...], scratch) -> list[str]:
     rest, _ = ARGUMENTS[words]
     return [*words, *(str(scratch) if a == "T" else a.replace("T/", f"{scratch}/") for a in rest)]

@@ -139,7 +139,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     kernel.set_defaults(func=run_bench_kernel)
 
     ablation = bench_cmds.add_parser(
-        "ablation", help="the CRF recipes' choices, one at a time, with paired 95% intervals",
+        "ablation", help="the CRF recipes' choices, one at a time, with paired 95%% intervals",
         description="Trains the crf and joint recipes of one network from the same backbone model file, each "
         "with one choice changed (pairwise start, window, unary scale, the joint mode's backbone learning "
         "rate), and scores every run on the same validation instances: PCK@0.1 with 95% bootstrap intervals "
