@@ -99,6 +99,9 @@ class ModelConfig:
     # split's displacements, mixed per instance with weights a head predicts from the features. 1: one table
     # per edge, shared by every instance.
     crf_pairwise_types: int = 1
+    # A learned temperature per joint on its unary and a weight per edge on its pairwise log-potential, both
+    # starting at 1 and learning at train.lr x train.crf_gain_lr_scale (models.crf.TreeCRF).
+    crf_gains: bool = False
     # The crf/joint modes start the CRF's unary log-potentials as the backbone's heatmaps (values in [0, 1])
     # times this: at 1 the marginals are near flat (docs/crf.md, What each choice is worth, compares scales).
     crf_unary_scale: float = 30.0
@@ -124,6 +127,7 @@ class TrainConfig:
     epochs: int = 2
     lr: float = 1e-3
     backbone_lr_scale: float = 1.0  # joint mode: the backbone learns at lr x this (the CRF at lr)
+    crf_gain_lr_scale: float = 10.0  # with model.crf_gains: the CRF's temperatures and edge weights learn at lr x this
     lr_steps: tuple[int, ...] = (170, 200)  # epochs after which lr is multiplied by lr_factor
     lr_factor: float = 0.1
     warmup_steps: int = 0
@@ -479,6 +483,7 @@ def validate(cfg: Config) -> None:
     _require(1 <= fewest <= most, "train.workers", t.workers, "an integer >= 1, or [min, max] with 1 <= min <= max")
     _require(t.lr > 0, "train.lr", t.lr, "a number > 0")
     _require(t.backbone_lr_scale > 0, "train.backbone_lr_scale", t.backbone_lr_scale, "a number > 0")
+    _require(t.crf_gain_lr_scale > 0, "train.crf_gain_lr_scale", t.crf_gain_lr_scale, "a number > 0")
     _require(t.max_failures >= 0, "train.max_failures", t.max_failures, "an integer >= 0")
     # A name, not a path: the run directory is train.storage/train.run_name.
     _require(bool(RUN_NAME.fullmatch(t.run_name)) and t.run_name not in (".", ".."), "train.run_name", t.run_name,

@@ -90,3 +90,30 @@ def test_one_displacement_type_is_the_shared_table_crf_and_types_mix_per_instanc
     torch.testing.assert_close(log_z.double(), ref_z, atol=1e-4, rtol=0)
     log_marginals[:, :, 4, 4].sum().backward()  # the type head learns from the marginals
     assert typed.type_head.weight.grad.abs().sum() > 0 and typed.pairwise.grad.abs().sum() > 0
+
+
+def test_gains_scale_each_joints_unary_and_each_edges_table_and_start_at_one():
+    from distpose.kernels import tree_crf_map, tree_crf_marginals
+
+    torch.manual_seed(0)
+    features = torch.randn(2, 8, 10, 8)
+    plain, gained = TreeCRF(8, radius=2), TreeCRF(8, radius=2, gains=True)
+    assert plain.log_temperature is None and "log_temperature" not in plain.state_dict()
+    gained.load_state_dict({**plain.state_dict(), **{k: v for k, v in gained.state_dict().items() if "log_" in k}})
+    for a, b in zip(plain(features), gained(features)):  # at the start the gains are 1: the same CRF
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    temperature, edge_weight = torch.rand(17) * 3 + 0.2, torch.rand(17) * 3 + 0.2
+    with torch.no_grad():
+        gained.log_temperature.copy_(temperature.log())
+        gained.log_edge_weight.copy_(edge_weight.log())
+    # The same CRF in float64 with each joint's unary and each edge's table multiplied out by hand
+    unary = plain.unary_head(features).double() * temperature.double()[:, None, None]
+    tables = plain.pairwise.double() * edge_weight.double()[:, None, None]
+    ref_z, ref_marginals = tree_crf_marginals(unary, tables, CRF_PARENTS, impl="reference")
+    log_z, log_marginals = gained(features)
+    torch.testing.assert_close(log_marginals.double(), ref_marginals, atol=1e-4, rtol=0)
+    torch.testing.assert_close(log_z.double(), ref_z, atol=1e-4, rtol=0)
+    torch.testing.assert_close(gained.map(features)[1], tree_crf_map(unary, tables, CRF_PARENTS)[1], atol=0, rtol=0)
+    log_marginals[:, :, 4, 4].sum().backward()
+    assert gained.log_temperature.grad.abs().min() > 0  # every joint's temperature learns
+    assert gained.log_edge_weight.grad[1:].abs().min() > 0  # every edge's weight (the root has no edge)

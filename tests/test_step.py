@@ -1,5 +1,6 @@
 """The optimizer step shared by the DeepSpeed worker and the plain benchmark loop."""
 
+import pytest
 import torch
 
 from distpose.config import Config, load_config
@@ -73,3 +74,29 @@ def test_the_joint_loss_adds_the_weighted_heatmap_mse_and_trains_the_heatmap_hea
     def trained(cfg):
         return {p for group in parameter_groups(model, cfg.train) for p in group["params"]}
     assert not head & trained(plain) and head <= trained(weighted)
+
+
+@pytest.mark.parametrize("mode", ["crf", "joint"])
+def test_each_parameter_learns_at_its_groups_rate(tmp_path, mode):
+    from distpose.models.model_file import save_model_file
+    from distpose.train.modes import parameter_groups, run_model
+
+    backbone = Config()
+    save_model_file(tmp_path / "b.pt", run_model(backbone).state_dict(), backbone)
+    cfg = load_config(None, [f"train.mode={mode}", f"train.backbone_checkpoint={tmp_path / 'b.pt'}",
+                             "model.crf_window=2", "model.crf_gains=true", "train.lr=0.002",
+                             "train.backbone_lr_scale=0.1", "train.crf_gain_lr_scale=30"])
+    model = run_model(cfg)
+    rate = {id(p): group["lr"] for group in parameter_groups(model, cfg.train) for p in group["params"]}
+    assert sum(len(g["params"]) for g in parameter_groups(model, cfg.train)) == len(rate)  # none twice
+    crf = model.crf
+    for parameter in (crf.log_temperature, crf.log_edge_weight):
+        assert rate[id(parameter)] == pytest.approx(0.06)
+    for parameter in (crf.pairwise, crf.unary_head.weight):
+        assert rate[id(parameter)] == pytest.approx(0.002)
+    head = set(model.backbone.final_layer.parameters())  # trains only with train.heatmap_loss_weight
+    backbone_rates = [rate.get(id(p)) for p in model.backbone.parameters() if p not in head]
+    if mode == "joint":
+        assert backbone_rates == pytest.approx([0.0002] * len(backbone_rates))
+    else:
+        assert backbone_rates == [None] * len(backbone_rates)

@@ -49,6 +49,7 @@ VARIANTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("crf, cross-entropy target at data.sigma", "crf", ("model.crf_target_sigma={heatmap_sigma}",)),
     ("crf, synthetic occluders on half the crops", "crf", ("data.augment.occluder_prob=0.5",)),
     ("crf, 3 displacement types per edge", "crf", ("model.crf_pairwise_types=3",)),
+    ("crf, a learned temperature per joint and weight per edge", "crf", ("model.crf_gains=true",)),
     ("joint (shipped)", "joint", ()),
     ("joint, from the backbone and a fresh CRF", "joint",
      ("train.crf_from_checkpoint=false", "model.crf_window_coverage={crf_coverage}")),

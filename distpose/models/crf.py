@@ -131,9 +131,14 @@ class TreeCRF(nn.Module):
     """With `types` > 1 each edge has that many pairwise tables, and a linear head on the mean-pooled features
     predicts, per instance and edge, the weights w of their mixture: the edge's log-potential is
     log sum_t w_t exp(T_t(d)) (image-dependent pairwise terms, Chen & Yuille 2014). It starts with equal
-    weights. With one type there is no head, and every instance shares one table per edge."""
+    weights. With one type there is no head, and every instance shares one table per edge.
 
-    def __init__(self, feature_channels: int, parents: Sequence[int] = CRF_PARENTS, radius: int = 7, types: int = 1):
+    With `gains`, joint k's unary log-potential is multiplied by a learned temperature exp(tau_k) and edge k's
+    pairwise log-potential by a learned weight exp(omega_k), both starting at 1: a few scalars that move the
+    balance between a joint's evidence and its neighbour's pull faster than the 1x1 head and the tables can."""
+
+    def __init__(self, feature_channels: int, parents: Sequence[int] = CRF_PARENTS, radius: int = 7, types: int = 1,
+                 gains: bool = False):
         super().__init__()
         self.parents = list(parents)
         k = len(self.parents)
@@ -145,6 +150,8 @@ class TreeCRF(nn.Module):
             self.type_head = nn.Linear(feature_channels, k * types)
             nn.init.zeros_(self.type_head.weight)
             nn.init.zeros_(self.type_head.bias)
+        self.log_temperature = nn.Parameter(torch.zeros(k)) if gains else None
+        self.log_edge_weight = nn.Parameter(torch.zeros(k)) if gains else None
 
     @property
     def radius(self) -> int:
@@ -168,17 +175,27 @@ class TreeCRF(nn.Module):
     def tables(self, features: torch.Tensor) -> torch.Tensor:
         """The pairwise log-potentials for these features: [K, 2R+1, 2R+1] shared, or [B, K, 2R+1, 2R+1]."""
         if self.type_head is None:
-            return self.pairwise.float()
-        b, k, types = features.shape[0], len(self.parents), self.pairwise.shape[1]
-        weights = torch.log_softmax(self.type_head(features.float().mean(dim=(2, 3))).view(b, k, types), dim=2)
-        return torch.logsumexp(weights[..., None, None] + self.pairwise.float(), dim=2)
+            tables = self.pairwise.float()
+        else:
+            b, k, types = features.shape[0], len(self.parents), self.pairwise.shape[1]
+            weights = torch.log_softmax(self.type_head(features.float().mean(dim=(2, 3))).view(b, k, types), dim=2)
+            tables = torch.logsumexp(weights[..., None, None] + self.pairwise.float(), dim=2)
+        if self.log_edge_weight is not None:
+            tables = tables * self.log_edge_weight.float().exp()[:, None, None]
+        return tables
+
+    def unary(self, features: torch.Tensor) -> torch.Tensor:
+        """The unary log-potentials [B, K, H, W] in float32."""
+        unary = self.unary_head(features).float()
+        if self.log_temperature is not None:
+            unary = unary * self.log_temperature.float().exp()[:, None, None]
+        return unary
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """features [B, C, H, W] -> (log Z [B], log-marginals [B, K, H, W]), computed in float32."""
-        unary = self.unary_head(features).float()
-        return tree_crf_marginals(unary, self.tables(features), self.parents)
+        return tree_crf_marginals(self.unary(features), self.tables(features), self.parents)
 
     @torch.no_grad()
     def map(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The most probable joint configuration: (score [B], positions [B, K, 2] as (y, x))."""
-        return tree_crf_map(self.unary_head(features).float(), self.tables(features), self.parents)
+        return tree_crf_map(self.unary(features), self.tables(features), self.parents)

@@ -148,5 +148,5 @@ def pose_architecture(m: ModelConfig, with_crf: bool) -> PoseModel:
 
 
 def new_crf(m: ModelConfig, feature_channels: int) -> TreeCRF:
-    """A freshly initialised TreeCRF of `m`'s window and displacement types."""
-    return TreeCRF(feature_channels, radius=crf_radius(m), types=m.crf_pairwise_types)
+    """A freshly initialised TreeCRF of `m`'s window, displacement types and gains."""
+    return TreeCRF(feature_channels, radius=crf_radius(m), types=m.crf_pairwise_types, gains=m.crf_gains)

@@ -52,14 +52,19 @@ def select_trainable(model: PoseModel, train: TrainConfig) -> list[nn.Parameter]
 
 
 def parameter_groups(model: PoseModel, train: TrainConfig) -> list[dict]:
-    """select_trainable's parameters as optimizer groups: in the joint mode the backbone's learn at
-    lr x backbone_lr_scale (it starts trained), the CRF's at lr."""
-    trainable = select_trainable(model, train)
-    if train.mode != "joint":
-        return [{"params": trainable, "lr": train.lr}]
-    backbone = {id(p) for p in model.backbone.parameters()}
-    return [{"params": [p for p in trainable if id(p) not in backbone], "lr": train.lr},
-            {"params": [p for p in trainable if id(p) in backbone], "lr": train.lr * train.backbone_lr_scale}]
+    """select_trainable's parameters as optimizer groups: the CRF's at lr, its gains (model.crf_gains) at
+    lr x crf_gain_lr_scale, and in the joint mode the backbone's at lr x backbone_lr_scale (it starts trained)."""
+    def lr_scale(name: str) -> float:
+        if name.startswith("backbone."):
+            return train.backbone_lr_scale if train.mode == "joint" else 1.0
+        return train.crf_gain_lr_scale if name in ("crf.log_temperature", "crf.log_edge_weight") else 1.0
+
+    trainable = {id(p) for p in select_trainable(model, train)}
+    groups: dict[float, list[nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        if id(parameter) in trainable:
+            groups.setdefault(lr_scale(name), []).append(parameter)
+    return [{"params": params, "lr": train.lr * scale} for scale, params in groups.items()]
 
 
 def set_train_mode(model: nn.Module, mode: Mode) -> None:
