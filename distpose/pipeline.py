@@ -111,11 +111,13 @@ def crf_notes(results: list[RunResult], configs: dict[str, Config]) -> list[str]
     return notes
 
 
-def run_config(config_dir: Path, name: str, overrides: list[str], parent: Path | str | None) -> Config:
+def run_config(config_dir: Path, name: str, overrides: list[str], parent: Path | str | None,
+               run_suffix: str = "") -> Config:
+    """Recipe `name`'s config as the pipeline trains it: run pipeline_<name><run_suffix>, from `parent`."""
     path = config_dir / f"{name}.yaml"
     if not path.is_file():
         raise UserError(f"pipeline config directory {config_dir} lacks {name}.yaml (recipe {name!r})")
-    extra = [f"train.run_name=pipeline_{name}"]
+    extra = [f"train.run_name=pipeline_{name}{run_suffix}"]
     if parent is not None:
         # The report scores every final.pt itself; a CRF run's own evaluation would only repeat the last one.
         extra += [f"train.backbone_checkpoint={parent}", "eval.every_epochs=0"]
