@@ -13,6 +13,7 @@ as benchmarks/heldout_pairs.py's docstring says.
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 from pathlib import Path
 
@@ -65,6 +66,7 @@ def main() -> None:
     parser.add_argument("--config", default="quick", help="recipe directory (a path or a packaged name)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # each run's progress and result lines
     config_dir = find_config(args.config, directory=True)
     first = run_config(config_dir, CHAIN[0], [], None)
     with ray_cluster(None, first.monitor):
