@@ -13,11 +13,12 @@ from distpose.data.codec import HeatmapCodec
 from distpose.data.transforms import apply_affine, box_to_center_scale, crop_matrix
 from distpose.errors import UserError
 from distpose.keypoints import FLIP_INDEX
+from distpose.models import pose, weights
 from distpose.models.crf import TreeCRF
 from distpose.models.factory import build_backbone
 from distpose.models.model_file import load_model_file, save_model_file
 from distpose.models.pose import PoseModel, build_pose_model, flip_back
-from distpose.models.weights import load_backbone_weights, official_to_ours
+from distpose.models.weights import load_backbone_weights, official_to_ours, read_torch_file
 from distpose.train.modes import run_model
 
 
@@ -51,7 +52,7 @@ def test_crf_modes_need_and_load_a_backbone_checkpoint(tmp_path):
     torch.testing.assert_close(out.log_marginals.exp().sum((2, 3)), torch.ones(1, 17), atol=1e-5, rtol=0)
 
 
-def test_a_staged_joint_run_starts_from_the_crf_runs_whole_model(tmp_path):
+def test_a_staged_joint_run_starts_from_the_crf_runs_whole_model(tmp_path, monkeypatch):
     from distpose.train.crf_prior import with_crf_prior
 
     torch.manual_seed(0)
@@ -68,7 +69,11 @@ def test_a_staged_joint_run_starts_from_the_crf_runs_whole_model(tmp_path):
               "train.crf_from_checkpoint": "true"}
     cfg, prior = with_crf_prior(quick_config(**staged))  # the window comes from the file, nothing is measured
     assert cfg.model.crf_window == 3 and prior.record()["pairwise_init"] == "checkpoint" and prior.limbs == 0
+    reads = []
+    for module in (pose, weights):
+        monkeypatch.setattr(module, "read_torch_file", lambda path: reads.append(path) or read_torch_file(path))
     model = run_model(cfg)
+    assert reads == [str(tmp_path / "crf.pt")]  # once for the backbone and the CRF: each worker reads it
     for name, value in crf_run.state_dict().items():
         assert torch.equal(model.state_dict()[name], value), name
     with pytest.raises(ConfigError, match="model.crf_window': 4, but the CRF of .*crf.pt .* has R=3"):

@@ -17,7 +17,7 @@ from distpose.config import ConfigError, ModelConfig
 from distpose.keypoints import FLIP_INDEX
 from distpose.models.crf import TreeCRF
 from distpose.models.factory import build_backbone
-from distpose.models.weights import load_backbone_weights, read_torch_file, state_dict_in
+from distpose.models.weights import load_backbone_tensors, load_backbone_weights, read_torch_file, state_dict_in
 
 
 @dataclass
@@ -92,13 +92,15 @@ def build_pose_model(m: ModelConfig, with_crf: bool = False, backbone_weights: s
     backbone = build_backbone(m.backbone, m.num_joints)
     if m.pretrained:
         load_backbone_weights(backbone, m.backbone, m.pretrained)
+    # Read once: the backbone and, with crf_from_weights, the CRF come from the same file.
+    tensors = state_dict_in(read_torch_file(backbone_weights), backbone_weights) if backbone_weights else {}
     if backbone_weights:
-        _load_whole_backbone(backbone, m.backbone, str(backbone_weights), weights_source)
+        _load_whole_backbone(backbone, m.backbone, tensors, str(backbone_weights), weights_source)
     crf = None
     if with_crf:
         crf = new_crf(m, backbone.feature_channels)
         if crf_from_weights:
-            _load_crf(crf, str(backbone_weights), weights_source)
+            _load_crf(crf, tensors, str(backbone_weights), weights_source)
         else:
             crf.init_unary_from(backbone.final_layer, m.crf_unary_scale)
             if pairwise is not None:
@@ -112,8 +114,7 @@ def crf_radius_in(path: str | Path) -> int | None:
     return None if pairwise is None else pairwise.shape[-1] // 2
 
 
-def _load_crf(crf: TreeCRF, path: str, source: str) -> None:
-    tensors = state_dict_in(read_torch_file(path), path)
+def _load_crf(crf: TreeCRF, tensors: dict[str, torch.Tensor], path: str, source: str) -> None:
     state = {k.removeprefix(CRF_PREFIX): v for k, v in tensors.items() if k.startswith(CRF_PREFIX)}
     own = crf.state_dict()
     if set(state) != set(own):
@@ -133,8 +134,9 @@ def crf_radius(m: ModelConfig) -> int:
     return m.crf_window
 
 
-def _load_whole_backbone(backbone: nn.Module, name: str, path: str, source: str) -> None:
-    report = load_backbone_weights(backbone, name, path)
+def _load_whole_backbone(backbone: nn.Module, name: str, tensors: dict[str, torch.Tensor], path: str, source: str
+                         ) -> None:
+    report = load_backbone_tensors(backbone, name, tensors, path)
     if report.missing or report.mismatched:
         example = (report.mismatched or report.missing)[0]
         raise ConfigError(f"{source}: {path} does not hold a complete {name!r} backbone ({len(report.missing)} tensors "

@@ -109,7 +109,12 @@ def state_dict_in(obj: Any, path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_backbone_weights(backbone: nn.Module, name: str, path: str | Path) -> LoadReport:
     """Load a weights file into `backbone` (built as `name`) where names and shapes match."""
-    tensors = state_dict_in(read_torch_file(path), path)
+    return load_backbone_tensors(backbone, name, state_dict_in(read_torch_file(path), path), path)
+
+
+def load_backbone_tensors(backbone: nn.Module, name: str, tensors: dict[str, torch.Tensor], path: str | Path
+                          ) -> LoadReport:
+    """load_backbone_weights for the tensors already read from the weights file at `path`."""
     own = backbone.state_dict()
     report, update = LoadReport(), {}
     for key, value in tensors.items():
