@@ -7,6 +7,7 @@ configs, trained from the same backbone and scored on the same validation instan
     target           the cross-entropy target at model.crf_target_sigma (shipped) / at the heatmaps' data.sigma
     occluders        synthetic occluders pasted on the CRF's training crops / none
     types            displacement types per edge with per-instance weights (Chen & Yuille) / one table per edge
+    gains            a learned temperature per joint and weight per edge / none
     joint start      the crf run's backbone and CRF (shipped, staged) / the backbone and a fresh CRF
     joint backbone   the backbone at train.lr x backbone_lr_scale (shipped) / at the CRF's learning rate
     joint heatmaps   the CRF's loss alone / plus the backbone's heatmap MSE
