@@ -89,6 +89,7 @@ def test_each_parameter_learns_at_its_groups_rate(tmp_path, mode):
     model = run_model(cfg)
     rate = {id(p): group["lr"] for group in parameter_groups(model, cfg.train) for p in group["params"]}
     assert sum(len(g["params"]) for g in parameter_groups(model, cfg.train)) == len(rate)  # none twice
+    assert parameter_groups(model, cfg.train)[0]["lr"] == pytest.approx(0.002)  # the rate the run logs (group 0)
     crf = model.crf
     for parameter in (crf.log_temperature, crf.log_edge_weight):
         assert rate[id(parameter)] == pytest.approx(0.06)

@@ -52,19 +52,19 @@ def select_trainable(model: PoseModel, train: TrainConfig) -> list[nn.Parameter]
 
 
 def parameter_groups(model: PoseModel, train: TrainConfig) -> list[dict]:
-    """select_trainable's parameters as optimizer groups: the CRF's at lr, its gains (model.crf_gains) at
-    lr x crf_gain_lr_scale, and in the joint mode the backbone's at lr x backbone_lr_scale (it starts trained)."""
-    def lr_scale(name: str) -> float:
-        if name.startswith("backbone."):
-            return train.backbone_lr_scale if train.mode == "joint" else 1.0
-        return train.crf_gain_lr_scale if name in ("crf.log_temperature", "crf.log_edge_weight") else 1.0
-
-    trainable = {id(p) for p in select_trainable(model, train)}
-    groups: dict[float, list[nn.Parameter]] = {}
-    for name, parameter in model.named_parameters():
-        if id(parameter) in trainable:
-            groups.setdefault(lr_scale(name), []).append(parameter)
-    return [{"params": params, "lr": train.lr * scale} for scale, params in groups.items()]
+    """select_trainable's parameters as optimizer groups, in this order: the CRF's at lr (the first group's rate
+    is the one the run logs), its gains (model.crf_gains) at lr x crf_gain_lr_scale, and in the joint mode the
+    backbone's at lr x backbone_lr_scale (it starts trained). Without gains these are the groups runs have always
+    had, so older checkpoints resume."""
+    crf = model.crf
+    gains = set() if crf is None or crf.log_temperature is None else {id(crf.log_temperature), id(crf.log_edge_weight)}
+    backbone = {id(p) for p in model.backbone.parameters()} if train.mode == "joint" else set()
+    roles: dict[str, list[nn.Parameter]] = {"base": [], "gains": [], "backbone": []}
+    for parameter in select_trainable(model, train):
+        role = "gains" if id(parameter) in gains else "backbone" if id(parameter) in backbone else "base"
+        roles[role].append(parameter)
+    scales = {"base": 1.0, "gains": train.crf_gain_lr_scale, "backbone": train.backbone_lr_scale}
+    return [{"params": params, "lr": train.lr * scales[role]} for role, params in roles.items() if params]
 
 
 def set_train_mode(model: nn.Module, mode: Mode) -> None:
