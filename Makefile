@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-tools lint clean
+.PHONY: install demo test test-integration test-tools lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,8 +40,13 @@ test-tools:
 	    echo "make: prometheus and promtool are missing: install them (Debian: apt-get install prometheus)"; exit 1; }; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 
+# The suite without the tests marked integration (those that start Ray, DeepSpeed or a whole command on them;
+# tests/conftest.py marks every test that uses the shared Ray). CI runs both targets (.ci/run).
 test: $(VENV)/.installed test-tools
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
+
+test-integration: $(VENV)/.installed test-tools
+	$(BIN)/python -m pytest -m integration $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check distpose tests benchmarks

@@ -47,6 +47,7 @@ OFFICIAL = "needs an official HRNet release file, downloaded by the user"
 CANNOT_RUN = {
     "make install": "what `make test` does first; CI's .ci/run runs `make test` on a fresh clone",
     "make test": "the suite itself",
+    "make test-integration": "the suite itself",
     "make install 'TORCH=torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128'":
         "downloads a CUDA build of torch; this machine reaches PyPI only",
     "distpose train configs/coco/hrnet.yaml data.shards=/shared/coco-shards train.storage=/shared/runs "

@@ -22,6 +22,7 @@ from distpose.commands import main
 from distpose.config import ConfigError
 from distpose.files import read_bytes
 from distpose.metrics_log import read_records
+from distpose.train.checkpoints import complete_checkpoints
 from distpose.train.sweep_file import base_config, load_sweep, sweep_dir, trial_config
 from distpose.train.tune import DONE_FILE, run_sweep
 
@@ -299,6 +300,7 @@ def test_killed_sweep_resumes_without_repeating_finished_trials(ray_session, syn
     assert last["epoch"] == LONG_TRIAL_EPOCHS and "val/visible/pck@0.1" in last
 
 
+@pytest.mark.integration  # starts its own Ray, twice
 def test_one_ctrl_c_stops_the_sweep_and_resume_trains_every_recipe_to_its_end(synth_shards, tmp_path):
     """`distpose -q tune` in its own process group with its own local Ray, as from a terminal: one SIGINT to the
     group during the cnn trial's second epoch. The sweep exits 130 within seconds, says how to go on (the one line
@@ -320,8 +322,10 @@ def test_one_ctrl_c_stops_the_sweep_and_resume_trains_every_recipe_to_its_end(sy
         sockets = ListeningSockets(first.pid)
         try:
             deadline = time.monotonic() + 240
+            # A complete checkpoint, not the first eval record: the epoch's checkpoint is written after its
+            # eval, and a SIGINT in between left nothing to resume from when the machine was loaded.
             while time.monotonic() < deadline and first.poll() is None and not any(
-                    read_records(run, "eval") for run in directory.glob("cnn/runs/*/")):
+                    complete_checkpoints(run) for run in directory.glob("cnn/runs/*/")):
                 sockets.look()
                 time.sleep(0.2)
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
