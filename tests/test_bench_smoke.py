@@ -8,9 +8,11 @@ from pathlib import Path
 
 import torch
 
+from distpose.bench import ablation
 from distpose.bench.crf import run as run_crf
 from distpose.bench.kernel import conv_message
 from distpose.bench.kernel import run as run_kernel
+from distpose.config import find_config
 from distpose.kernels.tree_crf import message
 
 
@@ -95,3 +97,16 @@ def test_cpu_by_process_charges_each_process_its_own_time(tmp_path):
     assert len(spun) == 1 and 0.7 <= next(iter(spun.values())) <= 1.5, report["cpu_s_by_process"]
     parents = [s for name, s in report["cpu_s_by_process"].items() if "subprocess" in name]
     assert sum(parents) < 0.5, report["cpu_s_by_process"]
+
+
+def test_ablation_runs_are_named_by_variant_so_an_inserted_variant_reuses_no_other_run(monkeypatch):
+    """A rerun in the same storage resumes each variant's finished run by its name: named by position, a variant
+    inserted before others took the name of a finished run of another variant and silently reused its model."""
+    config_dir = find_config("quick", directory=True)
+    before = {name: cfg.train.run_name for name, cfg in ablation.variant_configs(config_dir, "cnn", ())}
+    assert len(set(before.values())) == len(ablation.VARIANTS)
+    inserted = ("crf, an inserted variant", "crf", ("model.crf_window=4",))
+    monkeypatch.setattr(ablation, "VARIANTS", (ablation.VARIANTS[0], inserted, *ablation.VARIANTS[1:]))
+    after = {name: cfg.train.run_name for name, cfg in ablation.variant_configs(config_dir, "cnn", ())}
+    assert {name: after[name] for name in before} == before
+    assert after[inserted[0]] not in before.values()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -63,21 +64,26 @@ def _say(text: str) -> None:
     log.info("[ablation] %s", text)
 
 
+def _slug(name: str) -> str:
+    return "_".join(re.findall(r"[a-z0-9]+", name.lower()))
+
+
 def variant_configs(config_dir: Path, network: str, overrides: tuple[str, ...]) -> list[tuple[str, Config]]:
-    """(variant, config) per variant, named ablation_<network>_<index> in the configs' storage."""
+    """(variant, config) per variant, its run named ablation_<network>_<the variant's name as a slug> in the configs'
+    storage: by name, not position, so a variant added later never finds another variant's finished run."""
     out = []
     crf_path = config_dir / f"{network}_crf.yaml"
     if not crf_path.is_file():
         raise UserError(f"ablation: config directory {config_dir} lacks {crf_path.name}")
     crf_coverage = load_config(crf_path, overrides).model.crf_window_coverage  # a fresh CRF's window, as crf's
-    for index, (name, mode, changes) in enumerate(VARIANTS):
+    for name, mode, changes in VARIANTS:
         path = config_dir / f"{network}_{mode}.yaml"
         if not path.is_file():
             raise UserError(f"ablation: config directory {config_dir} lacks {path.name}")
         base = load_config(path, overrides)
         values = {"scale_third": base.model.crf_unary_scale / 3, "scale_triple": base.model.crf_unary_scale * 3,
                   "heatmap_sigma": base.data.sigma, "crf_coverage": crf_coverage}
-        extra = [c.format(**values) for c in changes] + [f"train.run_name=ablation_{network}_{index}"]
+        extra = [c.format(**values) for c in changes] + [f"train.run_name=ablation_{network}_{_slug(name)}"]
         out.append((name, load_config(path, [*overrides, *extra])))
     return out
 

@@ -141,8 +141,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     ablation = bench_cmds.add_parser(
         "ablation", help="the CRF recipes' choices, one at a time, with paired 95%% intervals",
         description="Trains the crf and joint recipes of one network from the same backbone model file, each "
-        "with one choice changed (pairwise start, window, unary scale, the joint mode's backbone learning "
-        "rate), and scores every run on the same validation instances: PCK@0.1 with 95% bootstrap intervals "
+        "with one choice changed (pairwise start, window, unary scale, cross-entropy target, occluders, "
+        "displacement types, learned gains; the joint mode's start, backbone learning rate and heatmap loss), "
+        "and scores every run on the same validation instances: PCK@0.1 with 95% bootstrap intervals "
         "and paired differences from the recipe's shipped config and from the backbone. Prints a markdown table "
         "(stderr) and JSON.",
     )
