@@ -110,3 +110,24 @@ def test_ablation_runs_are_named_by_variant_so_an_inserted_variant_reuses_no_oth
     after = {name: cfg.train.run_name for name, cfg in ablation.variant_configs(config_dir, "cnn", ())}
     assert {name: after[name] for name in before} == before
     assert after[inserted[0]] not in before.values()
+
+
+def test_scale_benchmark_quick_measures_every_stage_at_each_size(tmp_path):
+    """`distpose bench scale --quick` as documented: every stage at both sizes, the process tree's RSS (2 shard
+    workers hold more than 1), the same shard bytes from 1 and 2 workers, the plot, and no scratch left."""
+    work, out, png = tmp_path / "work", tmp_path / "scale.json", tmp_path / "scale.png"
+    subprocess.run([sys.executable, "-m", "distpose", "bench", "scale", "--quick", "--work", str(work),
+                    "--out", str(out), "--plot", str(png)], check=True, capture_output=True, timeout=600)
+    result = json.loads(out.read_text())
+    stages = {(s["stage"], s["images"]): s for s in result["stages"]}
+    names = ["shard, 1 worker", "shard, 2 workers", "verify, 2 workers", "stream 256x192, 1 loader worker",
+             "stream 256x192, 2 loader workers"]
+    for n in result["sizes"]:
+        shard1, shard2 = stages["shard, 1 worker", n], stages["shard, 2 workers", n]
+        assert shard1["items"] == n and shard1["bytes_written"] == shard2["bytes_written"] > 0
+        assert shard2["peak_rss_bytes"] > shard1["peak_rss_bytes"]
+        for name in names:
+            assert stages[name, n]["seconds_per_item"] > 0 and stages[name, n]["peak_rss_bytes"] > 0
+        assert stages["stream 256x192, 1 loader worker", n]["items"] >= n  # about 2.5 people an image
+    assert [f["stage"] for f in result["flatness"] if f["stage"] in names] == names
+    assert png.read_bytes().startswith(b"\x89PNG") and not any(work.iterdir())

@@ -1,17 +1,20 @@
-"""`distpose bench loader|train|crf|kernel|ablation`: benchmarks, each printing JSON that names the machine."""
+"""`distpose bench loader|train|crf|kernel|ablation|scale`: benchmarks, each printing JSON that names the machine."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from distpose.commands.arguments import (
     add_address_argument,
     add_config_arguments,
+    log,
     output_path,
     positive,
     write_json,
 )
+from distpose.files import atomic_write_bytes
 
 
 def run_bench_crf(args: argparse.Namespace) -> int:
@@ -61,6 +64,28 @@ def run_bench_ablation(args: argparse.Namespace) -> int:
     result = run(args.config or "quick", args.network, tuple(args.overrides), args.address)
     print(result["table"], file=sys.stderr)
     write_json(result, out)
+    return 0
+
+
+def run_bench_scale(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from distpose.bench.scale import QUICK_SIZES, plot, run
+
+    out = output_path(args.out)
+    plot_path = output_path(args.plot)
+    sizes = tuple(args.sizes) if args.sizes else QUICK_SIZES if args.quick else None
+
+    def keep(partial: dict) -> None:  # an hour-long run keeps its points if a later one fails or is stopped
+        if out:
+            atomic_write_bytes(out, (json.dumps(partial, indent=2) + "\n").encode())
+        log.info("scale: N=%d measured", partial["stages"][-1]["images"])
+
+    result = run(Path(args.work), **({"sizes": sizes} if sizes else {}), input_size=tuple(args.input), on_point=keep)
+    write_json(result, out)
+    if plot_path:
+        plot(result, plot_path)
+        log.info("wrote %s", plot_path)
     return 0
 
 
@@ -154,3 +179,21 @@ def register(commands: argparse._SubParsersAction) -> None:
     ablation.add_argument("--out", help="also write the JSON here, e.g. "
                           "benchmarks/results/crf-ablation-<network>-<machine>.json")
     ablation.set_defaults(func=run_bench_ablation)
+
+    scale = bench_cmds.add_parser(
+        "scale", help="how the data stages' costs grow with the number of images (JSON, plot)",
+        description="At each N (default 1000, 8000, 64000 synthetic training images, COCO-sized photos with 1-4 "
+        "people): `distpose data shard` with 1 and 2 workers, `distpose data verify`, and one pass of the "
+        "training loader with 1 and 2 loader workers, each run as its own process: seconds per item (image or "
+        "instance), peak RSS of the process tree, bytes written, and whether per-item time and peak RSS stay "
+        "flat from the smallest N to the largest. Needs about 140 kB of disk per image of the largest N.",
+    )
+    scale.add_argument("--work", default="bench-scale", help="scratch directory for the sets and shards, emptied "
+                       "point by point (default bench-scale)")
+    scale.add_argument("--sizes", type=positive, nargs="+", help="training images per point (default 1000 8000 64000)")
+    scale.add_argument("--quick", action="store_true", help="the same stages at N = 40 and 160 (the test runs this)")
+    scale.add_argument("--input", type=positive, nargs=2, default=[256, 192], metavar=("H", "W"),
+                       help="the stream's crop size (default 256 192)")
+    scale.add_argument("--out", help="also write the JSON here, e.g. benchmarks/results/scale-<machine>.json")
+    scale.add_argument("--plot", help="also draw per-item cost and peak RSS against N into this PNG")
+    scale.set_defaults(func=run_bench_scale)

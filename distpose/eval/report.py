@@ -99,7 +99,7 @@ def plot_curves(results: list[RunResult], out_dir: Path) -> list[str]:
         ax.set(title=title, xlabel="optimizer step", ylabel="loss", yscale="log")
         ax.legend()
     fig.tight_layout()
-    _save_figure(fig, out_dir / "loss.png")
+    save_figure(fig, out_dir / "loss.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     floor = next((r for r in results if not r.steps), None)
@@ -112,12 +112,12 @@ def plot_curves(results: list[RunResult], out_dir: Path) -> list[str]:
     ax.set(title="validation PCK@0.1, visible joints", xlabel="epoch", ylabel="PCK@0.1", ylim=(0, 1))
     ax.legend()
     fig.tight_layout()
-    _save_figure(fig, out_dir / "pck.png")
+    save_figure(fig, out_dir / "pck.png")
     plt.close("all")
     return ["loss.png", "pck.png"]
 
 
-def _save_figure(fig: Any, path: Path) -> None:
+def save_figure(fig: Any, path: Path) -> None:
     import io
 
     buffer = io.BytesIO()
