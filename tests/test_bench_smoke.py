@@ -120,7 +120,8 @@ def test_scale_benchmark_quick_measures_every_stage_at_each_size(tmp_path):
                     "--out", str(out), "--plot", str(png)], check=True, capture_output=True, timeout=600)
     result = json.loads(out.read_text())
     stages = {(s["stage"], s["images"]): s for s in result["stages"]}
-    names = ["shard, 1 worker", "shard, 2 workers", "verify, 2 workers", "stream 256x192, 1 loader worker",
+    names = ["shard, 1 worker", "shard, 2 workers", "evaluate ground-truth boxes",
+             "evaluate 20 detector boxes an image", "verify, 2 workers", "stream 256x192, 1 loader worker",
              "stream 256x192, 2 loader workers"]
     for n in result["sizes"]:
         shard1, shard2 = stages["shard, 1 worker", n], stages["shard, 2 workers", n]
@@ -129,5 +130,8 @@ def test_scale_benchmark_quick_measures_every_stage_at_each_size(tmp_path):
         for name in names:
             assert stages[name, n]["seconds_per_item"] > 0 and stages[name, n]["peak_rss_bytes"] > 0
         assert stages["stream 256x192, 1 loader worker", n]["items"] >= n  # about 2.5 people an image
+        truth, detected = stages["evaluate ground-truth boxes", n], stages["evaluate 20 detector boxes an image", n]
+        assert truth["items"] == truth["val_instances"] >= truth["val_images"]
+        assert detected["items"] % 20 == 0 and detected["items"] <= 20 * detected["val_images"]
     assert [f["stage"] for f in result["flatness"] if f["stage"] in names] == names
     assert png.read_bytes().startswith(b"\x89PNG") and not any(work.iterdir())

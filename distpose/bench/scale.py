@@ -3,6 +3,9 @@ several N, with its seconds per item, the peak RSS of its process tree and the b
 
 Stages, at each N (a synthetic set of N training images, COCO-sized photos with 1-4 people each):
     shard, 1 / 2 workers   `distpose data shard` of the training split (per image)
+    evaluate               `distpose eval`'s scoring (PCK, rescoring, OKS-NMS, COCOeval) of predictions on a
+                           validation set of N x 5000/64000 images (COCO's proportion), with ground-truth boxes
+                           and with 20 detector boxes an image (per prediction)
     verify                 `distpose data verify` of those shards, 2 workers (per image)
     stream, 1 / 2 workers  one pass of the training loader over as many instances as the split holds, at the
                            benchmark's input size with the training transform (per instance)
@@ -38,6 +41,11 @@ FLAT_RSS_CONSTANT = 64 << 20  # ... plus 64 MiB
 SAMPLES_PER_SHARD = 1000
 QUICK_SIZES = (40, 160)
 SIZES = (1000, 8000, 64000)
+# An evaluation stage scores a validation set in COCO's proportion to the training set (5,000 images to 64,115),
+# and with detector boxes 20 an image: COCO's val2017 with a detector file of 100k boxes at the largest N.
+VAL_PER_TRAIN_IMAGE = 5000 / 64000
+VAL_MIN = 10
+BOXES_PER_IMAGE = 20
 
 
 def _tree_rss(process: psutil.Process) -> int:
@@ -111,6 +119,59 @@ def stream_pass(shards: str, input_size: tuple[int, int], workers: int, batch_si
                       "steady_seconds": time.perf_counter() - start - first_batch_s}))
 
 
+def ground_truth_subset(annotation_file: Path, images: int, out: Path) -> int:
+    """The first `images` images of a COCO keypoint file and their annotations, written to `out`: the validation
+    set of an evaluation stage. Returns its person instances."""
+    doc = json.loads(annotation_file.read_text())
+    doc["images"] = doc["images"][:images]
+    kept = {image["id"] for image in doc["images"]}
+    doc["annotations"] = [a for a in doc["annotations"] if a["image_id"] in kept]
+    out.write_text(json.dumps(doc))
+    return len(doc["annotations"])
+
+
+def _noisy_predictions(ground_truth: dict[str, Any], boxes_per_image: int | None, rng) -> Any:
+    """Predictions as a model would leave them: each labelled person's joints moved by 5% of its box's longer side
+    (ground-truth boxes), or `boxes_per_image` detections an image, each a jittered box of one of its people
+    with joints moved so."""
+    import numpy as np
+
+    from distpose.eval.inference import Predictions
+    from distpose.keypoints import NUM_JOINTS
+
+    people: dict[int, list[dict[str, Any]]] = {}
+    for a in ground_truth["annotations"]:
+        people.setdefault(a["image_id"], []).append(a)
+    detected = boxes_per_image is not None
+    rows = []
+    for image_id, persons in people.items():
+        if detected:
+            persons = [persons[i] for i in rng.integers(len(persons), size=boxes_per_image)]
+        for person in persons:
+            box = np.asarray(person["bbox"], np.float64) * (rng.uniform(0.85, 1.15, size=4) if detected else 1.0)
+            gt = np.asarray(person["keypoints"], np.float64).reshape(NUM_JOINTS, 3)
+            keypoints = gt[:, :2] + rng.normal(0.0, 0.05 * box[2:].max(), size=(NUM_JOINTS, 2))
+            rows.append((keypoints, rng.uniform(0.1, 1.0, NUM_JOINTS), rng.uniform(0.3, 1.0) if detected else 1.0,
+                         image_id, len(rows) if detected else person["id"], box, box[2] * box[3],
+                         np.zeros_like(gt) if detected else gt))
+    return Predictions(*(np.asarray(column) for column in zip(*rows)))
+
+
+def evaluation_pass(annotation_file: str, boxes_per_image: int | None) -> None:
+    """`distpose eval`'s scoring of one set's predictions (PCK, HRNet's rescoring, OKS-NMS for detector boxes,
+    COCOeval), on predictions made from the ground truth; inference is the model's cost, measured elsewhere.
+    Prints JSON: the predictions scored and the seconds scoring took."""
+    import numpy as np
+
+    from distpose.eval.evaluate import score
+
+    ground_truth = json.loads(Path(annotation_file).read_text())
+    predictions = _noisy_predictions(ground_truth, boxes_per_image, np.random.default_rng(0))
+    start = time.perf_counter()
+    score(predictions, ground_truth, (0.05, 0.1, 0.2), gt_boxes=boxes_per_image is None)
+    print(json.dumps({"predictions": len(predictions), "seconds": time.perf_counter() - start}))
+
+
 def startup_seconds(module: str, repeats: int = 3) -> float:
     """What starting a stage's process costs before it does any work: the interpreter and the imports."""
     return min(measure([sys.executable, "-c", f"import {module}"])["seconds"] for _ in range(repeats))
@@ -149,7 +210,18 @@ def point(work: Path, n_images: int, input_size: tuple[int, int]) -> list[dict[s
             shutil.rmtree(out)  # the 2-worker shards are the same bytes (tests/test_shards.py)
         else:
             out.rename(shards)
+    val_images = max(VAL_MIN, round(n_images * VAL_PER_TRAIN_IMAGE))
+    val_file = root / "val.json"
+    val_instances = ground_truth_subset(synth / "annotations" / "person_keypoints_train.json", val_images, val_file)
     shutil.rmtree(synth)
+    for boxes, label in ((None, "ground-truth boxes"), (BOXES_PER_IMAGE, f"{BOXES_PER_IMAGE} detector boxes an image")):
+        result = measure([sys.executable, "-c", f"from distpose.bench.scale import evaluation_pass; "
+                                                f"evaluation_pass({str(val_file)!r}, {boxes})"])
+        scored = json.loads(result["stdout"])
+        stages.append(_stage(f"evaluate {label}", n_images, scored["predictions"], "prediction", result,
+                             round(result["seconds"] - scored["seconds"], 3), 0,
+                             per_item=scored["seconds"] / scored["predictions"]))
+        stages[-1] |= {"val_images": val_images, "val_instances": val_instances}
     result = measure(_distpose("data", "verify", str(shards), "--workers", "2"))
     stages.append(_stage("verify, 2 workers", n_images, n_images, "image", result, commands, 0))
     for workers in (1, 2):

@@ -183,8 +183,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     scale = bench_cmds.add_parser(
         "scale", help="how the data stages' costs grow with the number of images (JSON, plot)",
         description="At each N (default 1000, 8000, 64000 synthetic training images, COCO-sized photos with 1-4 "
-        "people): `distpose data shard` with 1 and 2 workers, `distpose data verify`, and one pass of the "
-        "training loader with 1 and 2 loader workers, each run as its own process: seconds per item (image or "
+        "people): `distpose data shard` with 1 and 2 workers, `distpose data verify`, one pass of the "
+        "training loader with 1 and 2 loader workers, and the evaluation's scoring of a validation set in COCO's "
+        "proportion (5k images at N=64k) with ground-truth and with 20 detector boxes an image, each run as its "
+        "own process: seconds per item (image or "
         "instance), peak RSS of the process tree, bytes written, and whether per-item time and peak RSS stay "
         "flat from the smallest N to the largest. Needs about 140 kB of disk per image of the largest N.",
     )
