@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from distpose.bench import ablation
@@ -112,6 +113,7 @@ def test_ablation_runs_are_named_by_variant_so_an_inserted_variant_reuses_no_oth
     assert after[inserted[0]] not in before.values()
 
 
+@pytest.mark.integration  # DeepSpeed ranks (the checkpoint stages); about 70 s
 def test_scale_benchmark_quick_measures_every_stage_at_each_size(tmp_path):
     """`distpose bench scale --quick` as documented: every stage at both sizes, the process tree's RSS (2 shard
     workers hold more than 1), the same shard bytes from 1 and 2 workers, the plot, and no scratch left."""
@@ -134,4 +136,8 @@ def test_scale_benchmark_quick_measures_every_stage_at_each_size(tmp_path):
         assert truth["items"] == truth["val_instances"] >= truth["val_images"]
         assert detected["items"] % 20 == 0 and detected["items"] <= 20 * detected["val_images"]
     assert [f["stage"] for f in result["flatness"] if f["stage"] in names] == names
+    assert [c["zero_stage"] for c in result["checkpoints"]] == [0, 2, 3]
+    for c in result["checkpoints"]:
+        # every stage writes at least the fp32 weights and both Adam moments: 12 bytes a parameter
+        assert c["bytes_written"] > 12 * c["parameters"] and c["save_seconds"] > 0 and c["load_seconds"] > 0
     assert png.read_bytes().startswith(b"\x89PNG") and not any(work.iterdir())

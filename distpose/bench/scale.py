@@ -10,6 +10,9 @@ Stages, at each N (a synthetic set of N training images, COCO-sized photos with 
     stream, 1 / 2 workers  one pass of the training loader over as many instances as the split holds, at the
                            benchmark's input size with the training transform (per instance)
 
+Once, whatever N: a DeepSpeed checkpoint of HRNet-W32 (cnn_small with --quick) saved and loaded at ZeRO 0, 2
+and 3 on 2 gloo ranks (seconds, bytes, files, peak RSS).
+
 Flat means: per-item time within 20% from the smallest N to the largest, and peak RSS within 20% plus a
 constant. The generation of each set is timed too, as setup.
 """
@@ -46,6 +49,7 @@ SIZES = (1000, 8000, 64000)
 VAL_PER_TRAIN_IMAGE = 5000 / 64000
 VAL_MIN = 10
 BOXES_PER_IMAGE = 20
+ZERO_STAGES = (0, 2, 3)
 
 
 def _tree_rss(process: psutil.Process) -> int:
@@ -255,9 +259,24 @@ def flatness(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def summary(sizes: tuple[int, ...], input_size: tuple[int, int], stages: list[dict[str, Any]]) -> dict[str, Any]:
+def checkpoint_stages(backbone: str, world: int = 2) -> list[dict[str, Any]]:
+    """Save and load of `backbone`'s DeepSpeed checkpoint at each ZeRO stage on `world` gloo ranks, each stage in
+    its own process tree (bench/checkpoint.py)."""
+    stages = []
+    for zero in ZERO_STAGES:
+        result = measure([sys.executable, "-c", f"from distpose.bench.checkpoint import checkpoint_pass; "
+                                                f"checkpoint_pass({backbone!r}, {zero}, {world})"])
+        timed = json.loads(result["stdout"].strip().splitlines()[-1])
+        stages.append({"stage": f"checkpoint, ZeRO {zero}, {world} ranks", "backbone": backbone, "zero_stage": zero,
+                       "ranks": world, **{k: v for k, v in result.items() if k != "stdout"}, **timed})
+    return stages
+
+
+def summary(sizes: tuple[int, ...], input_size: tuple[int, int], stages: list[dict[str, Any]],
+            checkpoints: list[dict[str, Any]]) -> dict[str, Any]:
     return {"benchmark": "scale", "machine": machine(), "sizes": sorted(sizes), "input_size": list(input_size),
             "samples_per_shard": SAMPLES_PER_SHARD, "stages": stages, "flatness": flatness(stages),
+            "checkpoints": checkpoints,
             "notes": "seconds: the whole command; seconds_per_item: less startup_seconds (shard, verify: the "
                      "interpreter and the stage's imports, timed alone in the same run; stream: everything up to "
                      "the first batch, the per-instance time being that of the rest); peak RSS: the process tree's "
@@ -265,16 +284,18 @@ def summary(sizes: tuple[int, ...], input_size: tuple[int, int], stages: list[di
 
 
 def run(work: str | Path, sizes: tuple[int, ...] = SIZES, input_size: tuple[int, int] = (256, 192),
-        on_point: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Every point, smallest N first; `on_point` gets the summary so far after each."""
+        checkpoint_backbone: str = "hrnet_w32", on_point: Callable[[dict[str, Any]], None] | None = None
+        ) -> dict[str, Any]:
+    """The checkpoint stages, then every point, smallest N first; `on_point` gets the summary so far after each."""
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
+    checkpoints = checkpoint_stages(checkpoint_backbone)
     stages: list[dict[str, Any]] = []
     for n_images in sorted(sizes):
         stages += point(work, n_images, input_size)
         if on_point is not None:
-            on_point(summary(sizes, input_size, stages))
-    return summary(sizes, input_size, stages)
+            on_point(summary(sizes, input_size, stages, checkpoints))
+    return summary(sizes, input_size, stages, checkpoints)
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

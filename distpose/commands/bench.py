@@ -81,7 +81,8 @@ def run_bench_scale(args: argparse.Namespace) -> int:
             atomic_write_bytes(out, (json.dumps(partial, indent=2) + "\n").encode())
         log.info("scale: N=%d measured", partial["stages"][-1]["images"])
 
-    result = run(Path(args.work), **({"sizes": sizes} if sizes else {}), input_size=tuple(args.input), on_point=keep)
+    result = run(Path(args.work), **({"sizes": sizes} if sizes else {}), input_size=tuple(args.input),
+                 checkpoint_backbone="cnn_small" if args.quick else "hrnet_w32", on_point=keep)
     write_json(result, out)
     if plot_path:
         plot(result, plot_path)
@@ -188,12 +189,14 @@ def register(commands: argparse._SubParsersAction) -> None:
         "proportion (5k images at N=64k) with ground-truth and with 20 detector boxes an image, each run as its "
         "own process: seconds per item (image or "
         "instance), peak RSS of the process tree, bytes written, and whether per-item time and peak RSS stay "
-        "flat from the smallest N to the largest. Needs about 140 kB of disk per image of the largest N.",
+        "flat from the smallest N to the largest. Once: HRNet-W32's DeepSpeed checkpoint saved and loaded at ZeRO "
+        "0, 2 and 3 on 2 gloo ranks. Needs about 140 kB of disk per image of the largest N.",
     )
     scale.add_argument("--work", default="bench-scale", help="scratch directory for the sets and shards, emptied "
                        "point by point (default bench-scale)")
     scale.add_argument("--sizes", type=positive, nargs="+", help="training images per point (default 1000 8000 64000)")
-    scale.add_argument("--quick", action="store_true", help="the same stages at N = 40 and 160 (the test runs this)")
+    scale.add_argument("--quick", action="store_true",
+                       help="the same stages at N = 40 and 160, the checkpoint of cnn_small (the test runs this)")
     scale.add_argument("--input", type=positive, nargs=2, default=[256, 192], metavar=("H", "W"),
                        help="the stream's crop size (default 256 192)")
     scale.add_argument("--out", help="also write the JSON here, e.g. benchmarks/results/scale-<machine>.json")
