@@ -137,6 +137,7 @@ def test_scale_benchmark_quick_measures_every_stage_at_each_size(tmp_path):
         assert detected["items"] % 20 == 0 and detected["items"] <= 20 * detected["val_images"]
     assert [f["stage"] for f in result["flatness"] if f["stage"] in names] == names
     assert [c["zero_stage"] for c in result["checkpoints"]] == [0, 2, 3]
+    assert len({c["parameters"] for c in result["checkpoints"]}) == 1  # the whole network's, at every stage
     for c in result["checkpoints"]:
         # every stage writes at least the fp32 weights and both Adam moments: 12 bytes a parameter
         assert c["bytes_written"] > 12 * c["parameters"] and c["save_seconds"] > 0 and c["load_seconds"] > 0

@@ -50,6 +50,7 @@ def _rank(rank: int, world: int, port: int, backbone: str, stage: int, directory
                                  f"data.batch_size={world}", f"train.workers={world}", f"train.zero_stage={stage}",
                                  "data.source=random", "train.precision=fp32"])
         model = run_model(cfg)
+        parameters = sum(p.numel() for p in model.parameters())  # before ZeRO 3 partitions them
         engine = build_engine(model, parameter_groups(model, cfg.train), cfg, world)
         engine.backward(engine(torch.randn(1, 3, 256, 192)).heatmaps.float().pow(2).mean())
         engine.step()
@@ -59,7 +60,6 @@ def _rank(rank: int, world: int, port: int, backbone: str, stage: int, directory
         engine = build_engine(model, parameter_groups(model, cfg.train), cfg, world)
         load_s = _timed(lambda: engine.load_checkpoint(directory, tag=DEEPSPEED_TAG))
         if rank == 0:
-            parameters = sum(p.numel() for p in model.parameters())
             atomic_write_bytes(Path(out), json.dumps({"save_seconds": save_s, "load_seconds": load_s,
                                                       "parameters": parameters}).encode())
     finally:
