@@ -40,6 +40,7 @@ ARGUMENTS = {
     ("bench", "crf"): (["--out", "T"], 2),
     ("bench", "kernel"): (["--out", "T"], 2),
     ("bench", "ablation"): (["T/missing"], 2),
+    ("bench", "scale"): (["--quick", "--work", "T/synth/annotations/person_keypoints_train.json"], 2),
 }
 
 

@@ -50,6 +50,7 @@ VAL_PER_TRAIN_IMAGE = 5000 / 64000
 VAL_MIN = 10
 BOXES_PER_IMAGE = 20
 ZERO_STAGES = (0, 2, 3)
+DISK_PER_IMAGE = 140_000  # bytes: a COCO-sized JPEG in the set and again in its shards
 
 
 def _tree_rss(process: psutil.Process) -> int:
@@ -288,6 +289,13 @@ def run(work: str | Path, sizes: tuple[int, ...] = SIZES, input_size: tuple[int,
         ) -> dict[str, Any]:
     """The checkpoint stages, then every point, smallest N first; `on_point` gets the summary so far after each."""
     work = Path(work)
+    if work.exists() and not work.is_dir():
+        raise UserError(f"bench scale: --work {work} is a file, not a directory")
+    existing = next(p for p in (work, *work.absolute().parents) if p.exists())
+    needed, free = DISK_PER_IMAGE * max(sizes), shutil.disk_usage(existing).free
+    if free < needed:
+        raise UserError(f"bench scale: --work {work} has {free / 1e9:.1f} GB free; N={max(sizes)} needs about "
+                        f"{needed / 1e9:.1f} GB (the set and its shards)")
     work.mkdir(parents=True, exist_ok=True)
     checkpoints = checkpoint_stages(checkpoint_backbone)
     stages: list[dict[str, Any]] = []
