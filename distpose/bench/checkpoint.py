@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from distpose.config import load_config, to_dict
-from distpose.files import atomic_write_bytes
+from distpose.files import atomic_write_bytes, file_sizes
 from distpose.train.checkpoints import DEEPSPEED_TAG, TrainState, save_checkpoint
 
 
@@ -72,6 +72,5 @@ def checkpoint_pass(backbone: str, stage: int, world: int = 2) -> None:
     with tempfile.TemporaryDirectory(prefix="distpose-bench-checkpoint-") as scratch:
         directory, out = Path(scratch) / "checkpoint", Path(scratch) / "result.json"
         mp.spawn(_rank, (world, _free_port(), backbone, stage, str(directory), str(out)), nprocs=world, join=True)
-        files = [f for f in directory.rglob("*") if f.is_file()]
-        print(json.dumps({**json.loads(out.read_text()), "bytes_written": sum(f.stat().st_size for f in files),
-                          "files": len(files)}))
+        sizes = file_sizes(directory)
+        print(json.dumps({**json.loads(out.read_text()), "bytes_written": sum(sizes.values()), "files": len(sizes)}))

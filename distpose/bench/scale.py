@@ -35,6 +35,7 @@ import psutil
 from distpose.bench import machine
 from distpose.data.shards import manifest_path
 from distpose.errors import UserError
+from distpose.files import file_sizes
 
 POLL_S = 0.05
 STAGE_TIMEOUT_S = 4 * 3600  # a bound on every wait, far above the longest stage (benchmarks/results/scale-cpu2.json)
@@ -93,10 +94,6 @@ def measure(argv: list[str], timeout_s: float = STAGE_TIMEOUT_S) -> dict[str, An
         tail = "".join(stderr).strip().splitlines()[-1:] or ["no output"]
         raise UserError(f"bench scale: {' '.join(argv[2:])} exited {child.returncode}: {tail[0]}")
     return {"seconds": round(seconds, 3), "peak_rss_bytes": peak, "stdout": "".join(stdout)}
-
-
-def tree_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def _distpose(*args: str) -> list[str]:
@@ -203,13 +200,13 @@ def point(work: Path, n_images: int, input_size: tuple[int, int]) -> list[dict[s
     setup = measure(_distpose("data", "synth", "--out", str(synth), "--train", str(n_images), "--val", "1",
                               "--seed", "0", "--workers", "2"))
     stages.append(_stage("synth (setup), 2 workers", n_images, n_images, "image", setup, commands,
-                         tree_bytes(synth)))
+                         sum(file_sizes(synth).values())))
     for workers in (1, 2):
         out = root / f"shards_{workers}"
         result = measure(_distpose("data", "shard", "--coco-root", str(synth), "--split", "train", "--out", str(out),
                                    "--samples-per-shard", str(SAMPLES_PER_SHARD), "--workers", str(workers)))
         stages.append(_stage(f"shard, {workers} worker{'s' * (workers > 1)}", n_images, n_images, "image", result,
-                             commands, tree_bytes(out)))
+                             commands, sum(file_sizes(out).values())))
         stages[-1]["manifest_bytes"] = Path(manifest_path(out, "train")).stat().st_size
         if workers == 1:
             shutil.rmtree(out)  # the 2-worker shards are the same bytes (tests/test_shards.py)
