@@ -63,11 +63,12 @@ def test_encode_weights_zero_outside_or_unlabelled():
 
 def _roundtrip_results(coco_root, input_size, heatmap_size):
     """Encode every GT person to heatmaps and decode back to image coordinates."""
-    split = load_split(coco_root, "val2017")
+    with load_split(coco_root, "val2017") as split:
+        records = list(split)
     codec = HeatmapCodec(input_size, heatmap_size, sigma=2.0)
     transform = TopDownTransform(input_size)
     results, errors = [], []
-    for record in split.images:
+    for record in records:
         image = np.zeros((record.height, record.width, 3), np.uint8)
         for person in record.persons:
             if not person.usable:

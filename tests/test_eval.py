@@ -157,7 +157,8 @@ def mini_eval(coco_mini, tmp_path_factory):
     write_shards(coco_mini, "val2017", out, samples_per_shard=2, progress=False)
     cfg = DataConfig(shards=str(out), val_split="val2017", input_size=(256, 192), heatmap_size=(64, 48),
                      batch_size=16, loader_workers=0)
-    persons = {r.id: [p for p in r.persons if p.usable] for r in load_split(coco_mini, "val2017").images}
+    with load_split(coco_mini, "val2017") as split:
+        persons = {r.id: [p for p in r.persons if p.usable] for r in split}
     return cfg, HeatmapCodec(cfg.input_size, cfg.heatmap_size, cfg.sigma), persons
 
 

@@ -197,8 +197,9 @@ def test_batches_live_in_one_shared_segment_from_workers(synth_shards):
 
 
 def _person_with_many_joints(coco_mini):
-    split = load_split(coco_mini, "val2017")
-    for record in split.images:
+    with load_split(coco_mini, "val2017") as split:
+        records = list(split)
+    for record in records:
         for p in record.persons:
             if p.num_keypoints >= 12:
                 image = cv2.imread(str(split.image_dir / record.file_name))

@@ -2,8 +2,10 @@
 
 import hashlib
 import json
+import random
 import shutil
 import tarfile
+from collections import Counter
 
 import cv2
 import numpy as np
@@ -11,8 +13,8 @@ import pytest
 from helpers import corrupt_jpeg_in_shard, scramble_jpeg, scramble_jpeg_in_shard, truncate_jpeg_in_shard, truncate_shard
 
 from distpose.commands import main
-from distpose.data.coco import annotation_path
-from distpose.data.shards import iter_tar_samples, read_manifest, write_shards
+from distpose.data.coco import annotation_path, check_person, load_split
+from distpose.data.shards import _ordered_map, iter_tar_samples, read_manifest, write_shards
 
 
 def run_cli(capsys, *argv):
@@ -67,6 +69,50 @@ def test_real_coco_shard_keeps_bytes_and_checksums(coco_mini, tmp_path):
     assert len(seen) == 4
 
 
+def test_streamed_index_gives_what_reading_the_whole_file_gives(tmp_path, capsys):
+    """load_split streams the annotation file and keeps the persons on disk. It must give what reading the
+    whole file at once gives: images in id order, each with its persons in file order, repaired alike."""
+    root = tmp_path / "synth"
+    assert run_cli(capsys, "data", "synth", "--out", str(root), "--train", "40", "--val", "1")[0] == 0
+
+    def scramble(doc):
+        random.Random(0).shuffle(doc["annotations"])
+        doc["images"].reverse()
+        doc["annotations"][0]["bbox"][2] = 0  # dropped and counted
+        doc["annotations"].append({**doc["annotations"][1], "id": 10**9, "category_id": 2})  # not a person
+
+    edit_annotations(root, "train", scramble)
+    doc = json.loads(annotation_path(root, "train").read_text())
+    sizes = {image["id"]: (image["width"], image["height"]) for image in doc["images"]}
+    expected, repairs = {image_id: [] for image_id in sizes}, Counter()
+    for raw in doc["annotations"]:
+        if raw["category_id"] == 1:
+            person, fixes = check_person(raw, *sizes[raw["image_id"]], "reference")
+            repairs.update(fixes)
+            if person is not None:
+                expected[raw["image_id"]].append(person)
+    with load_split(root, "train") as split:
+        records = list(split)
+        assert split.repairs == repairs and sum(repairs.values()) == 1
+        assert split.usable_persons.tolist() == [sum(p.usable for p in expected[r.id]) for r in records]
+    assert [r.id for r in records] == sorted(sizes)
+    assert all((r.width, r.height) == sizes[r.id] and r.persons == expected[r.id] for r in records)
+
+
+def test_parallel_map_draws_tasks_only_a_few_ahead_of_its_results():
+    """Sharding builds each shard's records as its task is drawn: drawing them all at once held the split."""
+    drawn = []
+
+    def tasks():
+        for i in range(50):
+            drawn.append(i)
+            yield i, 2
+
+    results = _ordered_map(pow, tasks(), workers=2)
+    assert next(results) == 0 and len(drawn) <= 5
+    assert list(results) == [i * i for i in range(1, 50)]
+
+
 def test_train_role_skips_images_without_keypoints(coco_mini, tmp_path):
     root = copy_coco(coco_mini, tmp_path / "coco")
 
@@ -105,8 +151,11 @@ def _first_ann(doc):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda doc: _first_ann(doc).update(keypoints=[1, 2, 2] * 16), "field 'keypoints' has 48 values, expected 51"),
-    (lambda doc: _first_ann(doc)["keypoints"].__setitem__(0, float("nan")), "holds nan, expected finite numbers"),
-    (lambda doc: _first_ann(doc).update(bbox=[float("nan")] * 4), "expected [x, y, w, h] finite numbers"),
+    (lambda doc: _first_ann(doc)["keypoints"].__setitem__(0, "12"), "holds '12', expected finite numbers"),
+    (lambda doc: _first_ann(doc)["keypoints"].__setitem__(0, 10**400), "malformed JSON (parse error: integer overflow"),
+    (lambda doc: _first_ann(doc).update(bbox=[1, 2, True, 4]), "field 'bbox' is [1, 2, True, 4]"),
+    # NaN is not JSON, though Python's json module writes and reads it.
+    (lambda doc: _first_ann(doc)["keypoints"].__setitem__(0, float("nan")), "malformed JSON (lexical error"),
     (lambda doc: doc["images"].append({**doc["images"][0], "file_name": doc["images"][1]["file_name"]}),
      "image id 785 appears twice"),
     (lambda doc: _first_ann(doc).update(image_id=[785]), "refers to image_id [785]"),

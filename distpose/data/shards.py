@@ -22,9 +22,10 @@ import re
 import tarfile
 import tempfile
 import zlib
-from collections import Counter
-from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from array import array
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -35,7 +36,7 @@ import simplejpeg
 from tqdm import tqdm
 
 from distpose import __version__
-from distpose.data.coco import ImageRecord, Person, annotation_path, check_person, load_split
+from distpose.data.coco import CocoSplit, ImageRecord, Person, annotation_path, check_person, load_split
 from distpose.errors import DataError, UserError
 from distpose.files import (
     exists,
@@ -196,13 +197,20 @@ def _sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _ordered_map(fn: Callable[..., Any], tasks: list[tuple], workers: int) -> Iterator[Any]:
-    """fn(*task) for each task, in order, in this process or in a pool of `workers` processes."""
+def _ordered_map(fn: Callable[..., Any], tasks: Iterable[tuple], workers: int) -> Iterator[Any]:
+    """fn(*task) for each task, in order, in this process or in a pool of `workers` processes.
+    Tasks are drawn from `tasks` only a few ahead of the results, so a lazy iterable stays lazy."""
     if workers == 1:
         yield from (fn(*task) for task in tasks)
         return
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        yield from pool.map(fn, *zip(*tasks))
+        running: deque[Future] = deque()
+        for task in tasks:
+            running.append(pool.submit(fn, *task))
+            if len(running) > 2 * workers:
+                yield running.popleft().result()
+        while running:
+            yield running.popleft().result()
 
 
 def _partial(path: Path) -> Path:
@@ -272,6 +280,64 @@ def split_role(split: str) -> str:
     return "train" if split.startswith("train") else "eval"
 
 
+def _write_split(coco: CocoSplit, split: str, out_dir: str | Path, samples_per_shard: int, workers: int,
+                 role: str, progress: bool) -> tuple[list[dict[str, Any]], Counter, dict[str, str]]:
+    """Write the split's shards (see write_shards); the caller writes the manifest. Returns the shards'
+    manifest entries, the images skipped by reason, and the source images left out as corrupt, by file name.
+    Each shard's image records are read from the index only shortly before the shard is written."""
+    skipped: Counter = Counter()
+    corrupt: dict[str, str] = {}
+    chosen = array("q")  # the images to write, by index into coco
+    for i, name in enumerate(coco.file_names):
+        path = coco.image_dir / name
+        if not path.is_file():
+            raise DataError(f"{path}: image listed in {coco.annotation_file.name} not found")
+        if role == "train" and not coco.usable_persons[i]:
+            skipped[NO_KEYPOINTS] += 1
+            continue
+        problem = _jpeg_file_problem(path)
+        if problem:
+            corrupt[name] = problem
+            continue
+        chosen.append(i)
+    if not chosen:
+        raise DataError(f"{coco.annotation_file}: no usable images in split '{split}' (skipped: {dict(skipped)})")
+
+    chunks = split_evenly(chosen, -(-len(chosen) // samples_per_shard))
+    remote = is_uri(out_dir)
+    with tempfile.TemporaryDirectory(prefix="distpose-shards-") as staging:
+        # Local shards are written beside their final names and renamed at the end; shards for object
+        # storage are written to local staging and uploaded one by one, after the old manifest is gone.
+        local_dir = Path(staging) if remote else Path(out_dir)
+        local_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in _existing_shards(local_dir, split, prefix="."):  # from a run that was killed
+            (local_dir / leftover).unlink()
+        if remote:
+            remove_file(manifest_path(out_dir, split))
+        paths = [local_dir / shard_name(split, i) for i in range(len(chunks))]
+        tasks = ((path, [coco.record(i) for i in chunk], coco.image_dir) for path, chunk in zip(paths, chunks))
+        shards = []
+        try:
+            with tqdm(total=len(chosen), unit="img", desc=f"shard {split}", disable=not progress) as bar:
+                for path, info in zip(paths, _ordered_map(_write_one_shard, tasks, workers)):
+                    corrupt |= info.pop("corrupt")
+                    shards.append(info)
+                    if remote:
+                        upload(_partial(path), join(out_dir, path.name))
+                        _partial(path).unlink()
+                    bar.update(info["samples"])
+        except BaseException:
+            for path in paths:
+                _partial(path).unlink(missing_ok=True)
+            raise
+        if not remote:  # every shard is complete: only now replace the old split, shards first
+            for path in paths:
+                os.replace(_partial(path), path)
+    if corrupt:
+        skipped[CORRUPT_SOURCE] += len(corrupt)
+    return shards, skipped, corrupt
+
+
 def write_shards(coco_root: str | Path, split: str, out_dir: str | Path, samples_per_shard: int = 1000,
                  workers: int = 1, role: str = "auto", overwrite: bool = False,
                  progress: bool = True) -> dict[str, Any]:
@@ -304,60 +370,13 @@ def write_shards(coco_root: str | Path, split: str, out_dir: str | Path, samples
         raise UserError(f"{existing} already exists (from another source, shard size or role); pass "
                         f"--overwrite to replace split '{split}'")
 
-    coco = load_split(coco_root, split)
-    skipped: Counter = Counter()
-    corrupt: dict[str, str] = {}  # source images left out, by file name
-    records = []
-    for record in coco.images:
-        path = coco.image_dir / record.file_name
-        if not path.is_file():
-            raise DataError(f"{path}: image listed in {coco.annotation_file.name} not found")
-        if role == "train" and not any(p.usable for p in record.persons):
-            skipped[NO_KEYPOINTS] += 1
-            continue
-        problem = _jpeg_file_problem(path)
-        if problem:
-            corrupt[record.file_name] = problem
-            continue
-        records.append(record)
-    if not records:
-        raise DataError(f"{coco.annotation_file}: no usable images in split '{split}' (skipped: {dict(skipped)})")
-
-    chunks = split_evenly(records, -(-len(records) // samples_per_shard))
-    with tempfile.TemporaryDirectory(prefix="distpose-shards-") as staging:
-        # Local shards are written beside their final names and renamed at the end; shards for object
-        # storage are written to local staging and uploaded one by one, after the old manifest is gone.
-        local_dir = Path(staging) if remote else out_dir
-        local_dir.mkdir(parents=True, exist_ok=True)
-        for leftover in _existing_shards(local_dir, split, prefix="."):  # from a run that was killed
-            (local_dir / leftover).unlink()
-        if remote:
-            remove_file(manifest_file)
-        tasks = [(local_dir / shard_name(split, i), chunk, coco.image_dir) for i, chunk in enumerate(chunks)]
-        shards = []
-        try:
-            with tqdm(total=len(records), unit="img", desc=f"shard {split}", disable=not progress) as bar:
-                for (path, _, _), info in zip(tasks, _ordered_map(_write_one_shard, tasks, workers)):
-                    corrupt |= info.pop("corrupt")
-                    shards.append(info)
-                    if remote:
-                        upload(_partial(path), join(out_dir, path.name))
-                        _partial(path).unlink()
-                    bar.update(info["samples"])
-        except BaseException:
-            for path, _, _ in tasks:
-                _partial(path).unlink(missing_ok=True)
-            raise
-        if not remote:  # every shard is complete: only now replace the old split, shards first
-            for path, _, _ in tasks:
-                os.replace(_partial(path), path)
-
-    if corrupt:
-        skipped[CORRUPT_SOURCE] += len(corrupt)
+    with load_split(coco_root, split) as coco:
+        shards, skipped, corrupt = _write_split(coco, split, out_dir, samples_per_shard, workers, role, progress)
+        repairs = dict(coco.repairs)
     manifest = {
         "format": MANIFEST_FORMAT, "created_by": f"distpose {__version__}", "split": split, **asked,
         "samples": sum(s["samples"] for s in shards), "instances": sum(s["instances"] for s in shards),
-        "skipped": dict(skipped), "corrupt_images": dict(sorted(corrupt.items())), "repairs": dict(coco.repairs),
+        "skipped": dict(skipped), "corrupt_images": dict(sorted(corrupt.items())), "repairs": repairs,
         "shards": shards,
     }
     write_bytes(manifest_file, json.dumps(manifest, indent=1).encode())  # the manifest last
