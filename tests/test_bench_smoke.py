@@ -2,10 +2,13 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -142,3 +145,25 @@ def test_scale_benchmark_quick_measures_every_stage_at_each_size(tmp_path):
         # every stage writes at least the fp32 weights and both Adam moments: 12 bytes a parameter
         assert c["bytes_written"] > 12 * c["parameters"] and c["save_seconds"] > 0 and c["load_seconds"] > 0
     assert png.read_bytes().startswith(b"\x89PNG") and not any(work.iterdir())
+
+
+@pytest.mark.integration  # the --quick synthetic set, up to its first shard stage; about 45 s
+def test_interrupted_scale_benchmark_stops_its_stage_and_leaves_no_scratch(tmp_path):
+    """Ctrl-C sent to the benchmark alone (`kill -INT`, or a scheduler) while a shard stage writes reaches the
+    stage once, and it cleans up. The stage was SIGKILLed, which left its staging directory in TMPDIR."""
+    scratch, work = tmp_path / "tmp", tmp_path / "work"
+    scratch.mkdir()
+    bench = subprocess.Popen([sys.executable, "-m", "distpose", "bench", "scale", "--quick", "--work", str(work),
+                              "--out", str(tmp_path / "scale.json")], env={**os.environ, "TMPDIR": str(scratch)},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=0)
+    deadline = time.monotonic() + 300
+    while not any(p.name.startswith("distpose-shards-") for p in scratch.iterdir()):
+        assert bench.poll() is None and time.monotonic() < deadline, "no shard stage was seen writing"
+        time.sleep(0.002)
+    stage = next(c for c in psutil.Process(bench.pid).children() if "shard" in c.cmdline())
+    bench.send_signal(signal.SIGINT)
+    _, err = bench.communicate(timeout=120)
+    assert bench.returncode == 130 and "interrupted" in err, err
+    assert not stage.is_running()
+    assert not [p.name for p in scratch.iterdir() if p.name.startswith("distpose-shards-")]
+    assert not list(work.rglob("*.partial"))

@@ -19,9 +19,12 @@ constant. The generation of each set is timed too, as setup.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -38,6 +41,7 @@ from distpose.errors import UserError
 from distpose.files import file_sizes
 
 POLL_S = 0.05
+STOP_GRACE_S = 30  # for an interrupted stage to clean up: a shard pool finishes the shards it is writing
 STAGE_TIMEOUT_S = 4 * 3600  # a bound on every wait, far above the longest stage (benchmarks/results/scale-cpu2.json)
 FLAT_TIME = 0.2  # per-item time within 20% from the smallest N to the largest
 FLAT_RSS = 0.2  # peak RSS within 20% ...
@@ -68,7 +72,8 @@ def _tree_rss(process: psutil.Process) -> int:
 def measure(argv: list[str], timeout_s: float = STAGE_TIMEOUT_S) -> dict[str, Any]:
     """Run a command to its end: its wall seconds and the peak RSS of its process tree, sampled every POLL_S."""
     start = time.perf_counter()
-    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # In its own process group, so that a Ctrl-C reaches the stage once, from _stop, whoever got it.
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=0)
     process = psutil.Process(child.pid)
     peak = 0
     stdout: list[str] = []
@@ -84,9 +89,7 @@ def measure(argv: list[str], timeout_s: float = STAGE_TIMEOUT_S) -> dict[str, An
                 raise UserError(f"bench scale: {' '.join(argv[2:])} still running after {timeout_s:.0f} s: stopped")
             time.sleep(POLL_S)
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+        _stop(child)
     seconds = time.perf_counter() - start
     for reader in readers:
         reader.join(timeout=10)
@@ -94,6 +97,21 @@ def measure(argv: list[str], timeout_s: float = STAGE_TIMEOUT_S) -> dict[str, An
         tail = "".join(stderr).strip().splitlines()[-1:] or ["no output"]
         raise UserError(f"bench scale: {' '.join(argv[2:])} exited {child.returncode}: {tail[0]}")
     return {"seconds": round(seconds, 3), "peak_rss_bytes": peak, "stdout": "".join(stdout)}
+
+
+def _stop(child: subprocess.Popen) -> None:
+    """Interrupt a stage that is still running, as Ctrl-C would, so that it removes what it was writing; kill
+    its process group if it has not exited after STOP_GRACE_S, and whatever of the group outlived it."""
+    if child.poll() is None:
+        child.send_signal(signal.SIGINT)
+        try:
+            child.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            print(f"bench scale: {' '.join(child.args[2:])} still running {STOP_GRACE_S:.0f} s after Ctrl-C: killed",
+                  file=sys.stderr)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
 
 
 def _distpose(*args: str) -> list[str]:
