@@ -118,6 +118,24 @@ def test_corrupt_and_missing_objects_are_named_by_verify_and_skipped_by_the_load
     assert loader.skipped["unreadable shard (FileNotFoundError)"] == 1 and loader.skipped.total() >= 2
 
 
+def test_bench_loader_measures_s3_against_the_same_shards_on_local_disk(object_store, s3_shards, synth_shards,
+                                                                       synth_root, capsys):
+    small = [f"data.shards={synth_shards}", "data.input_size=[64,48]", "data.heatmap_size=[16,12]",
+             "data.batch_size=4", "--images", "8", "--batches", "2", "--warmup", "1"]
+    assert main(["bench", "loader", *small, "--remote", s3_shards]) == 0
+    result = json.loads(capsys.readouterr().out)
+    remote, local = result["remote_1_worker_instances_per_s"], result["local_1_worker_instances_per_s"]
+    assert remote > 0 and local > 0 and result["ratio_remote_vs_local"] == pytest.approx(remote / local, abs=2e-3)
+
+    other = object_store.uri("resharded")  # the same images in other shards: not comparable
+    assert main(["data", "shard", "--coco-root", str(synth_root), "--split", "train", "--out", other,
+                 "--samples-per-shard", "7"]) == 0
+    capsys.readouterr()
+    assert main(["bench", "loader", *small, "--remote", other]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "shards are not those of data.shards" in err
+
+
 def test_a_missing_split_or_bucket_is_one_line(object_store, capsys):
     assert main(["data", "verify", object_store.uri("nothing-here")]) == 1
     assert capsys.readouterr().err.strip().endswith("no *.manifest.json found; run `distpose data shard` first")

@@ -20,8 +20,9 @@ from distpose.bench import machine
 from distpose.config import DataConfig
 from distpose.data.codec import HeatmapCodec
 from distpose.data.loader import train_loader
-from distpose.data.shards import SampleError, iter_tar_samples, parse_sample, shard_paths
+from distpose.data.shards import SampleError, iter_tar_samples, parse_sample, read_manifest, shard_paths
 from distpose.data.transforms import box_to_center_scale, crop_matrix
+from distpose.errors import UserError
 
 
 def raw_loop_rate(cfg: DataConfig, max_images: int, repeats: int) -> tuple[float, int]:
@@ -82,11 +83,33 @@ def pipeline_rate(cfg: DataConfig, workers: int, warmup: int, batches: int) -> f
         cv2.setNumThreads(threads)
 
 
-def run(cfg: DataConfig, images: int = 300, batches: int = 60, warmup: int = 16,
-        repeats: int = 3) -> dict[str, Any]:
+def _same_shards(cfg: DataConfig, remote: str) -> None:
+    """A remote rate is comparable only over the same shards: their manifests list the same digests."""
+    local, other = (read_manifest(where, cfg.train_split) for where in (cfg.shards, remote))
+    if [s["sha256"] for s in local["shards"]] != [s["sha256"] for s in other["shards"]]:
+        raise UserError(f"--remote {remote}: its '{cfg.train_split}' shards are not those of data.shards "
+                        f"{cfg.shards} (their sha256 digests differ): copy the same shards there")
+
+
+def remote_rates(cfg: DataConfig, remote: str, warmup: int, batches: int, repeats: int
+                 ) -> tuple[float, float]:
+    """The best 1-worker pipeline rate from data.shards and from `remote` (a copy of the same shards), measured
+    alternately so that both see the same noise."""
+    _same_shards(cfg, remote)
+    local, far = 0.0, 0.0
+    for _ in range(repeats):
+        local = max(local, pipeline_rate(cfg, 1, warmup, batches))
+        far = max(far, pipeline_rate(dataclasses.replace(cfg, shards=remote), 1, warmup, batches))
+    return local, far
+
+
+def run(cfg: DataConfig, images: int = 300, batches: int = 60, warmup: int = 16, repeats: int = 3,
+        remote: str | None = None) -> dict[str, Any]:
+    if remote:  # before the long local runs: a wrong location fails at once
+        _same_shards(cfg, remote)
     raw, raw_instances = raw_loop_rate(cfg, images, repeats)
     rates = {workers: pipeline_rate(cfg, workers, warmup, batches) for workers in (0, 1, 2)}
-    return {
+    result = {
         "benchmark": "loader",
         "machine": machine(),
         "shards": cfg.shards,
@@ -105,3 +128,14 @@ def run(cfg: DataConfig, images: int = 300, batches: int = 60, warmup: int = 16,
         "notes": "raw loop and in-process pipeline on one core (OpenCV single-threaded); "
                  "1/2 workers: DataLoader processes, targets rendered in the consuming process",
     }
+    if remote:
+        local, far = remote_rates(cfg, remote, warmup, batches, repeats)
+        result |= {
+            "remote": remote,
+            "remote_1_worker_instances_per_s": round(far, 1),
+            "local_1_worker_instances_per_s": round(local, 1),
+            "ratio_remote_vs_local": round(far / local, 3),
+            "goal_remote_ratio": 0.9,
+            "remote_notes": f"1 loader worker, best of {repeats} runs from each, alternately",
+        }
+    return result

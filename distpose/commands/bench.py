@@ -40,7 +40,7 @@ def run_bench_loader(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     out = output_path(args.out)
-    write_json(run(cfg.data, images=args.images, batches=args.batches, warmup=args.warmup), out)
+    write_json(run(cfg.data, images=args.images, batches=args.batches, warmup=args.warmup, remote=args.remote), out)
     return 0
 
 
@@ -117,6 +117,10 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="untimed batches first, more than the DataLoader prefetches (default 16)")
     loader.add_argument("--out", help="also write the JSON here, e.g. "
                         "benchmarks/results/loader-<input size>-<machine>.json")
+    loader.add_argument("--remote", metavar="LOCATION",
+                        help="a copy of the same shards in object storage (s3://bucket/prefix, http(s)://): also "
+                        "measures the 1-worker pipeline reading it, alternately with the local shards, and "
+                        "their ratio")
     loader.set_defaults(func=run_bench_loader)
 
     train_bench = bench_cmds.add_parser(
