@@ -15,6 +15,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import torch
 
 from distpose.bench import machine
 from distpose.config import DataConfig
@@ -71,8 +72,11 @@ def pipeline_rate(cfg: DataConfig, workers: int, warmup: int, batches: int) -> f
     stream = iter(train_loader(cfg))
     for _ in islice(stream, warmup):
         pass
-    threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)  # the in-process run gets one core too, like the raw loop
+    threads, torch_threads = cv2.getNumThreads(), torch.get_num_threads()
+    # One core each, like the raw loop: the in-process run, and the consumer, whose rendering threads
+    # would otherwise spin on the cores the loader workers are measured on.
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
     try:
         start, n = time.perf_counter(), 0
         for batch in islice(stream, batches):
@@ -81,6 +85,7 @@ def pipeline_rate(cfg: DataConfig, workers: int, warmup: int, batches: int) -> f
         return n / (time.perf_counter() - start)
     finally:
         cv2.setNumThreads(threads)
+        torch.set_num_threads(torch_threads)
 
 
 def _same_shards(cfg: DataConfig, remote: str) -> None:

@@ -17,16 +17,14 @@ consumed (on the accelerator in training).
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 import math
-import mmap
 import os
 import random
-import sys
+import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +44,7 @@ from distpose.keypoints import NUM_JOINTS
 
 log = logging.getLogger(__name__)
 STATS_KEY = "_loader_stats"
+RING_KEY = "_ring_slot"  # a worker's batch: (slot, rows) in the BatchRing
 
 
 class CorruptSampleCounter:
@@ -182,23 +181,9 @@ def _persons(samples: Iterator[dict[str, Any]], counter: CorruptSampleCounter, p
             yield sample, image, person, score
 
 
-_MADV_POPULATE_WRITE = 23  # Linux >= 5.14
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
-
-
-def _populate(storage: torch.UntypedStorage) -> None:
-    """Fault in a fresh shared segment with one madvise call instead of one page fault per 4 KiB
-    page: first-touch faults are a large share of a loader worker's time (benchmarks/README.md, Loader)."""
-    if _LIBC is None:
-        return
-    start = storage.data_ptr() & ~(mmap.PAGESIZE - 1)
-    _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(storage.data_ptr() + storage.nbytes() - start),
-                  _MADV_POPULATE_WRITE)  # best effort: older kernels refuse it and pages fault as usual
-
-
 def _batch_buffers(spec: StreamSpec, size: int, shared: bool) -> dict[str, torch.Tensor]:
-    """Empty batch tensors that crops are written into in place: views of one storage, which in a
-    DataLoader worker lives in shared memory, so handing the batch over copies nothing."""
+    """Empty batch tensors that crops are written into in place: views of one storage, in shared memory for
+    a BatchRing."""
     d, k = spec.data, NUM_JOINTS
     layout = {
         "image": ((*d.input_size, 3), torch.uint8),  # RGB, channels last: see normalize_images
@@ -216,27 +201,64 @@ def _batch_buffers(spec: StreamSpec, size: int, shared: bool) -> dict[str, torch
     for name, (shape, dtype) in layout.items():
         offsets[name] = nbytes
         nbytes += -(-size * math.prod(shape) * dtype.itemsize // 64) * 64  # 64-byte aligned fields
-    if shared:
-        storage = torch.UntypedStorage._new_shared(nbytes)
-        _populate(storage)
-    else:
-        storage = torch.UntypedStorage(nbytes)
+    storage = torch.UntypedStorage._new_shared(nbytes) if shared else torch.UntypedStorage(nbytes)
     return {
         name: torch.empty(0, dtype=dtype).set_(storage, offsets[name] // dtype.itemsize, (size, *shape))
         for name, (shape, dtype) in layout.items()
     }
 
 
+PREFETCH_FACTOR = 4  # batches each loader worker has asked for ahead of the consumer
+RING_SLOTS = PREFETCH_FACTOR + 2  # those, the one being copied out, and one for the request sent meanwhile
+RING_WAIT_S = 600.0
+
+
+class BatchRing:
+    """Batch buffers in shared memory that each loader worker fills in turn and the consuming process copies
+    out of, made once per DataLoader iterator: a fresh shared segment per batch cost a loader worker several ms a
+    batch, nearly all of it in first-touch page faults (benchmarks/README.md, Loader).
+
+    Worker w writes its k-th batch into slot k % RING_SLOTS once `consumed[w]` shows that slot copied out; the
+    DataLoader keeps at most PREFETCH_FACTOR batches a worker in flight, so that wait is a guard, not a stall."""
+
+    def __init__(self, spec: StreamSpec, workers: int):
+        self.slots = [[_batch_buffers(spec, spec.batch_size, shared=True) for _ in range(RING_SLOTS)]
+                      for _ in range(workers)]
+        self.consumed = torch.zeros(workers, dtype=torch.int64).share_memory_()
+
+    def free_slot(self, worker: int, batch: int) -> tuple[int, dict[str, torch.Tensor]]:
+        """The slot for `worker`'s batch number `batch`, once the consumer has copied out what it held."""
+        deadline = time.monotonic() + RING_WAIT_S
+        while batch - int(self.consumed[worker]) >= RING_SLOTS:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"loader worker {worker}: its consumer took no batch in {RING_WAIT_S:.0f} s")
+            time.sleep(0.001)
+        slot = batch % RING_SLOTS
+        return slot, self.slots[worker][slot]
+
+    def take(self, worker: int, slot: int, rows: int, pin: bool) -> dict[str, torch.Tensor]:
+        """Copy the first `rows` rows of a filled slot into memory of this process (pinned for the accelerator
+        when `pin`) and hand the slot back to its worker."""
+        batch = {}
+        for name, buffer in self.slots[worker][slot].items():
+            batch[name] = torch.empty_like(buffer[:rows], pin_memory=pin).copy_(buffer[:rows])
+        self.consumed[worker] += 1
+        return batch
+
+
 def _batches(persons: Iterator[tuple[DecodedSample, np.ndarray, Person, float]], spec: StreamSpec,
-             rng: np.random.Generator, shared: bool) -> Iterator[dict[str, torch.Tensor]]:
-    """Crop and augment each person straight into its row of the batch buffers."""
+             rng: np.random.Generator, buffers: Callable[[int], dict[str, torch.Tensor]]
+             ) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+    """Crop and augment each person straight into its row of the batch buffers; `buffers(k)` gives the k-th
+    batch's. Yields each batch's buffers and its number of rows (the batch size but for evaluation's last)."""
     d = spec.data
     transform = TopDownTransform(d.input_size, d.box_padding, d.augment if spec.train else None)
     size = spec.batch_size
-    batch, arrays, row = None, {}, 0
+    batch, arrays, row, made = None, {}, 0, 0
     for sample, image, person, score in persons:
         if batch is None:
-            batch = _batch_buffers(spec, size, shared)
+            batch = buffers(made)
+            made += 1
             arrays = {name: t.numpy() for name, t in batch.items()}
         keypoints = np.asarray(person.keypoints, np.float32).reshape(-1, 3)
         crop = transform(image, person.bbox, keypoints, rng, out=arrays["image"][row])
@@ -248,10 +270,10 @@ def _batches(persons: Iterator[tuple[DecodedSample, np.ndarray, Person, float]],
         arrays["image_id"][row], arrays["instance_id"][row] = sample.image_id, person.id
         row += 1
         if row == size:
-            yield batch
+            yield batch, row
             batch, row = None, 0
     if batch is not None and not spec.train:
-        yield {name: t[:row] for name, t in batch.items()}
+        yield batch, row
 
 
 class TopDownStream(IterableDataset):
@@ -260,6 +282,7 @@ class TopDownStream(IterableDataset):
     def __init__(self, spec: StreamSpec):
         super().__init__()
         self.spec = spec
+        self.ring: BatchRing | None = None  # set by StreamingLoader before its DataLoader starts workers
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         spec, d = self.spec, self.spec.data
@@ -281,16 +304,30 @@ class TopDownStream(IterableDataset):
             # written once, straight into the batch.
             persons = _shuffled(persons, d.instance_shuffle, random.Random(f"{seed} instances"))
         rng = np.random.default_rng([d.seed, spec.rank, worker])
-        for batch in _batches(persons, spec, rng, shared=get_worker_info() is not None):
-            yield {**batch, STATS_KEY: (worker, dict(counter.counts), list(counter.unreadable))}
+        ring = self.ring if get_worker_info() is not None else None
+        slots: list[int] = []
+        if ring is None:
+            def buffers(_: int) -> dict[str, torch.Tensor]:
+                return _batch_buffers(spec, spec.batch_size, shared=False)
+        else:
+            def buffers(made: int) -> dict[str, torch.Tensor]:
+                slot, batch = ring.free_slot(worker, made)
+                slots.append(slot)
+                return batch
+        for batch, rows in _batches(persons, spec, rng, buffers):
+            stats = (worker, dict(counter.counts), list(counter.unreadable))
+            if ring is None:
+                yield {**{name: t[:rows] for name, t in batch.items()}, STATS_KEY: stats}
+            else:  # the batch stays in the ring: the message says where
+                yield {RING_KEY: (slots.pop(), rows), STATS_KEY: stats}
         # A last, empty message so skips after the final batch are still reported.
         yield {STATS_KEY: (worker, dict(counter.counts), list(counter.unreadable))}
 
 
-def _counted(stream: Iterator[dict[str, Any]], skips: dict[int, tuple[dict[str, int], list[str]]]
-             ) -> Iterator[dict[str, torch.Tensor]]:
-    """The batches of a DataLoader stream, with each worker's skip counts and unreadable shards taken out into
-    `skips`.
+def _counted(stream: Iterator[dict[str, Any]], skips: dict[int, tuple[dict[str, int], list[str]]],
+             ring: BatchRing | None, pin: bool) -> Iterator[dict[str, torch.Tensor]]:
+    """The batches of a DataLoader stream, copied out of the workers' `ring`, with each worker's skip counts and
+    unreadable shards taken out into `skips`.
 
     Not a method: kept on its loader, a generator holding the loader would be a reference cycle.
     The garbage collector frees a cycle's multiprocessing queues before the DataLoader iterator's
@@ -299,7 +336,10 @@ def _counted(stream: Iterator[dict[str, Any]], skips: dict[int, tuple[dict[str, 
     for message in stream:
         worker, counts, unreadable = message.pop(STATS_KEY)
         skips[worker] = counts, unreadable
-        if message:
+        if RING_KEY in message:
+            assert ring is not None
+            yield ring.take(worker, *message[RING_KEY], pin=pin)
+        elif message:
             yield message
 
 
@@ -310,9 +350,11 @@ class StreamingLoader:
     def __init__(self, spec: StreamSpec, num_workers: int, batches_per_epoch: int | None = None):
         self.spec = spec
         self.batches_per_epoch = batches_per_epoch
+        self.pin = torch.cuda.is_available()
         self.dataloader = DataLoader(
             TopDownStream(spec), batch_size=None, num_workers=num_workers,
-            pin_memory=torch.cuda.is_available(), prefetch_factor=4 if num_workers else None,
+            # Workers' batches are pinned as they are copied out of the ring (BatchRing.take).
+            pin_memory=self.pin and not num_workers, prefetch_factor=PREFETCH_FACTOR if num_workers else None,
             multiprocessing_context=_workers_context() if num_workers else None,
             worker_init_fn=functools.partial(_init_worker, dict(os.environ)) if num_workers else None,
         )
@@ -337,13 +379,20 @@ class StreamingLoader:
             raise TypeError("an evaluation loader has no fixed length")
         return self.batches_per_epoch
 
+    def _start(self) -> Iterator[dict[str, torch.Tensor]]:
+        """A new DataLoader iterator (its workers, and a ring for them) and its batches."""
+        workers = self.dataloader.num_workers
+        ring = BatchRing(self.spec, workers) if workers else None
+        self.dataloader.dataset.ring = ring  # pickled to the workers as the iterator starts them
+        return _counted(iter(self.dataloader), self._skips, ring, self.pin)
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if not self.spec.train:
             self._skips = {}
-            yield from _counted(iter(self.dataloader), self._skips)
+            yield from self._start()
             return
         if self._stream is None:
-            self._stream = _counted(iter(self.dataloader), self._skips)
+            self._stream = self._start()
         for _ in range(len(self)):
             yield next(self._stream)
 
