@@ -1,5 +1,6 @@
 """Benchmarks run end to end at toy sizes (their figures come from `distpose bench ...`, not from tests)."""
 
+import functools
 import json
 import os
 import signal
@@ -153,9 +154,12 @@ def test_interrupted_scale_benchmark_stops_its_stage_and_leaves_no_scratch(tmp_p
     stage once, and it cleans up. The stage was SIGKILLed, which left its staging directory in TMPDIR."""
     scratch, work = tmp_path / "tmp", tmp_path / "work"
     scratch.mkdir()
+    # SIGINT's default disposition, which Python turns into KeyboardInterrupt: a shell running this suite in
+    # the background hands its children SIGINT ignored, and Python then leaves it ignored.
     bench = subprocess.Popen([sys.executable, "-m", "distpose", "bench", "scale", "--quick", "--work", str(work),
                               "--out", str(tmp_path / "scale.json")], env={**os.environ, "TMPDIR": str(scratch)},
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=0)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=0,
+                             preexec_fn=functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while not any(p.name.startswith("distpose-shards-") for p in scratch.iterdir()):
         assert bench.poll() is None and time.monotonic() < deadline, "no shard stage was seen writing"
