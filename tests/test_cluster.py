@@ -53,15 +53,22 @@ class Nodes:
 
     def _start(self, options: list[str]) -> subprocess.Popen:
         metrics = free_port()
+        # The dashboard agent's port too: Ray's default for it, 52365, lies in the range free_port draws from,
+        # and a metrics port drawn there made the head exit at once.
         command = [RAY, "start", "--block", "--disable-usage-stats", f"--temp-dir={self.temp}",
-                   f"--node-ip-address={self.ip}", f"--metrics-export-port={metrics}", *options]
-        node = subprocess.Popen(command, env=self.env, start_new_session=True, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.STDOUT)
+                   f"--node-ip-address={self.ip}", f"--metrics-export-port={metrics}",
+                   f"--dashboard-agent-listen-port={free_port()}", *options]
+        self.temp.mkdir(parents=True, exist_ok=True)
+        log = self.temp / f"node{len(self.processes)}.log"  # removed with the rest of the temp directory
+        with log.open("wb") as out:
+            node = subprocess.Popen(command, env=self.env, start_new_session=True, stdout=out,
+                                    stderr=subprocess.STDOUT)
         self.processes.append(node)
         self.targets[node.pid] = f"{self.ip}:{metrics}"
         deadline = time.monotonic() + 120
         while not answers(f"{self.ip}:{metrics}"):
-            assert time.monotonic() < deadline and node.poll() is None, f"node {command} did not start"
+            assert time.monotonic() < deadline and node.poll() is None, \
+                f"node {command} did not start: {log.read_text()[-2000:]}"
             time.sleep(0.5)
         return node
 
