@@ -220,7 +220,7 @@ class CocoSplit:
             raise DataError(f"{self.annotation_file}: {message}")
 
     def _read_images(self) -> None:
-        ids, sizes, names = array("q"), array("l"), []
+        ids, sizes, names = array("q"), array("q"), []
         for raw in self._items("images.item"):
             try:
                 image_id, name = int(raw["id"]), str(raw["file_name"])

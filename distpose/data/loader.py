@@ -44,7 +44,7 @@ from distpose.keypoints import NUM_JOINTS
 
 log = logging.getLogger(__name__)
 STATS_KEY = "_loader_stats"
-RING_KEY = "_ring_slot"  # a worker's batch: (slot, rows) in the BatchRing
+RING_KEY = "_ring_batch"  # a worker's batch in the BatchRing: (its number, rows)
 
 
 class CorruptSampleCounter:
@@ -226,24 +226,23 @@ class BatchRing:
                       for _ in range(workers)]
         self.consumed = torch.zeros(workers, dtype=torch.int64).share_memory_()
 
-    def free_slot(self, worker: int, batch: int) -> tuple[int, dict[str, torch.Tensor]]:
-        """The slot for `worker`'s batch number `batch`, once the consumer has copied out what it held."""
+    def free_slot(self, worker: int, batch: int) -> dict[str, torch.Tensor]:
+        """The buffers for `worker`'s batch number `batch`, once the consumer has copied out what they held."""
         deadline = time.monotonic() + RING_WAIT_S
         while batch - int(self.consumed[worker]) >= RING_SLOTS:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"loader worker {worker}: its consumer took no batch in {RING_WAIT_S:.0f} s")
             time.sleep(0.001)
-        slot = batch % RING_SLOTS
-        return slot, self.slots[worker][slot]
+        return self.slots[worker][batch % RING_SLOTS]
 
-    def take(self, worker: int, slot: int, rows: int, pin: bool) -> dict[str, torch.Tensor]:
-        """Copy the first `rows` rows of a filled slot into memory of this process (pinned for the accelerator
-        when `pin`) and hand the slot back to its worker."""
-        batch = {}
-        for name, buffer in self.slots[worker][slot].items():
-            batch[name] = torch.empty_like(buffer[:rows], pin_memory=pin).copy_(buffer[:rows])
+    def take(self, worker: int, batch: int, rows: int, pin: bool) -> dict[str, torch.Tensor]:
+        """Copy the first `rows` rows of `worker`'s batch number `batch` into memory of this process (pinned for
+        the accelerator when `pin`) and hand its slot back to the worker."""
+        copied = {}
+        for name, buffer in self.slots[worker][batch % RING_SLOTS].items():
+            copied[name] = torch.empty_like(buffer[:rows], pin_memory=pin).copy_(buffer[:rows])
         self.consumed[worker] += 1
-        return batch
+        return copied
 
 
 def _batches(persons: Iterator[tuple[DecodedSample, np.ndarray, Person, float]], spec: StreamSpec,
@@ -305,21 +304,17 @@ class TopDownStream(IterableDataset):
             persons = _shuffled(persons, d.instance_shuffle, random.Random(f"{seed} instances"))
         rng = np.random.default_rng([d.seed, spec.rank, worker])
         ring = self.ring if get_worker_info() is not None else None
-        slots: list[int] = []
         if ring is None:
             def buffers(_: int) -> dict[str, torch.Tensor]:
                 return _batch_buffers(spec, spec.batch_size, shared=False)
         else:
-            def buffers(made: int) -> dict[str, torch.Tensor]:
-                slot, batch = ring.free_slot(worker, made)
-                slots.append(slot)
-                return batch
-        for batch, rows in _batches(persons, spec, rng, buffers):
+            buffers = functools.partial(ring.free_slot, worker)
+        for made, (batch, rows) in enumerate(_batches(persons, spec, rng, buffers)):
             stats = (worker, dict(counter.counts), list(counter.unreadable))
             if ring is None:
                 yield {**{name: t[:rows] for name, t in batch.items()}, STATS_KEY: stats}
-            else:  # the batch stays in the ring: the message says where
-                yield {RING_KEY: (slots.pop(), rows), STATS_KEY: stats}
+            else:  # the batch stays in the ring: the message says which it is
+                yield {RING_KEY: (made, rows), STATS_KEY: stats}
         # A last, empty message so skips after the final batch are still reported.
         yield {STATS_KEY: (worker, dict(counter.counts), list(counter.unreadable))}
 
