@@ -23,7 +23,11 @@ from distpose.monitor.prometheus import metrics_endpoints
 log = logging.getLogger(__name__)
 
 SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
 CONNECT_TIMEOUT_S = 10.0
+AUTH_PROBE_S = 3.0
+TOKEN_FIX = ("give this machine the head node's token (`ray get-auth-token` there prints it) in RAY_AUTH_TOKEN or "
+             "~/.ray/auth_token")
 
 
 def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
@@ -43,6 +47,65 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
             (exc.strerror or str(exc)).lower()
         raise UserError(f"cannot connect to the Ray cluster at {address}: {reason} (is `ray start --head` "
                         f"running there, and its port open?)") from None
+
+
+def token_required(address: str, timeout: float = AUTH_PROBE_S) -> bool:
+    """Whether the cluster at `address` requires Ray's authentication token; one token is then needed, else
+    connecting fails in one line naming the fix. Ray joins such a cluster only with RAY_AUTH_MODE=token set, and
+    otherwise retries for about 20 s, printing a raw line each time, before a message that says nothing of tokens.
+    Asking the GCS once (the call every client makes first) tells within a round trip. (Ray Client's `ray://` and
+    "auto" are left to Ray.)"""
+    if address.startswith("ray://") or address == "auto":
+        return False
+    import grpc
+    from ray._raylet import AuthenticationTokenLoader
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+
+        def refused(metadata: list[tuple[str, str]] | None) -> bool:
+            try:
+                stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=timeout, metadata=metadata)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    return True
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise UserError(f"the Ray cluster at {address} did not answer within {timeout:g} s (is it a "
+                                    f"Ray head node's GCS port?)") from None
+                return False  # anything else is Ray's to report
+            return False
+
+        if not refused(None):
+            return False
+        if os.environ.get(AUTH_MODE_ENV, "").lower() == "disabled":
+            raise UserError(f"the Ray cluster at {address} requires an authentication token, but {AUTH_MODE_ENV}="
+                            f"disabled here: unset it, and {TOKEN_FIX}")
+        header = AuthenticationTokenLoader.instance().get_token_for_http_header(ignore_auth_mode=True)
+        if not header:
+            raise UserError(f"the Ray cluster at {address} requires an authentication token and this machine has "
+                            f"none: {TOKEN_FIX}")
+        if refused(list(header.items())):
+            raise UserError(f"the Ray cluster at {address} rejected this machine's authentication token "
+                            f"(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, in that order): {TOKEN_FIX}")
+    return True
+
+
+@contextlib.contextmanager
+def token_authentication(required: bool) -> Iterator[None]:
+    """With `required`, Ray's token mode for this process and what it starts, for the duration. Ray reads the mode
+    into its cached configuration, so that is read again on the way in and out."""
+    if not required:
+        yield
+        return
+    from ray._raylet import Config
+
+    try:
+        with environment(AUTH_MODE_ENV, "token"):
+            Config.initialize("")
+            yield
+    finally:
+        Config.initialize("")
 
 
 def verbose() -> bool:
@@ -128,10 +191,12 @@ def ray_cluster(address: str | None = None, monitor: MonitorConfig | None = None
     if ray.is_initialized():
         yield False
         return
+    required = False
     if not local:
         check_reachable(address or os.environ["RAY_ADDRESS"])
+        required = token_required(address or os.environ["RAY_ADDRESS"])
     with (single_machine(local and monitor.host == "127.0.0.1"), own_temporary_files(local),
-          _connected(address, monitor, local) as leaves):
+          token_authentication(required), _connected(address, monitor, local) as leaves):
         yield leaves
 
 

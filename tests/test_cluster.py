@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.request
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -44,12 +45,16 @@ class Nodes:
         self.address = f"{self.ip}:{free_port()}"
         self.processes: list[subprocess.Popen] = []
         self.targets: dict[int, str] = {}  # node pid -> its metrics endpoint
+
+    def start(self, workers: int) -> None:
         # A dead node is declared dead after 2 missed health checks 1 s apart (Ray's default: 5 x 3 s), and
         # metrics reach the endpoints every second (Ray's default: 10 s).
         config = ('--system-config={"health_check_period_ms": 1000, "health_check_failure_threshold": 2, '
                   '"metrics_report_interval_ms": 1000}')
         self.head = self._start(["--head", f"--port={self.address.rsplit(':', 1)[1]}", "--num-cpus=0",
                                  f"--dashboard-port={free_port()}", config])
+        for _ in range(workers):
+            self.add_worker()
 
     def _start(self, options: list[str]) -> subprocess.Popen:
         metrics = free_port()
@@ -95,17 +100,25 @@ class Nodes:
         shutil.rmtree(self.temp, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def nodes(tmp_path_factory):
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
-    env["RAY_AUTH_MODE"] = "disabled"
-    cluster = Nodes(Path("/tmp") / f"ray-distpose-nodes-{os.getpid()}", env)
+@contextlib.contextmanager
+def running_nodes(name: str, workers: int, **env: str) -> Iterator[Nodes]:
+    """A head and `workers` worker nodes, with this environment less Ray's address and authentication settings,
+    plus `env`; stopped, and their temporary directory removed, however they end (a head that never starts too)."""
+    ignored = ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
+               "RAY_AUTH_TOKEN_PATH")
+    cluster = Nodes(Path("/tmp") / f"ray-distpose-{name}-{os.getpid()}",
+                    {**{k: v for k, v in os.environ.items() if k not in ignored}, **env})
     try:
-        cluster.add_worker()
-        cluster.add_worker()
+        cluster.start(workers)
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    with running_nodes("nodes", workers=2, RAY_AUTH_MODE="disabled") as cluster:
+        yield cluster
 
 
 def answers(target: str) -> bool:
@@ -124,6 +137,14 @@ def ranks_training(prometheus: Prometheus, run: str) -> dict[str, set[str]]:
     return out
 
 
+def train_command(nodes: Nodes, synth_shards: Path, storage: Path, run: str, *extra: str) -> list[str]:
+    """`distpose train` of a tiny CNN on `nodes`, one CPU a rank; `extra` overrides."""
+    return [sys.executable, "-m", "distpose", "train", "model.backbone=cnn_small", "data.input_size=[64,48]",
+            "data.heatmap_size=[16,12]", "data.loader_workers=0", f"data.shards={synth_shards}",
+            f"train.storage={storage}", f"train.run_name={run}", "train.cpus_per_worker=1", "data.batch_size=8",
+            "eval.every_epochs=0", "train.start_timeout_s=120", *extra, "--address", nodes.address]
+
+
 def train_losing_a_node(nodes: Nodes, synth_shards: Path, tmp_path: Path, run: str, workers: str, *extra: str,
                         join_when, epochs: int = 4, per_epoch: int = 10, prometheus: Prometheus | None = None,
                         stop_when=None) -> dict:
@@ -133,12 +154,8 @@ def train_losing_a_node(nodes: Nodes, synth_shards: Path, tmp_path: Path, run: s
     `join_when(seconds since the kill, records since the kill)` says so. With `stop_when(records since the kill)`,
     the run is stopped by Ctrl-C (SIGINT) once that holds, instead of training to its end: its length then need
     not outlast Ray's resize decisions. Returns what happened, from rank 0's metrics.jsonl and the endpoints."""
-    command = [sys.executable, "-m", "distpose", "train", "model.backbone=cnn_small", "data.input_size=[64,48]",
-               "data.heatmap_size=[16,12]", "data.loader_workers=0", f"data.shards={synth_shards}",
-               f"train.storage={tmp_path}", f"train.run_name={run}", f"train.workers={workers}",
-               "train.cpus_per_worker=1", "data.batch_size=8", f"train.epochs={epochs}",
-               f"data.batches_per_epoch={per_epoch}", "eval.every_epochs=0", "train.max_failures=3",
-               "train.start_timeout_s=120", *extra, "--address", nodes.address]
+    command = train_command(nodes, synth_shards, tmp_path, run, f"train.workers={workers}", f"train.epochs={epochs}",
+                            f"data.batches_per_epoch={per_epoch}", "train.max_failures=3", *extra)
     log, run_dir = tmp_path / "train.log", tmp_path / run
     with log.open("w") as out:
         trainer = subprocess.Popen(command, env={**nodes.env, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"},
@@ -264,3 +281,37 @@ def test_an_elastic_run_goes_on_without_the_lost_node_and_grows_back(nodes, synt
           f"after the kill; back on 2 ranks at step {starts[2]['step']}")
     assert "resharded for 1" in starts[1]["resumed_from"] and "resharded for 2" in starts[2]["resumed_from"]
     assert all(r["samples_per_s"] > 0 for r in seen["steps"])
+
+
+def test_a_driver_joins_a_token_cluster_with_the_token_and_fails_in_one_line_without(synth_shards, tmp_path):
+    """A cluster with Ray's token authentication on (`ray start --head` turns it on wherever a token exists, as
+    ~/.ray/auth_token does after any local Ray; joining nodes need RAY_AUTH_MODE=token). A driver with the token in
+    RAY_AUTH_TOKEN trains there; without it, with a wrong one, or with RAY_AUTH_MODE=disabled, it stops at once
+    with one line naming the fix (Ray itself would retry for about 20 s, printing raw gcs_client lines). ~60 s."""
+    head_home, driver_home = tmp_path / "head-home", tmp_path / "driver-home"
+    driver_home.mkdir()
+    subprocess.run([RAY, "get-auth-token", "--generate"], env={**os.environ, "HOME": str(head_home)}, check=True,
+                   capture_output=True)
+    token = (head_home / ".ray" / "auth_token").read_text().strip()
+    with running_nodes("token", workers=1, HOME=str(head_home), RAY_AUTH_MODE="token") as cluster:
+        command = train_command(cluster, synth_shards, tmp_path, "token", "train.workers=1", "train.epochs=1",
+                                "data.batches_per_epoch=2")
+        driver = {k: v for k, v in cluster.env.items() if k != "RAY_AUTH_MODE"} | {"HOME": str(driver_home)}
+        for case, env, reason in [("no token", {}, "this machine has none"),
+                                  ("a wrong token", {"RAY_AUTH_TOKEN": "0" * len(token)}, "rejected"),
+                                  ("RAY_AUTH_MODE=disabled", {"HOME": str(head_home), "RAY_AUTH_MODE": "disabled"},
+                                   "RAY_AUTH_MODE=disabled here")]:
+            started = time.monotonic()
+            result = subprocess.run(command, check=False, env={**driver, **env}, capture_output=True, text=True,
+                                    timeout=60)
+            took = time.monotonic() - started
+            print(f"\n[token auth] {case}: exit {result.returncode} after {took:.1f} s: {result.stderr.strip()}")
+            assert result.returncode == 2, result.stderr[-3000:]
+            assert result.stderr.count("\n") == 1 and reason in result.stderr, result.stderr
+            assert "ray get-auth-token" in result.stderr and "gcs_client" not in result.stdout + result.stderr
+            assert took < 10, "Ray's own retries (about 20 s) ran"
+        result = subprocess.run(command, check=False, env={**driver, "RAY_AUTH_TOKEN": token}, capture_output=True,
+                                text=True, timeout=300)
+        print(f"[token auth] RAY_AUTH_TOKEN set: exit {result.returncode}: {result.stderr.strip().splitlines()[-1:]}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert (tmp_path / "token" / "final.pt").is_file()
