@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-integration test-tools lint clean
+.PHONY: install venv demo test test-integration test-tools lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,22 +23,30 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --no-build-isolation -e ".[dev]"
 	touch $@
 
-# `make install` always reinstalls; demo and test reinstall only when pyproject.toml changed.
+# `make install` always reinstalls; `make venv`, demo and test reinstall only when pyproject.toml changed (the
+# cluster launcher's setup commands run on every `ray up`).
 install: | $(BIN)/python
 	rm -f $(VENV)/.installed
 	$(MAKE) $(VENV)/.installed
+
+venv: $(VENV)/.installed
 
 # Synthetic data, shards, the six recipes trained on local Ray, evaluation, reports/pipeline/report.md.
 demo: $(VENV)/.installed
 	$(BIN)/distpose pipeline configs/quick
 
-# The tests run a real Prometheus server and promtool (tests/test_monitor.py, tests/test_cluster.py). As root on
-# Debian or Ubuntu the distribution's package is installed when they are missing; elsewhere put both on PATH.
+# The tests run real servers and schedulers: Prometheus and promtool (tests/test_monitor.py, tests/test_cluster.py),
+# Slurm and munge (tests/test_slurm.py), sshd and rsync (tests/test_ray_launcher.py). As root on Debian or Ubuntu the
+# distribution's packages are installed when a tool is missing; elsewhere put them on PATH. The tests start their
+# own daemons, with their own files and ports, and stop them; installing starts none where systemd does not run.
+TEST_TOOLS := prometheus promtool slurmctld slurmd munged sshd rsync
+TEST_PACKAGES := prometheus slurm-wlm munge openssh-server openssh-client rsync
 test-tools:
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	@missing=$$(for tool in $(TEST_TOOLS); do command -v $$tool >/dev/null || echo $$tool; done); \
+	[ -z "$$missing" ] || { \
 	  [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null || { \
-	    echo "make: prometheus and promtool are missing: install them (Debian: apt-get install prometheus)"; exit 1; }; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+	    echo "make: missing:" $$missing "(Debian: apt-get install $(TEST_PACKAGES))"; exit 1; }; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(TEST_PACKAGES); }
 
 # The suite without the tests marked integration (those that start Ray, DeepSpeed or a whole command on them;
 # tests/conftest.py marks every test that uses the shared Ray). CI runs both targets (.ci/run).

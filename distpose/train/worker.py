@@ -64,6 +64,15 @@ def _mean_across_ranks(value: torch.Tensor) -> float:
     return float(value)
 
 
+def _hosts_by_rank() -> list[str]:
+    """Every rank's host name, in rank order: where a start placed its ranks."""
+    hosts = [socket.gethostname()]
+    if torch.distributed.is_initialized():
+        hosts = [""] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(hosts, socket.gethostname())
+    return hosts
+
+
 def _checkpoint_to_resume(job: dict[str, Any], chief: bool) -> tuple[str | None, str]:
     """(where the checkpoint to resume is, how it was chosen): the newest complete checkpoint of this run on
     storage, else `--resume`'s, else none. Rank 0 chooses (removing incomplete checkpoints) and tells the
@@ -149,7 +158,7 @@ def train_worker(job: dict[str, Any]) -> None:
     telemetry = WorkerMetrics(cfg.monitor.enabled, cfg.train.run_name, cfg.train.mode, rank)
     accum = grad_accum_at(cfg, world)
     log.write("start", epoch=state.epoch, step=state.step, world_size=world, resumed_from=origin,
-              host=socket.gethostname(), pid=os.getpid(), micro_batch=micro_batch_size(cfg), grad_accum=accum,
+              hosts=_hosts_by_rank(), pid=os.getpid(), micro_batch=micro_batch_size(cfg), grad_accum=accum,
               device=str(device), precision=cfg.train.precision)
 
     mode_loss = ModeLoss(cfg)
