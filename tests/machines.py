@@ -56,16 +56,20 @@ class Machines:
             # Ray finds a node's address by the route out of it.
             _ip("-n", namespace, "route", "add", "default", "via", self.gateway)
 
-    def command(self, name: str, command: list[str], binds: dict[str, Path] | None = None) -> list[str]:
+    def command(self, name: str, command: list[str], binds: dict[str, Path] | None = None,
+                own_processes: bool = False) -> list[str]:
         """`command` as run on machine `name`: in its network namespace, with its host name, its /etc/hosts, and
-        each of `binds` (path there -> directory here) mounted. (nsenter keeps /sys as it is: `ip netns exec`
-        would remount it, hiding the cgroup filesystems.)"""
+        each of `binds` (path there -> file or directory here) mounted over what is there. With `own_processes`,
+        it sees only the processes it starts (a process namespace of its own, its own /proc): `ray stop` there
+        stops only that machine's Ray. (nsenter keeps /sys as it is: `ip netns exec` would remount it, hiding the
+        cgroup filesystems.)"""
         mounts = [f"mount --bind {self.hosts} /etc/hosts"]
         for there, here in (binds or {}).items():
-            mounts.append(f"mkdir -p {there} && mount --bind {here} {there}")
+            mounts.append(f"{{ [ -e {there} ] || mkdir -p {there}; }} && mount --bind {here} {there}")
         script = f"hostname {name} && {' && '.join(mounts)} && exec \"$@\""
+        processes = ["--pid", "--fork", "--mount-proc"] if own_processes else []
         return ["nsenter", f"--net=/run/netns/{self.namespaces[name]}", "unshare", "--uts", "--mount",
-                "--propagation", "private", "sh", "-c", script, name, *command]
+                "--propagation", "private", *processes, "sh", "-c", script, name, *command]
 
     def processes(self, name: str) -> list[int]:
         """The processes on machine `name`."""
