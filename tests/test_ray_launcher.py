@@ -3,7 +3,7 @@ each running sshd with a key the test makes, the checkout bind-mounted at /share
 starts the head over SSH, whose autoscaler starts the worker over SSH; `ray job submit` runs `distpose train` on
 both and is followed to its end; `ray down` stops the head, and `ray stop` on the worker what `ray down` leaves
 there, leaving nothing but sshd. The commands are docs/clusters.md's,
-run on a copy of the file with the addresses and the SSH user and key replaced by the test's. (~3 min.)"""
+run on a copy of the file with the addresses and the SSH user and key replaced by the test's. (~2 min.)"""
 
 import contextlib
 import os

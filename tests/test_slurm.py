@@ -1,7 +1,7 @@
 """launch/slurm/distpose.sbatch as shipped, on a real Slurm of two nodes (tests/slurm_cluster.py): a job trains
 on both and ends leaving nothing running; a job cancelled mid-run leaves nothing running, and the same command
 submitted again resumes from its latest checkpoint. Each job starts a Ray head and a worker node, and the
-training ranks each take a node's 2 CPUs. (~4 min: the cluster 10 s, each job 60-80 s.)"""
+training ranks each take a node's 2 CPUs. (~3 min: the cluster 2 s, each job about 60 s.)"""
 
 import os
 import shutil
