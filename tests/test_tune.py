@@ -303,13 +303,16 @@ def test_killed_sweep_resumes_without_repeating_finished_trials(ray_session, syn
 @pytest.mark.integration  # starts its own Ray, twice
 def test_one_ctrl_c_stops_the_sweep_and_resume_trains_every_recipe_to_its_end(synth_shards, tmp_path):
     """`distpose -q tune` in its own process group with its own local Ray, as from a terminal: one SIGINT to the
-    group during the cnn trial's second epoch. The sweep exits 130 within seconds, says how to go on (the one line
-    -q leaves) and records nothing as done; `-q tune --resume`, silent, then finishes that trial from its checkpoint
-    and trains cnn_crf from it. (Tune's own handler ended only the cnn experiment: its half-trained trial was
-    recorded early-stopped, became cnn_crf's parent, the sweep exited 0, and --resume found every recipe done. -q
-    left Tune's tables, 73 lines a trial.) The first run's servers listen on loopback only, and it leaves nothing in
-    the temporary directory, as for the other commands that start their own Ray (test_monitor.py)."""
-    overrides = [*tiny_overrides(synth_shards), "train.epochs=3", "data.batches_per_epoch=6"]
+    group once the cnn trial's first checkpoint is complete. The sweep exits 130 within seconds, says how to go on
+    (the one line -q leaves) and records nothing as done; `-q tune --resume`, silent, then finishes that trial from
+    its checkpoint and trains cnn_crf from it. (Tune's own handler ended only the cnn experiment: its half-trained
+    trial was recorded early-stopped, became cnn_crf's parent, the sweep exited 0, and --resume found every recipe
+    done. -q left Tune's tables, 73 lines a trial.) The first run's servers listen on loopback only, and it leaves
+    nothing in the temporary directory, as for the other commands that start their own Ray (test_monitor.py)."""
+    epochs = 10  # enough that the cnn trial is still training when the SIGINT lands: seeing the first checkpoint (and
+    # listing the sockets) took about as long as the 2 epochs left of a 3-epoch trial (1 s each), and a trial that
+    # finished first left --resume nothing to resume (2 attempts, 1 start).
+    overrides = [*tiny_overrides(synth_shards), f"train.epochs={epochs}", "data.batches_per_epoch=30"]
     path = write_sweep(tmp_path / "sweep.yaml", name="interrupted", recipes=["cnn", "cnn_crf"], overrides=overrides,
                        trials_per_recipe=1, grace_period=3)
     argv = [sys.executable, "-m", "distpose", "tune", str(path)]
@@ -356,7 +359,7 @@ def test_one_ctrl_c_stops_the_sweep_and_resume_trains_every_recipe_to_its_end(sy
         starts = read_records(directory / name / "runs" / t["trial"], "start")
         print(f"[tune interrupt] resumed: {name} {t['status']}, {t['epochs']} epochs, {t['attempts']} attempt(s), "
               f"starts {[s['resumed_from'].split(' (')[0] for s in starts]}")
-        assert t["status"] == "completed" and t["epochs"] == "3", t
+        assert t["status"] == "completed" and t["epochs"] == str(epochs), t
     cnn_starts = read_records(directory / "cnn" / "runs" / trials["cnn"]["trial"], "start")
     assert trials["cnn"]["attempts"] == "2" and len(cnn_starts) == 2
     assert cnn_starts[1]["resumed_from"].startswith("latest checkpoint of this run") and cnn_starts[1]["epoch"] >= 1
