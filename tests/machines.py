@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -76,12 +77,22 @@ class Machines:
         inode = os.stat(f"/run/netns/{self.namespaces[name]}").st_ino
         return [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _net_namespace(int(pid)) == inode]
 
-    def describe(self, pids: list[int]) -> list[str]:
-        out = []
-        for pid in pids:
+    def left_running(self, spared: Callable[[int, str], bool], within: float = 0.0) -> dict[str, list[str]]:
+        """Each machine's processes ("pid command line") but those `spared(pid, command line)` keeps: once there
+        are none, or after `within` s."""
+        deadline = time.monotonic() + within
+        while True:
+            left = {name: [f"{pid} {command[:120]}" for pid, command in self._command_lines(name).items()
+                           if not spared(pid, command)] for name in self.names}
+            if not any(left.values()) or time.monotonic() >= deadline:
+                return left
+            time.sleep(1)
+
+    def _command_lines(self, name: str) -> dict[int, str]:
+        out = {}
+        for pid in self.processes(name):
             with contextlib.suppress(OSError):
-                command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-                out.append(f"{pid} {command[:120]}")
+                out[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         return out
 
     def stop(self) -> None:

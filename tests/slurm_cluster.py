@@ -121,10 +121,10 @@ class Slurm:
             time.sleep(1)
         return job
 
-    def leftovers(self) -> dict[str, list[str]]:
-        """What still runs on each machine besides its slurmd."""
-        return {name: self.machines.describe([p for p in self.machines.processes(name) if p != self.slurmd[name]])
-                for name in self.machines.names}
+    def leftovers(self, within: float = 0.0) -> dict[str, list[str]]:
+        """What still runs on each machine besides its slurmd (once nothing does, or after `within` s)."""
+        slurmd = set(self.slurmd.values())
+        return self.machines.left_running(lambda pid, _: pid in slurmd, within)
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-1500:]}"

@@ -91,19 +91,11 @@ class SSHMachines:
                                "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5",
                                f"root@{address}", command], capture_output=True, text=True, check=False, timeout=60)
 
-    def leftovers(self) -> dict[str, list[str]]:
-        """What runs on each machine besides its sshd (and the sessions it serves)."""
+    def leftovers(self, within: float = 0.0) -> dict[str, list[str]]:
+        """What runs on each machine besides its sshd and the sessions it serves (once nothing does, or after
+        `within` s)."""
         sshd = {d.pid for d in self.daemons}
-        return {name: [p for p in self.machines.describe(self.machines.processes(name))
-                       if int(p.split()[0]) not in sshd and "sshd" not in p]
-                for name in self.machines.names}
-
-    def settled(self) -> dict[str, list[str]]:
-        """`leftovers` once none remain, or after SETTLE_S."""
-        deadline = time.monotonic() + SETTLE_S
-        while any((left := self.leftovers()).values()) and time.monotonic() < deadline:
-            time.sleep(1)
-        return left
+        return self.machines.left_running(lambda pid, command: pid in sshd or "sshd" in command, within)
 
     def stop(self) -> None:
         self.machines.stop()
@@ -178,7 +170,7 @@ def test_ray_up_runs_a_job_on_both_machines_and_ray_down_stops_them(synth_shards
         assert (tmp_path / "launched" / FINAL_MODEL).is_file()
         down = run(down_command, env, log)
         assert down.returncode == 0, log.read_text()[-5000:]
-        left = machines.settled()
+        left = machines.leftovers(within=SETTLE_S)
         print(f"[ray launcher] still running on the machines {SETTLE_S} s after `ray down`: {left}")
         assert not left["head"], left
         # `ray down` stops the head's Ray only: an on-premises worker's raylet exits with the head, its helpers
@@ -186,7 +178,7 @@ def test_ray_up_runs_a_job_on_both_machines_and_ray_down_stops_them(synth_shards
         for address in list(machines.machines.addresses.values())[1:]:
             stopped = machines.ssh(address, "ray stop")
             assert stopped.returncode == 0, stopped.stdout + stopped.stderr
-        left = machines.settled()
+        left = machines.leftovers(within=SETTLE_S)
         print(f"[ray launcher] still running after `ray stop` on the worker: {left}")
         assert not any(left.values()), left
     finally:

@@ -34,6 +34,7 @@ def slurm():
     temp = Path(tempfile.mkdtemp(prefix="distpose-slurm-", dir="/tmp"))  # short paths: Unix sockets live here
     machines = Machines(["node1", "node2"], temp / "machines")
     cluster = Slurm(temp / "slurm", machines, cpus=2)
+    cluster.env["VENV"] = sys.prefix  # the script's venv: this interpreter's
     try:
         machines.start()
         cluster.start()
@@ -46,20 +47,11 @@ def slurm():
 
 def submit(slurm: Slurm, synth_shards: Path, storage: Path, run: str, epochs: int) -> str:
     """The script as the docs submit it, sized by sbatch options; its venv is this interpreter's."""
-    slurm.env["VENV"] = sys.prefix
-    job = slurm.run("sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=2",
+    return slurm.run("sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=2",
                     f"--output={storage}/slurm-%j.log", SBATCH, "quick/cnn", f"data.shards={synth_shards}",
                     f"train.storage={storage}", f"train.run_name={run}", "train.workers=2",
                     "train.cpus_per_worker=2", f"train.epochs={epochs}", "data.batches_per_epoch=3",
                     "data.loader_workers=0", "eval.every_epochs=0", cwd=ROOT).strip()
-    return job
-
-
-def nothing_left(slurm: Slurm) -> dict[str, list[str]]:
-    deadline = time.monotonic() + STOP_S
-    while any((left := slurm.leftovers()).values()) and time.monotonic() < deadline:
-        time.sleep(1)
-    return left
 
 
 def job_log(storage: Path, job: str) -> str:
@@ -84,7 +76,7 @@ def test_a_job_trains_on_both_nodes_and_leaves_nothing_running(slurm, synth_shar
         targets = discovery.read_text()
         print(f"[slurm] {discovery}: {targets.strip()}")
         assert all(f"{address}:8080" in targets for address in slurm.machines.addresses.values())
-        left = nothing_left(slurm)
+        left = slurm.leftovers(within=STOP_S)
         print(f"[slurm] still running on the nodes after the job: {left}")
         assert not any(left.values()), left
     finally:
@@ -104,7 +96,7 @@ def test_a_cancelled_job_leaves_nothing_running_and_its_resubmission_resumes(slu
         cancelled_after = max(r["step"] for r in read_records(run_dir, "step"))
         slurm.run("scancel", jobs[0])
         state = slurm.wait(jobs[0], STOP_S)
-        left = nothing_left(slurm)
+        left = slurm.leftovers(within=STOP_S)
         print(f"\n[slurm] job {jobs[0]} cancelled after step {cancelled_after}: {state['JobState']}; still running "
               f"on the nodes: {left}")
         assert state["JobState"] == "CANCELLED"
@@ -120,7 +112,7 @@ def test_a_cancelled_job_leaves_nothing_running_and_its_resubmission_resumes(slu
         assert len(starts) == 2 and starts[1]["resumed_from"].startswith("latest checkpoint of this run")
         assert 3 <= starts[1]["step"] <= cancelled_after and steps == list(range(1, 19))
         assert (run_dir / FINAL_MODEL).is_file()
-        assert not any(nothing_left(slurm).values())
+        assert not any(slurm.leftovers(within=STOP_S).values())
     finally:
         for job in jobs:
             shutil.rmtree(f"/tmp/ray-{job}", ignore_errors=True)
