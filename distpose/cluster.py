@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -19,6 +20,7 @@ from typing import Any
 from distpose.config import MonitorConfig
 from distpose.errors import UserError
 from distpose.monitor.prometheus import metrics_endpoints
+from distpose.reaper import DONE as REAPER_DONE
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,7 @@ SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
 CONNECT_TIMEOUT_S = 10.0
 AUTH_PROBE_S = 3.0
+REAPER_WAIT_S = 5.0
 TOKEN_FIX = ("give this machine the head node's token (`ray get-auth-token` there prints it) in RAY_AUTH_TOKEN or "
              "~/.ray/auth_token")
 
@@ -248,10 +251,21 @@ def own_temporary_files(local: bool) -> Iterator[None]:
 
     tempfile.gettempdir()  # this process keeps the one it has: tempfile reads the environment once
     directory = tempfile.mkdtemp(prefix="distpose-ray-tmp-")
+    # Kills the local Ray's processes if this process dies without the finally below (SIGKILL).
+    reaper = subprocess.Popen([sys.executable, "-m", "distpose.reaper"], stdin=subprocess.PIPE,
+                              start_new_session=True)
     try:
         with environment("RAY_TMPDIR", get_default_system_temp_dir()), environment("TMPDIR", directory):
             yield
     finally:
+        assert reaper.stdin is not None
+        with contextlib.suppress(OSError):
+            reaper.stdin.write(REAPER_DONE)
+            reaper.stdin.close()
+        try:
+            reaper.wait(timeout=REAPER_WAIT_S)
+        except subprocess.TimeoutExpired:
+            reaper.kill()
         shutil.rmtree(directory, ignore_errors=True)
 
 
