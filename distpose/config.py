@@ -143,6 +143,13 @@ class TrainConfig:
     # trains too), so the features under the unaries stay supervised as heatmaps.
     heatmap_loss_weight: float = 0.0
     keep_checkpoints: int = 2  # the latest N DeepSpeed checkpoints; the best model is kept apart as best.pt
+    # Checkpoints come at the end of every epoch and, with this > 0, at every step that is a multiple of it: the
+    # most steps a kill makes the run redo. The data stream restarts at each such step (seeded by the step), so
+    # a run resumed there draws exactly what the unkilled run drew.
+    checkpoint_every_steps: int = 0
+    # With checkpoint_every_steps: save at such a step only if this many minutes have passed since the last save
+    # (0: at every one). Saves stay on those steps, so a resume remains exact.
+    checkpoint_every_minutes: float = 0.0
     max_failures: int = 1  # worker-group restarts from the latest checkpoint before the run fails
     # Seconds a start of the worker group may wait for its CPUs/GPUs (nodes joining, an autoscaler) before
     # it counts as a failure.
@@ -485,6 +492,12 @@ def validate(cfg: Config) -> None:
     _require(t.backbone_lr_scale > 0, "train.backbone_lr_scale", t.backbone_lr_scale, "a number > 0")
     _require(t.crf_gain_lr_scale > 0, "train.crf_gain_lr_scale", t.crf_gain_lr_scale, "a number > 0")
     _require(t.max_failures >= 0, "train.max_failures", t.max_failures, "an integer >= 0")
+    _require(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", t.checkpoint_every_steps,
+             "an integer >= 0 (0: at the end of each epoch only)")
+    _require(t.checkpoint_every_minutes >= 0, "train.checkpoint_every_minutes", t.checkpoint_every_minutes,
+             "a number of minutes >= 0")
+    _require(t.checkpoint_every_minutes == 0 or t.checkpoint_every_steps > 0, "train.checkpoint_every_minutes",
+             t.checkpoint_every_minutes, "0 unless train.checkpoint_every_steps > 0 (the steps a save may come at)")
     # A name, not a path: the run directory is train.storage/train.run_name.
     _require(bool(RUN_NAME.fullmatch(t.run_name)) and t.run_name not in (".", ".."), "train.run_name", t.run_name,
              "a name of letters, digits, '.', '_' and '-' (no '/')")

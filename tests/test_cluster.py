@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from exactness import largest_difference, step_losses
 from helpers import free_port
 from prometheus_server import Prometheus
 
@@ -137,6 +138,10 @@ def ranks_training(prometheus: Prometheus, run: str) -> dict[str, set[str]]:
     return out
 
 
+EVERY = 7
+EXACT = [f"train.checkpoint_every_steps={EVERY}"]  # a lost node then costs at most this many steps
+
+
 def train_command(nodes: Nodes, synth_shards: Path, storage: Path, run: str, *extra: str) -> list[str]:
     """`distpose train` of a tiny CNN on `nodes`, one CPU a rank; `extra` overrides."""
     return [sys.executable, "-m", "distpose", "train", "model.backbone=cnn_small", "data.input_size=[64,48]",
@@ -214,12 +219,13 @@ def train_losing_a_node(nodes: Nodes, synth_shards: Path, tmp_path: Path, run: s
 def test_a_run_over_two_nodes_is_discovered_and_waits_for_a_replacement_of_a_lost_node(nodes, synth_shards, tmp_path):
     """Two ranks on two worker nodes, scraped by a Prometheus server that follows the head's discovery file: each
     worker node's endpoint exports one rank's samples. A fixed-size run (train.workers=2) that loses a node waits
-    for a replacement and resumes from the latest checkpoint; once it is done, the driver's node (the head)
-    exports the finished state. ~70 s."""
+    for a replacement and resumes from the latest checkpoint, redoing at most train.checkpoint_every_steps steps,
+    and ends bit for bit where the same run never killed ends; once it is done, the driver's node (the head)
+    exports the finished state. ~110 s."""
     discovery = (nodes.temp / "session_latest").resolve() / "prom_metrics_service_discovery.json"
     prometheus = Prometheus(tmp_path / "prometheus", discovery)
     try:
-        seen = train_losing_a_node(nodes, synth_shards, tmp_path, "fixed", "2", join_when=lambda s, _: s > 8,
+        seen = train_losing_a_node(nodes, synth_shards, tmp_path, "fixed", "2", *EXACT, join_when=lambda s, _: s > 8,
                                    per_epoch=40, epochs=4, prometheus=prometheus)
         deadline = time.monotonic() + 30
         while not (finished := prometheus.query('ray_distpose_run_state{run="fixed", state="finished"} == 1')):
@@ -245,6 +251,18 @@ def test_a_run_over_two_nodes_is_discovered_and_waits_for_a_replacement_of_a_los
     # It waited for the replacement: no step ran between the kill and the join.
     assert seen["recovery_s"] > seen["joined_at"] - seen["killed_at"]
     assert 0 <= seen["redone"] <= seen["killed_after"] - seen["restart"]["step"]
+    assert seen["redone"] <= EVERY
+
+    # The same run never killed, on the same nodes: the resumed run ends bit for bit where it ends.
+    unkilled = subprocess.run(train_command(nodes, synth_shards, tmp_path, "unkilled", "train.workers=2",
+                                            "train.epochs=4", "data.batches_per_epoch=40", *EXACT),
+                              env=nodes.env, capture_output=True, text=True, timeout=300, check=False)
+    assert unkilled.returncode == 0, unkilled.stdout[-3000:] + unkilled.stderr[-3000:]
+    difference = largest_difference(tmp_path / "fixed", tmp_path / "unkilled", 160, tmp_path)
+    ours, theirs = step_losses(tmp_path / "fixed"), step_losses(tmp_path / "unkilled")
+    print(f"[node lost, train.workers=2] against the unkilled run: largest weight/optimizer difference {difference}; "
+          f"steps whose losses differ: {sorted(s for s in ours if ours[s] != theirs[s])}")
+    assert difference == 0.0 and ours == theirs
 
 
 def test_an_elastic_run_goes_on_without_the_lost_node_and_grows_back(nodes, synth_shards, tmp_path):

@@ -61,6 +61,9 @@ def test_shipped_configs_load(path):
     ("train.lr_steps=[0]", "config key 'train.lr_steps': got [0], expected increasing epochs >= 1"),
     ("train.lr_steps=[3,3]", "config key 'train.lr_steps': got [3, 3], expected increasing"),
     ("train.start_timeout_s=0", "config key 'train.start_timeout_s': got 0.0, expected a number of seconds > 0"),
+    ("train.checkpoint_every_steps=-1", "config key 'train.checkpoint_every_steps': got -1, expected an integer >= 0"),
+    ("train.checkpoint_every_minutes=30",
+     "config key 'train.checkpoint_every_minutes': got 30.0, expected 0 unless train.checkpoint_every_steps > 0"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as info:

@@ -24,7 +24,7 @@ from distpose.errors import UserError
 from distpose.metrics_log import read_records
 from distpose.models.factory import count_macs
 from distpose.models.pose import build_pose_model
-from distpose.train.batches import training_batches
+from distpose.train.batches import TrainingBatches
 from distpose.train.crf_prior import with_crf_prior
 from distpose.train.engine import with_precision_resolved
 from distpose.train.modes import ModeLoss, parameter_groups, run_model, set_train_mode
@@ -46,7 +46,7 @@ def plain_loop(cfg: Config, warmup: int, steps: int) -> dict[str, float]:
     cfg, prior = with_crf_prior(cfg)
     model = run_model(cfg, prior.pairwise if prior else None).to(device)
     optimizer = torch.optim.Adam(parameter_groups(model, cfg.train))
-    batches, _ = training_batches(cfg, 0, cfg.train.workers, 0)
+    batches = TrainingBatches(cfg, 0, cfg.train.workers, 0)
     mode_loss = ModeLoss(cfg)
     half = {"bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
     autocast = torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None)
@@ -93,6 +93,23 @@ def distributed_run(cfg: Config, warmup: int, steps: int, address: str | None) -
     return {"samples_per_s": len(timed) * cfg.data.batch_size / elapsed,
             "data_wait_share": sum(r["data_wait"] for r in timed) / elapsed,
             "step_time_p50_s": sorted(r["step_time"] for r in timed)[len(timed) // 2]}
+
+
+def checkpoint_cost(cfg: Config, warmup: int, steps: int, address: str | None, with_checkpoints: dict[str, float]
+                    ) -> dict[str, float]:
+    """What train.checkpoint_every_steps costs: the distributed run again with checkpoints at epoch ends only (none
+    in the timed steps), and the ratio of the two runs' step times."""
+    every = cfg.train.checkpoint_every_steps
+    log.info(f"[bench] again without checkpoints every {every} steps, the baseline ...")
+    without = distributed_run(dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, checkpoint_every_steps=0, checkpoint_every_minutes=0.0)), warmup, steps, address)
+    # Saves follow the records of steps warmup ... warmup + steps - 1 that are multiples of it: all inside the window.
+    saves = sum(1 for step in range(warmup, warmup + steps) if step % every == 0)
+    step_with = cfg.data.batch_size / with_checkpoints["samples_per_s"]
+    step_without = cfg.data.batch_size / without["samples_per_s"]
+    return {"every_steps": every, "saves_timed": saves, "samples_per_s_without": without["samples_per_s"],
+            "step_time_ratio": step_with / step_without,
+            "seconds_per_save": (step_with - step_without) * steps / saves if saves else None}
 
 
 def training_flops_per_sample(cfg: Config) -> float:
@@ -143,8 +160,10 @@ def run(cfg: Config, warmup: int, steps: int, address: str | None = None, plain_
                         "wall clock, warmup steps left out"}
     distributed = distributed_run(cfg, warmup, steps, address)
     per_worker = distributed["samples_per_s"] / t.workers
+    checkpoints = checkpoint_cost(cfg, warmup, steps, address, distributed) if t.checkpoint_every_steps else None
     return {
         **described,
+        **({"checkpoints": checkpoints} if checkpoints else {}),
         "distributed": distributed,
         "plain": plain,
         # The plain loop does one rank's work; with N workers the distributed path should reach N times its rate.

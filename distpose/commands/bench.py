@@ -129,7 +129,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         "state, and of a plain single-process PyTorch loop (Adam, same model, loader, loss and precision) in "
         "the same run; their ratio, the overhead per worker, the data-wait share, and MFU on a GPU in bf16. "
         "Backbone, input size, batch, precision, ZeRO stage and workers are config keys, e.g. "
-        "model.backbone=hrnet_w32 data.input_size=[256,192] data.heatmap_size=[64,48] train.precision=bf16.",
+        "model.backbone=hrnet_w32 data.input_size=[256,192] data.heatmap_size=[64,48] train.precision=bf16. "
+        "With train.checkpoint_every_steps=N, the distributed run is repeated with checkpoints at epoch ends only: "
+        "the ratio of their step times is what the checkpoints cost.",
     )
     add_config_arguments(train_bench)
     add_address_argument(train_bench)

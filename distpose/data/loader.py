@@ -381,6 +381,12 @@ class StreamingLoader:
         self.dataloader.dataset.ring = ring  # pickled to the workers as the iterator starts them
         return _counted(iter(self.dataloader), self._skips, ring, self.pin)
 
+    def close(self) -> None:
+        """Stop the training stream's workers now (a restarted stream's would otherwise run until collected)."""
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if not self.spec.train:
             self._skips = {}

@@ -1,11 +1,14 @@
 """Training micro-batches for one rank: the shard stream, or seeded random batches.
 
-Both are endless iterators; the loop takes grad_accum_at(cfg, world size) micro-batches per optimizer step.
+Both are endless; the loop takes grad_accum_at(cfg, world size) micro-batches per optimizer step. A stream is a
+function of the step it starts at, nothing else: the loop restarts it at every step a checkpoint may be saved at,
+so an attempt resumed from a checkpoint draws exactly the batches the unkilled run drew after it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Iterator
 
 import torch
@@ -16,8 +19,7 @@ from distpose.keypoints import NUM_JOINTS
 
 
 def rank_loader(cfg: Config, rank: int, world_size: int, start_step: int) -> StreamingLoader:
-    """This rank's shard stream, in micro-batches. The stream is reseeded by the step it starts at,
-    so an attempt resumed from a checkpoint does not replay the batches its predecessor drew."""
+    """This rank's shard stream from `start_step`, in micro-batches, seeded by that step."""
     data = dataclasses.replace(cfg.data, batch_size=micro_batch_size(cfg),
                                batches_per_epoch=cfg.data.batches_per_epoch * grad_accum_at(cfg, world_size),
                                seed=cfg.data.seed + 7919 * start_step)
@@ -47,10 +49,34 @@ def random_batches(cfg: Config, rank: int, world_size: int, start_step: int) -> 
         step += 1
 
 
-def training_batches(cfg: Config, rank: int, world_size: int, start_step: int
-                     ) -> tuple[Iterator[dict[str, torch.Tensor]], StreamingLoader | None]:
-    """(endless micro-batches, the loader behind them or None) for `cfg.data.source`."""
-    if cfg.data.source == "random":
-        return random_batches(cfg, rank, world_size, start_step), None
-    loader = rank_loader(cfg, rank, world_size, start_step)
-    return endless(loader), loader
+class TrainingBatches:
+    """One rank's endless micro-batches for `cfg.data.source`, restartable at a step (`restart`)."""
+
+    def __init__(self, cfg: Config, rank: int, world_size: int, start_step: int):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self._earlier: Counter = Counter()  # skips of the streams restarted away
+        self.loader: StreamingLoader | None = None
+        self._batches: Iterator[dict[str, torch.Tensor]] = iter(())
+        self.restart(start_step)
+
+    def restart(self, step: int) -> None:
+        """Drop the stream under way (its loader workers stop) and start the one that begins at `step`."""
+        if self.loader is not None:
+            self._earlier.update(self.loader.skipped)
+            self.loader.close()
+        if self.cfg.data.source == "random":
+            self._batches = random_batches(self.cfg, self.rank, self.world_size, step)
+            return
+        self.loader = rank_loader(self.cfg, self.rank, self.world_size, step)
+        self._batches = endless(self.loader)
+
+    @property
+    def skipped(self) -> Counter:
+        """Bad samples skipped so far on this rank, by reason, over every stream it started."""
+        return self._earlier + (self.loader.skipped if self.loader is not None else Counter())
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        return next(self._batches)

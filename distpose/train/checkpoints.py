@@ -47,6 +47,8 @@ FINAL_MODEL = "final.pt"
 class TrainState:
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps completed
+    epoch_step: int = 0  # steps completed of the epoch under way (a checkpoint between epoch ends)
+    epoch_loss: float = 0.0  # the sum of those steps' losses, for the epoch's mean
     best_score: float | None = None  # the best of eval's selection metric so far
     best_epoch: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)  # of the last completed epoch

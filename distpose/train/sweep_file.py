@@ -210,8 +210,10 @@ def base_config(sweep: Sweep, recipe: str) -> Config:
 def trial_config(sweep: Sweep, recipe: str, extra: list[str], backbone: str | None = None) -> Config:
     """The config of one trial: the recipe's file, the sweep's overrides (every recipe's, then this recipe's),
     then `extra` (sampled values, run name, storage). Trials evaluate every epoch (ASHA's signal) and keep
-    best.pt by the sweep's metric; Tune, not Ray Train, retries them."""
-    forced = ["eval.every_epochs=1", f"eval.best_metric={sweep.metric}", "train.max_failures=0"]
+    best.pt by the sweep's metric; Tune, not Ray Train, retries them. Checkpoints come at epoch ends only: every
+    report is one of ASHA's iterations, so a report between epoch ends would count as an epoch."""
+    forced = ["eval.every_epochs=1", f"eval.best_metric={sweep.metric}", "train.max_failures=0",
+              "train.checkpoint_every_steps=0", "train.checkpoint_every_minutes=0"]
     if backbone is not None:
         forced.append(f"train.backbone_checkpoint={backbone}")
     return load_config(Path(sweep.configs) / f"{recipe}.yaml", [*_overrides_of(sweep, recipe), *forced, *extra])

@@ -1,9 +1,10 @@
 """The training function every Ray Train rank runs, top to bottom.
 
 Build the model for the mode, wrap it in DeepSpeed, resume from the latest checkpoint if there is
-one, then per epoch: steps (each of train.grad_accum micro-batches), evaluation when due, and a
-checkpoint that every rank saves and reports. Ray made the process group (gloo on CPU, NCCL on GPU)
-before this runs; nothing here depends on which.
+one (at an epoch end or within an epoch), then per epoch: steps (each of train.grad_accum micro-batches), with a
+checkpoint at every train.checkpoint_every_steps-th step when asked, evaluation when due, and a checkpoint at the
+epoch's end. Every rank saves its part of each checkpoint and reports it. Ray made the process group (gloo on
+CPU, NCCL on GPU) before this runs; nothing here depends on which.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from distpose.files import exists, is_uri, join
 from distpose.metrics_log import METRICS_LOG, MetricsLog
 from distpose.models.model_file import save_model_file
 from distpose.monitor.prometheus import WorkerMetrics
-from distpose.train.batches import training_batches
+from distpose.train.batches import TrainingBatches
 from distpose.train.checkpoints import (
     BEST_MODEL,
     DEEPSPEED_TAG,
@@ -162,10 +163,10 @@ def train_worker(job: dict[str, Any]) -> None:
               device=str(device), precision=cfg.train.precision)
 
     mode_loss = ModeLoss(cfg)
-    batches, loader = training_batches(cfg, rank, world, state.step)
+    batches = TrainingBatches(cfg, rank, world, state.step)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16 if cfg.train.precision == "fp16" \
         else torch.float32
-    steps, mode = cfg.data.batches_per_epoch, cfg.train.mode
+    steps, mode, every = cfg.data.batches_per_epoch, cfg.train.mode, cfg.train.checkpoint_every_steps
 
     def loss_of(batch: dict[str, Any]) -> torch.Tensor:
         return micro_batch_loss(engine, batch, mode_loss, device, dtype)
@@ -175,30 +176,47 @@ def train_worker(job: dict[str, Any]) -> None:
         engine.step()
 
     rank_samples = micro_batch_size(cfg) * accum  # per optimizer step
+    last_save = time.monotonic()
+
+    def save(metrics: dict[str, Any]) -> None:
+        nonlocal last_save
+        saving = time.perf_counter()
+        log.sync()  # the record on storage covers every step the checkpoint holds
+        _save_and_report(engine, state, config_dict, metrics, scratch)
+        telemetry.checkpoint_saved(time.perf_counter() - saving)
+        last_save = time.monotonic()
 
     for epoch in range(state.epoch, cfg.train.epochs):
         set_train_mode(engine.module, mode)
-        epoch_loss, epoch_start = 0.0, time.perf_counter()
-        for _ in range(steps):
+        epoch_start = time.perf_counter()
+        while state.epoch_step < steps:
             start = time.perf_counter()
             lr = engine.get_lr()[0]  # the rate this step trains at; engine.step() moves the schedule on
             loss, waited = optimizer_step(batches, accum, loss_of, backward)
             loss_value = _mean_across_ranks(loss)
             elapsed = time.perf_counter() - start
             state.step += 1
-            epoch_loss += loss_value
+            state.epoch_step += 1
+            state.epoch_loss += loss_value
             log.write("step", epoch=epoch + 1, step=state.step, loss=loss_value, lr=lr, step_time=elapsed,
                       data_wait=waited, samples_per_s=cfg.data.batch_size / elapsed)
             telemetry.step(rank_samples, elapsed, waited, loss_value, lr)
             telemetry.gpu_memory(device)
+            if every and state.step % every == 0 and state.epoch_step < steps:
+                # A step a checkpoint may be saved at: the stream restarts here whether or not one is, so a run
+                # resumed from any such checkpoint draws what this one draws.
+                batches.restart(state.step)
+                if _agreed(time.monotonic() - last_save >= 60 * cfg.train.checkpoint_every_minutes):
+                    save({"epoch": state.epoch, "step": state.step})
 
         state.epoch = epoch + 1
-        metrics = {"epoch": state.epoch, "step": state.step, "loss": epoch_loss / steps,
+        metrics = {"epoch": state.epoch, "step": state.step, "loss": state.epoch_loss / steps,
                    "epoch_time": time.perf_counter() - epoch_start}
-        if loader is not None and loader.skipped:
-            metrics["skipped_samples"] = sum(loader.skipped.values())
-        every = cfg.eval.every_epochs
-        if every and (state.epoch % every == 0 or state.epoch == cfg.train.epochs):
+        state.epoch_step, state.epoch_loss = 0, 0.0
+        if batches.skipped:
+            metrics["skipped_samples"] = sum(batches.skipped.values())
+        every_eval = cfg.eval.every_epochs
+        if every_eval and (state.epoch % every_eval == 0 or state.epoch == cfg.train.epochs):
             scores, weights = _evaluate(engine, cfg, rank, world)
             telemetry.progressed()
             metrics |= scores
@@ -208,11 +226,10 @@ def train_worker(job: dict[str, Any]) -> None:
                 save_model_file(join(run_dir, BEST_MODEL), weights, config_dict, {**metrics, "kind": "best"})
             log.write("eval", **metrics)
         state.metrics = metrics
-        telemetry.epoch(state.epoch, loader.skipped if loader is not None else {})
-        saving = time.perf_counter()
-        log.sync()  # the record on storage covers every step the checkpoint holds
-        _save_and_report(engine, state, config_dict, metrics, scratch)
-        telemetry.checkpoint_saved(time.perf_counter() - saving)
+        telemetry.epoch(state.epoch, batches.skipped)
+        save(metrics)
+        if state.epoch < cfg.train.epochs:
+            batches.restart(state.step)
 
     if export_final:
         weights = consolidated_state_dict(engine)
@@ -220,6 +237,15 @@ def train_worker(job: dict[str, Any]) -> None:
             save_model_file(join(run_dir, FINAL_MODEL), weights, config_dict,
                                  {**state.metrics, "kind": "final", "best_epoch": state.best_epoch})
             log.write("final", epoch=state.epoch, step=state.step, path=join(run_dir, FINAL_MODEL))
+
+
+def _agreed(decision: bool) -> bool:
+    """Rank 0's `decision`, on every rank: a save is collective, and clocks differ between ranks."""
+    if torch.distributed.is_initialized():
+        choice = [decision]
+        torch.distributed.broadcast_object_list(choice, src=0)
+        return bool(choice[0])
+    return decision
 
 
 def _save_and_report(engine, state: TrainState, config: dict[str, Any], metrics: dict[str, float], scratch: Path

@@ -1,0 +1,176 @@
+"""Exact resume: a run killed at a random step, in each way a run dies, and resumed, ends bit for bit where the run
+that was never killed ends. Compared: the final model's weights, every tensor of the last checkpoint (DeepSpeed's
+weights and optimizer state, each rank's ZeRO partition) and every step's loss, the redone steps' included.
+
+The runs stream the synthetic shards through a loader worker a rank, 2 ranks on gloo, and save every 3 steps as well
+as at the end of each 20-step epoch: kills land mid-epoch, between checkpoints, and during a checkpoint's write.
+Each case prints the step it was killed after, the steps redone and the largest difference. Node loss is in
+tests/test_cluster.py (it needs a cluster of several nodes). About 6 minutes here.
+"""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+from exactness import largest_difference, step_losses
+
+from distpose.config import load_config
+from distpose.metrics_log import read_records
+from distpose.train.checkpoints import PARTIAL_CHECKPOINT_PREFIX
+from distpose.train.driver import train
+
+pytestmark = pytest.mark.integration
+
+EPOCHS, PER_EPOCH, EVERY = 2, 20, 3
+TOTAL = EPOCHS * PER_EPOCH
+# Kill after one of these (drawn at random): the newest checkpoint is then one within the first epoch (3 ... 12), even
+# if the kill lands a step late or during the next save, so the resume is from a mid-epoch stream restart; and the
+# 28 or more steps left (10 s here) outlast a Ctrl-C's stop, so an interrupted run cannot finish first.
+KILL_AFTER = [4, 5, 7, 8, 10, 11]
+
+
+def overrides(shards: Path, storage: Path, name: str, stage: int) -> list[str]:
+    return ["model.backbone=cnn_small", "data.input_size=[64,48]", "data.heatmap_size=[16,12]", f"data.shards={shards}",
+            "data.loader_workers=1", "data.batch_size=8", "eval.every_epochs=0", "train.log_every=1000",
+            "train.cpus_per_worker=1", "train.workers=2", f"train.zero_stage={stage}", f"train.epochs={EPOCHS}",
+            f"data.batches_per_epoch={PER_EPOCH}", f"train.checkpoint_every_steps={EVERY}",
+            "train.keep_checkpoints=100", "train.max_failures=2", f"train.storage={storage}", f"train.run_name={name}"]
+
+
+def command(shards: Path, storage: Path, name: str, stage: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "distpose", "train", *overrides(shards, storage, name, stage), *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(ray_session, synth_shards, tmp_path_factory) -> Callable[[int], Path]:
+    """The run directory of the run never killed, at a ZeRO stage (trained on first use)."""
+    runs: dict[int, Path] = {}
+
+    def at(stage: int) -> Path:
+        if stage not in runs:
+            storage = tmp_path_factory.mktemp(f"reference{stage}")
+            start = time.perf_counter()
+            outcome = train(load_config(None, overrides(synth_shards, storage, "reference", stage)))
+            print(f"\n[exact] reference at ZeRO {stage}: {time.perf_counter() - start:.1f} s")
+            assert outcome.trained
+            runs[stage] = Path(outcome.run_dir)
+        return runs[stage]
+
+    return at
+
+
+def check_exact(label: str, run: Path, reference: Path, killed_after: int) -> None:
+    """The resumed `run` equals `reference`; prints what was redone."""
+    starts = read_records(run, "start")
+    assert len(starts) >= 2, f"{label}: the run never restarted: {starts}"
+    resumed_at = starts[-1]["step"]  # 0 after a kill before the first checkpoint: a fresh start, rightly
+    steps = read_records(run, "step")
+    redone = len(steps) - TOTAL
+    difference = largest_difference(run, reference, TOTAL, run.parent)
+    ours, theirs = step_losses(run), step_losses(reference)
+    print(f"[exact] {label}: killed after step {killed_after}; resumed at step {resumed_at} "
+          f"({len(starts)} starts); steps redone: {redone}; largest weight/optimizer difference: {difference}")
+    assert sorted(ours) == list(range(1, TOTAL + 1))
+    assert {s: v for s, v in ours.items() if v != theirs[s]} == {}, "losses differ from the unkilled run's"
+    assert difference == 0.0
+    assert 0 <= redone <= EVERY and killed_after - EVERY <= resumed_at <= killed_after
+    assert resumed_at % PER_EPOCH != 0, "resumed at an epoch end: a mid-epoch resume was not tested"
+
+
+def _wait_for(condition: Callable[[], bool], process: subprocess.Popen | None, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert process is None or process.poll() is None, f"the run ended before {what}"
+        assert time.monotonic() < deadline, f"no {what} in {seconds} s"
+        time.sleep(0.005)
+
+
+def _last_step(run: Path) -> int:
+    steps = read_records(run, "step")
+    return steps[-1]["step"] if steps else 0
+
+
+def _saving(run: Path) -> bool:
+    return any(p.name.startswith(PARTIAL_CHECKPOINT_PREFIX) for p in run.glob(".*"))
+
+
+@pytest.mark.parametrize(("stage", "when"), [(3, "step"), (0, "save")])
+def test_a_killed_worker_resumes_bit_for_bit(reference, synth_shards, tmp_path, stage, when):
+    """SIGKILL rank 0 at a random step, or while it writes a checkpoint; Ray Train restarts the workers."""
+    at = random.choice(KILL_AFTER)
+    cfg = load_config(None, overrides(synth_shards, tmp_path, "killed", stage))
+    run = tmp_path / "killed"
+    killed: list[int] = []
+
+    def killer() -> None:
+        if when == "step":
+            _wait_for(lambda: _last_step(run) >= at, None, 300, f"step {at}")
+        else:
+            _wait_for(lambda: _last_step(run) >= at and _saving(run), None, 300, "checkpoint write")
+        killed.append(_last_step(run))
+        os.kill(read_records(run, "start")[0]["pid"], signal.SIGKILL)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    assert train(cfg).trained
+    thread.join(5)
+    assert killed, "the killer never fired"
+    check_exact(f"rank 0 SIGKILLed ({when}), ZeRO {stage}", run, reference(stage), killed[0])
+
+
+def test_a_killed_driver_leaves_nothing_running_and_a_rerun_resumes_bit_for_bit(reference, synth_shards, tmp_path):
+    """SIGKILL `distpose train` (its own local Ray): within seconds no process of it is left, nothing more is
+    written to the run, and the same command resumes it."""
+    stage, at = 2, random.choice(KILL_AFTER)
+    argv, run = command(synth_shards, tmp_path, "orphaned", stage), tmp_path / "orphaned"
+    with (tmp_path / "first.log").open("w") as log:
+        driver = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _wait_for(lambda: _last_step(run) >= at, driver, 300, f"step {at}")
+            descendants = psutil.Process(driver.pid).children(recursive=True)
+            driver.kill()
+            driver.wait()
+            killed_at, killed_after = time.monotonic(), _last_step(run)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+    _, alive = psutil.wait_procs(descendants, timeout=10)
+    gone_s = time.monotonic() - killed_at
+    written = ((run / "metrics.jsonl").stat().st_size, sorted(p.name for p in run.iterdir()))
+    time.sleep(3)
+    print(f"\n[exact] driver SIGKILLed after step {killed_after}: its {len(descendants)} descendants gone "
+          f"{gone_s:.1f} s later; {len(alive)} left")
+    assert not alive, [p.pid for p in alive]
+    assert ((run / "metrics.jsonl").stat().st_size, sorted(p.name for p in run.iterdir())) == written
+    rerun = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    check_exact(f"driver SIGKILLed, rerun, ZeRO {stage}", run, reference(stage), killed_after)
+
+
+def test_ctrl_c_and_a_rerun_resume_bit_for_bit(reference, ray_session, synth_shards, tmp_path):
+    """Ctrl-C on `distpose train` attached to a cluster, then the same command again."""
+    stage, at = 0, random.choice(KILL_AFTER)
+    address = ray_session.get_runtime_context().gcs_address
+    argv, run = command(synth_shards, tmp_path, "interrupted", stage, "--address", address), tmp_path / "interrupted"
+    with (tmp_path / "first.log").open("w") as log:
+        driver = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _wait_for(lambda: _last_step(run) >= at, driver, 300, f"step {at}")
+            driver.send_signal(signal.SIGINT)
+            assert driver.wait(timeout=60) == 130
+            killed_after = _last_step(run)
+            assert killed_after < TOTAL and not (run / "final.pt").exists(), "the run finished before Ctrl-C stopped it"
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+    rerun = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    check_exact(f"Ctrl-C, rerun, ZeRO {stage}", run, reference(stage), killed_after)
