@@ -55,6 +55,7 @@ def synth_shards(tmp_path_factory, synth_root) -> Path:
 class ObjectStore:
     endpoint: str
     bucket: str
+    pid: int  # the server's: a test may pause it (SIGSTOP) and let it go on (SIGCONT)
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
@@ -92,7 +93,7 @@ def object_store(tmp_path_factory):
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"the S3 server did not start: {log.read_text()[-2000:]}") from None
                 time.sleep(0.1)
-        store = ObjectStore(endpoint, "distpose-test")
+        store = ObjectStore(endpoint, "distpose-test", server.pid)
         store.client().create_bucket(Bucket=store.bucket)
         yield store
     finally:

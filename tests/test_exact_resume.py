@@ -4,15 +4,18 @@ weights and optimizer state, each rank's ZeRO partition) and every step's loss, 
 
 The runs stream the synthetic shards through a loader worker a rank, 2 ranks on gloo, and save every 3 steps as well
 as at the end of each 20-step epoch: kills land mid-epoch, between checkpoints, and during a checkpoint's write.
-Each case prints the step it was killed after, the steps redone and the largest difference. Node loss is in
-tests/test_cluster.py (it needs a cluster of several nodes). About 6 minutes here.
+Each case prints the step it was killed after, the steps redone and the largest difference. Last, one run meets five
+faults in a random order (seven on S3, with the server paused twice). Node loss is in tests/test_cluster.py (it
+needs a cluster of several nodes). About 10 minutes here.
 """
 
+import dataclasses
 import os
 import random
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +28,7 @@ from exactness import largest_difference, step_losses
 from distpose.config import load_config
 from distpose.metrics_log import read_records
 from distpose.train.checkpoints import PARTIAL_CHECKPOINT_PREFIX
-from distpose.train.driver import train
+from distpose.train.driver import run_dir, train
 
 pytestmark = pytest.mark.integration
 
@@ -67,22 +70,25 @@ def reference(ray_session, synth_shards, tmp_path_factory) -> Callable[[int], Pa
     return at
 
 
-def check_exact(label: str, run: Path, reference: Path, killed_after: int) -> None:
-    """The resumed `run` equals `reference`; prints what was redone."""
+def check_exact(label: str, run: Path, reference: Path, killed_after: int | None, kills: int = 1) -> None:
+    """The `run`, killed `kills` times and resumed, equals `reference`; prints what was redone. With one kill,
+    `killed_after` (the last step before it) bounds where it resumed."""
     starts = read_records(run, "start")
-    assert len(starts) >= 2, f"{label}: the run never restarted: {starts}"
-    resumed_at = starts[-1]["step"]  # 0 after a kill before the first checkpoint: a fresh start, rightly
+    assert len(starts) == kills + 1, f"{label}: {len(starts)} starts for {kills} kill(s)"
+    resumed_at = [s["step"] for s in starts[1:]]  # 0 after a kill before the first checkpoint: a fresh start, rightly
     steps = read_records(run, "step")
     redone = len(steps) - TOTAL
     difference = largest_difference(run, reference, TOTAL, run.parent)
     ours, theirs = step_losses(run), step_losses(reference)
-    print(f"[exact] {label}: killed after step {killed_after}; resumed at step {resumed_at} "
-          f"({len(starts)} starts); steps redone: {redone}; largest weight/optimizer difference: {difference}")
+    print(f"[exact] {label}: killed after step {killed_after}; resumed at step(s) {resumed_at}; steps redone: "
+          f"{redone}; largest weight/optimizer difference: {difference}")
     assert sorted(ours) == list(range(1, TOTAL + 1))
     assert {s: v for s, v in ours.items() if v != theirs[s]} == {}, "losses differ from the unkilled run's"
     assert difference == 0.0
-    assert 0 <= redone <= EVERY and killed_after - EVERY <= resumed_at <= killed_after
-    assert resumed_at % PER_EPOCH != 0, "resumed at an epoch end: a mid-epoch resume was not tested"
+    assert 0 <= redone <= EVERY * kills
+    if killed_after is not None:
+        assert killed_after - EVERY <= resumed_at[0] <= killed_after
+        assert resumed_at[0] % PER_EPOCH != 0, "resumed at an epoch end: a mid-epoch resume was not tested"
 
 
 def _wait_for(condition: Callable[[], bool], process: subprocess.Popen | None, seconds: float, what: str) -> None:
@@ -98,8 +104,16 @@ def _last_step(run: Path) -> int:
     return steps[-1]["step"] if steps else 0
 
 
-def _saving(run: Path) -> bool:
-    return any(p.name.startswith(PARTIAL_CHECKPOINT_PREFIX) for p in run.glob(".*"))
+def _saving(scratch: Path, since: float = 0.0) -> bool:
+    """Whether a rank is writing a checkpoint into `scratch` (a partial one changed after `since`, on the clock of
+    time.time(): a killed rank's partial checkpoint stays until the driver's next start)."""
+    for partial in scratch.glob(PARTIAL_CHECKPOINT_PREFIX + "*"):
+        try:
+            if partial.stat().st_mtime > since:
+                return True
+        except FileNotFoundError:
+            pass
+    return False
 
 
 @pytest.mark.parametrize(("stage", "when"), [(3, "step"), (0, "save")])
@@ -174,3 +188,90 @@ def test_ctrl_c_and_a_rerun_resume_bit_for_bit(reference, ray_session, synth_sha
     rerun = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     check_exact(f"Ctrl-C, rerun, ZeRO {stage}", run, reference(stage), killed_after)
+
+
+# ---------------------------------------------------------------------------------------------
+# chaos
+
+FAULTS = ["kill at a step", "kill mid-save", "kill mid-save", "kill at a step", "kill at a step"]
+S3_FAULTS = ["storage paused mid-save", "storage paused mid-read"]
+PAUSE_S = 4.0  # shorter than the S3 clients' timeouts: a stall to sit out, not an outage
+
+
+def _attempt_under_way(run: Path, attempt: int, since_step: int) -> bool:
+    starts = read_records(run, "start")
+    return len(starts) >= attempt and _last_step(run) > since_step
+
+
+@pytest.mark.parametrize("storage", ["local", "s3"])
+def test_a_run_meeting_random_faults_ends_bit_for_bit(reference, object_store, synth_shards, tmp_path, storage):
+    """One run meets faults in a random order at random steps: rank 0 SIGKILLed at a step or while it writes a
+    checkpoint (Ray Train restarts the workers from the newest complete checkpoint) and, on object storage, the S3
+    server paused (SIGSTOP, then SIGCONT) while a checkpoint is uploaded and while shards are read. It ends bit
+    for bit where the unkilled run ends, and no incomplete checkpoint was resumed."""
+    stage = 2
+    faults = random.sample(FAULTS + (S3_FAULTS if storage == "s3" else []), k=len(FAULTS) + 2 * (storage == "s3"))
+    if storage == "s3":
+        client = object_store.client()
+        for path in synth_shards.iterdir():
+            client.upload_file(str(path), object_store.bucket, f"chaos-shards/{path.name}")
+        shards, store = object_store.uri("chaos-shards"), object_store.uri(f"chaos-{random.getrandbits(32):08x}")
+        scratch = Path(tempfile.gettempdir()) / "distpose-runs" / "chaos"
+    else:
+        shards, store, scratch = str(synth_shards), str(tmp_path), tmp_path / "chaos"
+    kills = sum(f.startswith("kill") for f in faults)
+    cfg = load_config(None, [*overrides(Path(shards), Path(store), "chaos", stage), f"train.max_failures={kills}"])
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shards=shards),
+                              train=dataclasses.replace(cfg.train, storage=store))
+    run = run_dir(cfg)
+    met: list[str] = []
+
+    def records(kind: str) -> list[dict]:
+        return read_records(run, kind)
+
+    def last_step() -> int:
+        steps = records("step")
+        return steps[-1]["step"] if steps else 0
+
+    def chaos() -> None:
+        attempt = 1
+        for fault in faults:
+            since = last_step()
+            _wait_for(lambda a=attempt, s=since: len(records("start")) >= a and last_step() > s, None, 300, "progress")
+            if fault == "kill at a step":
+                target = last_step() + random.randint(1, EVERY)
+                _wait_for(lambda t=target: last_step() >= t, None, 300, f"step {target}")
+            elif fault.endswith("mid-save"):
+                now = time.time()
+                _wait_for(lambda n=now: _saving(scratch, n), None, 300, "a checkpoint write")
+            if fault.startswith("kill"):
+                os.kill(records("start")[-1]["pid"], signal.SIGKILL)
+                attempt += 1
+            else:
+                os.kill(object_store.pid, signal.SIGSTOP)
+                time.sleep(PAUSE_S)
+                os.kill(object_store.pid, signal.SIGCONT)
+            met.append(f"{fault} after step {last_step()}")
+
+    thread = threading.Thread(target=chaos, daemon=True)
+    thread.start()
+    try:
+        start = time.perf_counter()
+        assert train(cfg).trained
+    finally:
+        os.kill(object_store.pid, signal.SIGCONT)
+    thread.join(5)
+    print(f"\n[chaos] {storage}: {len(met)} faults in {time.perf_counter() - start:.0f} s: {'; '.join(met)}")
+    assert len(met) == len(faults), f"only {met} of {faults}: the run ended first"
+    local = tmp_path / "copy" / "chaos"
+    if storage == "s3":  # compared as local files
+        prefix = run.split("/", 3)[3] + "/"
+        for key in (o["Key"] for page in client.get_paginator("list_objects_v2").paginate(
+                Bucket=object_store.bucket, Prefix=prefix) for o in page.get("Contents", [])):
+            if not key.endswith("/"):  # not a folder's marker
+                target = local / key[len(prefix):]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                client.download_file(object_store.bucket, key, str(target))
+    else:
+        local = Path(run)
+    check_exact(f"chaos on {storage} storage, ZeRO {stage}", local, reference(stage), None, kills)
