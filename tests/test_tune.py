@@ -105,6 +105,17 @@ def test_recipe_overrides_apply_after_the_common_ones_to_their_recipe_only(tmp_p
     assert trial_config(sweep, "cnn", ["train.lr=0.002"]).train.epochs == 6
 
 
+def test_trials_checkpoint_at_epoch_ends_only_whatever_the_sweep_asks(tmp_path):
+    """Every report is one of ASHA's iterations (its time attribute): a checkpoint between epoch ends would count
+    as an epoch."""
+    path = write_sweep(tmp_path / "sweep.yaml", name="often", recipes=["cnn"],
+                       overrides=["train.checkpoint_every_steps=5", "train.checkpoint_every_minutes=10"])
+    sweep = load_sweep(path)
+    assert base_config(sweep, "cnn").train.checkpoint_every_steps == 5
+    trial = trial_config(sweep, "cnn", []).train
+    assert (trial.checkpoint_every_steps, trial.checkpoint_every_minutes) == (0, 0)
+
+
 def test_missing_shards_fail_in_one_line_before_ray(tmp_path, capsys):
     missing = tmp_path / "no_shards"
     sweep = write_sweep(tmp_path / "sweep.yaml", name="unsharded", recipes=["cnn"],

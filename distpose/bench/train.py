@@ -108,6 +108,7 @@ def checkpoint_cost(cfg: Config, warmup: int, steps: int, address: str | None, w
     step_with = cfg.data.batch_size / with_checkpoints["samples_per_s"]
     step_without = cfg.data.batch_size / without["samples_per_s"]
     return {"every_steps": every, "saves_timed": saves, "samples_per_s_without": without["samples_per_s"],
+            "data_wait_share_without": without["data_wait_share"],
             "step_time_ratio": step_with / step_without,
             "seconds_per_save": (step_with - step_without) * steps / saves if saves else None}
 
