@@ -251,22 +251,29 @@ def own_temporary_files(local: bool) -> Iterator[None]:
 
     tempfile.gettempdir()  # this process keeps the one it has: tempfile reads the environment once
     directory = tempfile.mkdtemp(prefix="distpose-ray-tmp-")
-    # Kills the local Ray's processes if this process dies without the finally below (SIGKILL).
+    # Kills the local Ray's processes if this process dies without the finally below (SIGKILL). It reads /proc:
+    # elsewhere (macOS) there is none.
     reaper = subprocess.Popen([sys.executable, "-m", "distpose.reaper"], stdin=subprocess.PIPE,
-                              start_new_session=True)
+                              start_new_session=True) if Path("/proc/self/stat").exists() else None
     try:
         with environment("RAY_TMPDIR", get_default_system_temp_dir()), environment("TMPDIR", directory):
             yield
     finally:
-        assert reaper.stdin is not None
-        with contextlib.suppress(OSError):
-            reaper.stdin.write(REAPER_DONE)
-            reaper.stdin.close()
-        try:
-            reaper.wait(timeout=REAPER_WAIT_S)
-        except subprocess.TimeoutExpired:
-            reaper.kill()
+        if reaper is not None:
+            _dismiss(reaper)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _dismiss(reaper: subprocess.Popen) -> None:
+    """Tell the reaper this process ends normally (Ray has stopped its processes), and wait for it to leave."""
+    assert reaper.stdin is not None
+    with contextlib.suppress(OSError):
+        reaper.stdin.write(REAPER_DONE)
+        reaper.stdin.close()
+    try:
+        reaper.wait(timeout=REAPER_WAIT_S)
+    except subprocess.TimeoutExpired:
+        reaper.kill()
 
 
 @contextlib.contextmanager
