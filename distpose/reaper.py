@@ -53,10 +53,10 @@ def descendants(root: int, table: dict[int, tuple[int, int]]) -> dict[int, int]:
     return found
 
 
-def kill_all(seen: dict[int, int]) -> int:
+def kill_all(seen: dict[int, int]) -> None:
     """SIGKILL each process in `seen` that still runs (same pid, same start time) and whatever it started since,
-    until none is left or GIVE_UP_S passed. Returns how many were killed."""
-    killed, deadline = 0, time.monotonic() + GIVE_UP_S
+    until none is left or GIVE_UP_S passed."""
+    deadline = time.monotonic() + GIVE_UP_S
     while time.monotonic() < deadline:
         table = processes()
         alive = {pid for pid, start in seen.items() if pid != os.getpid() and table.get(pid, (0, -1))[1] == start}
@@ -67,12 +67,10 @@ def kill_all(seen: dict[int, int]) -> int:
         for pid in alive:
             try:
                 os.kill(pid, signal.SIGKILL)
-                killed += 1
             except OSError:
                 pass
             seen.setdefault(pid, table[pid][1])
         time.sleep(0.05)
-    return killed
 
 
 def main() -> None:

@@ -206,7 +206,8 @@ def train_worker(job: dict[str, Any]) -> None:
                 # A step a checkpoint may be saved at: the stream restarts here whether or not one is, so a run
                 # resumed from any such checkpoint draws what this one draws.
                 batches.restart(state.step)
-                if _agreed(time.monotonic() - last_save >= 60 * cfg.train.checkpoint_every_minutes):
+                minutes = cfg.train.checkpoint_every_minutes
+                if not minutes or _agreed(time.monotonic() - last_save >= 60 * minutes):
                     save({"epoch": state.epoch, "step": state.step})
 
         state.epoch = epoch + 1
