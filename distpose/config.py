@@ -72,6 +72,11 @@ class DataConfig:
     batch_size: int = 32
     loader_workers: int = 2  # DataLoader processes per rank
     batches_per_epoch: int = 50  # optimizer steps per epoch; fixed so every rank steps equally often
+    # How training draws the shards. "resample": each rank's loader workers read shards drawn at random, with
+    # replacement, through shuffle buffers; a resume at another world size draws another order. "pass": an epoch
+    # is one pass without replacement in an order fixed by data.seed alone, the same global batch at every step
+    # whatever the world size (distpose.data.passes; batches_per_epoch x batch_size must fit in the split).
+    order: Literal["resample", "pass"] = "resample"
     sample_shuffle: int = 256  # shuffle buffer over images (compressed bytes)
     instance_shuffle: int = 64  # shuffle buffer over augmented person crops
     seed: int = 0

@@ -1,8 +1,9 @@
 """metrics.jsonl, a run's record: one JSON object per line, written by rank 0 and read by the driver's progress
 lines, sweeps, the pipeline report and the benchmarks.
 
-Every record has `kind` and `time`. Kinds: `start` (each attempt, with what it resumed from), `step`, `eval`,
-`checkpoint`, `final`. The file is appended across attempts, so a resumed run shows the steps it redid. A reader
+Every record has `kind` and `time`. Kinds: `start` (each attempt, with what it resumed from), `step`, `epoch`
+(its mean loss, and the instances it trained on: their number and passes.instance_digest), `eval`, `checkpoint`,
+`final`. The file is appended across attempts, so a resumed run shows the steps it redid. A reader
 may meet the last line half written (rank 0 is appending, or an object-storage copy is being replaced): every
 reader here reads complete lines only.
 """

@@ -23,7 +23,10 @@ from exactness import largest_difference, step_losses
 from helpers import free_port
 from prometheus_server import Prometheus
 
+from distpose.config import load_config
+from distpose.data.passes import instance_digest, split_instances
 from distpose.metrics_log import read_records
+from distpose.train.batches import TrainingBatches
 
 pytestmark = pytest.mark.integration
 
@@ -265,28 +268,45 @@ def test_a_run_over_two_nodes_is_discovered_and_waits_for_a_replacement_of_a_los
     assert difference == 0.0 and ours == theirs
 
 
+def pass_digests(shards: Path, batch: int, per_epoch: int, epochs: int) -> list[tuple[int, int]]:
+    """(instances, instance digest) of each epoch of the pass order, drawn here on one rank."""
+    cfg = load_config(None, [f"data.shards={shards}", "data.order=pass", f"data.batch_size={batch}",
+                             f"data.batches_per_epoch={per_epoch}", "data.loader_workers=0", "train.workers=1"])
+    batches = TrainingBatches(cfg, 0, 1, 0)
+    epochs_drawn = [[next(batches) for _ in range(per_epoch)] for _ in range(epochs)]
+    batches.loader.close()
+    return [(sum(len(b["instance_id"]) for b in bs), sum(instance_digest(b["image_id"], b["instance_id"]) for b in bs))
+            for bs in epochs_drawn]
+
+
 def test_an_elastic_run_goes_on_without_the_lost_node_and_grows_back(nodes, synth_shards, tmp_path):
-    """ZeRO 2, train.workers=[1, 2]: on the surviving node without waiting for a replacement (its state
-    resharded 2 -> 1 rank, 2 micro-batches accumulated per step), then back on two nodes (1 -> 2) once a node
-    joins. Ray Train sizes an elastic group from its autoscaling coordinator's view of the nodes, refreshed
-    every 20 s: until then a start may ask for the lost node and wait train.start_timeout_s. ~100 s."""
+    """ZeRO 2, train.workers=[1, 2], the pass order, a checkpoint every 5 steps in epochs of 13: on the surviving
+    node without waiting for a replacement (its state resharded 2 -> 1 rank, 2 micro-batches accumulated per
+    step), then back on two nodes (1 -> 2) once a node joins. Every epoch, the ones resumed within included,
+    trains on the instances the pass order gives it, each once; a step redone on 1 rank trains on the batch the
+    2 ranks trained on, from the same weights, so its loss is theirs. Ray Train sizes an elastic group from its
+    autoscaling coordinator's view of the nodes, refreshed every 20 s: until then a start may ask for the lost node
+    and wait train.start_timeout_s. ~100 s."""
+    batch = 4
+    per_epoch = sum(n for _, n in split_instances(str(synth_shards), "train")) // batch
 
     def on_one_rank(_, since_kill: list[dict]) -> bool:
         # A step after the 1-rank start: a 2-rank step that ended as the node was killed is on record after it.
         starts = [i for i, r in enumerate(since_kill) if r["kind"] == "start" and r["world_size"] == 1]
         return bool(starts) and any(r["kind"] == "step" for r in since_kill[starts[0]:])
 
-    def back_on_two_ranks(since_kill: list[dict]) -> bool:
+    def back_on_two_ranks_for_an_epoch(since_kill: list[dict]) -> bool:
         starts = [i for i, r in enumerate(since_kill) if r["kind"] == "start"]
         return len(starts) >= 2 and since_kill[starts[-1]]["world_size"] == 2 and any(
-            r["kind"] == "step" for r in since_kill[starts[-1]:])
+            r["kind"] == "epoch" for r in since_kill[starts[-1]:])
 
     # Long enough for any resize delay (a 400-step run once ended on 1 rank before Ray grew it back); stopped by
-    # Ctrl-C once it has stepped on 2 ranks again.
+    # Ctrl-C once it has ended an epoch on 2 ranks again.
     seen = train_losing_a_node(nodes, synth_shards, tmp_path, "elastic", "[1,2]", "train.zero_stage=2",
                                "train.elastic_resize_interval_s=3", "train.start_timeout_s=10",
-                               "train.max_failures=6", join_when=on_one_rank, epochs=100, per_epoch=40,
-                               stop_when=back_on_two_ranks)
+                               "train.max_failures=6", "data.order=pass", f"data.batch_size={batch}",
+                               "train.checkpoint_every_steps=5", join_when=on_one_rank, epochs=100,
+                               per_epoch=per_epoch, stop_when=back_on_two_ranks_for_an_epoch)
     starts = seen["starts"]
     worlds = [(s["world_size"], s["grad_accum"], s["micro_batch"]) for s in starts]
     shrink_s = next(r["time"] for r in seen["lines"][seen["lines"].index(starts[1]):] if r["kind"] == "step") \
@@ -294,12 +314,32 @@ def test_an_elastic_run_goes_on_without_the_lost_node_and_grows_back(nodes, synt
     print(f"\n[node lost, train.workers=[1,2]] killed a node after step {seen['killed_after']}; (world size, "
           f"accumulation, micro-batch) per start {worlds}; first step on 1 rank {shrink_s:.1f} s after the kill; "
           f"steps redone: {seen['redone']}; resumed from: {[s['resumed_from'] for s in starts[1:]]}")
-    assert worlds[:3] == [(2, 1, 4), (1, 2, 4), (2, 1, 4)], worlds  # 8 samples a step at every size
+    assert worlds[:3] == [(2, 1, 2), (1, 2, 2), (2, 1, 2)], worlds  # 4 samples a step at every size
     assert shrink_s < seen["joined_at"] - seen["killed_at"]  # it went on before any node joined
     print(f"[node lost, train.workers=[1,2]] the replacement joined {seen['joined_at'] - seen['killed_at']:.1f} s "
           f"after the kill; back on 2 ranks at step {starts[2]['step']}")
     assert "resharded for 1" in starts[1]["resumed_from"] and "resharded for 2" in starts[2]["resumed_from"]
     assert all(r["samples_per_s"] > 0 for r in seen["steps"])
+
+    within = [s["step"] for s in starts[1:] if s["step"] % per_epoch]
+    epochs = {r["epoch"]: r for r in seen["lines"] if r["kind"] == "epoch"}  # an epoch redone: its last record
+    expected = pass_digests(synth_shards, batch, per_epoch, max(epochs))
+    print(f"[node lost, train.workers=[1,2]] epochs of {per_epoch} steps; resumed within an epoch at step(s) "
+          f"{within}; epochs whose instances differ from the pass order's: "
+          f"{[e for e, r in epochs.items() if (r['instances'], r['instance_digest']) != expected[e - 1]]} "
+          f"of {sorted(epochs)}")
+    assert within, "no resume came from a checkpoint within an epoch"
+    assert all((r["instances"], r["instance_digest"]) == expected[e - 1] for e, r in epochs.items())
+    assert all(n == per_epoch * batch for n, _ in expected)
+
+    # The steps the 1-rank attempt redid: the same global batch, cut into 2 micro-batches instead of 2 ranks.
+    cut = seen["lines"].index(starts[1])
+    before = {r["step"]: r["loss"] for r in seen["lines"][:cut] if r["kind"] == "step"}
+    after = {r["step"]: r["loss"] for r in seen["lines"][cut:] if r["kind"] == "step"}
+    redone = sorted(set(before) & set(after))
+    print(f"[node lost, train.workers=[1,2]] steps redone on 1 rank: {redone}; their losses on 2 ranks and on 1: "
+          f"{[(before[s], after[s]) for s in redone]}")
+    assert all(abs(before[s] - after[s]) <= 1e-4 * abs(before[s]) for s in redone)
 
 
 def test_a_driver_joins_a_token_cluster_with_the_token_and_fails_in_one_line_without(synth_shards, tmp_path):

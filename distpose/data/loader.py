@@ -105,7 +105,8 @@ def _init_worker(environment: dict[str, str], worker_id: int) -> None:
     cv2.setNumThreads(1)
 
 
-def _worker() -> tuple[int, int]:
+def worker_slot() -> tuple[int, int]:
+    """(this DataLoader worker's number, how many there are): (0, 1) in the main process."""
     info = get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
 
@@ -142,7 +143,7 @@ def _opened(shards: Iterator[dict[str, str]], handler: CorruptSampleCounter) -> 
                 return
 
 
-def _tar_samples(shards: Iterator[dict[str, str]], handler: CorruptSampleCounter) -> Iterator[dict[str, Any]]:
+def tar_samples(shards: Iterator[dict[str, str]], handler: CorruptSampleCounter) -> Iterator[dict[str, Any]]:
     files = wds.tariterators.tar_file_expander(_opened(shards, handler), handler=handler)
     return wds.tariterators.group_by_keys(files, handler=handler)
 
@@ -181,7 +182,7 @@ def _persons(samples: Iterator[dict[str, Any]], counter: CorruptSampleCounter, p
             yield sample, image, person, score
 
 
-def _batch_buffers(spec: StreamSpec, size: int, shared: bool) -> dict[str, torch.Tensor]:
+def batch_buffers(spec: StreamSpec, size: int, shared: bool) -> dict[str, torch.Tensor]:
     """Empty batch tensors that crops are written into in place: views of one storage, in shared memory for
     a BatchRing."""
     d, k = spec.data, NUM_JOINTS
@@ -222,7 +223,7 @@ class BatchRing:
     DataLoader keeps at most PREFETCH_FACTOR batches a worker in flight, so that wait is a guard, not a stall."""
 
     def __init__(self, spec: StreamSpec, workers: int):
-        self.slots = [[_batch_buffers(spec, spec.batch_size, shared=True) for _ in range(RING_SLOTS)]
+        self.slots = [[batch_buffers(spec, spec.batch_size, shared=True) for _ in range(RING_SLOTS)]
                       for _ in range(workers)]
         self.consumed = torch.zeros(workers, dtype=torch.int64).share_memory_()
 
@@ -245,6 +246,24 @@ class BatchRing:
         return copied
 
 
+def write_row(arrays: dict[str, np.ndarray], row: int, transform: TopDownTransform, image_id: int,
+              image: np.ndarray | None, person: Person, score: float, rng: np.random.Generator | None) -> None:
+    """Crop and augment `person` straight into `row` of the batch `arrays`. An image that did not decode
+    (`image` None) leaves a black crop with no joint labelled: a row that weighs nothing in the loss."""
+    keypoints = np.asarray(person.keypoints, np.float32).reshape(-1, 3)
+    if image is None:
+        arrays["image"][row], arrays["joints"][row], arrays["visible"][row] = 0, 0.0, False
+        arrays["image_to_crop"][row] = np.eye(2, 3)
+    else:
+        crop = transform(image, person.bbox, keypoints, rng, out=arrays["image"][row])
+        arrays["joints"][row], arrays["visible"][row] = crop.joints, crop.visible
+        arrays["image_to_crop"][row] = crop.image_to_crop
+    arrays["keypoints"][row] = keypoints
+    arrays["bbox"][row] = person.bbox
+    arrays["area"][row], arrays["score"][row] = person.area, score
+    arrays["image_id"][row], arrays["instance_id"][row] = image_id, person.id
+
+
 def _batches(persons: Iterator[tuple[DecodedSample, np.ndarray, Person, float]], spec: StreamSpec,
              rng: np.random.Generator, buffers: Callable[[int], dict[str, torch.Tensor]]
              ) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
@@ -259,14 +278,7 @@ def _batches(persons: Iterator[tuple[DecodedSample, np.ndarray, Person, float]],
             batch = buffers(made)
             made += 1
             arrays = {name: t.numpy() for name, t in batch.items()}
-        keypoints = np.asarray(person.keypoints, np.float32).reshape(-1, 3)
-        crop = transform(image, person.bbox, keypoints, rng, out=arrays["image"][row])
-        arrays["joints"][row], arrays["visible"][row] = crop.joints, crop.visible
-        arrays["image_to_crop"][row] = crop.image_to_crop
-        arrays["keypoints"][row] = keypoints
-        arrays["bbox"][row] = person.bbox
-        arrays["area"][row], arrays["score"][row] = person.area, score
-        arrays["image_id"][row], arrays["instance_id"][row] = sample.image_id, person.id
+        write_row(arrays, row, transform, sample.image_id, image, person, score, rng)
         row += 1
         if row == size:
             yield batch, row
@@ -285,7 +297,7 @@ class TopDownStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         spec, d = self.spec, self.spec.data
-        worker, num_workers = _worker()
+        worker, num_workers = worker_slot()
         seed = (d.seed, spec.rank, worker)
         counter, progress = CorruptSampleCounter(), _Progress()
         if spec.train:
@@ -294,7 +306,7 @@ class TopDownStream(IterableDataset):
         else:
             slot, slots = spec.rank * num_workers + worker, spec.world_size * num_workers
             shards = iter([{"url": u} for u in spec.urls[slot::slots]])
-        samples = _tar_samples(shards, counter)
+        samples = tar_samples(shards, counter)
         if spec.train:
             samples = _shuffled(samples, d.sample_shuffle, random.Random(f"{seed} samples"))
         persons = _persons(samples, counter, progress, spec.boxes)
@@ -306,7 +318,7 @@ class TopDownStream(IterableDataset):
         ring = self.ring if get_worker_info() is not None else None
         if ring is None:
             def buffers(_: int) -> dict[str, torch.Tensor]:
-                return _batch_buffers(spec, spec.batch_size, shared=False)
+                return batch_buffers(spec, spec.batch_size, shared=False)
         else:
             buffers = functools.partial(ring.free_slot, worker)
         for made, (batch, rows) in enumerate(_batches(persons, spec, rng, buffers)):
@@ -342,12 +354,15 @@ class StreamingLoader:
     """Batches for one rank. Training: an endless stream cut into epochs of `batches_per_epoch`.
     Evaluation: each iteration is one full pass over this rank's shards."""
 
-    def __init__(self, spec: StreamSpec, num_workers: int, batches_per_epoch: int | None = None):
+    def __init__(self, spec: StreamSpec, num_workers: int, batches_per_epoch: int | None = None,
+                 stream: IterableDataset | None = None):
+        """`stream`: the dataset each worker iterates (it has a `ring` for the workers' batches), by default
+        TopDownStream(spec)."""
         self.spec = spec
         self.batches_per_epoch = batches_per_epoch
         self.pin = torch.cuda.is_available()
         self.dataloader = DataLoader(
-            TopDownStream(spec), batch_size=None, num_workers=num_workers,
+            stream or TopDownStream(spec), batch_size=None, num_workers=num_workers,
             # Workers' batches are pinned as they are copied out of the ring (BatchRing.take).
             pin_memory=self.pin and not num_workers, prefetch_factor=PREFETCH_FACTOR if num_workers else None,
             multiprocessing_context=_workers_context() if num_workers else None,

@@ -2,7 +2,8 @@
 
 Both are endless; the loop takes grad_accum_at(cfg, world size) micro-batches per optimizer step. A stream is a
 function of the step it starts at, nothing else: the loop restarts it at every step a checkpoint may be saved at,
-so an attempt resumed from a checkpoint draws exactly the batches the unkilled run drew after it.
+so an attempt resumed from a checkpoint draws exactly the batches the unkilled run drew after it. (A stream of
+the pass order, data.order: pass, is already where such a restart would put it, and goes on.)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from distpose.config import Config, grad_accum_at, micro_batch_size
 from distpose.data.loader import StreamingLoader, train_loader
+from distpose.data.passes import PassLoader, PassPlan, split_instances
 from distpose.keypoints import NUM_JOINTS
 
 
@@ -24,6 +26,12 @@ def rank_loader(cfg: Config, rank: int, world_size: int, start_step: int) -> Str
                                batches_per_epoch=cfg.data.batches_per_epoch * grad_accum_at(cfg, world_size),
                                seed=cfg.data.seed + 7919 * start_step)
     return train_loader(data, rank, world_size)
+
+
+def rank_pass_loader(cfg: Config, rank: int, world_size: int, start_step: int) -> PassLoader:
+    """This rank's share of the pass order (data.order: pass) from `start_step`, in micro-batches."""
+    plan = PassPlan(split_instances(cfg.data.shards, cfg.data.train_split), cfg.data, rank, world_size, start_step)
+    return PassLoader(plan, cfg.data.loader_workers, micro_batch_size(cfg))
 
 
 def endless(loader: StreamingLoader) -> Iterator[dict[str, torch.Tensor]]:
@@ -61,14 +69,19 @@ class TrainingBatches:
 
     def restart(self, step: int) -> None:
         """Drop the stream under way (its loader workers stop) and start the one that begins at `step`."""
+        if isinstance(self.loader, PassLoader) and self.loader.position == step:
+            return  # the pass order's stream is where a restart would put it
         if self.loader is not None:
             self._earlier.update(self.loader.skipped)
             self.loader.close()
         if self.cfg.data.source == "random":
             self._batches = random_batches(self.cfg, self.rank, self.world_size, step)
-            return
-        self.loader = rank_loader(self.cfg, self.rank, self.world_size, step)
-        self._batches = endless(self.loader)
+        elif self.cfg.data.order == "pass":
+            self.loader = rank_pass_loader(self.cfg, self.rank, self.world_size, step)
+            self._batches = iter(self.loader)
+        else:
+            self.loader = rank_loader(self.cfg, self.rank, self.world_size, step)
+            self._batches = endless(self.loader)
 
     @property
     def skipped(self) -> Counter:

@@ -49,6 +49,8 @@ class TrainState:
     step: int = 0  # optimizer steps completed
     epoch_step: int = 0  # steps completed of the epoch under way (a checkpoint between epoch ends)
     epoch_loss: float = 0.0  # the sum of those steps' losses, for the epoch's mean
+    epoch_instances: int = 0  # instances those steps trained on, over all ranks
+    epoch_digest: int = 0  # and their passes.instance_digest: which ones, whatever the order
     best_score: float | None = None  # the best of eval's selection metric so far
     best_epoch: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)  # of the last completed epoch

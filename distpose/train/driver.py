@@ -36,6 +36,7 @@ from distpose.cluster import (
 )
 from distpose.config import Config, ConfigError, ModelConfig, TrainConfig, dump_yaml, load_config, to_dict, worker_range
 from distpose.data.coco import load_detections
+from distpose.data.passes import check_pass_length
 from distpose.data.shards import read_manifest
 from distpose.errors import DataError, UserError
 from distpose.files import exists, is_uri, join, within, write_bytes
@@ -121,9 +122,14 @@ def check_shards(cfg: Config) -> None:
     splits += [cfg.data.val_split] if cfg.eval.every_epochs else []
     for split in splits:
         try:
-            read_manifest(cfg.data.shards, split)
+            manifest = read_manifest(cfg.data.shards, split)
         except DataError as exc:
             raise ConfigError(f"config key 'data.shards': {exc}") from None
+        if split == cfg.data.train_split and cfg.data.source == "shards" and cfg.data.order == "pass":
+            try:
+                check_pass_length(cfg.data, manifest["instances"])
+            except DataError as exc:
+                raise ConfigError(f"config key 'data.batches_per_epoch': {exc}") from None
 
 
 def resources_of(t: TrainConfig) -> dict[str, tuple[float, str]]:

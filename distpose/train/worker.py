@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from distpose.config import Config, config_from_dict, grad_accum_at, micro_batch_size
+from distpose.data.passes import instance_digest
 from distpose.eval.evaluate import evaluate_model, flat_metrics
 from distpose.files import exists, is_uri, join
 from distpose.metrics_log import METRICS_LOG, MetricsLog
@@ -168,8 +169,21 @@ def train_worker(job: dict[str, Any]) -> None:
         else torch.float32
     steps, mode, every = cfg.data.batches_per_epoch, cfg.train.mode, cfg.train.checkpoint_every_steps
 
+    trained = [0, 0]  # this rank's instances and their digest since the last tally (random batches have none)
+
     def loss_of(batch: dict[str, Any]) -> torch.Tensor:
+        if "instance_id" in batch:
+            trained[0] += len(batch["instance_id"])
+            trained[1] += instance_digest(batch["image_id"], batch["instance_id"])
         return micro_batch_loss(engine, batch, mode_loss, device, dtype)
+
+    def tally() -> None:  # before a save and at the epoch's end: into the state, summed over ranks
+        total = torch.tensor(trained, dtype=torch.int64)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(total)
+        state.epoch_instances += int(total[0])
+        state.epoch_digest += int(total[1])
+        trained[:] = [0, 0]
 
     def backward(loss: torch.Tensor) -> None:  # DeepSpeed steps the optimizer at the accumulation boundary
         engine.backward(loss)
@@ -181,6 +195,7 @@ def train_worker(job: dict[str, Any]) -> None:
     def save(metrics: dict[str, Any]) -> None:
         nonlocal last_save
         saving = time.perf_counter()
+        tally()
         log.sync()  # the record on storage covers every step the checkpoint holds
         _save_and_report(engine, state, config_dict, metrics, scratch)
         telemetry.checkpoint_saved(time.perf_counter() - saving)
@@ -211,11 +226,15 @@ def train_worker(job: dict[str, Any]) -> None:
                     save({"epoch": state.epoch, "step": state.step})
 
         state.epoch = epoch + 1
+        tally()
         metrics = {"epoch": state.epoch, "step": state.step, "loss": state.epoch_loss / steps,
                    "epoch_time": time.perf_counter() - epoch_start}
-        state.epoch_step, state.epoch_loss = 0, 0.0
+        if state.epoch_instances:
+            metrics |= {"instances": state.epoch_instances, "instance_digest": state.epoch_digest}
+        state.epoch_step, state.epoch_loss, state.epoch_instances, state.epoch_digest = 0, 0.0, 0, 0
         if batches.skipped:
             metrics["skipped_samples"] = sum(batches.skipped.values())
+        log.write("epoch", **metrics)
         every_eval = cfg.eval.every_epochs
         if every_eval and (state.epoch % every_eval == 0 or state.epoch == cfg.train.epochs):
             scores, weights = _evaluate(engine, cfg, rank, world)
