@@ -251,9 +251,9 @@ def own_temporary_files(local: bool) -> Iterator[None]:
 
     tempfile.gettempdir()  # this process keeps the one it has: tempfile reads the environment once
     directory = tempfile.mkdtemp(prefix="distpose-ray-tmp-")
-    # Kills the local Ray's processes if this process dies without the finally below (SIGKILL). It reads /proc:
-    # elsewhere (macOS) there is none.
-    reaper = subprocess.Popen([sys.executable, "-m", "distpose.reaper"], stdin=subprocess.PIPE,
+    # Kills the local Ray's processes and removes the directory if this process dies without the finally below
+    # (SIGKILL). It reads /proc: elsewhere (macOS) there is none.
+    reaper = subprocess.Popen([sys.executable, "-m", "distpose.reaper", directory], stdin=subprocess.PIPE,
                               start_new_session=True) if Path("/proc/self/stat").exists() else None
     try:
         with environment("RAY_TMPDIR", get_default_system_temp_dir()), environment("TMPDIR", directory):

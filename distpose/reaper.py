@@ -5,14 +5,16 @@ steps after it, writing to the run, and Ray's node agents stayed for more than a
 GCS). `python -m distpose.reaper` is started by the driver before its local Ray, in a session of its own (a Ctrl-C
 to the terminal does not reach it). It keeps a list of the driver's descendants, and reads a pipe that only the
 driver holds open. A driver that ends normally writes DONE first, and the reaper leaves. If the pipe closes without
-it, the driver died, and the reaper kills every descendant it saw. Descendants are known by their parents while
-the driver lives: Ray's processes overwrite their environment and command line with their titles, and once the
-driver is gone their parent is init.
+it, the driver died, and the reaper kills every descendant it saw, then removes the folder named by its argument
+(the temporary files of the driver and its Ray's processes, which the driver would have removed). Descendants are
+known by their parents while the driver lives: Ray's processes overwrite their environment and command line with
+their titles, and once the driver is gone their parent is init.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -89,6 +91,8 @@ def main() -> None:
     watcher.join()
     if said != DONE:
         kill_all(seen)
+        if len(sys.argv) > 1:
+            shutil.rmtree(sys.argv[1], ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -144,6 +144,8 @@ def test_a_killed_driver_leaves_nothing_running_and_a_rerun_resumes_bit_for_bit(
     written to the run, and the same command resumes it."""
     stage, at = 2, random.choice(KILL_AFTER)
     argv, run = command(synth_shards, tmp_path, "orphaned", stage), tmp_path / "orphaned"
+    temporary = Path(tempfile.gettempdir())
+    folders_before = set(temporary.glob("distpose-ray-tmp-*"))
     with (tmp_path / "first.log").open("w") as log:
         driver = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -163,6 +165,8 @@ def test_a_killed_driver_leaves_nothing_running_and_a_rerun_resumes_bit_for_bit(
           f"{gone_s:.1f} s later; {len(alive)} left")
     assert not alive, [p.pid for p in alive]
     assert ((run / "metrics.jsonl").stat().st_size, sorted(p.name for p in run.iterdir())) == written
+    left = set(temporary.glob("distpose-ray-tmp-*")) - folders_before
+    assert not left, f"the killed driver's temporary folder is left: {left}"
     rerun = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     check_exact(f"driver SIGKILLed, rerun, ZeRO {stage}", run, reference(stage), killed_after)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import corrupt_jpeg_in_shard, truncate_jpeg_in_shard
 
 from distpose.commands import main
 from distpose.config import ConfigError, grad_accum_at, load_config
@@ -17,7 +18,6 @@ from distpose.data.passes import instance_digest, partitions, split_instances
 from distpose.data.shards import iter_tar_samples, parse_sample
 from distpose.train import driver
 from distpose.train.batches import TrainingBatches
-from helpers import corrupt_jpeg_in_shard, truncate_jpeg_in_shard
 
 BATCH = 6
 

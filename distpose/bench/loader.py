@@ -21,6 +21,7 @@ from distpose.bench import machine
 from distpose.config import DataConfig
 from distpose.data.codec import HeatmapCodec
 from distpose.data.loader import train_loader
+from distpose.data.passes import pass_loader, split_instances
 from distpose.data.shards import SampleError, iter_tar_samples, parse_sample, read_manifest, shard_paths
 from distpose.data.transforms import box_to_center_scale, crop_matrix
 from distpose.errors import UserError
@@ -67,9 +68,14 @@ def raw_loop_rate(cfg: DataConfig, max_images: int, repeats: int) -> tuple[float
 def pipeline_rate(cfg: DataConfig, workers: int, warmup: int, batches: int) -> float:
     """Steady-state instances/s of the training loader with `workers` DataLoader processes (0: all in
     this process), each batch's heatmap targets rendered here as the training step would."""
-    cfg = dataclasses.replace(cfg, loader_workers=workers, batches_per_epoch=warmup + batches)
     codec = HeatmapCodec(cfg.input_size, cfg.heatmap_size, cfg.sigma)
-    stream = iter(train_loader(cfg))
+    if cfg.order == "pass":  # endless, over as many epochs as it takes
+        instances = sum(n for _, n in split_instances(cfg.shards, cfg.train_split))
+        stream = iter(pass_loader(dataclasses.replace(cfg, loader_workers=workers,
+                                                      batches_per_epoch=instances // cfg.batch_size)))
+    else:
+        stream = iter(train_loader(dataclasses.replace(cfg, loader_workers=workers,
+                                                       batches_per_epoch=warmup + batches)))
     for _ in islice(stream, warmup):
         pass
     threads, torch_threads = cv2.getNumThreads(), torch.get_num_threads()
@@ -118,6 +124,7 @@ def run(cfg: DataConfig, images: int = 300, batches: int = 60, warmup: int = 16,
         "machine": machine(),
         "shards": cfg.shards,
         "split": cfg.train_split,
+        "order": cfg.order,
         "input_size": list(cfg.input_size),
         "heatmap_size": list(cfg.heatmap_size),
         "batch_size": cfg.batch_size,
@@ -132,6 +139,15 @@ def run(cfg: DataConfig, images: int = 300, batches: int = 60, warmup: int = 16,
         "notes": "raw loop and in-process pipeline on one core (OpenCV single-threaded); "
                  "1/2 workers: DataLoader processes, targets rendered in the consuming process",
     }
+    if cfg.order == "pass":  # against the default order, here and now
+        resample = dataclasses.replace(cfg, order="resample")
+        rates_resample = {workers: pipeline_rate(resample, workers, warmup, batches) for workers in (0, 2)}
+        result |= {
+            "resample_in_process_instances_per_s": round(rates_resample[0], 1),
+            "resample_2_workers_instances_per_s": round(rates_resample[2], 1),
+            "ratio_pass_vs_resample_in_process": round(rates[0] / rates_resample[0], 3),
+            "ratio_pass_vs_resample_2_workers": round(rates[2] / rates_resample[2], 3),
+        }
     if remote:
         local, far = remote_rates(cfg, remote, warmup, batches, repeats)
         result |= {

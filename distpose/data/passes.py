@@ -224,6 +224,14 @@ class PassLoader(StreamingLoader):
                 yield {name: t[first:first + self.micro_batch] for name, t in step.items()}
 
 
+def pass_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, start_step: int = 0,
+                micro_batch: int | None = None) -> PassLoader:
+    """Rank `rank`'s share of the pass order of `cfg.train_split` from `start_step`, in micro-batches of
+    `micro_batch` (default: all of its share of a step)."""
+    plan = PassPlan(split_instances(cfg.shards, cfg.train_split), cfg, rank, world_size, start_step)
+    return PassLoader(plan, cfg.loader_workers, micro_batch or cfg.batch_size // world_size)
+
+
 def instance_digest(image_ids: torch.Tensor, instance_ids: torch.Tensor) -> int:
     """An order-free fingerprint of a set of instances: the sum of a 32-bit hash of each (image id, instance id),
     exact in int64 for up to 2^31 instances. Equal sets give equal sums; two different sets, the same sum with

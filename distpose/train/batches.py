@@ -16,7 +16,7 @@ import torch
 
 from distpose.config import Config, grad_accum_at, micro_batch_size
 from distpose.data.loader import StreamingLoader, train_loader
-from distpose.data.passes import PassLoader, PassPlan, split_instances
+from distpose.data.passes import PassLoader, pass_loader
 from distpose.keypoints import NUM_JOINTS
 
 
@@ -26,12 +26,6 @@ def rank_loader(cfg: Config, rank: int, world_size: int, start_step: int) -> Str
                                batches_per_epoch=cfg.data.batches_per_epoch * grad_accum_at(cfg, world_size),
                                seed=cfg.data.seed + 7919 * start_step)
     return train_loader(data, rank, world_size)
-
-
-def rank_pass_loader(cfg: Config, rank: int, world_size: int, start_step: int) -> PassLoader:
-    """This rank's share of the pass order (data.order: pass) from `start_step`, in micro-batches."""
-    plan = PassPlan(split_instances(cfg.data.shards, cfg.data.train_split), cfg.data, rank, world_size, start_step)
-    return PassLoader(plan, cfg.data.loader_workers, micro_batch_size(cfg))
 
 
 def endless(loader: StreamingLoader) -> Iterator[dict[str, torch.Tensor]]:
@@ -77,7 +71,7 @@ class TrainingBatches:
         if self.cfg.data.source == "random":
             self._batches = random_batches(self.cfg, self.rank, self.world_size, step)
         elif self.cfg.data.order == "pass":
-            self.loader = rank_pass_loader(self.cfg, self.rank, self.world_size, step)
+            self.loader = pass_loader(self.cfg.data, self.rank, self.world_size, step, micro_batch_size(self.cfg))
             self._batches = iter(self.loader)
         else:
             self.loader = rank_loader(self.cfg, self.rank, self.world_size, step)
