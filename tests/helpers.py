@@ -36,22 +36,35 @@ def scramble_jpeg(data: bytes, start: int = 2000, seed: int = 0) -> bytes:
     return data[:start] + noise + b"\xff\xd9"
 
 
-def damage_first_jpeg_in_shard(shard: Path, damage) -> str:
-    """Rewrite the shard with its first sample's JPEG passed through `damage` and a crc32 that matches the
-    damaged bytes: only a check of the JPEG itself can catch it. Returns the sample key."""
+def _first_sample_rewritten(shard: Path, change) -> str:
+    """Rewrite the shard with `change` applied to its first sample (a dict of bytes per extension, in place).
+    Returns the sample key."""
     samples = list(iter_tar_samples(shard))
-    first = samples[0]
-    first["jpg"] = damage(first["jpg"])
-    meta = json.loads(first["json"])
-    meta["jpg_crc32"] = zlib.crc32(first["jpg"])
-    first["json"] = json.dumps(meta).encode()
+    change(samples[0])
     with tarfile.open(shard, "w") as tar:
         for sample in samples:
             for ext in ("jpg", "json"):
                 info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
                 info.size = len(sample[ext])
                 tar.addfile(info, io.BytesIO(sample[ext]))
-    return first["__key__"]
+    return samples[0]["__key__"]
+
+
+def damage_first_jpeg_in_shard(shard: Path, damage) -> str:
+    """Rewrite the shard with its first sample's JPEG passed through `damage` and a crc32 that matches the
+    damaged bytes: only a check of the JPEG itself can catch it. Returns the sample key."""
+    def change(sample: dict) -> None:
+        sample["jpg"] = damage(sample["jpg"])
+        meta = json.loads(sample["json"])
+        meta["jpg_crc32"] = zlib.crc32(sample["jpg"])
+        sample["json"] = json.dumps(meta).encode()
+
+    return _first_sample_rewritten(shard, change)
+
+
+def cut_first_annotation_in_shard(shard: Path) -> str:
+    """Rewrite the shard with its first sample's JSON cut short: no reader can tell its persons."""
+    return _first_sample_rewritten(shard, lambda sample: sample.update(json=sample["json"][:-5]))
 
 
 def truncate_jpeg_in_shard(shard: Path) -> str:

@@ -3,7 +3,8 @@ that was never killed ends. Compared: the final model's weights, every tensor of
 weights and optimizer state, each rank's ZeRO partition) and every step's loss, the redone steps' included.
 
 The runs stream the synthetic shards through a loader worker a rank, 2 ranks on gloo, and save every 3 steps as well
-as at the end of each 20-step epoch: kills land mid-epoch, between checkpoints, and during a checkpoint's write.
+as at the end of each 20-step epoch: kills land mid-epoch, between checkpoints, and during a checkpoint's write. One
+case runs the pass order (data.order=pass), whose stream is not restarted at saves.
 Each case prints the step it was killed after, the steps redone and the largest difference. Last, one run meets five
 faults in a random order (seven on S3, with the server paused twice). Node loss is in tests/test_cluster.py (it
 needs a cluster of several nodes). About 10 minutes here.
@@ -47,24 +48,30 @@ def overrides(shards: Path | str, storage: Path | str, name: str, stage: int) ->
             "train.keep_checkpoints=100", "train.max_failures=2", f"train.storage={storage}", f"train.run_name={name}"]
 
 
+# The pass order (data.order=pass) with batches small enough for 20-step epochs of one pass over the synthetic
+# split: its stream goes on through saves instead of restarting at them.
+PASS_ORDER = ("data.order=pass", "data.batch_size=2")
+
+
 def command(shards: Path, storage: Path, name: str, stage: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "distpose", "train", *overrides(shards, storage, name, stage), *extra]
 
 
 @pytest.fixture(scope="module")
-def reference(ray_session, synth_shards, tmp_path_factory) -> Callable[[int], Path]:
-    """The run directory of the run never killed, at a ZeRO stage (trained on first use)."""
-    runs: dict[int, Path] = {}
+def reference(ray_session, synth_shards, tmp_path_factory) -> Callable[..., Path]:
+    """The run directory of the run never killed, at a ZeRO stage and with `extra` overrides (trained on first
+    use)."""
+    runs: dict[tuple[int, tuple[str, ...]], Path] = {}
 
-    def at(stage: int) -> Path:
-        if stage not in runs:
+    def at(stage: int, extra: tuple[str, ...] = ()) -> Path:
+        if (stage, extra) not in runs:
             storage = tmp_path_factory.mktemp(f"reference{stage}")
             start = time.perf_counter()
-            outcome = train(load_config(None, overrides(synth_shards, storage, "reference", stage)))
-            print(f"\n[exact] reference at ZeRO {stage}: {time.perf_counter() - start:.1f} s")
+            outcome = train(load_config(None, [*overrides(synth_shards, storage, "reference", stage), *extra]))
+            print(f"\n[exact] reference at ZeRO {stage} {' '.join(extra)}: {time.perf_counter() - start:.1f} s")
             assert outcome.trained
-            runs[stage] = Path(outcome.run_dir)
-        return runs[stage]
+            runs[stage, extra] = Path(outcome.run_dir)
+        return runs[stage, extra]
 
     return at
 
@@ -115,11 +122,12 @@ def _saving(scratch: Path, since: float = 0.0) -> bool:
     return False
 
 
-@pytest.mark.parametrize(("stage", "when"), [(3, "step"), (0, "save")])
-def test_a_killed_worker_resumes_bit_for_bit(reference, synth_shards, tmp_path, stage, when):
+@pytest.mark.parametrize(("stage", "when", "extra"), [(3, "step", ()), (0, "save", ()), (0, "step", PASS_ORDER)],
+                         ids=["zero3-step", "zero0-save", "zero0-step-pass-order"])
+def test_a_killed_worker_resumes_bit_for_bit(reference, synth_shards, tmp_path, stage, when, extra):
     """SIGKILL rank 0 at a random step, or while it writes a checkpoint; Ray Train restarts the workers."""
     at = random.choice(KILL_AFTER)
-    cfg = load_config(None, overrides(synth_shards, tmp_path, "killed", stage))
+    cfg = load_config(None, [*overrides(synth_shards, tmp_path, "killed", stage), *extra])
     run = tmp_path / "killed"
     killed: list[int] = []
 
@@ -136,7 +144,7 @@ def test_a_killed_worker_resumes_bit_for_bit(reference, synth_shards, tmp_path, 
     assert train(cfg).trained
     thread.join(5)
     assert killed, "the killer never fired"
-    check_exact(f"rank 0 SIGKILLed ({when}), ZeRO {stage}", run, reference(stage), killed[0])
+    check_exact(f"rank 0 SIGKILLed ({when}), ZeRO {stage} {' '.join(extra)}", run, reference(stage, extra), killed[0])
 
 
 def test_a_killed_driver_leaves_nothing_running_and_a_rerun_resumes_bit_for_bit(reference, synth_shards, tmp_path):

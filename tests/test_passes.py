@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import corrupt_jpeg_in_shard, truncate_jpeg_in_shard
+from helpers import corrupt_jpeg_in_shard, cut_first_annotation_in_shard, truncate_jpeg_in_shard
 
 from distpose.commands import main
 from distpose.config import ConfigError, grad_accum_at, load_config
@@ -129,27 +129,29 @@ def _epoch(shards: Path) -> tuple[list[dict[str, torch.Tensor]], TrainingBatches
     return rows, batches
 
 
-def test_an_image_that_does_not_decode_is_counted_once_and_trains_as_empty_rows(synth_shards, tmp_path):
-    """Its instances keep their slots, with no joint labelled (no weight in the loss), so the order stands; it
-    is counted once, by the reader that trains on it, not by the readers that pass over its shard."""
-    shards, image, persons = _first_shard_damaged(synth_shards, tmp_path, truncate_jpeg_in_shard)
+@pytest.mark.parametrize("damage", [truncate_jpeg_in_shard, corrupt_jpeg_in_shard], ids=["undecodable", "bad-crc"])
+def test_a_bad_image_is_counted_once_and_trains_as_empty_rows(synth_shards, tmp_path, damage):
+    """A JPEG cut short (its crc matches: only the decoder finds out) or one whose bytes fail their crc: its
+    instances keep their slots, with no joint labelled (no weight in the loss), so the order stands; it is counted
+    once, by the reader that trains on it, not by the readers that pass over its shard."""
+    shards, image, persons = _first_shard_damaged(synth_shards, tmp_path, damage)
     rows, batches = _epoch(shards)
     of_image = [b["visible"][b["image_id"] == image] for b in rows]
     trained, empty = sum(len(v) for v in of_image), sum(int((~v.any(dim=1)).sum()) for v in of_image)
-    print(f"\n[pass] image {image} cut short: {persons} persons, {trained} in this epoch, {empty} of them trained "
-          f"as empty rows; skipped {dict(batches.skipped)}")
-    assert empty == trained >= 1 and sum(batches.skipped.values()) == 1
+    print(f"\n[pass] image {image} ({damage.__name__}): {persons} persons, {trained} in this epoch, {empty} of them "
+          f"trained as empty rows; skipped {dict(batches.skipped)}")
+    assert empty == trained >= 1 and batches.skipped == Counter({"corrupt JPEG": 1})
     clean, _ = _epoch(synth_shards)
     assert all(torch.equal(r["instance_id"], c["instance_id"]) for r, c in zip(rows, clean, strict=True))
 
 
-def test_a_sample_that_fails_its_check_is_counted_once_and_left_out(synth_shards, tmp_path):
-    """A sample whose bytes fail their crc32 never reaches a crop: its instances are not trained on, it is
-    counted once, and the epoch still has its steps (its partition starts over to fill them)."""
-    shards, image, persons = _first_shard_damaged(synth_shards, tmp_path, corrupt_jpeg_in_shard)
+def test_a_sample_whose_labels_do_not_parse_is_counted_once_and_left_out(synth_shards, tmp_path):
+    """Its instances cannot be placed: they are not trained on, it is counted once, and the epoch still has its
+    steps (the partition it leaves short starts over to fill them)."""
+    shards, image, persons = _first_shard_damaged(synth_shards, tmp_path, cut_first_annotation_in_shard)
     rows, batches = _epoch(shards)
-    print(f"\n[pass] image {image} corrupt: {persons} persons; skipped {dict(batches.skipped)}")
-    assert batches.skipped == Counter({"corrupt JPEG": 1})
+    print(f"\n[pass] image {image} with unreadable labels: {persons} persons; skipped {dict(batches.skipped)}")
+    assert batches.skipped == Counter({"malformed annotation": 1})
     assert all(image not in b["image_id"].tolist() for b in rows)
 
 

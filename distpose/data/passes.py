@@ -12,8 +12,13 @@ A slot's crop is a function of (data.seed, step) alone, its augmentation drawn f
 epoch, slot and position: a stream started at any step is the one an unkilled run draws from that step, so a
 resumed run needs nothing from its checkpoint but the step, and a checkpoint needs no restart of the stream.
 
-Cost: a partition's reader reads its first shard from that shard's start (labels parsed, images not decoded), so
-a shard shared by m partitions is read about (m + 1) / 2 times; a resume reads up to its position the same way.
+An instance's position is known from labels alone, so an image that is corrupt or does not decode keeps its
+instances' slots, as crops with no joint labelled; a sample whose labels cannot be read drops out, and a partition it
+leaves short starts over to fill its steps.
+
+Cost: a partition's reader reads its first shard from that shard's start (labels parsed, images neither checked nor
+decoded), so a shard shared by m partitions is read about (m + 1) / 2 times; a resume reads up to its position the
+same way.
 """
 
 from __future__ import annotations
@@ -43,7 +48,14 @@ from distpose.data.loader import (
     worker_slot,
     write_row,
 )
-from distpose.data.shards import DecodedSample, SampleError, decode_image, parse_sample, read_manifest
+from distpose.data.shards import (
+    DecodedSample,
+    SampleError,
+    check_jpeg_crc,
+    decode_image,
+    parse_sample,
+    read_manifest,
+)
 from distpose.data.transforms import TopDownTransform
 from distpose.errors import DataError
 from distpose.files import join
@@ -115,8 +127,8 @@ def partition_instances(segments: list[Segment], start: int, counter: CorruptSam
             gate.on = produced >= start and segment.first == 0
             for raw in tar_samples(iter([{"url": segment.url}]), gate):
                 gate.on = produced >= start and position >= segment.first
-                try:
-                    sample = parse_sample(raw)
+                try:  # the labels alone: every reader of the shard counts positions alike, whatever its images
+                    sample = parse_sample(raw, check_jpeg=False)
                 except SampleError as exc:
                     exc.args = (f"{exc} in {raw.get('__url__', '?')}",)
                     gate(exc)
@@ -181,6 +193,7 @@ class PassStream(IterableDataset):
                 sample, person = next(reader)
                 if decoded[row][0] != sample.key:
                     try:
+                        check_jpeg_crc(sample.key, sample.jpg, sample.jpg_crc32)
                         decoded[row] = sample.key, decode_image(sample)
                     except SampleError as exc:
                         counter(exc)

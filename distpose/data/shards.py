@@ -118,6 +118,7 @@ class DecodedSample:
     height: int
     persons: list[Person]
     jpg: bytes
+    jpg_crc32: int
 
 
 def sample_json(record: ImageRecord, jpg: bytes) -> bytes:
@@ -128,8 +129,9 @@ def sample_json(record: ImageRecord, jpg: bytes) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
-def parse_sample(sample: dict[str, Any]) -> DecodedSample:
-    """Check a raw webdataset sample (bytes per extension) against the format; SampleError if it fails."""
+def parse_sample(sample: dict[str, Any], check_jpeg: bool = True) -> DecodedSample:
+    """Check a raw webdataset sample (bytes per extension) against the format; SampleError if it fails. Without
+    `check_jpeg`, its JPEG bytes are left for check_jpeg_crc."""
     key = sample.get("__key__", "?")
     for ext in ("jpg", "json"):
         if ext not in sample:
@@ -141,9 +143,8 @@ def parse_sample(sample: dict[str, Any]) -> DecodedSample:
     except (ValueError, KeyError, TypeError, OverflowError) as exc:
         raise SampleError(f"sample {key}: malformed annotation JSON ({type(exc).__name__}: {exc})",
                           "malformed annotation") from None
-    jpg = sample["jpg"]
-    if zlib.crc32(jpg) != crc:
-        raise SampleError(f"sample {key}: JPEG bytes do not match their crc32 (corrupt)", "corrupt JPEG")
+    if check_jpeg:
+        check_jpeg_crc(key, sample["jpg"], crc)
     if not isinstance(raw_persons, list):
         raise SampleError(f"sample {key}: field 'persons' is not a list", "malformed annotation")
     persons = []
@@ -154,7 +155,12 @@ def parse_sample(sample: dict[str, Any]) -> DecodedSample:
                 persons.append(person)
     except DataError as exc:
         raise SampleError(str(exc), "malformed annotation") from None
-    return DecodedSample(key, image_id, width, height, persons, jpg)
+    return DecodedSample(key, image_id, width, height, persons, sample["jpg"], crc)
+
+
+def check_jpeg_crc(key: str, jpg: bytes, crc: int) -> None:
+    if zlib.crc32(jpg) != crc:
+        raise SampleError(f"sample {key}: JPEG bytes do not match their crc32 (corrupt)", "corrupt JPEG")
 
 
 def decode_jpeg(data: bytes) -> np.ndarray:
