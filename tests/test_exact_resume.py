@@ -4,7 +4,8 @@ weights and optimizer state, each rank's ZeRO partition) and every step's loss, 
 
 The runs stream the synthetic shards through a loader worker a rank, 2 ranks on gloo, and save every 3 steps as well
 as at the end of each 20-step epoch: kills land mid-epoch, between checkpoints, and during a checkpoint's write. One
-case runs the pass order (data.order=pass), whose stream is not restarted at saves.
+case runs the pass order (data.order=pass), whose stream is not restarted at saves. A driver attached to a cluster is
+stopped by Ctrl-C and, in another case, SIGKILLed.
 Each case prints the step it was killed after, the steps redone and the largest difference. Last, one run meets five
 faults in a random order (seven on S3, with the server paused twice). Node loss is in tests/test_cluster.py (it
 needs a cluster of several nodes). About 10 minutes here.
@@ -180,8 +181,23 @@ def test_a_killed_driver_leaves_nothing_running_and_a_rerun_resumes_bit_for_bit(
     check_exact(f"driver SIGKILLed, rerun, ZeRO {stage}", run, reference(stage), killed_after)
 
 
-def test_ctrl_c_and_a_rerun_resume_bit_for_bit(reference, ray_session, synth_shards, tmp_path):
-    """Ctrl-C on `distpose train` attached to a cluster, then the same command again."""
+def _training_processes() -> list[psutil.Process]:
+    """The processes of Ray Train controllers and ranks on this machine (Ray titles them `ray::<class>`): the
+    state API calls an actor dead before its process has stopped."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        title = " ".join(process.info["cmdline"] or [])
+        if title.startswith(("ray::RayTrainWorker", "ray::TrainController")):
+            found.append(process)
+    return found
+
+
+@pytest.mark.parametrize("how", ["Ctrl-C", "SIGKILL"])
+def test_a_driver_attached_to_a_cluster_stopped_and_rerun_resumes_bit_for_bit(reference, ray_session, synth_shards,
+                                                                               tmp_path, how):
+    """Ctrl-C, or SIGKILL, on `distpose train` attached to a cluster (`--address`), then the same command again. A
+    SIGKILLed driver runs none of its exit code: the cluster ends its job once the driver's connection drops, and
+    kills the job's actors, the controller and the ranks; nothing is written to the run after they are gone."""
     stage, at = 0, random.choice(KILL_AFTER)
     address = ray_session.get_runtime_context().gcs_address
     argv, run = command(synth_shards, tmp_path, "interrupted", stage, "--address", address), tmp_path / "interrupted"
@@ -189,16 +205,29 @@ def test_ctrl_c_and_a_rerun_resume_bit_for_bit(reference, ray_session, synth_sha
         driver = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         try:
             _wait_for(lambda: _last_step(run) >= at, driver, 300, f"step {at}")
-            driver.send_signal(signal.SIGINT)
-            assert driver.wait(timeout=60) == 130
+            if how == "Ctrl-C":
+                driver.send_signal(signal.SIGINT)
+                assert driver.wait(timeout=60) == 130
+            else:
+                assert _training_processes(), "no training process found to watch"
+                driver.kill()
+                driver.wait()
+                killed_at = time.monotonic()
+                _wait_for(lambda: not _training_processes(), None, 60, "end of the job's training processes")
+                gone_s = time.monotonic() - killed_at
+                written = ((run / "metrics.jsonl").stat().st_size, sorted(p.name for p in run.iterdir()))
+                time.sleep(3)
+                print(f"\n[exact] attached driver SIGKILLed after step {_last_step(run)}: the processes of its "
+                      f"controller and ranks gone {gone_s:.2f} s later")
+                assert ((run / "metrics.jsonl").stat().st_size, sorted(p.name for p in run.iterdir())) == written
             killed_after = _last_step(run)
-            assert killed_after < TOTAL and not (run / "final.pt").exists(), "the run finished before Ctrl-C stopped it"
+            assert killed_after < TOTAL and not (run / "final.pt").exists(), "the run finished before it was stopped"
         finally:
             if driver.poll() is None:
                 driver.kill()
     rerun = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    check_exact(f"Ctrl-C, rerun, ZeRO {stage}", run, reference(stage), killed_after)
+    check_exact(f"{how} (attached), rerun, ZeRO {stage}", run, reference(stage), killed_after)
 
 
 # ---------------------------------------------------------------------------------------------
