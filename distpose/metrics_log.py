@@ -3,7 +3,8 @@ lines, sweeps, the pipeline report and the benchmarks.
 
 Every record has `kind` and `time`. Kinds: `start` (each attempt, with what it resumed from), `step`, `epoch`
 (its mean loss, and the instances it trained on: their number and passes.instance_digest), `eval`, `checkpoint`,
-`final`. The file is appended across attempts, so a resumed run shows the steps it redid. A reader
+`final`, and `failure` (an attempt's workers failed: which rank, and its error), which the Ray Train controller
+appends (append_record). The file is appended across attempts, so a resumed run shows the steps it redid. A reader
 may meet the last line half written (rank 0 is appending, or an object-storage copy is being replaced): every
 reader here reads complete lines only.
 """
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distpose.files import read_bytes, upload, within, write_bytes
+from distpose.files import append_bytes, read_bytes, upload, within, write_bytes
 
 METRICS_LOG = "metrics.jsonl"
 
@@ -51,6 +52,12 @@ class MetricsLog:
         if self.enabled and self.mirror is not None:
             upload(self.path, self.mirror)
             self.mirrored = time.monotonic()
+
+
+def append_record(location: str | Path, kind: str, **fields: Any) -> None:
+    """Append one record to the metrics.jsonl at `location` from a process that is not rank 0. On object storage
+    the file is rewritten whole, and an upload of rank 0's copy at the same moment would drop the record."""
+    append_bytes(location, (json.dumps({"kind": kind, "time": time.time(), **fields}) + "\n").encode())
 
 
 def complete_lines(data: bytes) -> bytes:

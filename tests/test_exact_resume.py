@@ -145,6 +145,9 @@ def test_a_killed_worker_resumes_bit_for_bit(reference, synth_shards, tmp_path, 
     assert train(cfg).trained
     thread.join(5)
     assert killed, "the killer never fired"
+    failures = read_records(run, "failure")
+    print(f"\n[exact] the failure on record: {failures}")
+    assert len(failures) == 1 and 0 in failures[0]["ranks"]
     check_exact(f"rank 0 SIGKILLed ({when}), ZeRO {stage} {' '.join(extra)}", run, reference(stage, extra), killed[0])
 
 

@@ -69,3 +69,12 @@ def test_clock(seconds, text):
     from distpose.train.progress import _clock
 
     assert _clock(seconds) == text
+
+
+def test_a_failure_record_names_the_ranks_the_error_and_what_happens_next():
+    lines = ProgressLines(load_config(None, ["train.max_failures=2", "train.run_name=r"]))
+    failure = {"kind": "failure", "failure": 1, "ranks": [0], "error": "OSError: Timeout was reached"}
+    assert lines.line(failure) == ("[distpose] r: the workers failed (rank(s) [0]: OSError: Timeout was reached); "
+                                   "failure 1 of train.max_failures=2: Ray Train restarts them from the latest "
+                                   "checkpoint (logs/rank<r>.log has each rank's traceback)")
+    assert "the run stops" in lines.line({**failure, "failure": 3})

@@ -218,6 +218,10 @@ class RunMetrics(_Series):
         self._failures += 1
         self.failures(self._failures)
 
+    @property
+    def failures_so_far(self) -> int:
+        return self._failures
+
     def wait_until_exported(self, current: str, timeout: float = 20.0) -> bool:
         """Block until this node's endpoint shows `current` as the run's state (at most `timeout` s). A driver
         about to disconnect from a cluster that stays up calls this: a gauge reaches the endpoint only at Ray's

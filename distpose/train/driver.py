@@ -288,7 +288,8 @@ def _fit(cfg: Config, scratch: Path, log_dir: Path | None, resume: str | None, c
             # A worker group that cannot be placed is a controller failure: unbounded by default.
             failure_config=FailureConfig(max_failures=t.max_failures, controller_failure_limit=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            callbacks=[*callbacks, RunMetricsCallback(cfg.monitor.enabled, t.run_name, t.mode)],
+            callbacks=[*callbacks, RunMetricsCallback(cfg.monitor.enabled, t.run_name, t.mode,
+                                                      join(run_dir(cfg), METRICS_LOG))],
         ),
     )
     try:

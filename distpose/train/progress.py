@@ -47,6 +47,12 @@ class ProgressLines:
                     f"{record.get('grad_accum', c.train.grad_accum)}), "
                     f"{record.get('precision', c.train.precision)}, ZeRO {c.train.zero_stage}; "
                     f"{record['resumed_from']}")
+        if kind == "failure":
+            n, most = record["failure"], c.train.max_failures
+            then = "Ray Train restarts them from the latest checkpoint" if n <= most else "the run stops"
+            return (f"[distpose] {c.train.run_name}: the workers failed (rank(s) {record['ranks']}: "
+                    f"{record['error']}); failure {n} of train.max_failures={most}: {then} (logs/rank<r>.log "
+                    "has each rank's traceback)")
         if kind == "step":
             step, now = record["step"], record["time"]
             if self.first is None:
