@@ -78,3 +78,28 @@ def test_a_failure_record_names_the_ranks_the_error_and_what_happens_next():
                                    "failure 1 of train.max_failures=2: Ray Train restarts them from the latest "
                                    "checkpoint (logs/rank<r>.log has each rank's traceback)")
     assert "the run stops" in lines.line({**failure, "failure": 3})
+
+
+def test_the_follower_outlives_a_record_out_of_reach(tmp_path, caplog, monkeypatch):
+    """Object storage down: the follower thread died of the OSError (a traceback on the console, and no progress
+    line for the rest of the run). It now warns once and reads the record again when it can."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("")
+    caplog.set_level(logging.INFO, logger="distpose.train.progress")
+    follower = FollowProgress(path, config())
+    read, outage = follower._unread, [3]
+
+    def flaky() -> bytes:
+        if outage[0]:
+            outage[0] -= 1
+            raise OSError("When reading information for key 'runs/r/metrics.jsonl': Timeout was reached")
+        return read()
+
+    monkeypatch.setattr(follower, "_unread", flaky)
+    with follower:
+        with path.open("a") as f:
+            f.write(json.dumps(step(4, 1.0)) + "\n")
+        time.sleep(2.5)
+    shown = [r.getMessage() for r in caplog.records]
+    assert len([t for t in shown if "cannot read" in t]) == 1 and "Timeout was reached" in shown[0]
+    assert shown[-1].startswith("epoch 1/3 step 4/10")

@@ -81,7 +81,7 @@ class FollowProgress:
 
     def __init__(self, path: str | Path, cfg: Config):
         self.path, self.lines = path, ProgressLines(cfg)
-        self.offset = 0
+        self.offset, self.out_of_reach = 0, False
         self.offset = len(self._unread())
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="distpose-progress", daemon=True)
@@ -96,8 +96,21 @@ class FollowProgress:
 
     def _run(self) -> None:
         while not self.stopping.wait(POLL_S):
+            self._read_or_warn()
+        self._read_or_warn()
+
+    def _read_or_warn(self) -> None:
+        """A record out of reach (object storage down) is read at the next poll: the run's own waits on storage
+        are bounded and fail it if the outage lasts; this thread only says so, once per outage."""
+        try:
             self._read()
-        self._read()
+        except OSError as exc:
+            if not self.out_of_reach:
+                log.warning("[distpose] cannot read %s for the progress lines (%s); trying again every %g s",
+                            self.path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__, POLL_S)
+            self.out_of_reach = True
+        else:
+            self.out_of_reach = False
 
     def _unread(self) -> bytes:
         """What was appended since the last read: a local file is read from there on; a copy on object
