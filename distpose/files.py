@@ -61,23 +61,35 @@ def filesystem(location: str | Path) -> tuple[pyarrow.fs.FileSystem, str]:
     return pyarrow.fs.LocalFileSystem(), str(Path(location).resolve())
 
 
-def open_input(location: str | Path) -> IO[bytes]:
-    """A binary stream reading `location` from its start; FileNotFoundError when there is nothing there."""
+def open_input(location: str | Path, offset: int = 0) -> IO[bytes]:
+    """A binary stream reading `location` from byte `offset`; FileNotFoundError when there is nothing there."""
     if is_http(location):
+        request = urllib.request.Request(str(location), headers={"Range": f"bytes={offset}-"} if offset else {})
         try:
-            return urllib.request.urlopen(str(location), timeout=HTTP_TIMEOUT_S)
+            response = urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S)
         except urllib.error.HTTPError as exc:
             if exc.code == 404:
                 raise FileNotFoundError(f"{location}: HTTP 404") from None
             raise OSError(f"{location}: HTTP {exc.code} {exc.reason}") from None
         except urllib.error.URLError as exc:
             raise OSError(f"{location}: {exc.reason}") from None
+        if offset and response.status != 206:  # a server that ignores ranges sends it all
+            response.read(offset)
+        return response
     if not is_uri(location):
-        return open(location, "rb")  # noqa: SIM115 (the caller closes it)
+        stream = open(location, "rb")  # noqa: SIM115 (the caller closes it)
+        stream.seek(offset)
+        return stream
     fs, path = filesystem(location)
     # Unbuffered, pyarrow sends a ranged GET per read() call, and a tar reader makes many small reads.
     # And no compression guessed from the name: the bytes read are the bytes stored, as for a local file.
-    return fs.open_input_stream(path, compression=None, buffer_size=READ_BUFFER_BYTES)
+    if not offset:
+        return fs.open_input_stream(path, compression=None, buffer_size=READ_BUFFER_BYTES)
+    import pyarrow
+
+    whole = fs.open_input_file(path)
+    whole.seek(offset)
+    return pyarrow.BufferedInputStream(whole, READ_BUFFER_BYTES)
 
 
 def read_bytes(location: str | Path) -> bytes:

@@ -288,7 +288,7 @@ def test_an_elastic_run_goes_on_without_the_lost_node_and_grows_back(nodes, synt
     autoscaling coordinator's view of the nodes, refreshed every 20 s: until then a start may ask for the lost node
     and wait train.start_timeout_s. ~100 s."""
     batch = 4
-    per_epoch = sum(n for _, n in split_instances(str(synth_shards), "train")) // batch
+    per_epoch = sum(s.instances for s in split_instances(str(synth_shards), "train")) // batch
 
     def on_one_rank(_, since_kill: list[dict]) -> bool:
         # A step after the 1-rank start: a 2-rank step that ended as the node was killed is on record after it.

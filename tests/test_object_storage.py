@@ -2,13 +2,17 @@
 a real S3-compatible server (moto's, started by the object_store fixture) and a real HTTP server, both on
 127.0.0.1. Corrupt and missing objects get the same one-line errors and skip counts as local files."""
 
+import dataclasses
 import functools
 import http.server
+import io
+import itertools
 import json
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +20,9 @@ import torch
 from distpose.commands import main
 from distpose.config import DataConfig, load_config
 from distpose.data.loader import eval_loader, train_loader
+from distpose.data.passes import pass_loader
 from distpose.data.shards import read_manifest, verify_shards
+from distpose.files import join, open_input
 from distpose.train.checkpoints import newest_complete_checkpoint, read_meta
 from distpose.train.driver import train
 
@@ -158,6 +164,57 @@ def http_shards(synth_shards):
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):
         pass
+
+
+class RangeHandler(QuietHandler):
+    """Serves `Range: bytes=N-` with 206 Partial Content, as web servers and CDNs do (the standard library's
+    handler sends the whole file)."""
+
+    def send_head(self):
+        asked = self.headers.get("Range", "")
+        if not asked.startswith("bytes=") or not asked.endswith("-"):
+            return super().send_head()
+        path = Path(self.translate_path(self.path))
+        data = path.read_bytes()[int(asked[len("bytes="):-1]):]
+        self.send_response(206)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        return io.BytesIO(data)
+
+
+@pytest.fixture(scope="module")
+def http_ranges(synth_shards):
+    """The local shard directory served by an HTTP server that answers byte ranges."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(RangeHandler,
+                                                                                 directory=str(synth_shards)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("where", ["local", "s3", "http with ranges", "http without"])
+def test_a_shard_opens_at_a_samples_offset(where, synth_shards, s3_shards, http_ranges, http_shards):
+    """The pass order starts a reader at the sample holding its first instance (the manifest's sample_offsets)."""
+    base = {"local": str(synth_shards), "s3": s3_shards, "http with ranges": http_ranges, "http without": http_shards}
+    shard = read_manifest(synth_shards, "train")["shards"][1]
+    offset = shard["sample_offsets"][2]
+    with open_input(join(base[where], shard["name"]), offset) as stream:
+        assert stream.read() == (synth_shards / shard["name"]).read_bytes()[offset:]
+
+
+def test_the_pass_order_reads_s3_and_http_as_it_reads_local_files(s3_shards, http_ranges, synth_shards):
+    def pass_batches(shards: str) -> list[dict]:
+        cfg = dataclasses.replace(data_cfg(shards), order="pass", batch_size=6, batches_per_epoch=8,
+                                  loader_workers=0)
+        loader = pass_loader(cfg, start_step=5)
+        batches = list(itertools.islice(iter(loader), 6))
+        loader.close()
+        return batches
+
+    local = pass_batches(str(synth_shards))
+    for remote in (pass_batches(s3_shards), pass_batches(http_ranges)):
+        assert all(torch.equal(r[k], m[k]) for r, m in zip(remote, local, strict=True) for k in m)
 
 
 def test_shards_read_over_http(http_shards, synth_shards, capsys):

@@ -5,6 +5,7 @@ counted once, and a too-long epoch refused before Ray. (~40 s: real loader worke
 import json
 import random
 import shutil
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from helpers import corrupt_jpeg_in_shard, cut_first_annotation_in_shard, trunca
 
 from distpose.commands import main
 from distpose.config import ConfigError, grad_accum_at, load_config
-from distpose.data.passes import instance_digest, partitions, split_instances
+from distpose.data import passes
+from distpose.data.passes import ShardIndex, instance_digest, partitions, split_instances
 from distpose.data.shards import iter_tar_samples, parse_sample
 from distpose.train import driver
 from distpose.train.batches import TrainingBatches
@@ -27,22 +29,22 @@ def test_partitions_split_the_shuffled_pass_into_equal_runs():
     each shard once, and their lengths are N // B or N // B + 1, the longer ones where floor(k N / B) puts them."""
     draw = random.Random(0)
     for _ in range(200):
-        shards = tuple((f"s{i}.tar", draw.choice([0, 1, 3, 7, 40])) for i in range(draw.randint(1, 9)))
-        total = sum(n for _, n in shards)
+        sizes = {f"s{i}.tar": draw.choice([0, 1, 3, 7, 40]) for i in range(draw.randint(1, 9))}
+        total = sum(sizes.values())
         parts = draw.randint(1, max(1, total))
-        plan = partitions(shards, parts, seed=draw.randint(0, 9), epoch=draw.randint(0, 9))
+        plan = partitions(tuple(ShardIndex(url, n) for url, n in sizes.items()), parts, seed=draw.randint(0, 9),
+                          epoch=draw.randint(0, 9))
         assert [sum(s.end - s.first for s in p) for p in plan] == \
             [(k + 1) * total // parts - k * total // parts for k in range(parts)]
-        read = [(s.url, i) for p in plan for s in p for i in range(s.first, s.end)]
+        read = [(s.shard.url, i) for p in plan for s in p for i in range(s.first, s.end)]
         order = list(dict.fromkeys(url for url, _ in read))  # the shards, in the order the pass reads them
-        sizes = dict(shards)
         assert read == [(url, i) for url in order for i in range(sizes[url])]
-        assert set(order) == {url for url, n in shards if n}
+        assert set(order) == {url for url, n in sizes.items() if n}
 
 
 def test_a_new_epoch_reads_the_shards_in_another_order():
-    shards = tuple((f"s{i}.tar", 10) for i in range(8))
-    firsts = {tuple(p[0].url for p in partitions(shards, 8, seed=0, epoch=e)) for e in range(5)}
+    shards = tuple(ShardIndex(f"s{i}.tar", 10) for i in range(8))
+    firsts = {tuple(p[0].shard.url for p in partitions(shards, 8, seed=0, epoch=e)) for e in range(5)}
     assert len(firsts) == 5
 
 
@@ -99,6 +101,32 @@ def test_every_world_size_trains_on_the_same_global_batches_and_each_instance_on
         [two[s]["instance_id"].tolist() for s in range(steps, 2 * steps)]
 
 
+def test_the_sample_index_spares_reads_and_changes_nothing(synth_shards, tmp_path, monkeypatch):
+    """Shards whose manifest has no sample index (written before it) give the same batches, bit for bit: the
+    index only lets a reader start at the sample that holds its first instance instead of the shard's start."""
+    bare = tmp_path / "bare"
+    shutil.copytree(synth_shards, bare)
+    manifest = json.loads((bare / "train.manifest.json").read_text())
+    for shard in manifest["shards"]:
+        del shard["sample_offsets"], shard["sample_instances"]
+    (bare / "train.manifest.json").write_text(json.dumps(manifest))
+    parsed = Counter()
+
+    def counting(raw, check_jpeg=True):
+        parsed[current] += 1
+        return parse_sample(raw, check_jpeg)
+
+    monkeypatch.setattr(passes, "parse_sample", counting)
+    steps = manifest["instances"] // BATCH
+    runs = {}
+    for current in ("indexed", "bare"):
+        runs[current] = _global_batches(synth_shards if current == "indexed" else bare, "[1,2]", 2, 0, 0, 2 * steps,
+                                         steps)
+    print(f"\n[pass] samples parsed over 2 epochs, 2 ranks: {dict(parsed)}")
+    assert all(torch.equal(runs["indexed"][s][k], runs["bare"][s][k]) for s in runs["bare"] for k in runs["bare"][s])
+    assert parsed["indexed"] < parsed["bare"]
+
+
 def test_a_restart_where_the_pass_stream_stands_keeps_it_and_elsewhere_starts_another(synth_shards):
     cfg = _cfg(synth_shards, "1", 0, 4)
     batches = TrainingBatches(cfg, 0, 1, 0)
@@ -118,7 +146,13 @@ def _first_shard_damaged(synth_shards: Path, tmp_path: Path, damage) -> tuple[Pa
     shutil.copytree(synth_shards, shards)
     first = sorted(shards.glob("train-*.tar"))[0]
     persons = sum(p.usable for p in parse_sample(next(iter_tar_samples(first))).persons)
-    return shards, int(damage(first)), persons
+    key = damage(first)
+    # A damage that rewrote the tar moved its samples: their offsets, as `data shard` would have written them.
+    manifest = json.loads((shards / "train.manifest.json").read_text())
+    with tarfile.open(first) as tar:
+        manifest["shards"][0]["sample_offsets"] = [m.offset for m in tar.getmembers() if m.name.endswith(".jpg")]
+    (shards / "train.manifest.json").write_text(json.dumps(manifest))
+    return shards, int(key), persons
 
 
 def _epoch(shards: Path) -> tuple[list[dict[str, torch.Tensor]], TrainingBatches]:
@@ -170,7 +204,7 @@ def test_an_epoch_longer_than_a_pass_is_refused_before_ray(synth_shards, tmp_pat
         raise AssertionError("Ray was started for a config the driver should have refused")
 
     monkeypatch.setattr(driver, "ray_cluster", refuse)
-    total = sum(n for _, n in split_instances(str(synth_shards), "train"))
+    total = sum(s.instances for s in split_instances(str(synth_shards), "train"))
     argv = ["train", "quick/cnn", f"data.shards={synth_shards}", "data.order=pass", "data.batch_size=8",
             f"data.batches_per_epoch={total // 8 + 1}", f"train.storage={tmp_path / 'runs'}"]
     assert main(argv) == 2

@@ -70,7 +70,7 @@ def pipeline_rate(cfg: DataConfig, workers: int, warmup: int, batches: int) -> f
     this process), each batch's heatmap targets rendered here as the training step would."""
     codec = HeatmapCodec(cfg.input_size, cfg.heatmap_size, cfg.sigma)
     if cfg.order == "pass":  # endless, over as many epochs as it takes
-        instances = sum(n for _, n in split_instances(cfg.shards, cfg.train_split))
+        instances = sum(s.instances for s in split_instances(cfg.shards, cfg.train_split))
         stream = iter(pass_loader(dataclasses.replace(cfg, loader_workers=workers,
                                                       batches_per_epoch=instances // cfg.batch_size)))
     else:

@@ -131,19 +131,19 @@ def _resampled(urls: tuple[str, ...], rng: random.Random, progress: _Progress, s
         yield {"url": rng.choice(urls)}
 
 
-def _opened(shards: Iterator[dict[str, str]], handler: CorruptSampleCounter) -> Iterator[dict[str, Any]]:
-    """Each shard with a stream reading it: local, s3:// or http(s):// (webdataset's own opener shells out
-    to curl for http and knows no s3)."""
+def _opened(shards: Iterator[dict[str, Any]], handler: CorruptSampleCounter) -> Iterator[dict[str, Any]]:
+    """Each shard with a stream reading it, from its "offset" if given (a sample's start): local, s3:// or
+    http(s):// (webdataset's own opener shells out to curl for http and knows no s3)."""
     for shard in shards:
         try:
-            yield {**shard, "stream": open_input(shard["url"])}
+            yield {**shard, "stream": open_input(shard["url"], shard.get("offset", 0))}
         except OSError as exc:
             exc.args = (*exc.args, shard["url"])
             if not handler(exc):
                 return
 
 
-def tar_samples(shards: Iterator[dict[str, str]], handler: CorruptSampleCounter) -> Iterator[dict[str, Any]]:
+def tar_samples(shards: Iterator[dict[str, Any]], handler: CorruptSampleCounter) -> Iterator[dict[str, Any]]:
     files = wds.tariterators.tar_file_expander(_opened(shards, handler), handler=handler)
     return wds.tariterators.group_by_keys(files, handler=handler)
 

@@ -24,6 +24,7 @@ same way.
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import itertools
 import random
@@ -62,15 +63,41 @@ from distpose.files import join
 
 
 @dataclass(frozen=True)
-class Segment:
+class ShardIndex:
+    """A shard of the split: its usable instances and, for shards written with it, each sample's byte offset and
+    usable instances, which let a reader start at the sample that holds a given instance."""
+
     url: str
+    instances: int
+    sample_offsets: tuple[int, ...] = ()
+    sample_instances: tuple[int, ...] = ()
+
+    @functools.cached_property
+    def before(self) -> tuple[int, ...]:
+        """Usable instances before each sample, and in all."""
+        return tuple(itertools.accumulate(self.sample_instances, initial=0))
+
+    def start_of(self, instance: int) -> tuple[int, int]:
+        """(byte offset, number) of the sample holding the shard's `instance`-th usable instance: (0, 0) without
+        an index."""
+        if not self.sample_offsets or instance == 0:
+            return 0, 0
+        number = bisect.bisect_right(self.before, instance) - 1
+        return self.sample_offsets[number], number
+
+
+@dataclass(frozen=True)
+class Segment:
+    shard: ShardIndex
     first: int  # the shard's usable instances [first, end), counted in tar order
     end: int
 
 
-def split_instances(shard_dir: str, split: str) -> tuple[tuple[str, int], ...]:
-    """(location, usable instances) of each shard of `split`, as its manifest counts them."""
-    return tuple((join(shard_dir, s["name"]), int(s["instances"])) for s in read_manifest(shard_dir, split)["shards"])
+def split_instances(shard_dir: str, split: str) -> tuple[ShardIndex, ...]:
+    """The shards of `split`, as its manifest describes them."""
+    return tuple(ShardIndex(join(shard_dir, s["name"]), int(s["instances"]), tuple(s.get("sample_offsets", ())),
+                            tuple(s.get("sample_instances", ())))
+                 for s in read_manifest(shard_dir, split)["shards"])
 
 
 def check_pass_length(data: DataConfig, instances: int) -> None:
@@ -83,11 +110,11 @@ def check_pass_length(data: DataConfig, instances: int) -> None:
                         "data.order=pass")
 
 
-def partitions(shards: tuple[tuple[str, int], ...], parts: int, seed: int, epoch: int) -> list[list[Segment]]:
+def partitions(shards: tuple[ShardIndex, ...], parts: int, seed: int, epoch: int) -> list[list[Segment]]:
     """Epoch `epoch`'s `parts` partitions of the shards' instances, each as the shard ranges it reads in order."""
     order = list(shards)
     random.Random(f"{seed} pass {epoch}").shuffle(order)
-    starts = list(itertools.accumulate((n for _, n in order), initial=0))
+    starts = list(itertools.accumulate((s.instances for s in order), initial=0))
     bounds = [k * starts[-1] // parts for k in range(parts + 1)]
     result = []
     for low, high in itertools.pairwise(bounds):
@@ -95,7 +122,7 @@ def partitions(shards: tuple[tuple[str, int], ...], parts: int, seed: int, epoch
         while low < high:
             end = min(high, starts[j + 1])
             if end > low:
-                segments.append(Segment(order[j][0], low - starts[j], end - starts[j]))
+                segments.append(Segment(order[j], low - starts[j], end - starts[j]))
                 low = end
             j += 1
         result.append(segments)
@@ -123,9 +150,16 @@ def partition_instances(segments: list[Segment], start: int, counter: CorruptSam
     while True:
         before = produced
         for segment in segments:
-            position = 0  # the shard's usable instances read so far
-            gate.on = produced >= start and segment.first == 0
-            for raw in tar_samples(iter([{"url": segment.url}]), gate):
+            shard = segment.shard
+            offset, number = shard.start_of(segment.first)
+            position = shard.before[number] if shard.sample_offsets else 0  # the shard's usable instances so far
+            gate.on = produced >= start and position >= segment.first
+            for raw in tar_samples(iter([{"url": shard.url, "offset": offset}]), gate):
+                limit = None
+                if shard.sample_offsets and number < len(shard.sample_instances):
+                    # The index places each sample, so that a sample misread cannot shift the ones after it.
+                    position, limit = shard.before[number], shard.before[number + 1]
+                    number += 1
                 gate.on = produced >= start and position >= segment.first
                 try:  # the labels alone: every reader of the shard counts positions alike, whatever its images
                     sample = parse_sample(raw, check_jpeg=False)
@@ -133,7 +167,7 @@ def partition_instances(segments: list[Segment], start: int, counter: CorruptSam
                     exc.args = (f"{exc} in {raw.get('__url__', '?')}",)
                     gate(exc)
                     continue
-                for person in (p for p in sample.persons if p.usable):
+                for person in [p for p in sample.persons if p.usable][:None if limit is None else limit - position]:
                     if segment.first <= position < segment.end:
                         if produced >= start:
                             yield sample, person
@@ -142,7 +176,7 @@ def partition_instances(segments: list[Segment], start: int, counter: CorruptSam
                 if position >= segment.end:
                     break
         if produced == before:
-            raise DataError(f"no usable instance in a pass over {', '.join(s.url for s in segments)}: "
+            raise DataError(f"no usable instance in a pass over {', '.join(s.shard.url for s in segments)}: "
                             "are the shards corrupt? run `distpose data verify`")
 
 
@@ -150,7 +184,7 @@ def partition_instances(segments: list[Segment], start: int, counter: CorruptSam
 class PassPlan:
     """What a rank's pass stream needs, picklable for loader workers."""
 
-    shards: tuple[tuple[str, int], ...]  # split_instances
+    shards: tuple[ShardIndex, ...]  # split_instances
     data: DataConfig  # batch_size: the global batch; batches_per_epoch: S
     rank: int
     world_size: int
@@ -212,9 +246,9 @@ class PassLoader(StreamingLoader):
 
     def __init__(self, plan: PassPlan, num_workers: int, micro_batch: int):
         per_rank = plan.data.batch_size // plan.world_size
-        spec = StreamSpec(tuple(url for url, _ in plan.shards), True, plan.rank, plan.world_size,
+        spec = StreamSpec(tuple(s.url for s in plan.shards), True, plan.rank, plan.world_size,
                           -(-per_rank // max(num_workers, 1)), plan.data)
-        check_pass_length(plan.data, sum(n for _, n in plan.shards))
+        check_pass_length(plan.data, sum(s.instances for s in plan.shards))
         super().__init__(spec, num_workers, stream=PassStream(plan, spec))
         self.micro_batch, self.per_step = micro_batch, per_rank // micro_batch
         self.start_step, self.taken = plan.start_step, 0

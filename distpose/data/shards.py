@@ -229,7 +229,7 @@ def _write_one_shard(path: Path, records: list[ImageRecord], image_dir: Path) ->
     An image that does not decode strictly, or not at its annotated size, is left out and named in
     the result's "corrupt" ({file name: problem})."""
     tmp = _partial(path)
-    written, corrupt = [], {}
+    written, corrupt, offsets = [], {}, []
     try:
         with open(tmp, "wb") as fh, tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for record in records:
@@ -239,6 +239,7 @@ def _write_one_shard(path: Path, records: list[ImageRecord], image_dir: Path) ->
                     corrupt[record.file_name] = problem
                     continue
                 written.append(record)
+                offsets.append(tar.offset)
                 key = f"{record.id:012d}"
                 for ext, data in (("jpg", jpg), ("json", sample_json(record, jpg))):
                     info = tarfile.TarInfo(f"{key}.{ext}")
@@ -247,10 +248,12 @@ def _write_one_shard(path: Path, records: list[ImageRecord], image_dir: Path) ->
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    per_sample = [sum(p.usable for p in r.persons) for r in written]
     return {
-        "name": path.name, "samples": len(written),
-        "instances": sum(p.usable for r in written for p in r.persons),
+        "name": path.name, "samples": len(written), "instances": sum(per_sample),
         "bytes": tmp.stat().st_size, "sha256": _sha256(tmp), "corrupt": corrupt,
+        # where each sample's first member starts, and its usable instances: a reader can start mid-shard
+        "sample_offsets": offsets, "sample_instances": per_sample,
     }
 
 
