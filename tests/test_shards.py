@@ -271,6 +271,20 @@ def test_verify_names_bad_jpeg_sample(coco_mini, tmp_path, capsys, damage, probl
     assert all("val2017-000000.tar" in line for line in bad)  # the intact shard is not blamed
 
 
+@pytest.mark.parametrize("field", ["sample_offsets", "sample_instances"])
+def test_verify_names_a_sample_index_that_does_not_match_its_shard(coco_mini, tmp_path, capsys, field):
+    write_shards(coco_mini, "val2017", tmp_path, samples_per_shard=2, progress=False)
+    manifest_file = tmp_path / "val2017.manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest["shards"][1][field][-1] += 512
+    manifest_file.write_text(json.dumps(manifest))
+    code, out, _ = run_cli(capsys, "data", "verify", str(tmp_path))
+    bad = [line for line in out.splitlines() if line.startswith("BAD")]
+    assert code == 1 and bad == [f"BAD val2017: shard {manifest['shards'][1]['name']}: its sample index in the "
+                                 "manifest does not match it (the pass order would misplace its readers): write the "
+                                 "split again with `distpose data shard ... --overwrite`"], bad
+
+
 def test_verify_parallel_matches_serial(synth_shards, capsys):
     code, out, _ = run_cli(capsys, "data", "verify", str(synth_shards), "--workers", "2")
     assert code == 0 and "train: 5 shards, 24 samples" in out and "val: 5 shards, 18 samples" in out

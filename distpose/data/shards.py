@@ -514,22 +514,39 @@ def check_shard(location: str, expected: dict[str, Any]) -> ShardCheck:
         check.problems.append(f"shard {name}: {len(data)} bytes, manifest says {expected['bytes']}")
     if hashlib.sha256(data).hexdigest() != expected["sha256"]:
         check.problems.append(f"shard {name}: sha256 differs from the manifest")
-    last_key = "(start)"
+    last_key, per_sample = "(start)", []
     try:
         for raw in _tar_samples(io.BytesIO(data)):
             last_key = raw["__key__"]
             check.samples += 1
+            per_sample.append(None)
             try:
                 sample = parse_sample(raw)
                 decode_image(sample)
-                check.instances += sum(p.usable for p in sample.persons)
+                per_sample[-1] = sum(p.usable for p in sample.persons)
+                check.instances += per_sample[-1]
             except SampleError as exc:
                 check.problems.append(f"shard {name}: {exc}")
+        if "sample_offsets" in expected:
+            _check_sample_index(check, data, per_sample, expected)
     except (tarfile.TarError, OSError, EOFError) as exc:
         check.problems.append(f"shard {name}: unreadable tar after sample {last_key} ({exc})")
     if check.samples != expected["samples"]:
         check.problems.append(f"shard {name}: {check.samples} samples, manifest says {expected['samples']}")
     return check
+
+
+def _check_sample_index(check: ShardCheck, data: bytes, per_sample: list[int | None], expected: dict[str, Any]
+                        ) -> None:
+    """The manifest's sample index against the shard: each sample's first member where it says, and its usable
+    instances (a sample that failed its checks has its own problem)."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        offsets = [m.offset for m in tar if m.name.endswith(".jpg")]
+    counts = [n if n is not None else c for n, c in zip(per_sample, expected["sample_instances"])]
+    if offsets != expected["sample_offsets"] or counts != expected["sample_instances"]:
+        check.problems.append(f"shard {expected['name']}: its sample index in the manifest does not match it "
+                              f"(the pass order would misplace its readers): write the split again with "
+                              f"`distpose data shard ... --overwrite`")
 
 
 def verify_shards(shard_dir: str | Path, workers: int = 1, progress: bool = True,
