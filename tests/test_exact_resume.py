@@ -5,10 +5,10 @@ weights and optimizer state, each rank's ZeRO partition) and every step's loss, 
 The runs stream the synthetic shards through a loader worker a rank, 2 ranks on gloo, and save every 3 steps as well
 as at the end of each 20-step epoch: kills land mid-epoch, between checkpoints, and during a checkpoint's write. One
 case runs the pass order (data.order=pass), whose stream is not restarted at saves. A driver attached to a cluster is
-stopped by Ctrl-C and, in another case, SIGKILLed.
-Each case prints the step it was killed after, the steps redone and the largest difference. Last, one run meets five
-faults in a random order (seven on S3, with the server paused twice). Node loss is in tests/test_cluster.py (it
-needs a cluster of several nodes). About 10 minutes here.
+stopped by Ctrl-C and, in another case, SIGKILLed. Each case prints the step it was killed after, the steps redone
+and the largest difference. Then one run meets five faults in a random order (seven on S3, with the server paused
+twice), and last, one meets an S3 outage longer than the storage clients' waits. Node loss is in
+tests/test_cluster.py (it needs a cluster of several nodes). About 13 minutes here.
 """
 
 import os
@@ -310,3 +310,51 @@ def test_a_run_meeting_random_faults_ends_bit_for_bit(reference, object_store, s
     else:
         local = Path(run)
     check_exact(f"chaos on {storage} storage, ZeRO {stage}", local, reference(stage), None, kills)
+
+
+OUTAGE_S = 30.0  # longer than any one wait on S3: curl gives up on a request after 3 s without a byte, pyarrow retries
+
+
+def test_an_s3_outage_longer_than_the_clients_waits_ends_bit_for_bit(reference, object_store, synth_shards, tmp_path):
+    """The S3 server paused for 30 s mid-run (storage and shards on it). No wait on it outlasts its bound: a rank's
+    read or upload fails, Ray Train restarts the workers from the newest complete checkpoint (train.max_failures=4)
+    until storage answers again, or the run rides the outage out; either way it ends bit for bit where the unkilled
+    run ends."""
+    stage = 2
+    client = object_store.client()
+    for path in synth_shards.iterdir():
+        client.upload_file(str(path), object_store.bucket, f"outage-shards/{path.name}")
+    store = object_store.uri(f"outage-{random.getrandbits(32):08x}")
+    cfg = load_config(None, [*overrides(object_store.uri("outage-shards"), store, "outage", stage),
+                             "train.max_failures=4"])
+    run = run_dir(cfg)
+    paused: list[int] = []
+
+    def outage() -> None:
+        _wait_for(lambda: _last_step(run) >= random.choice(KILL_AFTER), None, 300, "the outage's step")
+        paused.append(_last_step(run))
+        os.kill(object_store.pid, signal.SIGSTOP)
+        time.sleep(OUTAGE_S)
+        os.kill(object_store.pid, signal.SIGCONT)
+
+    thread = threading.Thread(target=outage, daemon=True)
+    thread.start()
+    start = time.perf_counter()
+    try:
+        assert train(cfg).trained
+    finally:
+        os.kill(object_store.pid, signal.SIGCONT)
+    thread.join(5)
+    assert paused, "the run ended before the outage"
+    local = tmp_path / "copy" / "outage"
+    prefix = run.split("/", 3)[3] + "/"
+    for key in (o["Key"] for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=object_store.bucket, Prefix=prefix) for o in page.get("Contents", [])):
+        if not key.endswith("/"):
+            target = local / key[len(prefix):]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(object_store.bucket, key, str(target))
+    restarts = len(read_records(local, "start")) - 1
+    print(f"\n[outage] S3 paused {OUTAGE_S:.0f} s after step {paused[0]}: the run ended in "
+          f"{time.perf_counter() - start:.0f} s after {restarts} restart(s)")
+    check_exact(f"S3 outage of {OUTAGE_S:.0f} s, ZeRO {stage}", local, reference(stage), None, restarts)
